@@ -1,0 +1,130 @@
+/* Direct I/O, memory mapping and page checksums for uswap.
+ *
+ * The daemon's I/O threads call these with the GIL released (cffi API mode),
+ * so each loops to completion in C. All return >= 0 or -errno. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/uio.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+static int us_open_direct(const char *path, int flags, int mode)
+{
+    int fd = open(path, flags | O_DIRECT | O_CLOEXEC | O_NOFOLLOW, mode);
+    return fd >= 0 ? fd : -errno;
+}
+
+/* Read exactly len bytes or fail: a short read at end of file is -EIO, since
+ * the store is fixed-size and a short read means the data is not there. */
+static int64_t us_pread_full(int fd, uint64_t addr, uint64_t len, int64_t off)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t r = pread(fd, (char *)addr + done, len - done, off + (off_t)done);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -EIO;
+        done += (uint64_t)r;
+    }
+    return (int64_t)done;
+}
+
+static int64_t us_pwrite_full(int fd, uint64_t addr, uint64_t len, int64_t off)
+{
+    uint64_t done = 0;
+    while (done < len) {
+        ssize_t r = pwrite(fd, (const char *)addr + done, len - done, off + (off_t)done);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -EIO;
+        done += (uint64_t)r;
+    }
+    return (int64_t)done;
+}
+
+static int us_fallocate(int fd, int mode, int64_t off, int64_t len)
+{
+    return fallocate(fd, mode, off, len) < 0 ? -errno : 0;
+}
+
+/* Drop [off, off+len) of a memfd from every mapping of it. */
+static int us_punch_hole(int fd, int64_t off, int64_t len)
+{
+    return us_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+}
+
+static int64_t us_mmap(uint64_t len, int prot, int flags, int fd, int64_t off)
+{
+    void *p = mmap(NULL, len, prot, flags, fd, off);
+    return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
+}
+
+static int us_munmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)addr, len) < 0 ? -errno : 0;
+}
+
+static int us_mlockall(int flags)
+{
+    return mlockall(flags) < 0 ? -errno : 0;
+}
+
+static int64_t us_aligned_alloc(uint64_t align, uint64_t size)
+{
+    void *p = NULL;
+    int r = posix_memalign(&p, align, size);
+    if (r != 0)
+        return -r;
+    memset(p, 0, size);   /* touch now: the daemon must never fault on its own buffers */
+    return (int64_t)(uintptr_t)p;
+}
+
+static void us_free(uint64_t addr)
+{
+    free((void *)addr);
+}
+
+/* 32-bit checksum of each 4 KiB page in [addr, addr + npages*4096): a
+ * multiply-xorshift hash over 64-bit words, seeded with a constant so an
+ * all-zero page does not sum to zero (a lost write that reads back zeros
+ * must fail its check). */
+static void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *out)
+{
+    for (uint64_t p = 0; p < npages; p++) {
+        const uint64_t *w = (const uint64_t *)(addr + p * 4096);
+        uint64_t h1 = 0x9E3779B97F4A7C15ull, h2 = 0xC2B2AE3D27D4EB4Full;
+        for (int i = 0; i < 512; i += 2) {
+            h1 = (h1 ^ w[i]) * 0xFF51AFD7ED558CCDull;
+            h2 = (h2 ^ w[i + 1]) * 0xC4CEB9FE1A85EC53ull;
+            h1 ^= h1 >> 29;
+            h2 ^= h2 >> 31;
+        }
+        uint64_t h = h1 ^ (h2 * 0x9E3779B97F4A7C15ull);
+        h ^= h >> 32;
+        out[p] = (uint32_t)h | 1u;   /* never 0: 0 marks "no checksum" */
+    }
+}
+
+/* Filesystem magic of an open file (statfs f_type), or -errno. */
+static int64_t us_fs_type(int fd)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0)
+        return -errno;
+    return (int64_t)(uint64_t)(uint32_t)st.f_type;
+}

@@ -1,0 +1,202 @@
+/* userfaultfd syscalls for uswap: one function per ioctl, nothing more.
+ *
+ * Every function returns >= 0 on success and -errno on failure; results that
+ * can be negative (uffdio_copy.copy and friends) are passed through signed.
+ * Debian 12 ships 6.1-era headers, so newer constants are defined here. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
+#endif
+
+/* Open a userfaultfd: the syscall first, then /dev/userfaultfd (which lets a
+ * non-root user with access to the device handle kernel-mode faults). */
+static int us_uffd_open(int user_mode_only)
+{
+    int flags = O_CLOEXEC | O_NONBLOCK | (user_mode_only ? UFFD_USER_MODE_ONLY : 0);
+    int fd = (int)syscall(SYS_userfaultfd, flags);
+    if (fd >= 0)
+        return fd;
+    int err = errno;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev < 0)
+        return -err;
+    fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    err = errno;
+    close(dev);
+    return fd >= 0 ? fd : -err;
+}
+
+static int us_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls)
+{
+    struct uffdio_api api = { .api = UFFD_API, .features = features };
+    if (ioctl(fd, UFFDIO_API, &api) < 0)
+        return -errno;
+    *out_features = api.features;
+    *out_ioctls = api.ioctls;
+    return 0;
+}
+
+static int us_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls)
+{
+    struct uffdio_register reg = { .range = { start, len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    *out_ioctls = reg.ioctls;
+    return 0;
+}
+
+static int us_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { start, len };
+    return ioctl(fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
+}
+
+/* COPY len bytes from src to dst, retrying EAGAIN (a racing mapping change)
+ * for the part not yet copied. Returns bytes copied, or -errno. EEXIST is
+ * returned as -EEXIST so the caller can decide (usually: success). */
+static int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)
+{
+    uint64_t done = 0;
+    for (int tries = 0; done < len && tries < 1000; tries++) {
+        struct uffdio_copy c = { .dst = dst + done, .src = src + done, .len = len - done, .mode = mode };
+        if (ioctl(fd, UFFDIO_COPY, &c) == 0)
+            return (int64_t)len;
+        int err = errno;
+        if (c.copy > 0)
+            done += (uint64_t)c.copy;
+        if (err != EAGAIN)
+            return -err;
+    }
+    return (int64_t)done;
+}
+
+static int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_zeropage z = { .range = { start, len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_ZEROPAGE, &z) < 0)
+        return -errno;
+    return z.zeropage;
+}
+
+static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    uint64_t done = 0;
+    for (int tries = 0; done < len && tries < 1000; tries++) {
+        struct uffdio_continue c = { .range = { start + done, len - done }, .mode = mode };
+        if (ioctl(fd, UFFDIO_CONTINUE, &c) == 0)
+            return (int64_t)len;
+        int err = errno;
+        if (c.mapped > 0)
+            done += (uint64_t)c.mapped;
+        if (err != EAGAIN)
+            return -err;
+    }
+    return (int64_t)done;
+}
+
+static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_writeprotect w = { .range = { start, len }, .mode = mode };
+    for (int tries = 0; tries < 1000; tries++) {
+        if (ioctl(fd, UFFDIO_WRITEPROTECT, &w) == 0)
+            return 0;
+        if (errno != EAGAIN)
+            return -errno;
+    }
+    return -EAGAIN;
+}
+
+static int us_uffd_wake(int fd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range r = { start, len };
+    return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
+}
+
+static int64_t us_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    struct uffdio_poison p = { .range = { start, len }, .mode = mode };
+    if (ioctl(fd, UFFDIO_POISON, &p) < 0)
+        return -errno;
+    return p.updated;
+}
+
+/* One event, flattened so Python reads plain fields instead of a union. */
+struct us_event {
+    uint8_t kind;        /* UFFD_EVENT_* */
+    uint64_t flags;      /* pagefault flags (WRITE, WP, MINOR) */
+    uint64_t addr;       /* fault address, or start of an UNMAP/REMOVE range */
+    uint64_t end;        /* end of an UNMAP/REMOVE range */
+    uint32_t tid;        /* faulting thread, when the kernel reports it */
+};
+
+/* Read up to max events without blocking. Returns the count (0 when none are
+ * pending) or -errno. */
+static int us_uffd_read_events(int fd, struct us_event *out, int max)
+{
+    struct uffd_msg msgs[64];
+    int n = 0;
+    while (n < max) {
+        int want = max - n < 64 ? max - n : 64;
+        ssize_t r = read(fd, msgs, sizeof(msgs[0]) * (size_t)want);
+        if (r < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            if (errno == EINTR)
+                continue;
+            return n > 0 ? n : -errno;
+        }
+        int got = (int)(r / (ssize_t)sizeof(msgs[0]));
+        for (int i = 0; i < got; i++) {
+            struct us_event *e = &out[n++];
+            memset(e, 0, sizeof(*e));
+            e->kind = msgs[i].event;
+            switch (msgs[i].event) {
+            case UFFD_EVENT_PAGEFAULT:
+                e->flags = msgs[i].arg.pagefault.flags;
+                e->addr = msgs[i].arg.pagefault.address;
+                e->tid = msgs[i].arg.pagefault.feat.ptid;
+                break;
+            case UFFD_EVENT_REMOVE:
+            case UFFD_EVENT_UNMAP:
+                e->addr = msgs[i].arg.remove.start;
+                e->end = msgs[i].arg.remove.end;
+                break;
+            case UFFD_EVENT_REMAP:
+                e->addr = msgs[i].arg.remap.from;
+                e->end = msgs[i].arg.remap.to;
+                break;
+            default:
+                break;
+            }
+        }
+        if (got < want)
+            break;
+    }
+    return n;
+}

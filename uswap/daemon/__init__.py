@@ -1,0 +1,1 @@
+"""The uswap daemon: fault loop, page table, reclaim, writeback, slots."""

@@ -1,0 +1,665 @@
+"""The swap engine: page state machine for every region, driven by one thread.
+
+Ownership rule (the "page lock"): every page state transition happens on the
+engine thread, which never blocks on store I/O. I/O threads (iopool) only
+move bytes between the store and memory and report back; their completions
+are applied here. Holding the engine thread is therefore holding the lock of
+every page, which is how invariant 2 is enforced below without a lock per page.
+
+States and flags are in pagetable.py. The invariants of DESIGN §3 are named
+in comments at the one place each is enforced.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import heapq
+import logging
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from uswap import native, uffd
+from uswap.config import Config
+from uswap.daemon import pagetable as pt
+from uswap.daemon.iopool import IoPool
+from uswap.daemon.ratelimit import RateLimitedLog
+from uswap.daemon.region import Region
+from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.victims import choose_victims
+from uswap.store.base import Store
+
+log = logging.getLogger("uswap.engine")
+PAGE = 4096
+SHIFT = 12
+# ioctl errors that mean the client's mapping or process is gone.
+GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
+
+
+class Engine:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.slots = SlotAllocator(store.size_bytes // PAGE)
+        self.io = IoPool(cfg.io_threads)
+        self.regions: dict[int, Region] = {}
+        self.next_region_id = 1
+        self.tick = 1
+        self.max_pages = cfg.max_resident // PAGE
+        self.high_pages = max(1, int(self.max_pages * cfg.high_watermark))
+        self.low_pages = max(1, int(self.max_pages * cfg.low_watermark))
+        # Pages holding memory or about to: RESIDENT + WRITEBACK + LOADING.
+        self.charged = 0
+        self.writes_inflight = 0
+        self.loads_inflight = 0
+        self.evicting = 0  # pages in WRITEBACK with F_EVICT
+        # Faults waiting for budget: (region id, page, is_write).
+        self.budget_waiters: collections.deque = collections.deque()
+        self.ra_pages = max(1, cfg.readahead // PAGE)
+        self.batch_pages = max(1, cfg.write_batch // PAGE)
+        # Swap-in bounce buffers, preallocated and touched (invariant 8).
+        self.free_buffers = [native.AlignedBuffer(self.ra_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
+        self.load_queue: collections.deque = collections.deque()
+        self.zero_page = native.AlignedBuffer(PAGE)
+        self.timers: list = []
+        self.timer_seq = 0
+        self.write_backoff = 0.0
+        self.write_retry_at = 0.0  # no new writes before this (store in error backoff)
+        self.store_full = False
+        self.draining = False
+        self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        self.stats = collections.Counter()
+        # Set by the server: stop watching a region's uffd before its fds close.
+        self.on_region_closing: Callable[[Region], None] | None = None
+
+    # ------------------------------------------------------------------ regions
+
+    def add_region(self, region: Region) -> None:
+        region.id = self.next_region_id
+        self.next_region_id += 1
+        self.regions[region.id] = region
+
+    def close_region(self, region: Region, reason: str) -> None:
+        """Stop serving a region. Its slots are freed now for pages with no I/O
+        in flight, and by the completion handlers for the rest (invariant 7)."""
+        if region.closing:
+            return
+        region.closing = True
+        log.info("region %d closing (%s)", region.id, reason)
+        if self.on_region_closing is not None:
+            self.on_region_closing(region)
+        table = region.table
+        # Slots of pages with a write in flight stay allocated until the write returns.
+        idle = (table.state != pt.WRITEBACK)
+        self.slots.free_many(table.slot[idle & (table.slot >= 0)])
+        table.slot[idle] = pt.NO_SLOT
+        for state in (pt.RESIDENT, pt.WRITEBACK):
+            self.charged -= table.count(state)
+        self.evicting -= int(np.count_nonzero((table.state == pt.WRITEBACK) & (table.flags & pt.F_EVICT != 0)))
+        # LOADING pages are uncharged when their read returns.
+        self.budget_waiters = collections.deque(w for w in self.budget_waiters if w[0] != region.id)
+        self.load_queue = collections.deque(j for j in self.load_queue if j[0] != region.id)
+        self._maybe_release(region)
+
+    def _maybe_release(self, region: Region) -> None:
+        if region.closing and region.inflight == 0 and region.id in self.regions:
+            del self.regions[region.id]
+            region.release()
+
+    def _ioctl_failed(self, region: Region, ret: int, what: str) -> bool:
+        """True (and the region is closed) when an ioctl says the client is gone."""
+        if ret >= 0 or -ret == errno.EEXIST:
+            return False
+        if -ret in GONE:
+            self.close_region(region, f"{what}: {os.strerror(-ret)}")
+            return True
+        raise OSError(-ret, f"{what} on region {region.id}: {os.strerror(-ret)}")
+
+    # ------------------------------------------------------------------ faults
+
+    def on_events(self, region: Region, events: list) -> None:
+        for kind, flags, addr, end in events:
+            if region.closing:
+                return
+            if kind == uffd.EVENT_PAGEFAULT:
+                page = (addr - region.addr) >> SHIFT
+                if not 0 <= page < region.npages:
+                    uffd.wake(region.uffd, addr & ~(PAGE - 1), PAGE)
+                    continue
+                self.stats["faults"] += 1
+                if flags & uffd.PF_WP:
+                    self.fault_wp(region, page)
+                elif flags & uffd.PF_MINOR:
+                    self.fault_minor(region, page)
+                else:
+                    self.fault_missing(region, page, bool(flags & uffd.PF_WRITE))
+            elif kind == uffd.EVENT_UNMAP:
+                # The client unmapped (part of) the region without closing it:
+                # the range is no longer registered, so nothing can be served.
+                if addr < region.addr + region.size and end > region.addr:
+                    self.close_region(region, "unmapped by client")
+
+    def fault_missing(self, region: Region, page: int, write: bool, force: bool = False) -> None:
+        table = region.table
+        state = table.state[page]
+        if state == pt.EMPTY:
+            if not self._charge(1, force):
+                self.budget_waiters.append((region.id, page, write))
+                return
+            # A read of a never-written page maps zeros write-protected: clean,
+            # and dropping it later costs nothing (it becomes EMPTY again).
+            mode = 0 if write else uffd.COPY_MODE_WP
+            ret = uffd.copy(region.uffd, region.addr + (page << SHIFT), self.zero_page.addr, PAGE, mode)
+            if ret == -errno.EEXIST:
+                # Populated behind our back (write(2) on the memfd): adopt it dirty.
+                ret = uffd.cont(region.uffd, region.addr + (page << SHIFT), PAGE, 0)
+                write = True
+            if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
+                return
+            table.state[page] = pt.RESIDENT
+            table.flags[page] = pt.F_DIRTY if write else 0
+            table.stamp[page] = self._tick()
+        elif state == pt.SWAPPED:
+            if not self._charge(1, force):
+                self.budget_waiters.append((region.id, page, write))
+                return
+            self._start_load(region, page)
+        elif state == pt.LOADING:
+            pass  # the read in flight ends with a COPY, which wakes this fault too
+        else:
+            uffd.wake(region.uffd, region.addr + (page << SHIFT), PAGE)
+
+    def fault_wp(self, region: Region, page: int) -> None:
+        table = region.table
+        state = table.state[page]
+        addr = region.addr + (page << SHIFT)
+        if state == pt.RESIDENT:
+            self._make_dirty(region, page)
+        elif state == pt.WRITEBACK:
+            # Invariant 4: a write to a page under writeback waits until the
+            # writeback ends; it is parked here, never blocked on.
+            table.flags[page] |= pt.F_WAITERS
+        else:
+            # Dropped or being loaded since the fault was raised: the retry
+            # after the wake raises a MISSING fault that we serve.
+            uffd.wake(region.uffd, addr, PAGE)
+
+    def _make_dirty(self, region: Region, page: int) -> None:
+        """First write to a clean page: its slot copy goes stale."""
+        table = region.table
+        slot = int(table.slot[page])
+        if slot >= 0:
+            # No write to this slot is in flight: the page is RESIDENT, not WRITEBACK.
+            self.slots.free(slot)
+            table.slot[page] = pt.NO_SLOT
+        table.flags[page] = pt.F_DIRTY
+        table.stamp[page] = self._tick()
+        ret = uffd.writeprotect(region.uffd, region.addr + (page << SHIFT), PAGE, protect=False)
+        self._ioctl_failed(region, ret, "UFFDIO_WRITEPROTECT")
+
+    def fault_minor(self, region: Region, page: int) -> None:
+        """The page is in the memfd but not mapped in the client (e.g. after the
+        client's MADV_DONTNEED): map it again, write-protected unless dirty."""
+        table = region.table
+        state = table.state[page]
+        addr = region.addr + (page << SHIFT)
+        if state in (pt.RESIDENT, pt.WRITEBACK):
+            dirty = state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
+            ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
+            if ret == -errno.EEXIST:
+                uffd.wake(region.uffd, addr, PAGE)
+            else:
+                self._ioctl_failed(region, ret, "UFFDIO_CONTINUE")
+        elif state in (pt.EMPTY, pt.SWAPPED):
+            # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
+            log.warning("region %d page %d appeared in memory while %s; adopting it",
+                        region.id, page, pt.STATE_NAMES[state])
+            self._charge(1, force=True)
+            slot = int(table.slot[page])
+            if slot >= 0:
+                self.slots.free(slot)
+                table.slot[page] = pt.NO_SLOT
+            table.state[page] = pt.RESIDENT
+            table.flags[page] = pt.F_DIRTY
+            self._ioctl_failed(region, uffd.cont(region.uffd, addr, PAGE, 0), "UFFDIO_CONTINUE")
+        else:
+            uffd.wake(region.uffd, addr, PAGE)
+
+    # ------------------------------------------------------------------ budget
+
+    def _tick(self) -> int:
+        self.tick = (self.tick + 1) & 0xFFFFFFFF
+        return self.tick
+
+    def _charge(self, n: int, force: bool = False) -> bool:
+        if force or self.draining or self.charged + n <= self.max_pages:
+            self.charged += n
+            return True
+        return False
+
+    def serve_budget_waiters(self) -> None:
+        while self.budget_waiters:
+            rid, page, write = self.budget_waiters[0]
+            region = self.regions.get(rid)
+            if region is None or region.closing:
+                self.budget_waiters.popleft()
+                continue
+            over = self.charged + 1 > self.max_pages and not self.draining
+            if over and not self._must_overcommit():
+                return
+            self.budget_waiters.popleft()
+            if over:
+                self.stats["overcommit_pages"] += 1
+            self.fault_missing(region, page, write, force=over)
+
+    def _must_overcommit(self) -> bool:
+        """Reclaim cannot make room: nothing is being written or read that
+        would free or settle memory, and nothing clean is left to drop. This is
+        the store-unavailable case (full, or failing writes in backoff): pages
+        stay resident over budget rather than stall the client forever."""
+        return self.writes_inflight == 0 and self.loads_inflight == 0 and not self.load_queue
+
+    # ------------------------------------------------------------------ swap-in
+
+    def _start_load(self, region: Region, page: int) -> None:
+        """Read a swapped page back, with its neighbours in adjacent slots
+        (read-ahead within an aligned window, budget permitting). The faulting
+        page is already charged."""
+        table = region.table
+        slot = int(table.slot[page])
+        lo = page - page % self.ra_pages
+        hi = min(region.npages, lo + self.ra_pages)
+        first = page
+        while (first > lo and table.state[first - 1] == pt.SWAPPED
+               and table.slot[first - 1] == slot - (page - first + 1)
+               and self._charge(1)):
+            first -= 1
+        last = page
+        while (last + 1 < hi and table.state[last + 1] == pt.SWAPPED
+               and table.slot[last + 1] == slot + (last + 1 - page)
+               and self._charge(1)):
+            last += 1
+        n = last - first + 1
+        table.state[first:last + 1] = pt.LOADING
+        self.stats["readahead_pages"] += n - 1
+        self.load_queue.append((region.id, first, n, slot - (page - first), time.monotonic()))
+        region.inflight += 1
+        self._pump_loads()
+
+    def _pump_loads(self) -> None:
+        while self.load_queue and self.free_buffers:
+            rid, first, n, slot, started = self.load_queue.popleft()
+            region = self.regions.get(rid)
+            if region is None:
+                continue
+            buf = self.free_buffers.pop()
+            self.loads_inflight += 1
+            self._submit_read(region, first, n, slot, buf, started)
+
+    def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float) -> None:
+        store = self.store
+        sums = np.zeros(n, np.uint32)
+
+        def work():
+            store.read(buf.addr, n * PAGE, slot * PAGE)
+            native.page_sums_into(buf.addr, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
+            return sums
+
+        self.io.submit(work, lambda res, err: self._load_done(region, first, n, slot, buf, started, res, err))
+
+    def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float,
+                   sums: np.ndarray | None, err: OSError | None) -> None:
+        self.loads_inflight -= 1
+        table = region.table
+        if region.closing:
+            self.charged -= n
+            self._finish_load(region, buf)
+            return
+        if err is None:
+            bad = np.flatnonzero(sums != table.sum[first:first + n])
+            if len(bad):
+                err = OSError(errno.EIO, f"checksum mismatch in {len(bad)} page(s) at store offset {(slot + int(bad[0])) * PAGE}")
+        if err is not None:
+            # Invariant 6: a failed or corrupt read is retried; nothing is mapped from it.
+            self.stats["read_errors"] += 1
+            self.errlog.error("read error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
+            region.read_failures += 1
+            elapsed = time.monotonic() - started
+            if self.cfg.read_failure == "sigbus" and elapsed > self.cfg.read_deadline:
+                self._poison(region, first, n)
+                self._finish_load(region, buf)
+                return
+            delay = min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
+            self.free_buffers.append(buf)
+            region.inflight -= 1  # re-added by the retry
+            def retry():
+                if region.closing:
+                    self.charged -= n
+                    self._maybe_release(region)
+                    return
+                region.inflight += 1
+                self.load_queue.append((region.id, first, n, slot, started))
+                self._pump_loads()
+            self._after(delay, retry)
+            return
+        region.read_failures = 0
+        # Swap cache: the pages keep their slots and are mapped write-protected,
+        # so while they stay clean, evicting them costs no I/O.
+        mode = uffd.COPY_MODE_WP if not self.draining else 0
+        ret = uffd.copy(region.uffd, region.addr + (first << SHIFT), buf.addr, n * PAGE, mode)
+        if ret == -errno.EEXIST or (0 <= ret < n * PAGE):
+            ret = self._copy_pagewise(region, first, n, buf, mode)
+        if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
+            self.charged -= n  # close_region did not count LOADING pages
+            self._finish_load(region, buf)
+            return
+        table.state[first:first + n] = pt.RESIDENT
+        table.flags[first:first + n] = 0
+        stamp = self._tick()
+        table.stamp[first:first + n] = stamp
+        self.stats["swapins"] += n
+        if self.draining:
+            # Drain: the pages come home for good; their slots are released.
+            self.slots.free_many(table.slot[first:first + n].copy())
+            table.slot[first:first + n] = pt.NO_SLOT
+            table.flags[first:first + n] = pt.F_DIRTY
+        self._finish_load(region, buf)
+
+    def _copy_pagewise(self, region: Region, first: int, n: int, buf, mode: int) -> int:
+        """Fallback when a page of the run is already present: copy one by one,
+        and keep the present page (it can only be newer data)."""
+        for i in range(n):
+            addr = region.addr + ((first + i) << SHIFT)
+            ret = uffd.copy(region.uffd, addr, buf.addr + i * PAGE, PAGE, mode)
+            if ret == -errno.EEXIST:
+                log.warning("region %d page %d was present during swap-in; keeping it", region.id, first + i)
+                uffd.wake(region.uffd, addr, PAGE)
+            elif ret < 0:
+                return ret
+        return n * PAGE
+
+    def _finish_load(self, region: Region, buf) -> None:
+        self.free_buffers.append(buf)
+        region.inflight -= 1
+        self._maybe_release(region)
+        self._pump_loads()
+
+    def _poison(self, region: Region, first: int, n: int) -> None:
+        """read_failure: sigbus — after read_deadline the client gets SIGBUS on
+        these pages rather than zeros (invariant 6)."""
+        log.error("region %d pages %d..%d unreadable past the %.0fs deadline: poisoning (SIGBUS)",
+                  region.id, first, first + n - 1, self.cfg.read_deadline)
+        self._ioctl_failed(region, uffd.poison(region.uffd, region.addr + (first << SHIFT), n * PAGE), "UFFDIO_POISON")
+        table = region.table
+        self.slots.free_many(table.slot[first:first + n].copy())
+        table.slot[first:first + n] = pt.NO_SLOT
+        table.state[first:first + n] = pt.POISONED
+        self.charged -= n
+        self.stats["poisoned_pages"] += n
+
+    # ------------------------------------------------------------------ reclaim
+
+    def reclaim(self) -> None:
+        """Keep charged pages under the budget: past the high watermark (or when
+        a fault waits for room) evict down to the low watermark."""
+        if self.draining:
+            return
+        if self.charged <= self.high_pages and not self.budget_waiters:
+            return
+        want = self.charged - self.low_pages - self.evicting + len(self.budget_waiters)
+        if want <= 0:
+            return
+        now = time.monotonic()
+        can_write = now >= self.write_retry_at
+        for region, pages in choose_victims(self.regions.values(), want, self.tick, clean_only=not can_write):
+            table = region.table
+            clean = pages[(table.flags[pages] & pt.F_DIRTY) == 0]
+            dirty = pages[(table.flags[pages] & pt.F_DIRTY) != 0]
+            if len(clean):
+                self._drop(region, clean)
+            if len(dirty) and can_write:
+                for first, n in pt.runs(dirty, self.batch_pages):
+                    if self.writes_inflight >= self.cfg.max_inflight_writes:
+                        break
+                    if not self._start_writeback(region, first, n):
+                        can_write = False
+                        break
+                    if region.closing:
+                        break
+
+    def _drop(self, region: Region, pages: np.ndarray) -> None:
+        """Drop clean resident pages from memory with one punch per run.
+
+        Invariant 1: only pages that are RESIDENT and clean get here; clean
+        means write-protected since the slot copy was taken (or a zero page
+        never written), and a write since would have made them dirty."""
+        table = region.table
+        assert (table.state[pages] == pt.RESIDENT).all() and not (table.flags[pages] & pt.F_DIRTY).any()
+        for first, n in pt.runs(pages, 1 << 30):
+            try:
+                native.punch_hole(region.memfd, first << SHIFT, n << SHIFT)
+            except OSError as e:
+                self.close_region(region, f"punch hole failed: {e}")
+                return
+            seg = slice(first, first + n)
+            has_slot = table.slot[seg] >= 0
+            table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
+            table.flags[seg] = 0
+            self.charged -= n
+            self.stats["swapouts"] += int(np.count_nonzero(has_slot))
+            self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot))
+
+    def _start_writeback(self, region: Region, first: int, n: int) -> bool:
+        """Write a run of dirty pages to adjacent slots and drop them when it returns.
+        Returns False when the store is full."""
+        done = 0
+        while done < n:
+            got = self.slots.alloc(n - done)
+            if got is None:
+                if not self.store_full:
+                    log.error("swap store %s is full: pages stay resident until slots free up", self.store.url)
+                self.store_full = True
+                return False
+            slot, count = got
+            self.store_full = False
+            p0 = first + done
+            addr = region.addr + (p0 << SHIFT)
+            # Invariant 1 (first half): write-protect BEFORE the copy is read,
+            # so any write after this point faults and parks (invariant 4).
+            ret = uffd.writeprotect(region.uffd, addr, count << SHIFT, protect=True, wake=False)
+            if self._ioctl_failed(region, ret, "UFFDIO_WRITEPROTECT"):
+                self.slots.free(slot, count)
+                return True
+            # Invariant 2: the writeback bit is set here, on the engine thread
+            # (the page lock), before the write is queued; only _write_done
+            # clears it, when the write has returned.
+            seg = slice(p0, p0 + count)
+            table = region.table
+            table.state[seg] = pt.WRITEBACK
+            table.flags[seg] = pt.F_EVICT
+            table.slot[seg] = np.arange(slot, slot + count, dtype=np.int32)
+            self.evicting += count
+            self.writes_inflight += 1
+            region.inflight += 1
+            self._submit_write(region, p0, count, slot)
+            done += count
+        return True
+
+    def _submit_write(self, region: Region, first: int, n: int, slot: int) -> None:
+        store = self.store
+        src = region.daddr + (first << SHIFT)
+        sums = np.zeros(n, np.uint32)
+
+        def work():
+            # The pages are write-protected in the client and the daemon never
+            # writes them, so the checksum and the write see the same bytes.
+            native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
+            store.write(src, n * PAGE, slot * PAGE)
+            return sums
+
+        self.io.submit(work, lambda res, err: self._write_done(region, first, n, slot, res, err))
+
+    def _write_done(self, region: Region, first: int, n: int, slot: int,
+                    sums: np.ndarray | None, err: OSError | None) -> None:
+        self.writes_inflight -= 1
+        region.inflight -= 1
+        table = region.table
+        seg = slice(first, first + n)
+        if region.closing:
+            # Invariant 7: a closed region's slots are freed only now that the write returned.
+            self.slots.free(slot, n)
+            table.slot[seg] = pt.NO_SLOT
+            table.state[seg] = pt.EMPTY
+            self._maybe_release(region)
+            return
+        self.evicting -= n
+        waiters = (table.flags[seg] & pt.F_WAITERS) != 0
+        if err is not None:
+            # Invariant 5: a failed write leaves the pages resident, dirty and
+            # writable, with no error state; they are retried after a backoff.
+            self.stats["write_errors"] += 1
+            self.errlog.error("write error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
+            self.slots.free(slot, n)  # the write has returned: invariant 3 allows reuse
+            table.slot[seg] = pt.NO_SLOT
+            table.state[seg] = pt.RESIDENT
+            table.flags[seg] = pt.F_DIRTY
+            self._ioctl_failed(region, uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT,
+                                                         protect=False, wake=True), "UFFDIO_WRITEPROTECT")
+            self.write_backoff = min(self.cfg.write_retry_max, max(self.cfg.write_retry_min, self.write_backoff * 2))
+            self.write_retry_at = time.monotonic() + self.write_backoff
+            self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
+            return
+        self.write_backoff = 0.0
+        self.stats["pages_written"] += n
+        table.sum[seg] = sums
+        # The writeback bit is cleared: the pages are clean copies of their slots.
+        table.state[seg] = pt.RESIDENT
+        table.flags[seg] = 0
+        for i in np.flatnonzero(waiters):
+            # A write was parked during writeback: let it through now.
+            self._make_dirty(region, first + int(i))
+            if region.closing:
+                return
+        drop = np.arange(first, first + n)[~waiters]
+        if len(drop):
+            # Invariant 1 (second half): these pages were write-protected before
+            # the copy was read and no write reached them (it would have parked
+            # as F_WAITERS), so the copy on the store is current: drop them.
+            self._drop(region, drop)
+
+    # ------------------------------------------------------------------ drain
+
+    def start_drain(self) -> None:
+        """Swapoff: bring every page home, wait for every write, then release."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: bringing every page home")
+        for region in list(self.regions.values()):
+            self._drain_region(region)
+
+    def _drain_region(self, region: Region) -> None:
+        if region.closing:
+            return
+        table = region.table
+        for first, n in pt.runs(np.flatnonzero(table.state == pt.SWAPPED), self.ra_pages):
+            # Split further where slots are not adjacent.
+            slots = table.slot[first:first + n]
+            breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+            starts = [0] + [int(b) for b in breaks] + [n]
+            for a, b in zip(starts, starts[1:]):
+                self.charged += b - a
+                table.state[first + a:first + b] = pt.LOADING
+                region.inflight += 1
+                self.load_queue.append((region.id, first + a, b - a, int(slots[a]), time.monotonic()))
+        self._pump_loads()
+
+    def drain_done(self) -> bool:
+        if not self.draining:
+            return False
+        if self.writes_inflight or self.loads_inflight or self.load_queue:
+            return False
+        for region in list(self.regions.values()):
+            if region.closing:
+                if region.inflight:
+                    return False
+                continue
+            if np.count_nonzero(region.table.state == pt.SWAPPED):
+                self._drain_region(region)
+                return False
+        return True
+
+    def hand_back_all(self) -> None:
+        """After drain: every page is resident. Unprotect and unregister each
+        region so the client keeps plain shared memory once we exit."""
+        for region in list(self.regions.values()):
+            if region.closing:
+                continue
+            uffd.writeprotect(region.uffd, region.addr, region.size, protect=False, wake=True)
+            try:
+                uffd.unregister(region.uffd, region.addr, region.size)
+            except OSError as e:
+                log.warning("region %d: unregister failed: %s", region.id, e)
+            self.close_region(region, "drained")
+
+    # ------------------------------------------------------------------ timers & loop glue
+
+    def _after(self, delay: float, fn: Callable[[], None]) -> None:
+        self.timer_seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self.timer_seq, fn))
+
+    def run_timers(self) -> float | None:
+        """Run due timers; return seconds until the next one (None if none)."""
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self.timers)
+            fn()
+        if self.timers:
+            return max(0.0, self.timers[0][0] - time.monotonic())
+        return None
+
+    def on_completions(self) -> None:
+        for on_done, result, error in self.io.completions():
+            on_done(result, error)
+
+    def settle(self) -> None:
+        """After any batch of events: reclaim, then admit faults waiting for room."""
+        self.reclaim()
+        self.serve_budget_waiters()
+        self._pump_loads()
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        swapped = resident = 0
+        for region in self.regions.values():
+            if region.closing:
+                continue
+            swapped += region.table.count(pt.SWAPPED) + region.table.count(pt.LOADING)
+        resident = self.charged
+        return {
+            "resident_bytes": resident * PAGE,
+            "max_resident_bytes": self.max_pages * PAGE,
+            "swapped_bytes": swapped * PAGE,
+            "swapouts_total": self.stats["swapouts"],
+            "swapins_total": self.stats["swapins"],
+            "pages_written_total": self.stats["pages_written"],
+            "faults_total": self.stats["faults"],
+            "readahead_pages_total": self.stats["readahead_pages"],
+            "zero_drops_total": self.stats["zero_drops"],
+            "writeback_inflight": self.writes_inflight,
+            "reads_inflight": self.loads_inflight,
+            "write_errors_total": self.stats["write_errors"],
+            "read_errors_total": self.stats["read_errors"],
+            "overcommit_pages_total": self.stats["overcommit_pages"],
+            "poisoned_pages_total": self.stats["poisoned_pages"],
+            "budget_waiters": len(self.budget_waiters),
+            "write_backoff_s": round(max(0.0, self.write_retry_at - time.monotonic()), 3),
+            "store_full": self.store_full,
+            "draining": self.draining,
+            "metadata_bytes_per_page": 14,
+            "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
+                          full=self.store_full),
+        }

@@ -1,0 +1,62 @@
+"""Threads that run blocking store I/O and hand results back to the engine.
+
+The engine thread owns all page state; I/O threads only call the store and
+compute checksums (both release the GIL), then queue a completion and poke an
+eventfd that the engine's epoll watches. So the fault loop never blocks on
+I/O (invariant 4).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+
+class IoPool:
+    def __init__(self, nthreads: int) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: collections.deque = collections.deque()
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.threads = [threading.Thread(target=self._run, name=f"uswap-io-{i}", daemon=True)
+                        for i in range(nthreads)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, work: Callable[[], Any], on_done: Callable[[Any, OSError | None], None]) -> None:
+        """Run `work()` on an I/O thread; the engine later calls on_done(result, error)."""
+        self.jobs.put((work, on_done))
+
+    def _run(self) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            work, on_done = item
+            try:
+                result, error = work(), None
+            except OSError as e:
+                result, error = None, e
+            except Exception as e:  # a bug in a store must not kill the thread silently
+                result, error = None, OSError(5, f"{type(e).__name__}: {e}")
+            self.done.append((on_done, result, error))
+            os.eventfd_write(self.eventfd, 1)
+
+    def completions(self) -> list:
+        """Drain finished jobs (engine thread only)."""
+        try:
+            os.eventfd_read(self.eventfd)
+        except BlockingIOError:
+            pass
+        out = []
+        while self.done:
+            out.append(self.done.popleft())
+        return out
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join(timeout=5)
+        os.close(self.eventfd)

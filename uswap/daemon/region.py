@@ -1,0 +1,107 @@
+"""A client region as the daemon sees it: the client's uffd and memfd, the
+daemon's own mapping of the memfd, and the page table.
+
+`validate_and_open` checks everything a client sends before the daemon
+trusts it; any refusal raises RegionRefused with a message for the client.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from uswap import native, uffd
+from uswap.daemon.pagetable import PageTable
+
+PAGE = 4096
+
+
+class RegionRefused(Exception):
+    pass
+
+
+class Region:
+    def __init__(self, uffd_fd: int, memfd: int, addr: int, size: int, owner: object) -> None:
+        self.id = 0
+        self.uffd = uffd_fd
+        self.memfd = memfd
+        self.addr = addr          # the client's address of the region
+        self.size = size
+        self.npages = size // PAGE
+        self.owner = owner        # the client session
+        self.daddr = 0            # the daemon's own mapping, used only to read resident pages
+        self.table = PageTable(self.npages)
+        self.closing = False
+        self.inflight = 0         # I/O jobs of this region not yet completed
+        self.read_failures = 0
+
+    def release(self) -> None:
+        """Unmap and close; only once no I/O is in flight (engine checks)."""
+        if self.daddr:
+            native.munmap(self.daddr, self.size)
+            self.daddr = 0
+        for fd in (self.uffd, self.memfd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.uffd = self.memfd = -1
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object) -> Region:
+    """Check an alloc request and map the region. On success the Region owns the fds;
+    on failure the caller still owns (and closes) them."""
+    if len(fds) != 2:
+        raise RegionRefused(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
+    uffd_fd, memfd = fds
+    size, addr = msg.get("size"), msg.get("addr")
+    for name, value in (("size", size), ("addr", addr)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RegionRefused(f"alloc: {name} {value!r} is not a positive integer")
+    if size % PAGE or addr % PAGE:
+        raise RegionRefused(f"alloc: size {size} and addr {addr:#x} must be multiples of {PAGE}")
+    if size > max_size:
+        raise RegionRefused(f"alloc: size {size} exceeds max_region_size {max_size}")
+    if _fd_target(uffd_fd) != "anon_inode:[userfaultfd]":
+        raise RegionRefused("alloc: the first fd is not a userfaultfd")
+    if not _fd_target(memfd).startswith("/memfd:"):
+        raise RegionRefused("alloc: the second fd is not a memfd")
+    st = os.fstat(memfd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        raise RegionRefused(f"alloc: memfd is {st.st_size} bytes, the request says {size}")
+    seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+    need = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+    if seals & need != need:
+        raise RegionRefused("alloc: memfd must be sealed with F_SEAL_GROW, F_SEAL_SHRINK and F_SEAL_SEAL")
+    if seals & (fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)):
+        raise RegionRefused("alloc: memfd must not be write-sealed (the daemon punches holes in it)")
+    try:
+        os.lseek(memfd, 0, os.SEEK_DATA)
+        raise RegionRefused("alloc: memfd already holds data; allocate and register before writing")
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise RegionRefused(f"alloc: cannot inspect memfd: {e.strerror}") from None
+    fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
+    if not fl & os.O_NONBLOCK:
+        fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    # The range must be registered for write-protection in the client's uffd:
+    # un-protecting a fresh range is harmless and fails when it is not.
+    ret = uffd.writeprotect(uffd_fd, addr, size, protect=False, wake=True)
+    if ret < 0:
+        raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is not registered for MISSING|WP|MINOR"
+                            f" in the given userfaultfd ({os.strerror(-ret)})")
+    region = Region(uffd_fd, memfd, addr, size, owner)
+    try:
+        region.daddr = native.mmap_shared(memfd, size)
+    except OSError as e:
+        raise RegionRefused(f"alloc: cannot map the memfd: {e.strerror}") from None
+    return region

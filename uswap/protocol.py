@@ -1,0 +1,123 @@
+"""Socket messages between clients and the daemon.
+
+A message is a 4-byte big-endian length, then that many bytes of UTF-8 JSON
+(an object with an "op" key). File descriptors travel with the first byte of
+a message as SCM_RIGHTS. The first message on a connection is
+{"op": "hello", "version": VERSION}; the daemon answers with its version or
+an error and closes on a mismatch.
+
+Requests and replies:
+  hello   {version}                           -> {ok, version, page_size}
+  alloc   {size, addr} + fds [uffd, memfd]    -> {ok, region} | {ok: false, error}
+  free    {region}                            -> {ok}
+  status  {}                                  -> {ok, status}
+  inject  {spec}   (fault injection; only when the daemon enables it) -> {ok}
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20
+MAX_FDS = 4
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a valid message."""
+
+
+def send(sock: socket.socket, msg: dict, fds: list[int] | None = None) -> None:
+    body = json.dumps(msg, separators=(",", ":")).encode()
+    data = struct.pack(">I", len(body)) + body
+    if fds:
+        sent = socket.send_fds(sock, [data[:1]], fds)
+        if sent != 1:
+            raise ProtocolError("short send")
+        data = data[1:]
+    sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(n)
+        if not chunk:
+            raise EOFError("connection closed")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv(sock: socket.socket) -> tuple[dict, list[int]]:
+    """Blocking receive of one message and its fds. Raises EOFError or ProtocolError."""
+    first, fds, _flags, _addr = socket.recv_fds(sock, 1, MAX_FDS)
+    if not first:
+        for fd in fds:
+            _close_quiet(fd)
+        raise EOFError("connection closed")
+    try:
+        header = first + _recv_exact(sock, 3)
+        (length,) = struct.unpack(">I", header)
+        if length > MAX_MESSAGE:
+            raise ProtocolError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
+        msg = decode(_recv_exact(sock, length), require_op=False)
+    except BaseException:
+        for fd in fds:
+            _close_quiet(fd)
+        raise
+    return msg, fds
+
+
+def decode(body: bytes, require_op: bool = True) -> dict:
+    try:
+        msg = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("message is not a JSON object")
+    if require_op and not isinstance(msg.get("op"), str):
+        raise ProtocolError("message has no string 'op'")
+    return msg
+
+
+class MessageBuffer:
+    """Incremental decoder for the daemon's non-blocking sockets."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.fds: list[int] = []
+
+    def feed(self, data: bytes, fds: list[int]) -> None:
+        self.data += data
+        self.fds.extend(fds)
+        if len(self.fds) > 16:
+            raise ProtocolError(f"too many file descriptors queued ({len(self.fds)})")
+
+    def next(self) -> tuple[dict, list[int]] | None:
+        """The next complete message and the fds that arrived with it, or None."""
+        if len(self.data) < 4:
+            return None
+        (length,) = struct.unpack(">I", self.data[:4])
+        if length > MAX_MESSAGE:
+            raise ProtocolError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
+        if len(self.data) < 4 + length:
+            return None
+        body = bytes(self.data[4:4 + length])
+        del self.data[:4 + length]
+        fds, self.fds = self.fds, []
+        return decode(body), fds
+
+    def close(self) -> None:
+        for fd in self.fds:
+            _close_quiet(fd)
+        self.fds = []
+
+
+def _close_quiet(fd: int) -> None:
+    import os
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,149 @@
+"""Python face of the userfaultfd shim: constants, feature check, ioctls raising OSError."""
+from __future__ import annotations
+
+import os
+import platform
+
+from uswap._uffd_cffi import ffi, lib
+
+PAGE = 4096
+
+# Events (linux/userfaultfd.h).
+EVENT_PAGEFAULT = 0x12
+EVENT_FORK = 0x13
+EVENT_REMAP = 0x14
+EVENT_REMOVE = 0x15
+EVENT_UNMAP = 0x16
+
+# Page fault flags.
+PF_WRITE = 1 << 0
+PF_WP = 1 << 1
+PF_MINOR = 1 << 2
+
+# Features we need, with the kernel that introduced each (for the error message).
+FEATURE_EVENT_UNMAP = 1 << 6
+FEATURE_MISSING_SHMEM = 1 << 5
+FEATURE_THREAD_ID = 1 << 8
+FEATURE_MINOR_SHMEM = 1 << 10
+FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+REQUIRED_FEATURES = {
+    "UFFD_FEATURE_MISSING_SHMEM": (FEATURE_MISSING_SHMEM, "4.11"),
+    "UFFD_FEATURE_EVENT_UNMAP": (FEATURE_EVENT_UNMAP, "4.11"),
+    "UFFD_FEATURE_MINOR_SHMEM": (FEATURE_MINOR_SHMEM, "5.14"),
+    "UFFD_FEATURE_WP_HUGETLBFS_SHMEM": (FEATURE_WP_HUGETLBFS_SHMEM, "6.0"),
+}
+
+REGISTER_MISSING = 1 << 0
+REGISTER_WP = 1 << 1
+REGISTER_MINOR = 1 << 2
+
+COPY_MODE_DONTWAKE = 1 << 0
+COPY_MODE_WP = 1 << 1
+CONTINUE_MODE_WP = 1 << 1
+WP_MODE_WP = 1 << 0
+WP_MODE_DONTWAKE = 1 << 1
+
+# ioctl bit numbers reported by REGISTER (_UFFDIO_*).
+_IOCTL_BITS = {"COPY": 3, "ZEROPAGE": 4, "WRITEPROTECT": 6, "CONTINUE": 7}
+
+
+class UffdUnsupported(RuntimeError):
+    """The running kernel lacks a userfaultfd feature uswap needs."""
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def open_uffd() -> int:
+    """Create a non-blocking userfaultfd with the API handshake done.
+
+    Raises UffdUnsupported naming the missing feature and the kernel needed.
+    """
+    fd = lib.us_uffd_open(0)
+    if fd < 0:
+        err = -fd
+        hint = ""
+        if err in (1, 13):  # EPERM, EACCES
+            hint = (" (needs root, CAP_SYS_PTRACE, or read/write access to /dev/userfaultfd;"
+                    " vm.unprivileged_userfaultfd=0 allows only user-mode faults, which"
+                    " cannot serve a read() into an evicted page)")
+        elif err == 38:  # ENOSYS
+            hint = " (kernel built without CONFIG_USERFAULTFD)"
+        raise OSError(err, f"userfaultfd: {os.strerror(err)}{hint}")
+    want = FEATURE_THREAD_ID
+    for bit, _ in REQUIRED_FEATURES.values():
+        want |= bit
+    feats = ffi.new("uint64_t *")
+    ioctls = ffi.new("uint64_t *")
+    ret = lib.us_uffd_api(fd, want, feats, ioctls)
+    if ret < 0:
+        # The kernel refuses the whole handshake when any feature is unknown:
+        # probe each on a fresh fd to name the missing one.
+        os.close(fd)
+        for name, (bit, kver) in REQUIRED_FEATURES.items():
+            probe = lib.us_uffd_open(0)
+            if probe < 0:
+                break
+            r = lib.us_uffd_api(probe, bit, feats, ioctls)
+            os.close(probe)
+            if r < 0:
+                raise UffdUnsupported(
+                    f"userfaultfd feature {name} is missing: uswap needs Linux {kver} or newer"
+                    f" (running {platform.release()})")
+        raise OSError(-ret, f"UFFDIO_API: {os.strerror(-ret)}")
+    return fd
+
+
+def register(fd: int, start: int, length: int, mode: int) -> None:
+    ioctls = ffi.new("uint64_t *")
+    _check(lib.us_uffd_register(fd, start, length, mode, ioctls), "UFFDIO_REGISTER")
+    for name in ("COPY", "CONTINUE", "WRITEPROTECT"):
+        if not ioctls[0] & (1 << _IOCTL_BITS[name]):
+            raise UffdUnsupported(f"UFFDIO_{name} is not offered for this memory"
+                                  f" (shmem needs Linux 6.0 or newer; running {platform.release()})")
+
+
+def unregister(fd: int, start: int, length: int) -> None:
+    _check(lib.us_uffd_unregister(fd, start, length), "UFFDIO_UNREGISTER")
+
+
+def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
+    """Returns bytes copied, or -errno (EEXIST means already present)."""
+    return lib.us_uffd_copy(fd, dst, src, length, mode)
+
+
+def cont(fd: int, start: int, length: int, mode: int = 0) -> int:
+    return lib.us_uffd_continue(fd, start, length, mode)
+
+
+def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> int:
+    # The kernel refuses WP together with DONTWAKE (-EINVAL): protecting wakes nobody anyway.
+    mode = WP_MODE_WP if protect else (0 if wake else WP_MODE_DONTWAKE)
+    return lib.us_uffd_writeprotect(fd, start, length, mode)
+
+
+def wake(fd: int, start: int, length: int) -> int:
+    return lib.us_uffd_wake(fd, start, length)
+
+
+def poison(fd: int, start: int, length: int) -> int:
+    return lib.us_uffd_poison(fd, start, length, 0)
+
+
+class EventReader:
+    """Reads fault events in batches into a preallocated C array."""
+
+    def __init__(self, batch: int = 256) -> None:
+        self.batch = batch
+        self.buf = ffi.new("struct us_event[]", batch)
+
+    def read(self, fd: int) -> list[tuple[int, int, int, int]]:
+        """Pending events as (kind, flags, addr, end); [] when none."""
+        n = lib.us_uffd_read_events(fd, self.buf, self.batch)
+        if n < 0:
+            raise OSError(-n, f"read(userfaultfd): {os.strerror(-n)}")
+        b = self.buf
+        return [(b[i].kind, b[i].flags, b[i].addr, b[i].end) for i in range(n)]
