@@ -222,7 +222,7 @@ class Server:
             self.engine.close_region(region, "freed by client")
             self._reply(session, {"ok": True})
         elif op == "status":
-            self._reply(session, {"ok": True, "status": self.status()})
+            self._reply(session, {"ok": True, "status": self.status(asker=session)})
         elif op == "inject":
             if self.inject is None:
                 self._reply(session, {"ok": False, "error": "fault injection is not enabled (USWAP_INJECT)"})
@@ -290,13 +290,15 @@ class Server:
 
     # ---------------------------------------------------------------- status
 
-    def status(self) -> dict:
+    def status(self, asker: Session | None = None) -> dict:
         from uswap.daemon import pagetable as pt
         st = self.engine.status()
         st["pid"] = os.getpid()
         st["uptime_s"] = round(time.monotonic() - self.started, 3)
         clients = []
         for session in self.sessions.values():
+            if session is asker and not session.regions:
+                continue  # the status query itself
             regions = []
             for rid in sorted(session.regions):
                 region = self.engine.regions.get(rid)

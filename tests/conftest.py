@@ -1,0 +1,68 @@
+"""Fixtures: a real daemon against a real store (an O_DIRECT file on the root
+filesystem, or a file on the local NFS server over libnfs)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from tests.daemon_proc import REPO, DaemonProc
+
+NFS_NAME = "uswap-test"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="run the long soak tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run by hand with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def nfs_url():
+    """The export URL of a local NFS server started for the whole session."""
+    out = subprocess.run([os.path.join(REPO, "scripts", "nfs-server"), "start", "--name", NFS_NAME],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"scripts/nfs-server start failed:\n{out.stdout}\n{out.stderr}")
+    url = out.stdout.strip().splitlines()[-1]
+    yield url
+    subprocess.run([os.path.join(REPO, "scripts", "nfs-server"), "stop", "--name", NFS_NAME],
+                   capture_output=True, timeout=120)
+
+
+@pytest.fixture(params=["file", "nfs"])
+def backing(request, tmp_path):
+    """A fresh store location of each kind."""
+    if request.param == "file":
+        return str(tmp_path / "swapfile")
+    url = request.getfixturevalue("nfs_url")
+    return f"{url}/swap-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def file_backing(tmp_path):
+    return str(tmp_path / "swapfile")
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Factory: start_daemon(backing, **kw) -> DaemonProc; all are stopped at teardown."""
+    started: list[DaemonProc] = []
+
+    def start(backing: str, **kw) -> DaemonProc:
+        d = DaemonProc(str(tmp_path), backing, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()

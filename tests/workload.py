@@ -1,0 +1,135 @@
+"""A stamping client for integration tests, run as its own process:
+
+    python -m tests.workload --socket S --size 256M --passes 3 [--threads 4] [--shared]
+
+Every page carries (page number, version, check word) in words [0..2] for
+the writer of the page (partitioned mode), or in word 8*t for thread t of
+--shared mode, where all threads write the same pages. Each pass verifies
+what the previous pass wrote, then writes the next version. Exits 0 when
+every check passed; prints one JSON line per pass and a final JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+import uswap
+from uswap.sizes import parse_size
+
+MAGIC = np.uint64(0x5EED_5A17_C0DE_0000)
+WORDS = 512  # 64-bit words per page
+
+
+def stamp(page_ids: np.ndarray, version: int) -> np.ndarray:
+    return (page_ids.astype(np.uint64) * np.uint64(1_000_003)) ^ MAGIC ^ np.uint64(version)
+
+
+def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: int, out) -> int:
+    npages = a.shape[0]
+    errors = [0] * threads
+    parts = np.array_split(np.arange(npages), threads)
+    barrier = threading.Barrier(threads)
+
+    def worker(t: int) -> None:
+        rng = np.random.default_rng(seed + t)
+        mine = parts[t]
+        for v in range(1, passes + 1):
+            idx = rng.permutation(mine) if order == "random" else mine
+            for chunk in np.array_split(idx, max(1, len(idx) // 256)):
+                if v > 1:
+                    ok = (a[chunk, 0] == chunk) & (a[chunk, 1] == v - 1) & (a[chunk, 2] == stamp(chunk, v - 1))
+                    errors[t] += int(np.count_nonzero(~ok))
+                else:
+                    errors[t] += int(np.count_nonzero(a[chunk, :3]))  # a new region reads zeros
+                a[chunk, 0] = chunk
+                a[chunk, 1] = v
+                a[chunk, 2] = stamp(chunk, v)
+            barrier.wait()
+            if t == 0:
+                print(json.dumps({"pass": v, "errors": sum(errors), "t": time.time()}), file=out, flush=True)
+            barrier.wait()
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    # Final check of the last version everywhere.
+    ids = np.arange(npages)
+    ok = (a[:, 0] == ids) & (a[:, 1] == passes) & (a[:, 2] == stamp(ids, passes))
+    return sum(errors) + int(np.count_nonzero(~ok))
+
+
+def run_shared(a: np.ndarray, seconds: float, threads: int, pages: int, seed: int, out) -> int:
+    """All threads hammer the same `pages` pages; thread t owns word 8*t of each
+    page and remembers the last value it wrote there. At the end every last
+    write must be there (the seed's race: a write during writeback is lost if
+    the page is dropped after it)."""
+    last = np.zeros((threads, pages), np.uint64)
+    stop = time.monotonic() + seconds
+    counts = [0] * threads
+
+    def worker(t: int) -> None:
+        rng = np.random.default_rng(seed + t)
+        col = 8 * t
+        n = 0
+        while time.monotonic() < stop:
+            for p in rng.integers(0, pages, 64):
+                n += 1
+                a[p, col] = n
+                last[t, p] = n
+        counts[t] = n
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    errors = 0
+    for t in range(threads):
+        errors += int(np.count_nonzero(a[:pages, 8 * t] != last[t]))
+    print(json.dumps({"writes": sum(counts), "errors": errors}), file=out, flush=True)
+    return errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--order", choices=["seq", "random"], default="seq")
+    ap.add_argument("--shared", action="store_true")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--hold", action="store_true", help="after the run, wait for a line on stdin, verify again")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    with uswap.connect(args.socket) as client:
+        region = client.alloc(size)
+        a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, WORDS)
+        print(json.dumps({"region": region.id, "pages": a.shape[0]}), flush=True)
+        if args.shared:
+            errors = run_shared(a, args.seconds, args.threads, a.shape[0], args.seed, sys.stdout)
+        else:
+            errors = run_partitioned(a, args.passes, args.threads, args.order, args.seed, sys.stdout)
+        if args.hold:
+            print(json.dumps({"holding": True}), flush=True)
+            sys.stdin.readline()
+            ids = np.arange(a.shape[0])
+            if not args.shared:
+                ok = (a[:, 0] == ids) & (a[:, 1] == args.passes) & (a[:, 2] == stamp(ids, args.passes))
+                errors += int(np.count_nonzero(~ok))
+        print(json.dumps({"done": True, "errors": errors}), flush=True)
+        del a
+        region.close()
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
