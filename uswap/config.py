@@ -95,6 +95,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "max_clients": (256, _count(1, 100000)),
     "write_retry_min": ("50ms", _duration),
     "write_retry_max": ("5s", _duration),
+    "slot_quarantine": ("30s", _duration),
     "read_retry_min": ("20ms", _duration),
     "read_retry_max": ("2s", _duration),
     "read_failure": ("hard", _choice("hard", "sigbus")),
@@ -123,6 +124,7 @@ class Config:
     max_clients: int
     write_retry_min: float
     write_retry_max: float
+    slot_quarantine: float
     read_retry_min: float
     read_retry_max: float
     read_failure: str

@@ -68,6 +68,8 @@ class Engine:
         self.write_backoff = 0.0
         self.write_retry_at = 0.0  # no new writes before this (store in error backoff)
         self.store_full = False
+        self.quarantine: list[tuple[float, int, int]] = []  # (failed at, first slot, count)
+        self.last_write_ok = 0.0
         self.draining = False
         self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
         self.stats = collections.Counter()
@@ -521,7 +523,7 @@ class Engine:
             # writable, with no error state; they are retried after a backoff.
             self.stats["write_errors"] += 1
             self.errlog.error("write error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
-            self.slots.free(slot, n)  # the write has returned: invariant 3 allows reuse
+            self._release_failed_slots(slot, n)
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
@@ -532,6 +534,7 @@ class Engine:
             self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
             return
         self.write_backoff = 0.0
+        self.last_write_ok = time.monotonic()
         self.stats["pages_written"] += n
         table.sum[seg] = sums
         # The writeback bit is cleared: the pages are clean copies of their slots.
@@ -548,6 +551,28 @@ class Engine:
             # the copy was read and no write reached them (it would have parked
             # as F_WAITERS), so the copy on the store is current: drop them.
             self._drop(region, drop)
+
+    def _release_failed_slots(self, slot: int, n: int) -> None:
+        """Invariant 3 after a failed write: the call has returned, so on a store
+        where nothing outlives the call the slots are free at once. Where a
+        timed-out write may still land (NFS), they are quarantined until the
+        store has accepted a write since and slot_quarantine has passed."""
+        if not self.store.late_writes_possible:
+            self.slots.free(slot, n)
+            return
+        self.quarantine.append((time.monotonic(), slot, n))
+        self.stats["quarantined_slots"] += n
+        self._after(self.cfg.slot_quarantine, lambda: None)  # wake the loop to expire it
+
+    def _expire_quarantine(self) -> None:
+        now = time.monotonic()
+        keep = []
+        for failed_at, slot, n in self.quarantine:
+            if self.last_write_ok > failed_at and now - failed_at >= self.cfg.slot_quarantine:
+                self.slots.free(slot, n)
+            else:
+                keep.append((failed_at, slot, n))
+        self.quarantine = keep
 
     # ------------------------------------------------------------------ drain
 
@@ -626,6 +651,8 @@ class Engine:
 
     def settle(self) -> None:
         """After any batch of events: reclaim, then admit faults waiting for room."""
+        if self.quarantine:
+            self._expire_quarantine()
         self.reclaim()
         self.serve_budget_waiters()
         self._pump_loads()
@@ -661,5 +688,6 @@ class Engine:
             "draining": self.draining,
             "metadata_bytes_per_page": 14,
             "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
-                          full=self.store_full),
+                          full=self.store_full,
+                          quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),
         }

@@ -22,6 +22,11 @@ class Store(abc.ABC):
     size_bytes: int
     #: Required alignment of buffer address, length and offset for read/write.
     alignment: int = 4096
+    #: True when a write that raised may still reach the store later (an NFS
+    #: request that timed out can sit in the server's queue). The daemon then
+    #: keeps the slot out of use for a while instead of reusing it at once,
+    #: so a late write can never land on a slot holding newer data (invariant 3).
+    late_writes_possible: bool = False
 
     @abc.abstractmethod
     def write(self, addr: int, length: int, offset: int) -> None:

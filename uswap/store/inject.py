@@ -29,6 +29,7 @@ class InjectingStore(Store):
         self.url = inner.url
         self.size_bytes = inner.size_bytes
         self.alignment = inner.alignment
+        self.late_writes_possible = inner.late_writes_possible
         self.lock = threading.Lock()
         self.inflight_writes: dict[int, int] = {}
         self.stats = {"writes": 0, "reads": 0, "injected_write_errors": 0,
