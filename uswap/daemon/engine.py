@@ -179,9 +179,11 @@ class Engine:
         addr = region.addr + (page << SHIFT)
         if state == pt.RESIDENT:
             self._make_dirty(region, page)
-        elif state == pt.WRITEBACK:
+        elif state in (pt.WRITEBACK, pt.LOADING):
             # Invariant 4: a write to a page under writeback waits until the
-            # writeback ends; it is parked here, never blocked on.
+            # writeback ends; it is parked here, never blocked on. (LOADING: an
+            # I/O thread mapped the page write-protected before its completion
+            # reached us; the write is let through in _load_done.)
             table.flags[page] |= pt.F_WAITERS
         else:
             # Dropped or being loaded since the fault was raised: the retry
@@ -301,18 +303,35 @@ class Engine:
             self._submit_read(region, first, n, slot, buf, started)
 
     def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float) -> None:
+        """Queue a swap-in read. The I/O thread reads, verifies each page's
+        checksum and, only if every page passes, maps the run into the client
+        itself (one UFFDIO_COPY), saving the hop back to this thread before the
+        client resumes. The page state stays LOADING until _load_done runs here;
+        faults meanwhile park (see fault_wp). The uffd stays open meanwhile:
+        region.release() waits for region.inflight to drop to 0."""
         store = self.store
         sums = np.zeros(n, np.uint32)
+        expected = region.table.sum[first:first + n].copy()
+        uffd_fd = region.uffd
+        dst = region.addr + (first << SHIFT)
+        # Swap cache: mapped write-protected so the pages stay clean copies of
+        # their slots; during drain they come home for good, writable.
+        mode = 0 if self.draining else uffd.COPY_MODE_WP
 
         def work():
             store.read(buf.addr, n * PAGE, slot * PAGE)
             native.page_sums_into(buf.addr, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
-            return sums
+            if not np.array_equal(sums, expected):
+                return sums, None, mode  # invariant 6: nothing is mapped from data that failed its check
+            ret = uffd.copy(uffd_fd, dst, buf.addr, n * PAGE, mode)
+            if ret == -errno.EEXIST or 0 <= ret < n * PAGE:
+                ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode)
+            return sums, ret, mode
 
         self.io.submit(work, lambda res, err: self._load_done(region, first, n, slot, buf, started, res, err))
 
     def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float,
-                   sums: np.ndarray | None, err: OSError | None) -> None:
+                   result: tuple | None, err: OSError | None) -> None:
         self.loads_inflight -= 1
         table = region.table
         if region.closing:
@@ -320,6 +339,7 @@ class Engine:
             self._finish_load(region, buf)
             return
         if err is None:
+            sums, ret, mode = result
             bad = np.flatnonzero(sums != table.sum[first:first + n])
             if len(bad):
                 err = OSError(errno.EIO, f"checksum mismatch in {len(bad)} page(s) at store offset {(slot + int(bad[0])) * PAGE}")
@@ -336,6 +356,7 @@ class Engine:
             delay = min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
             self.free_buffers.append(buf)
             region.inflight -= 1  # re-added by the retry
+
             def retry():
                 if region.closing:
                     self.charged -= n
@@ -347,40 +368,25 @@ class Engine:
             self._after(delay, retry)
             return
         region.read_failures = 0
-        # Swap cache: the pages keep their slots and are mapped write-protected,
-        # so while they stay clean, evicting them costs no I/O.
-        mode = uffd.COPY_MODE_WP if not self.draining else 0
-        ret = uffd.copy(region.uffd, region.addr + (first << SHIFT), buf.addr, n * PAGE, mode)
-        if ret == -errno.EEXIST or (0 <= ret < n * PAGE):
-            ret = self._copy_pagewise(region, first, n, buf, mode)
         if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
             self.charged -= n  # close_region did not count LOADING pages
             self._finish_load(region, buf)
             return
-        table.state[first:first + n] = pt.RESIDENT
-        table.flags[first:first + n] = 0
-        stamp = self._tick()
-        table.stamp[first:first + n] = stamp
+        seg = slice(first, first + n)
+        waiters = (table.flags[seg] & pt.F_WAITERS) != 0
+        table.state[seg] = pt.RESIDENT
+        table.flags[seg] = 0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY
+        table.stamp[seg] = self._tick()
         self.stats["swapins"] += n
-        if self.draining:
-            # Drain: the pages come home for good; their slots are released.
-            self.slots.free_many(table.slot[first:first + n].copy())
-            table.slot[first:first + n] = pt.NO_SLOT
-            table.flags[first:first + n] = pt.F_DIRTY
+        if not mode & uffd.COPY_MODE_WP:
+            # Drain: the pages came home for good; their slots are released.
+            self.slots.free_many(table.slot[seg].copy())
+            table.slot[seg] = pt.NO_SLOT
+        for i in np.flatnonzero(waiters):
+            # A write faulted between the COPY and now: it is the page's first write.
+            if table.flags[first + int(i)] & pt.F_DIRTY == 0:
+                self._make_dirty(region, first + int(i))
         self._finish_load(region, buf)
-
-    def _copy_pagewise(self, region: Region, first: int, n: int, buf, mode: int) -> int:
-        """Fallback when a page of the run is already present: copy one by one,
-        and keep the present page (it can only be newer data)."""
-        for i in range(n):
-            addr = region.addr + ((first + i) << SHIFT)
-            ret = uffd.copy(region.uffd, addr, buf.addr + i * PAGE, PAGE, mode)
-            if ret == -errno.EEXIST:
-                log.warning("region %d page %d was present during swap-in; keeping it", region.id, first + i)
-                uffd.wake(region.uffd, addr, PAGE)
-            elif ret < 0:
-                return ret
-        return n * PAGE
 
     def _finish_load(self, region: Region, buf) -> None:
         self.free_buffers.append(buf)
@@ -691,3 +697,16 @@ class Engine:
                           full=self.store_full,
                           quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),
         }
+
+
+def _copy_pagewise(uffd_fd: int, dst: int, src: int, n: int, mode: int) -> int:
+    """Fallback when a page of a run is already present: copy page by page and
+    keep the present page (it can only be newer data). Runs on an I/O thread."""
+    for i in range(n):
+        ret = uffd.copy(uffd_fd, dst + i * PAGE, src + i * PAGE, PAGE, mode)
+        if ret == -errno.EEXIST:
+            log.warning("page at %#x was present during swap-in; keeping it", dst + i * PAGE)
+            uffd.wake(uffd_fd, dst + i * PAGE, PAGE)
+        elif ret < 0:
+            return ret
+    return n * PAGE
