@@ -54,6 +54,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"uswap: error: USWAP_INJECT: {e}", file=sys.stderr)
             return 2
         log.warning("fault injection enabled: %s", spec)
+    # I/O threads need the GIL for a few microseconds between system calls; the
+    # default 5 ms switch interval would let the engine thread hold them off.
+    sys.setswitchinterval(0.0002)
     if cfg.mlock:
         # Invariant 8: the daemon must never wait on its own memory. ONFAULT keeps
         # the regions' mappings from being populated by the lock itself.

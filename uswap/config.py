@@ -91,6 +91,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "max_inflight_writes": (32, _count(1, 4096)),
     "write_batch": ("256K", _pages),
     "readahead": ("32K", _pages),
+    "readahead_max": ("512K", _pages),
     "max_region_size": ("64G", _pages),
     "max_clients": (256, _count(1, 100000)),
     "write_retry_min": ("50ms", _duration),
@@ -120,6 +121,7 @@ class Config:
     max_inflight_writes: int
     write_batch: int
     readahead: int
+    readahead_max: int
     max_region_size: int
     max_clients: int
     write_retry_min: float

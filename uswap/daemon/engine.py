@@ -58,9 +58,10 @@ class Engine:
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.ra_pages = max(1, cfg.readahead // PAGE)
+        self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
         self.batch_pages = max(1, cfg.write_batch // PAGE)
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
-        self.free_buffers = [native.AlignedBuffer(self.ra_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
+        self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
         self.load_queue: collections.deque = collections.deque()
         self.zero_page = native.AlignedBuffer(PAGE)
         self.timers: list = []
@@ -268,29 +269,56 @@ class Engine:
     # ------------------------------------------------------------------ swap-in
 
     def _start_load(self, region: Region, page: int) -> None:
-        """Read a swapped page back, with its neighbours in adjacent slots
-        (read-ahead within an aligned window, budget permitting). The faulting
-        page is already charged."""
+        """Read a swapped page back with its neighbours in adjacent slots,
+        budget permitting. The faulting page is already charged.
+
+        Read-ahead: a fault away from the last window reads the aligned
+        `readahead` window around the page (like kernel swap's cluster). A fault
+        exactly where the last window ended is a sequential stream: the window
+        doubles up to `readahead_max` and the next window is started at once
+        (asynchronous read-ahead), so the stream faults once per two windows."""
         table = region.table
         slot = int(table.slot[page])
-        lo = page - page % self.ra_pages
-        hi = min(region.npages, lo + self.ra_pages)
-        first = page
-        while (first > lo and table.state[first - 1] == pt.SWAPPED
-               and table.slot[first - 1] == slot - (page - first + 1)
-               and self._charge(1)):
-            first -= 1
+        sequential = page == region.ra_expect
+        if sequential:
+            region.ra_window = min(region.ra_window * 2, self.ra_max_pages)
+            first, last = page, self._extend_forward(table, page, slot, page + region.ra_window)
+        else:
+            region.ra_window = self.ra_pages
+            lo = page - page % self.ra_pages
+            first = page
+            while (first > lo and table.state[first - 1] == pt.SWAPPED
+                   and table.slot[first - 1] == slot - (page - first + 1)
+                   and self._charge(1)):
+                first -= 1
+            last = self._extend_forward(table, page, slot, lo + self.ra_pages)
+        self._queue_load(region, first, last - first + 1, slot - (page - first))
+        self.stats["readahead_pages"] += last - first
+        region.ra_expect = last + 1
+        if sequential and last + 1 < region.npages and table.state[last + 1] == pt.SWAPPED and self._charge(1):
+            nxt = last + 1
+            nslot = int(table.slot[nxt])
+            end = self._extend_forward(table, nxt, nslot, nxt + region.ra_window)
+            self._queue_load(region, nxt, end - nxt + 1, nslot)
+            self.stats["readahead_pages"] += end - nxt + 1
+            region.ra_expect = end + 1
+        self._pump_loads()
+
+    def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
+        """Last page of the run from `page` (charged) onwards, below `limit`,
+        of SWAPPED pages in slots adjacent to `slot`; charges each page added."""
         last = page
-        while (last + 1 < hi and table.state[last + 1] == pt.SWAPPED
+        limit = min(limit, table.npages)
+        while (last + 1 < limit and table.state[last + 1] == pt.SWAPPED
                and table.slot[last + 1] == slot + (last + 1 - page)
                and self._charge(1)):
             last += 1
-        n = last - first + 1
-        table.state[first:last + 1] = pt.LOADING
-        self.stats["readahead_pages"] += n - 1
-        self.load_queue.append((region.id, first, n, slot - (page - first), time.monotonic()))
+        return last
+
+    def _queue_load(self, region: Region, first: int, n: int, slot: int) -> None:
+        region.table.state[first:first + n] = pt.LOADING
+        self.load_queue.append((region.id, first, n, slot, time.monotonic()))
         region.inflight += 1
-        self._pump_loads()
 
     def _pump_loads(self) -> None:
         while self.load_queue and self.free_buffers:
@@ -595,7 +623,7 @@ class Engine:
         if region.closing:
             return
         table = region.table
-        for first, n in pt.runs(np.flatnonzero(table.state == pt.SWAPPED), self.ra_pages):
+        for first, n in pt.runs(np.flatnonzero(table.state == pt.SWAPPED), self.ra_max_pages):
             # Split further where slots are not adjacent.
             slots = table.slot[first:first + n]
             breaks = np.flatnonzero(np.diff(slots) != 1) + 1

@@ -35,6 +35,8 @@ class Region:
         self.closing = False
         self.inflight = 0         # I/O jobs of this region not yet completed
         self.read_failures = 0
+        self.ra_expect = -1       # page where a sequential stream's next fault would land
+        self.ra_window = 1        # current read-ahead window, pages
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
