@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
+#include "pagesum.h"
 #include <unistd.h>
 
 static int us_open_direct(const char *path, int flags, int mode)
@@ -97,27 +98,6 @@ static int64_t us_aligned_alloc(uint64_t align, uint64_t size)
 static void us_free(uint64_t addr)
 {
     free((void *)addr);
-}
-
-/* 32-bit checksum of each 4 KiB page in [addr, addr + npages*4096): a
- * multiply-xorshift hash over 64-bit words, seeded with a constant so an
- * all-zero page does not sum to zero (a lost write that reads back zeros
- * must fail its check). */
-static void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *out)
-{
-    for (uint64_t p = 0; p < npages; p++) {
-        const uint64_t *w = (const uint64_t *)(addr + p * 4096);
-        uint64_t h1 = 0x9E3779B97F4A7C15ull, h2 = 0xC2B2AE3D27D4EB4Full;
-        for (int i = 0; i < 512; i += 2) {
-            h1 = (h1 ^ w[i]) * 0xFF51AFD7ED558CCDull;
-            h2 = (h2 ^ w[i + 1]) * 0xC4CEB9FE1A85EC53ull;
-            h1 ^= h1 >> 29;
-            h2 ^= h2 >> 31;
-        }
-        uint64_t h = h1 ^ (h2 * 0x9E3779B97F4A7C15ull);
-        h ^= h >> 32;
-        out[p] = (uint32_t)h | 1u;   /* never 0: 0 marks "no checksum" */
-    }
 }
 
 /* Filesystem magic of an open file (statfs f_type), or -errno. */

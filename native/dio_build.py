@@ -23,7 +23,7 @@ int64_t us_fs_type(int fd);
 ffi = FFI()
 ffi.cdef(CDEF)
 with open(os.path.join(HERE, "dio.c")) as f:
-    ffi.set_source("uswap._dio_cffi", f.read(), extra_compile_args=["-O2", "-Wall"])
+    ffi.set_source("uswap._dio_cffi", f.read(), include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":
     ffi.compile(tmpdir=os.path.join(HERE, "..", "build"), verbose=True)

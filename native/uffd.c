@@ -14,6 +14,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
+#include "pagesum.h"
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
@@ -199,4 +200,19 @@ static int us_uffd_read_events(int fd, struct us_event *out, int max)
             break;
     }
     return n;
+}
+
+/* Swap-in, second half, in one call without the GIL: checksum the n pages
+ * read into buf, and only if every page matches `expected` map them at dst
+ * with UFFDIO_COPY. Returns bytes mapped, -EBADMSG when a page failed its
+ * check (nothing is mapped: invariant 6), or -errno of the COPY. The sums
+ * found are left in `found`. */
+static int64_t us_verify_and_copy(uint64_t buf, uint64_t n, const uint32_t *expected,
+                                  uint32_t *found, int fd, uint64_t dst, uint64_t mode)
+{
+    us_page_sums(buf, n, found);
+    for (uint64_t i = 0; i < n; i++)
+        if (found[i] != expected[i])
+            return -EBADMSG;
+    return us_uffd_copy(fd, dst, buf, n * 4096, mode);
 }

@@ -24,12 +24,14 @@ int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int us_uffd_wake(int fd, uint64_t start, uint64_t len);
 int64_t us_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 int us_uffd_read_events(int fd, struct us_event *out, int max);
+int64_t us_verify_and_copy(uint64_t buf, uint64_t n, const uint32_t *expected,
+                           uint32_t *found, int fd, uint64_t dst, uint64_t mode);
 """
 
 ffi = FFI()
 ffi.cdef(CDEF)
 with open(os.path.join(HERE, "uffd.c")) as f:
-    ffi.set_source("uswap._uffd_cffi", f.read(), extra_compile_args=["-O2", "-Wall"])
+    ffi.set_source("uswap._uffd_cffi", f.read(), include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":
     ffi.compile(tmpdir=os.path.join(HERE, "..", "build"), verbose=True)

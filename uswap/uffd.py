@@ -147,3 +147,10 @@ class EventReader:
             raise OSError(-n, f"read(userfaultfd): {os.strerror(-n)}")
         b = self.buf
         return [(b[i].kind, b[i].flags, b[i].addr, b[i].end) for i in range(n)]
+
+
+def verify_and_copy(buf: int, n: int, expected, found, fd: int, dst: int, mode: int) -> int:
+    """Checksum n pages at buf against `expected` (uint32 numpy arrays) and map
+    them at dst only if all match. Bytes mapped, -EBADMSG, or -errno."""
+    return lib.us_verify_and_copy(buf, n, ffi.cast("uint32_t *", expected.ctypes.data),
+                                  ffi.cast("uint32_t *", found.ctypes.data), fd, dst, mode)

@@ -283,6 +283,11 @@ class Engine:
         if sequential:
             region.ra_window = min(region.ra_window * 2, self.ra_max_pages)
             first, last = page, self._extend_forward(table, page, slot, page + region.ra_window)
+        elif abs(page - region.last_fault) > self.ra_pages:
+            # No locality with the previous fault: read just this page (random
+            # access gains nothing from neighbours and pays for their transfer).
+            region.ra_window = 1
+            first = last = page
         else:
             region.ra_window = self.ra_pages
             lo = page - page % self.ra_pages
@@ -292,6 +297,7 @@ class Engine:
                    and self._charge(1)):
                 first -= 1
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
+        region.last_fault = page
         self._queue_load(region, first, last - first + 1, slot - (page - first))
         self.stats["readahead_pages"] += last - first
         region.ra_expect = last + 1
@@ -348,12 +354,10 @@ class Engine:
 
         def work():
             store.read(buf.addr, n * PAGE, slot * PAGE)
-            native.page_sums_into(buf.addr, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
-            if not np.array_equal(sums, expected):
-                return sums, None, mode  # invariant 6: nothing is mapped from data that failed its check
-            ret = uffd.copy(uffd_fd, dst, buf.addr, n * PAGE, mode)
+            ret = uffd.verify_and_copy(buf.addr, n, expected, sums, uffd_fd, dst, mode)
             if ret == -errno.EEXIST or 0 <= ret < n * PAGE:
                 ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode)
+            # -EBADMSG: a page failed its check and nothing was mapped (invariant 6).
             return sums, ret, mode
 
         self.io.submit(work, lambda res, err: self._load_done(region, first, n, slot, buf, started, res, err))
@@ -368,7 +372,7 @@ class Engine:
             return
         if err is None:
             sums, ret, mode = result
-            bad = np.flatnonzero(sums != table.sum[first:first + n])
+            bad = np.flatnonzero(sums != table.sum[first:first + n]) if ret == -errno.EBADMSG else ()
             if len(bad):
                 err = OSError(errno.EIO, f"checksum mismatch in {len(bad)} page(s) at store offset {(slot + int(bad[0])) * PAGE}")
         if err is not None:

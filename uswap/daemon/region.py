@@ -37,6 +37,7 @@ class Region:
         self.read_failures = 0
         self.ra_expect = -1       # page where a sequential stream's next fault would land
         self.ra_window = 1        # current read-ahead window, pages
+        self.last_fault = -1      # page of the last swap-in fault, for locality
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
