@@ -63,7 +63,8 @@ class Engine:
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
         self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
         self.load_queue: collections.deque = collections.deque()
-        self.zero_page = native.AlignedBuffer(PAGE)
+        self.zero_fill = native.AlignedBuffer(self.ra_max_pages * PAGE)
+        self.zero_sum = native.page_sums(self.zero_fill.addr, 1)[0]
         self.timers: list = []
         self.timer_seq = 0
         self.write_backoff = 0.0
@@ -151,19 +152,7 @@ class Engine:
             if not self._charge(1, force):
                 self.budget_waiters.append((region.id, page, write))
                 return
-            # A read of a never-written page maps zeros write-protected: clean,
-            # and dropping it later costs nothing (it becomes EMPTY again).
-            mode = 0 if write else uffd.COPY_MODE_WP
-            ret = uffd.copy(region.uffd, region.addr + (page << SHIFT), self.zero_page.addr, PAGE, mode)
-            if ret == -errno.EEXIST:
-                # Populated behind our back (write(2) on the memfd): adopt it dirty.
-                ret = uffd.cont(region.uffd, region.addr + (page << SHIFT), PAGE, 0)
-                write = True
-            if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
-                return
-            table.state[page] = pt.RESIDENT
-            table.flags[page] = pt.F_DIRTY if write else 0
-            table.stamp[page] = self._tick()
+            self._fill_zero(region, page, write)
         elif state == pt.SWAPPED:
             if not self._charge(1, force):
                 self.budget_waiters.append((region.id, page, write))
@@ -173,6 +162,45 @@ class Engine:
             pass  # the read in flight ends with a COPY, which wakes this fault too
         else:
             uffd.wake(region.uffd, region.addr + (page << SHIFT), PAGE)
+
+    def _fill_zero(self, region: Region, page: int, write: bool) -> None:
+        """Map never-populated pages as zeros. A fault where the last fill
+        ended is a first-touch stream: its window doubles up to readahead_max,
+        so writing a fresh region sequentially faults once per window.
+
+        A read maps zeros write-protected: clean, so dropping them later costs
+        nothing (they become EMPTY again). A write maps them writable (dirty);
+        pages of the window never written are found to be zero at writeback
+        (their checksum) and become EMPTY then."""
+        table = region.table
+        n = 1
+        if page == region.fill_expect:
+            region.fill_window = min(region.fill_window * 2, self.ra_max_pages)
+            limit = min(region.npages, page + region.fill_window)
+            while page + n < limit and table.state[page + n] == pt.EMPTY and self._charge(1):
+                n += 1
+        else:
+            region.fill_window = 1
+        mode = 0 if write else uffd.COPY_MODE_WP
+        dst = region.addr + (page << SHIFT)
+        ret = uffd.copy(region.uffd, dst, self.zero_fill.addr, n << SHIFT, mode)
+        dirty = np.full(n, write, bool)
+        if ret == -errno.EEXIST or 0 <= ret < n << SHIFT:
+            for i in range(n):
+                ret = uffd.copy(region.uffd, dst + (i << SHIFT), self.zero_fill.addr, PAGE, mode)
+                if ret == -errno.EEXIST:
+                    # Populated behind our back (write(2) on the memfd): adopt it dirty.
+                    ret = uffd.cont(region.uffd, dst + (i << SHIFT), PAGE, 0)
+                    dirty[i] = True
+                if ret < 0 and ret != -errno.EEXIST:
+                    break
+        if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
+            return
+        seg = slice(page, page + n)
+        table.state[seg] = pt.RESIDENT
+        table.flags[seg] = np.where(dirty, pt.F_DIRTY, 0)
+        table.stamp[seg] = self._tick()
+        region.fill_expect = page + n
 
     def fault_wp(self, region: Region, page: int) -> None:
         table = region.table
@@ -584,6 +612,11 @@ class Engine:
             if region.closing:
                 return
         drop = np.arange(first, first + n)[~waiters]
+        zero = drop[sums[~waiters] == self.zero_sum]
+        if len(zero):
+            # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
+            self.slots.free_many(table.slot[zero].copy())
+            table.slot[zero] = pt.NO_SLOT
         if len(drop):
             # Invariant 1 (second half): these pages were write-protected before
             # the copy was read and no write reached them (it would have parked

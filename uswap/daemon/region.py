@@ -38,6 +38,8 @@ class Region:
         self.ra_expect = -1       # page where a sequential stream's next fault would land
         self.ra_window = 1        # current read-ahead window, pages
         self.last_fault = -1      # page of the last swap-in fault, for locality
+        self.fill_expect = -1     # page where a first-touch stream's next fault would land
+        self.fill_window = 1      # current zero-fill window, pages
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
