@@ -104,6 +104,11 @@ class Engine:
         self.evicting -= int(np.count_nonzero((table.state == pt.WRITEBACK) & (table.flags & pt.F_EVICT != 0)))
         # LOADING pages are uncharged when their read returns.
         self.budget_waiters = collections.deque(w for w in self.budget_waiters if w[0] != region.id)
+        # Queued reads that never started: their pages were charged and counted
+        # in region.inflight when queued; undo both here.
+        for rid, first, n, slot, started in [j for j in self.load_queue if j[0] == region.id]:
+            self.charged -= n
+            region.inflight -= 1
         self.load_queue = collections.deque(j for j in self.load_queue if j[0] != region.id)
         self._maybe_release(region)
 
