@@ -40,6 +40,8 @@ def test_stamped_pages_survive_under_budget(backing, start_daemon):
     assert [x["pass"] for x in lines if "pass" in x] == [1, 2, 3]
     assert len(samples) > 10
     assert max(s["resident_bytes"] for s in samples) <= BUDGET + SLACK
+    audits = [s["audit"] for s in samples if s["audit"] is not None]
+    assert audits and all(a["charged_ok"] and a["slots_ok"] for a in audits), audits
     assert all(s["max_resident_bytes"] == BUDGET for s in samples)
     final = d.status()
     assert final["swapouts_total"] > 0 and final["swapins_total"] > 0

@@ -735,6 +735,22 @@ class Engine:
 
     # ------------------------------------------------------------------ status
 
+    def audit(self) -> dict | None:
+        """Recount what the engine tracks incrementally: charged pages and used
+        slots, from the page tables. None while a region is closing (its
+        in-flight I/O is counted in neither place). Tests assert on this."""
+        if any(r.closing for r in self.regions.values()):
+            return None
+        charged = slots = 0
+        for region in self.regions.values():
+            st = region.table.state
+            charged += int(np.count_nonzero((st == pt.RESIDENT) | (st == pt.WRITEBACK) | (st == pt.LOADING)))
+            slots += int(np.count_nonzero(region.table.slot >= 0))
+        slots += sum(n for _, _, n in self.quarantine)
+        return {"charged_ok": charged == self.charged, "slots_ok": slots == self.slots.used,
+                "charged": self.charged, "charged_recount": charged,
+                "slots_used": self.slots.used, "slots_recount": slots}
+
     def status(self) -> dict:
         swapped = resident = 0
         for region in self.regions.values():
@@ -763,6 +779,7 @@ class Engine:
             "store_full": self.store_full,
             "draining": self.draining,
             "metadata_bytes_per_page": 14,
+            "audit": self.audit(),
             "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
                           full=self.store_full,
                           quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),
