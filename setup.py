@@ -6,5 +6,6 @@ setup(
         "native/uffd_build.py:ffi",
         "native/dio_build.py:ffi",
         "native/nfs_build.py:ffi",
+        "native/iopool_build.py:ffi",
     ],
 )

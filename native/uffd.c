@@ -15,6 +15,7 @@
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 #include "pagesum.h"
+#include "uffd_copy.h"
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
@@ -76,25 +77,6 @@ static int us_uffd_unregister(int fd, uint64_t start, uint64_t len)
 {
     struct uffdio_range r = { start, len };
     return ioctl(fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
-}
-
-/* COPY len bytes from src to dst, retrying EAGAIN (a racing mapping change)
- * for the part not yet copied. Returns bytes copied, or -errno. EEXIST is
- * returned as -EEXIST so the caller can decide (usually: success). */
-static int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)
-{
-    uint64_t done = 0;
-    for (int tries = 0; done < len && tries < 1000; tries++) {
-        struct uffdio_copy c = { .dst = dst + done, .src = src + done, .len = len - done, .mode = mode };
-        if (ioctl(fd, UFFDIO_COPY, &c) == 0)
-            return (int64_t)len;
-        int err = errno;
-        if (c.copy > 0)
-            done += (uint64_t)c.copy;
-        if (err != EAGAIN)
-            return -err;
-    }
-    return (int64_t)done;
 }
 
 static int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode)

@@ -118,6 +118,8 @@ class Server:
         for session in list(self.sessions.values()):
             self._drop(session, "daemon stopping")
         engine.io.stop()
+        if engine.cpool is not None:
+            engine.cpool.stop()
         self.store.close()
         log.info("drained: every page is home, store released")
         if self.listener.fileno() >= 0:
