@@ -36,6 +36,9 @@ from uswap.store.file import FileStore
 log = logging.getLogger("uswap.engine")
 PAGE = 4096
 SHIFT = 12
+# Pages reclaimed per engine step: small enough that a fault never waits
+# behind a long reclaim burst (the kernel's SWAP_CLUSTER_MAX is 32 pages).
+RECLAIM_STEP = 256
 # ioctl errors that mean the client's mapping or process is gone.
 GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
 
@@ -61,6 +64,7 @@ class Engine:
         self.writes_inflight = 0
         self.loads_inflight = 0
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
+        self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.ra_pages = max(1, cfg.readahead // PAGE)
@@ -488,24 +492,32 @@ class Engine:
 
     # ------------------------------------------------------------------ reclaim
 
-    def reclaim(self) -> None:
+    def reclaim(self) -> bool:
         """Keep charged pages under the budget: past the high watermark (or when
-        a fault waits for room) evict down to the low watermark."""
+        a fault waits for room) evict down to the low watermark, at most
+        RECLAIM_STEP pages per call so faults are served in between. Returns
+        True when a step made progress and more is due at once."""
         if self.draining:
-            return
-        if self.charged <= self.high_pages and not self.budget_waiters:
-            return
+            return False
+        if self.reclaiming and self.charged <= self.low_pages and not self.budget_waiters:
+            self.reclaiming = False
+        if not self.reclaiming:
+            if self.charged <= self.high_pages and not self.budget_waiters:
+                return False
+            self.reclaiming = True
         want = self.charged - self.low_pages - self.evicting + len(self.budget_waiters)
         if want <= 0:
-            return
-        now = time.monotonic()
-        can_write = now >= self.write_retry_at
-        for region, pages in choose_victims(self.regions.values(), want, self.tick, clean_only=not can_write):
+            return False
+        step = min(want, RECLAIM_STEP)
+        progress = 0
+        can_write = time.monotonic() >= self.write_retry_at
+        for region, pages in choose_victims(self.regions.values(), step, self.tick, clean_only=not can_write):
             table = region.table
             clean = pages[(table.flags[pages] & pt.F_DIRTY) == 0]
             dirty = pages[(table.flags[pages] & pt.F_DIRTY) != 0]
             if len(clean):
                 self._drop(region, clean)
+                progress += len(clean)
             if len(dirty) and can_write:
                 for first, n in pt.runs(dirty, self.batch_pages):
                     if self.writes_inflight >= self.cfg.max_inflight_writes:
@@ -513,8 +525,12 @@ class Engine:
                     if not self._start_writeback(region, first, n):
                         can_write = False
                         break
+                    progress += n
                     if region.closing:
                         break
+        if self.charged - self.evicting <= self.low_pages:
+            self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
+        return progress > 0 and want > step
 
     def _drop(self, region: Region, pages: np.ndarray) -> None:
         """Drop clean resident pages from memory with one punch per run.
@@ -749,13 +765,15 @@ class Engine:
         for on_done, result, error in done:
             on_done(result, error)
 
-    def settle(self) -> None:
-        """After any batch of events: reclaim, then admit faults waiting for room."""
+    def settle(self) -> bool:
+        """After any batch of events: reclaim, then admit faults waiting for room.
+        Returns True when reclaim has more to do at once (poll, don't sleep)."""
         if self.quarantine:
             self._expire_quarantine()
-        self.reclaim()
+        more = self.reclaim()
         self.serve_budget_waiters()
         self._pump_loads()
+        return more
 
     # ------------------------------------------------------------------ status
 

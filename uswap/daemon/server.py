@@ -92,13 +92,14 @@ class Server:
                  self.store.url, self.store.size_bytes, self.cfg.max_resident, self.cfg.socket)
         _sd_notify("READY=1")
         engine = self.engine
+        more = False
         while True:
             if self.stop_requested and not engine.draining:
                 self._close_listener()
                 engine.start_drain()
             if engine.drain_done():
                 break
-            timeout = engine.run_timers()
+            timeout = 0 if more else engine.run_timers()
             for fd, mask in self.epoll.poll(-1 if timeout is None else timeout):
                 if fd in self.uffd_regions:
                     self._on_uffd(fd)
@@ -112,7 +113,7 @@ class Server:
                     except BlockingIOError:
                         pass
             engine.on_completions()
-            engine.settle()
+            more = engine.settle()
         _sd_notify("STOPPING=1")
         engine.hand_back_all()
         for session in list(self.sessions.values()):
