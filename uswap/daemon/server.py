@@ -99,7 +99,9 @@ class Server:
                 engine.start_drain()
             if engine.drain_done():
                 break
-            timeout = 0 if more else engine.run_timers()
+            timeout = engine.run_timers()
+            if more:
+                timeout = 0  # reclaim has more to do: look for events, don't sleep
             for fd, mask in self.epoll.poll(-1 if timeout is None else timeout):
                 if fd in self.uffd_regions:
                     self._on_uffd(fd)
