@@ -172,6 +172,12 @@ class Engine:
             if not self._charge(1, force):
                 self.budget_waiters.append((region.id, page, write))
                 return
+            # Refault distance (as in Linux's workingset detection): a page that
+            # comes back within a budget's worth of faults after its eviction
+            # belongs to the working set; it returns active (see victims.py).
+            if (self.tick - int(table.stamp[page])) & 0xFFFFFFFF <= self.max_pages:
+                table.flags[page] |= pt.F_ACTIVE
+                self.stats["activations"] += 1
             self._start_load(region, page)
         elif state == pt.LOADING:
             pass  # the read in flight ends with a COPY, which wakes this fault too
@@ -242,7 +248,7 @@ class Engine:
             # No write to this slot is in flight: the page is RESIDENT, not WRITEBACK.
             self.slots.free(slot)
             table.slot[page] = pt.NO_SLOT
-        table.flags[page] = pt.F_DIRTY
+        table.flags[page] = (table.flags[page] & pt.F_ACTIVE) | pt.F_DIRTY
         table.stamp[page] = self._tick()
         ret = uffd.writeprotect(region.uffd, region.addr + (page << SHIFT), PAGE, protect=False)
         self._ioctl_failed(region, ret, "UFFDIO_WRITEPROTECT")
@@ -458,7 +464,7 @@ class Engine:
         seg = slice(first, first + n)
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = pt.RESIDENT
-        table.flags[seg] = 0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY
+        table.flags[seg] = (table.flags[seg] & pt.F_ACTIVE) | (0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY)
         table.stamp[seg] = self._tick()
         self.stats["swapins"] += n
         if not mode & uffd.COPY_MODE_WP:
@@ -550,6 +556,7 @@ class Engine:
             has_slot = table.slot[seg] >= 0
             table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
             table.flags[seg] = 0
+            table.stamp[seg] = self.tick  # eviction time, for the refault distance
             self.charged -= n
             self.stats["swapouts"] += int(np.count_nonzero(has_slot))
             self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot))

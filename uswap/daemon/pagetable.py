@@ -2,7 +2,8 @@
 
 No Python object exists per page (DESIGN §3). The kernel keeps one byte per
 swap slot; we keep state, flags, slot number, a use stamp for victim choice
-and the checksum of the slot copy.
+and the checksum of the slot copy. The stamp is the tick of the page's last
+fault while it is in memory, and of its eviction once it is out.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ STATE_NAMES = ["EMPTY", "RESIDENT", "WRITEBACK", "SWAPPED", "LOADING", "POISONED
 F_DIRTY = 1    # resident and writable: the slot copy, if any, is stale
 F_WAITERS = 2  # a write fault is parked on this page until its writeback ends
 F_EVICT = 4    # drop the page once its writeback succeeds
+F_ACTIVE = 8   # refaulted soon after eviction: working set, evicted after inactive pages
 
 NO_SLOT = -1
 

@@ -1,9 +1,13 @@
-"""Victim choice for reclaim: the least recently faulted resident pages.
+"""Victim choice for reclaim: two lists, like the kernel's inactive/active LRU.
 
 The daemon sees a page's use only when it faults (first touch, swap-in, the
-first write after write-protection), so the stamp is "last fault". Among the
-candidates the oldest go first; with the store unable to take writes, only
-clean pages (which need no I/O) are candidates.
+first write after write-protection), so a page's stamp is its last fault.
+Pages that refault soon after eviction come back ACTIVE (the engine measures
+the refault distance, as Linux's workingset code does). Victims are the oldest
+inactive pages; active pages are taken only when too few inactive ones are
+left, and the oldest active pages are demoted whenever the active share
+passes ACTIVE_SHARE, so a page that stopped being hot loses its protection.
+With the store unable to take writes, only clean pages are candidates.
 """
 from __future__ import annotations
 
@@ -12,6 +16,18 @@ from typing import Iterable
 import numpy as np
 
 from uswap.daemon import pagetable as pt
+
+ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
+
+
+def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of the k largest ages."""
+    mask = np.zeros(len(ages), bool)
+    if k >= len(ages):
+        mask[:] = True
+    elif k > 0:
+        mask[np.argpartition(ages, len(ages) - k)[len(ages) - k:]] = True
+    return mask
 
 
 def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
@@ -22,23 +38,40 @@ def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = F
             continue
         table = region.table
         mask = table.state == pt.RESIDENT
-        if clean_only:
-            mask &= (table.flags & pt.F_DIRTY) == 0
         idx = np.flatnonzero(mask)
         if len(idx):
             cands.append((region, idx))
     if not cands or want <= 0:
         return []
-    total = sum(len(idx) for _, idx in cands)
-    if want >= total:
-        return cands
+    idx_all = [idx for _, idx in cands]
+    flags = np.concatenate([r.table.flags[idx] for r, idx in cands])
     # Age since last fault, modulo the 32-bit stamp wrap.
     ages = np.concatenate([(np.uint32(tick) - r.table.stamp[idx]).astype(np.uint32) for r, idx in cands])
-    chosen = np.zeros(total, bool)
-    chosen[np.argpartition(ages, total - want)[total - want:]] = True
+    active = (flags & pt.F_ACTIVE) != 0
+    # Demote the oldest active pages beyond their share.
+    excess = int(np.count_nonzero(active)) - int(len(active) * ACTIVE_SHARE)
+    if excess > 0:
+        act_pos = np.flatnonzero(active)
+        demote = act_pos[_oldest(ages[act_pos], excess)]
+        active[demote] = False
+        pos = 0
+        for (region, idx) in cands:
+            local = demote[(demote >= pos) & (demote < pos + len(idx))] - pos
+            region.table.flags[idx[local]] &= ~np.uint8(pt.F_ACTIVE)
+            pos += len(idx)
+    eligible = np.ones(len(ages), bool)
+    if clean_only:
+        eligible &= (flags & pt.F_DIRTY) == 0
+    inactive_pos = np.flatnonzero(eligible & ~active)
+    chosen = np.zeros(len(ages), bool)
+    chosen[inactive_pos[_oldest(ages[inactive_pos], want)]] = True
+    short = want - int(np.count_nonzero(chosen))
+    if short > 0:
+        active_pos = np.flatnonzero(eligible & active)
+        chosen[active_pos[_oldest(ages[active_pos], short)]] = True
     out = []
     pos = 0
-    for region, idx in cands:
+    for (region, _), idx in zip(cands, idx_all):
         sel = idx[chosen[pos:pos + len(idx)]]
         pos += len(idx)
         if len(sel):
