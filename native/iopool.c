@@ -1,4 +1,4 @@
-/* A pool of plain C threads for the file store's data path.
+/* A pool of plain C threads for the data path of the file and nfs:// stores.
  *
  * Why it exists: the daemon's Python I/O threads need the GIL between system
  * calls, and the engine thread holds it while it works, so a swap-in spent
@@ -16,21 +16,38 @@
  *              -EBADMSG (a page failed its check; nothing mapped), or -errno.
  *   SUM_WRITE  checksum the pages at buf into sums, then pwrite them at off.
  *              result = bytes written or -errno.
+ *   READ_COPY_NFS, SUM_WRITE_NFS
+ *              the same on the nfs:// store: the store call is libnfs's
+ *              nfs_pread/nfs_pwrite on the job's context and file handle
+ *              (nfs_io.h), -ETIMEDOUT once the context's timeout expires, and
+ *              a read that comes back short (end of file) is -EIO. A libnfs
+ *              4.0 context is not thread-safe: the engine lends each context
+ *              to one job at a time (NfsStore.checkout/checkin), so a worker
+ *              owns the context it is handed for the length of the job. A
+ *              stalled server blocks only the worker holding that context.
+ *
+ * Workers run with every signal blocked, so signals go to the daemon's
+ * Python threads and never interrupt a worker's call (libnfs's sync loop
+ * fails a call whose poll() is interrupted).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "nfs_io.h" /* includes <sys/time.h> before <nfsc/libnfs.h> */
 #include "pagesum.h"
 #include "uffd_copy.h"
 
 #define US_JOB_READ_COPY 1
 #define US_JOB_SUM_WRITE 2
+#define US_JOB_READ_COPY_NFS 3
+#define US_JOB_SUM_WRITE_NFS 4
 
 struct us_job {
     int32_t op;
@@ -44,6 +61,8 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
+    struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */
+    struct nfsfh *nfsfh;      /* *_NFS jobs: the store file's handle on it */
     int64_t result;       /* bytes read or written, or -errno of the store call */
     int64_t copied;       /* READ_COPY: bytes mapped, -EBADMSG, or -errno of the COPY */
     uint64_t token;
@@ -80,12 +99,23 @@ static int64_t full_io(int write, int fd, uint64_t addr, uint64_t len, int64_t o
     return (int64_t)done;
 }
 
+/* The job's store call: the whole range read or written, or -errno. */
+static int64_t store_io(struct us_job *j, int write)
+{
+    if (j->op == US_JOB_READ_COPY_NFS || j->op == US_JOB_SUM_WRITE_NFS) {
+        int64_t r = write ? us_nfs_pwrite_full(j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off)
+                          : us_nfs_pread_full(j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off);
+        return (r >= 0 && (uint64_t)r < j->len) ? -EIO : r;   /* short: past end of file */
+    }
+    return full_io(write, j->fd, j->buf, j->len, j->off);
+}
+
 static void run_job(struct us_job *j)
 {
     uint64_t npages = j->len / 4096;
-    if (j->op == US_JOB_READ_COPY) {
+    if (j->op == US_JOB_READ_COPY || j->op == US_JOB_READ_COPY_NFS) {
         j->copied = 0;
-        j->result = full_io(0, j->fd, j->buf, j->len, j->off);
+        j->result = store_io(j, 0);
         if (j->result < 0)
             return;
         us_page_sums(j->buf, npages, j->sums);
@@ -98,7 +128,7 @@ static void run_job(struct us_job *j)
         j->copied = us_uffd_copy(j->uffd, j->dst, j->buf, j->len, j->mode);
     } else {
         us_page_sums(j->buf, npages, j->sums);
-        j->result = full_io(1, j->fd, j->buf, j->len, j->off);
+        j->result = store_io(j, 1);
     }
 }
 
@@ -148,11 +178,17 @@ static struct us_pool *us_pool_new(int nthreads, int eventfd)
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->more, NULL);
     p->eventfd = eventfd;
+    /* Workers inherit the creating thread's signal mask: block everything
+     * while they start (see the top of this file), then restore. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     for (int i = 0; i < nthreads; i++) {
         if (pthread_create(&p->threads[i], NULL, worker, p) != 0)
             break;
         p->nthreads++;
     }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return p;
 }
 

@@ -1,4 +1,7 @@
-"""cffi build script for uswap._iopool_cffi: the C I/O pool (native/iopool.c)."""
+"""cffi build script for uswap._iopool_cffi: the C I/O pool (native/iopool.c).
+
+Links libnfs (libnfs-dev, pkg-config libnfs) for the nfs:// store's jobs.
+"""
 import os
 
 from cffi import FFI
@@ -6,6 +9,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 CDEF = """
+struct nfs_context;
+struct nfsfh;
 struct us_job {
     int32_t op;
     int32_t fd;
@@ -18,6 +23,8 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
+    struct nfs_context *nfs;
+    struct nfsfh *nfsfh;
     int64_t result;
     int64_t copied;
     uint64_t token;
@@ -30,12 +37,14 @@ int us_pool_reap(struct us_pool *p, uint64_t *out, int max);
 void us_pool_stop(struct us_pool *p);
 #define US_JOB_READ_COPY 1
 #define US_JOB_SUM_WRITE 2
+#define US_JOB_READ_COPY_NFS 3
+#define US_JOB_SUM_WRITE_NFS 4
 """
 
 ffi = FFI()
 ffi.cdef(CDEF)
 with open(os.path.join(HERE, "iopool.c")) as f:
-    ffi.set_source("uswap._iopool_cffi", f.read(), include_dirs=[HERE],
+    ffi.set_source("uswap._iopool_cffi", f.read(), include_dirs=[HERE], libraries=["nfs"],
                    extra_compile_args=["-O2", "-Wall", "-pthread"], extra_link_args=["-pthread"])
 
 if __name__ == "__main__":

@@ -22,26 +22,9 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/time.h> /* libnfs.h uses struct timeval without including it */
-#include <nfsc/libnfs.h>
+#include "nfs_io.h" /* libnfs.h, us_nfs_err, the full-length pread/pwrite */
 
 #define US_NFS_V3 3 /* NFS_V3 in <nfsc/libnfs-raw-nfs.h> */
-
-/* Largest byte count handed to one nfs_pread/nfs_pwrite call (they return
- * int).  libnfs itself splits a call into READ3/WRITE3 RPCs of at most the
- * server's nfs_get_readmax/writemax (1 MiB for ganesha). */
-#define US_NFS_MAX_CALL (64u << 20)
-
-/* libnfs 4.0 completes an RPC cancelled at the nfs_set_timeout() deadline
- * with -EINTR (error text "Command was cancelled" / "command timed out"; a
- * failed poll() in its sync loop is -EIO instead), so report it as the
- * timeout it is. */
-static int us_nfs_err(int r)
-{
-    if (r == -EINTR)
-        return -ETIMEDOUT;
-    return r < 0 ? r : -EIO;
-}
 
 /* A new context speaking NFSv3 whose RPCs fail after timeout_ms (-1: never).
  * Autoreconnect keeps libnfs's default (reconnect on a broken connection),
@@ -149,40 +132,4 @@ static int us_nfs_fsync(struct nfs_context *nfs, struct nfsfh *fh)
     return r < 0 ? us_nfs_err(r) : 0;
 }
 
-/* Write all len bytes at addr to offset off, or fail.  Returns len or -errno.
- * A call that makes no progress is -EIO (the server accepted nothing). */
-static int64_t us_nfs_pwrite_full(struct nfs_context *nfs, struct nfsfh *fh,
-                                  uint64_t addr, uint64_t len, uint64_t off)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        uint64_t n = len - done;
-        if (n > US_NFS_MAX_CALL)
-            n = US_NFS_MAX_CALL;
-        int r = nfs_pwrite(nfs, fh, off + done, n, (const void *)(uintptr_t)(addr + done));
-        if (r <= 0)
-            return us_nfs_err(r);
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
-
-/* Read up to len bytes at offset off into addr, looping over short reads.
- * Returns the byte count, which is short only at end of file, or -errno. */
-static int64_t us_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh,
-                                 uint64_t addr, uint64_t len, uint64_t off)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        uint64_t n = len - done;
-        if (n > US_NFS_MAX_CALL)
-            n = US_NFS_MAX_CALL;
-        int r = nfs_pread(nfs, fh, off + done, n, (void *)(uintptr_t)(addr + done));
-        if (r < 0)
-            return us_nfs_err(r);
-        if (r == 0)
-            break;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
+/* us_nfs_pwrite_full and us_nfs_pread_full: see nfs_io.h. */

@@ -1,7 +1,8 @@
 """cffi build script for uswap._nfs_cffi: NFSv3 over libnfs (native/nfs.c).
 
 Needs libnfs-dev (pkg-config libnfs, 4.0.0 on Debian 12).  The declarations
-below are the whole C surface the store sees; nfs.c holds the bodies.
+below are the whole C surface the store sees; nfs.c and nfs_io.h hold the
+bodies.
 """
 import os
 
@@ -50,6 +51,7 @@ with open(os.path.join(HERE, "nfs.c")) as f:
     ffi.set_source(
         "uswap._nfs_cffi",
         INCLUDES + f.read(),
+        include_dirs=[HERE],  # nfs_io.h, shared with iopool.c
         libraries=["nfs"],
         extra_compile_args=["-O2", "-Wall"],
     )

@@ -1,8 +1,15 @@
-"""Python face of the C I/O pool (native/iopool.c), used for the file store.
+"""Python face of the C I/O pool (native/iopool.c), used for the file and
+nfs:// stores.
 
 The engine queues jobs here exactly where it would queue them on the Python
 IoPool, and gets the same (result, error) callbacks from on_completions();
 only the executor differs: C threads that never take the GIL.
+
+For nfs:// each job borrows one of the store's lent libnfs contexts
+(NfsStore.lend/checkout/checkin) for its whole length, so a context is only
+ever used by one job at a time. When none is idle (all busy, or the server is
+unreachable and the store is still reconnecting) read_copy/sum_write queue
+nothing and return False, and the engine runs that job on the Python pool.
 """
 from __future__ import annotations
 
@@ -13,39 +20,86 @@ from typing import Callable
 import numpy as np
 
 from uswap._iopool_cffi import ffi, lib
+from uswap.store.nfs import NfsStore
 
 
 class CPool:
-    def __init__(self, nthreads: int, eventfd: int) -> None:
+    def __init__(self, nthreads: int, eventfd: int, store) -> None:
+        self.store = store
+        self.nfs = type(store) is NfsStore
         self.pool = lib.us_pool_new(nthreads, eventfd)
         if self.pool == ffi.NULL:
             raise OSError(errno.EAGAIN, "cannot start the C I/O pool")
         self.pending: dict[int, tuple] = {}
         self.next_token = 1
         self.reap_buf = ffi.new("uint64_t[]", 512)
+        if self.nfs:
+            # One context per worker: a job never waits for a worker behind
+            # another job stalled on the server.
+            store.lend(nthreads)
 
-    def _submit(self, job, keep: tuple, on_done: Callable) -> None:
+    def _job(self, file_op: int, nfs_op: int):
+        """A new job on the store's file or on a borrowed NFS context:
+        (job, conn), or (None, None) when no NFS context is idle."""
+        job = ffi.new("struct us_job *")
+        conn = None
+        if self.nfs:
+            conn = self.store.checkout()
+            if conn is None:
+                self.declined = getattr(self, "declined", 0) + 1  # TEMPDEBUG
+                return None, None
+            job.op = nfs_op
+            job.nfs = ffi.cast("struct nfs_context *", conn.ctx)
+            job.nfsfh = ffi.cast("struct nfsfh *", conn.fh)
+        else:
+            job.op = file_op
+            job.fd = self.store.fd
+        return job, conn
+
+    def _submit(self, job, conn, keep: tuple, on_done: Callable) -> None:
         token = self.next_token
         self.next_token += 1
         job.token = token
-        self.pending[token] = (job, keep, on_done)
+        self.pending[token] = (job, conn, keep, on_done)
         lib.us_pool_submit(self.pool, job)
+        self.submitted = getattr(self, "submitted", 0) + 1  # TEMPDEBUG
 
-    def read_copy(self, fd: int, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int,
-                  expected: np.ndarray, sums: np.ndarray, on_done: Callable) -> None:
-        job = ffi.new("struct us_job *")
-        job.op = lib.US_JOB_READ_COPY
-        job.fd, job.uffd, job.buf, job.len, job.off, job.dst, job.mode = fd, uffd_fd, buf, length, off, dst, mode
+    def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int,
+                  expected: np.ndarray, sums: np.ndarray, on_done: Callable) -> bool:
+        """Queue a swap-in (read, verify, UFFDIO_COPY); False if not queued."""
+        job, conn = self._job(lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS)
+        if job is None:
+            return False
+        job.uffd, job.buf, job.len, job.off, job.dst, job.mode = uffd_fd, buf, length, off, dst, mode
         job.expected = ffi.cast("uint32_t *", expected.ctypes.data)
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
-        self._submit(job, (expected, sums, mode), on_done)
+        self._submit(job, conn, (expected, sums, mode), on_done)
+        return True
 
-    def sum_write(self, fd: int, src: int, length: int, off: int, sums: np.ndarray, on_done: Callable) -> None:
-        job = ffi.new("struct us_job *")
-        job.op = lib.US_JOB_SUM_WRITE
-        job.fd, job.buf, job.len, job.off = fd, src, length, off
+    def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, on_done: Callable) -> bool:
+        """Queue a writeback (checksum, write); False if not queued."""
+        job, conn = self._job(lib.US_JOB_SUM_WRITE, lib.US_JOB_SUM_WRITE_NFS)
+        if job is None:
+            return False
+        job.buf, job.len, job.off = src, length, off
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
-        self._submit(job, (sums,), on_done)
+        self._submit(job, conn, (sums,), on_done)
+        return True
+
+    def _finish(self, job, conn) -> OSError | None:
+        """The store error of a finished job (None: the call succeeded); an
+        NFS context goes back to the store with it."""
+        reading = job.op in (lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS)
+        err = None
+        if job.result < 0:
+            if conn is not None:
+                err = self.store.io_error(conn, "read" if reading else "write", job.len, job.off, -job.result)
+            else:
+                err = OSError(-job.result, f"{'pread' if reading else 'pwrite'}"
+                              f" at store offset {job.off}: {os.strerror(-job.result)}")
+        if conn is not None:
+            self.store.checkin(conn, err)
+        return err
 
     def completions(self) -> list:
         """Finished jobs as (on_done, result, error), in the IoPool's shape."""
@@ -53,12 +107,9 @@ class CPool:
         while True:
             n = lib.us_pool_reap(self.pool, self.reap_buf, 512)
             for i in range(n):
-                job, keep, on_done = self.pending.pop(self.reap_buf[i])
-                err = None
-                if job.result < 0:
-                    err = OSError(-job.result, f"{'pread' if job.op == lib.US_JOB_READ_COPY else 'pwrite'}"
-                                  f" at store offset {job.off}: {os.strerror(-job.result)}")
-                if job.op == lib.US_JOB_READ_COPY:
+                job, conn, keep, on_done = self.pending.pop(self.reap_buf[i])
+                err = self._finish(job, conn)
+                if job.op in (lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS):
                     result = (keep[1], job.copied, keep[2])
                 else:
                     result = keep[0]
@@ -67,6 +118,13 @@ class CPool:
                 return out
 
     def stop(self) -> None:
+        """Finish queued jobs and stop the threads (after the engine drained,
+        so none should be left); borrowed contexts go back to the store."""
+        import logging; logging.getLogger("uswap.cpool").warning("TEMPDEBUG submitted %s declined %s", getattr(self, "submitted", 0), getattr(self, "declined", 0))
         if self.pool != ffi.NULL:
             lib.us_pool_stop(self.pool)
             self.pool = ffi.NULL
+            for job, conn, _, _ in self.pending.values():
+                if conn is not None:
+                    self._finish(job, conn)
+            self.pending.clear()

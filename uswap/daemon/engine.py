@@ -32,6 +32,7 @@ from uswap.daemon.slots import SlotAllocator
 from uswap.daemon.victims import choose_victims
 from uswap.store.base import Store
 from uswap.store.file import FileStore
+from uswap.store.nfs import NfsStore
 
 log = logging.getLogger("uswap.engine")
 PAGE = 4096
@@ -49,10 +50,12 @@ class Engine:
         self.store = store
         self.slots = SlotAllocator(store.size_bytes // PAGE)
         self.io = IoPool(cfg.io_threads)
-        # The file store's data path runs on C threads that never take the
-        # GIL (see native/iopool.c for the measurement that moved it there);
-        # other stores (nfs://, fault injection) run on the Python pool.
-        self.cpool = CPool(cfg.io_threads, self.io.eventfd) if type(store) is FileStore else None
+        # The file and nfs:// stores' data path runs on C threads that never
+        # take the GIL (see native/iopool.c for the measurement that moved it
+        # there); other stores (fault injection) run on the Python pool, and
+        # so does an nfs:// job when no lent NFS context is idle.
+        self.cpool = (CPool(cfg.io_threads, self.io.eventfd, store)
+                      if type(store) in (FileStore, NfsStore) else None)
         self.regions: dict[int, Region] = {}
         self.next_region_id = 1
         self.tick = 1
@@ -328,7 +331,9 @@ class Engine:
         (asynchronous read-ahead), so the stream faults once per two windows."""
         table = region.table
         slot = int(table.slot[page])
-        sequential = page == region.ra_expect
+        # A stream's next fault lands where its windows ended, or inside the
+        # last window when the budget cut that window short.
+        sequential = region.ra_expect - region.ra_window <= page <= region.ra_expect and region.ra_expect > 0
         if sequential:
             region.ra_window = min(region.ra_window * 2, self.ra_max_pages)
             first, last = page, self._extend_forward(table, page, slot, page + region.ra_window)
@@ -404,9 +409,8 @@ class Engine:
         def on_done(res, err):
             self._load_done(region, first, n, slot, buf, started, res, err)
 
-        if self.cpool is not None:
-            self.cpool.read_copy(store.fd, buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst, mode,
-                                 expected, sums, on_done)
+        if self.cpool is not None and self.cpool.read_copy(buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst,
+                                                           mode, expected, sums, on_done):
             return
 
         def work():
@@ -605,8 +609,7 @@ class Engine:
         def on_done(res, err):
             self._write_done(region, first, n, slot, res, err)
 
-        if self.cpool is not None:
-            self.cpool.sum_write(store.fd, src, n * PAGE, slot * PAGE, sums, on_done)
+        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, on_done):
             return
 
         def work():

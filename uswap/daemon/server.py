@@ -29,7 +29,8 @@ class Session:
         self.sock = sock
         self.buf = protocol.MessageBuffer()
         self.greeted = False
-        self.regions: set[int] = set()
+        self.regions: set[int] = set()      # live regions
+        self.allocated: set[int] = set()    # regions allocated and not yet freed by the client
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
 
@@ -221,10 +222,16 @@ class Server:
         elif op == "alloc":
             self._alloc(session, msg, fds)
         elif op == "free":
-            region = self.engine.regions.get(msg.get("region"))
-            if region is None or region.owner is not session:
-                raise protocol.ProtocolError(f"free: no region {msg.get('region')!r} of this client")
-            self.engine.close_region(region, "freed by client")
+            rid = msg.get("region")
+            if rid not in session.allocated:
+                raise protocol.ProtocolError(f"free: no region {rid!r} of this client")
+            # The region may already be closing or gone: a client that
+            # unregisters before it says "free" makes our next ioctl on the
+            # region fail, which closes it. Freeing it again is not an error.
+            region = self.engine.regions.get(rid)
+            if region is not None:
+                self.engine.close_region(region, "freed by client")
+            session.allocated.discard(rid)
             self._reply(session, {"ok": True})
         elif op == "status":
             self._reply(session, {"ok": True, "status": self.status(asker=session)})
@@ -257,6 +264,7 @@ class Server:
             raise e
         self.engine.add_region(region)
         session.regions.add(region.id)
+        session.allocated.add(region.id)
         self.uffd_regions[region.uffd] = region
         self.epoll.register(region.uffd, select.EPOLLIN)
         log.info("client pid %d: region %d of %d bytes", session.pid, region.id, region.size)

@@ -16,6 +16,13 @@ this module holds the logic:
   handle, ...) the thread's context is destroyed, and its next call builds a
   fresh one (mount, open, check it is still the same file), so a wedged or
   dead context never outlives one failed call.
+* Connections lent to the engine's C I/O pool (uswap/daemon/cpool.py).
+  ``lend(n)`` keeps up to n more contexts, connected on a helper thread
+  (never the engine's); ``checkout()`` hands out an idle one or None at
+  once, and ``checkin(conn, error)`` takes it back, destroying it under the
+  same error policy (the helper then connects a replacement, backing off
+  while the server is unreachable).  A lent context is used by one C job at
+  a time and by nothing else.
 
 Durability (DESIGN invariant 1): the file is opened O_SYNC, so every WRITE3
 is sent FILE_SYNC and the server replies only once the data is on stable
@@ -34,6 +41,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -178,6 +186,13 @@ class NfsStore(Store):
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()
         self._closed = False
+        # Lent contexts (see lend()); all guarded by _lock, _more waits on it.
+        self._more = threading.Condition(self._lock)
+        self._lend_target = 0
+        self._idle: list[_Conn] = []
+        self._out: set[_Conn] = set()
+        self._dead: list[_Conn] = []  # checked in after a failure: the helper destroys them
+        self._lender: threading.Thread | None = None
 
     # ----- opening -------------------------------------------------------
 
@@ -332,6 +347,95 @@ class NfsStore(Store):
         with self._lock:
             self._conns.discard(conn)
 
+    # ----- contexts lent to the C I/O pool -----------------------------------
+
+    def lend(self, n: int) -> None:
+        """Keep up to `n` contexts for checkout(), besides the per-thread ones.
+        They are connected on a helper thread, so no caller ever waits for a
+        server; until one is ready checkout() returns None."""
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EBADF, f"NFS store {self.url} is closed")
+            self._lend_target = n
+            if self._lender is None:
+                self._lender = threading.Thread(target=self._lend_loop, name="uswap-nfs-connect",
+                                                daemon=True)
+                self._lender.start()
+            self._more.notify()
+
+    def checkout(self) -> _Conn | None:
+        """An idle connected context, now owned by the caller alone (pass
+        conn.ctx and conn.fh to one job at a time), or None when none is idle.
+        Never blocks on the server."""
+        with self._lock:
+            if not self._idle:
+                return None
+            conn = self._idle.pop()
+            self._out.add(conn)
+            return conn
+
+    def checkin(self, conn: _Conn, error: OSError | None) -> None:
+        """Take back a context from checkout(), with the error of the call
+        made on it (None: it succeeded).  Same policy as the per-thread
+        contexts: after anything but a plain answer from the server the
+        context is discarded (the helper thread destroys it, sending no RPC,
+        and connects a fresh one).  Never blocks on the server."""
+        if error is not None and error.errno not in _SERVER_ANSWERS:
+            conn.healthy = False
+        with self._lock:
+            self._out.discard(conn)
+            closed = self._closed
+            if not closed:
+                (self._idle if conn.healthy else self._dead).append(conn)
+                self._more.notify()
+        if closed:  # after close() (shutdown only): the helper has gone
+            with conn.lock:
+                conn.destroy()
+
+    def _lend_loop(self) -> None:
+        """Helper thread: destroy discarded contexts and connect new ones
+        until lend()'s target is met.  A failed connect (server down or
+        frozen: one attempt can take the RPC timeout) is retried after a
+        growing delay; meanwhile the engine's I/O runs on the per-thread path."""
+        delay, retry_at, failed = 0.0, 0.0, False
+        while True:
+            with self._lock:
+                while True:
+                    dead, self._dead = self._dead, []
+                    if dead or self._closed:
+                        break
+                    wait = retry_at - time.monotonic()
+                    if wait <= 0 and len(self._idle) + len(self._out) < self._lend_target:
+                        break
+                    self._more.wait(wait if wait > 0 else None)
+                closed = self._closed
+            for conn in dead:
+                with conn.lock:
+                    conn.destroy()
+            if closed:
+                return
+            if dead:
+                continue
+            try:
+                conn = self._connect()
+            except Exception as e:  # OSError, MemoryError: try again later
+                if not failed:
+                    log.warning("NFS store %s: cannot connect a context for the C I/O pool "
+                                "(retrying; I/O stays on the Python pool meanwhile): %s", self.url, e)
+                failed = True
+                delay = min(1.0, max(0.05, 2 * delay))
+                retry_at = time.monotonic() + delay
+                continue
+            if failed:
+                log.info("NFS store %s: C I/O pool contexts connect again", self.url)
+            failed, delay = False, 0.0
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(conn)
+                    continue
+            with conn.lock:
+                conn.destroy()
+
     # ----- I/O -------------------------------------------------------------
 
     def _check(self, addr: int, length: int, offset: int, op: str) -> None:
@@ -355,16 +459,21 @@ class NfsStore(Store):
             r = fn(conn.ctx, conn.fh, addr, length, offset)
             if r >= 0:
                 return r
-            err, text = -r, _errtext(conn.ctx)
-            if err not in _SERVER_ANSWERS:
+            error = self.io_error(conn, op, length, offset, -r)
+            if error.errno not in _SERVER_ANSWERS:
                 conn.healthy = False
         if not conn.healthy:
             # Not a plain answer from the server: start over with a fresh
             # context on this thread's next call.
             self._local.slot = None  # drops the _ThreadSlot -> _release(conn)
             self._release(conn)
-        raise OSError(err, f"NFS store {self.url}: {op} of {length} bytes at offset {offset} "
-                           f"failed: {os.strerror(err)} ({text})")
+        raise error
+
+    def io_error(self, conn: _Conn, op: str, length: int, offset: int, err: int) -> OSError:
+        """The OSError for a failed `op` ("read"/"write") on conn, naming the
+        offset and libnfs's error text (call it before conn is reused)."""
+        return OSError(err, f"NFS store {self.url}: {op} of {length} bytes at offset {offset} "
+                            f"failed: {os.strerror(err)} ({_errtext(conn.ctx)})")
 
     def write(self, addr: int, length: int, offset: int) -> None:
         """Write `length` bytes at `addr` to `offset`; returns once the server
@@ -382,7 +491,10 @@ class NfsStore(Store):
         Idempotent; I/O afterwards raises OSError(EBADF)."""
         with self._lock:
             self._closed = True
-            conns, self._conns = list(self._conns), set()
+            conns, self._conns = list(self._conns) + self._idle + self._dead, set()
+            self._idle, self._dead = [], []
+            self._more.notify_all()
+        # A context still checked out is destroyed when it is checked in.
         for conn in conns:
             with conn.lock:
                 conn.destroy()
@@ -390,7 +502,7 @@ class NfsStore(Store):
     def describe(self) -> dict:
         d = super().describe()
         with self._lock:
-            n = len(self._conns)
+            n = len(self._conns) + len(self._idle) + len(self._out)
         d.update(host=self.host, export=self.export, path=self.path,
                  durability=self.durability, timeout_ms=self.timeout_ms, contexts=n)
         return d
