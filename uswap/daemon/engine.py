@@ -223,7 +223,7 @@ class Engine:
         seg = slice(page, page + n)
         table.state[seg] = pt.RESIDENT
         table.flags[seg] = np.where(dirty, pt.F_DIRTY, 0)
-        table.stamp[seg] = self._tick()
+        table.stamp[seg] = self._tick(n)
         region.fill_expect = page + n
 
     def fault_wp(self, region: Region, page: int) -> None:
@@ -286,8 +286,10 @@ class Engine:
 
     # ------------------------------------------------------------------ budget
 
-    def _tick(self) -> int:
-        self.tick = (self.tick + 1) & 0xFFFFFFFF
+    def _tick(self, pages: int = 1) -> int:
+        """Advance the clock by the pages just brought in: stamps and refault
+        distances are measured in pages, as the kernel's workingset code does."""
+        self.tick = (self.tick + pages) & 0xFFFFFFFF
         return self.tick
 
     def _charge(self, n: int, force: bool = False) -> bool:
@@ -469,7 +471,7 @@ class Engine:
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = pt.RESIDENT
         table.flags[seg] = (table.flags[seg] & pt.F_ACTIVE) | (0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY)
-        table.stamp[seg] = self._tick()
+        table.stamp[seg] = self._tick(n)
         self.stats["swapins"] += n
         if not mode & uffd.COPY_MODE_WP:
             # Drain: the pages came home for good; their slots are released.
