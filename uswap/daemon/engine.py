@@ -85,6 +85,10 @@ class Engine:
         self.store_full = False
         self.quarantine: list[tuple[float, int, int]] = []  # (failed at, first slot, count)
         self.last_write_ok = 0.0
+        self.store_no_space = False  # the last write failed with ENOSPC/EDQUOT
+        self.probe_inflight = False
+        self.probe_at = 0.0
+        self.probe_buf = native.AlignedBuffer(PAGE)
         self.draining = False
         self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
         self.stats = collections.Counter()
@@ -531,8 +535,11 @@ class Engine:
                 self._drop(region, clean)
                 progress += len(clean)
             if len(dirty) and can_write:
+                # After a failure, probe with one write at a time until one
+                # succeeds, instead of burning a round of slots on a dead store.
+                max_writes = 1 if self.write_backoff else self.cfg.max_inflight_writes
                 for first, n in pt.runs(dirty, self.batch_pages):
-                    if self.writes_inflight >= self.cfg.max_inflight_writes:
+                    if self.writes_inflight >= max_writes:
                         break
                     if not self._start_writeback(region, first, n):
                         can_write = False
@@ -574,8 +581,9 @@ class Engine:
         while done < n:
             got = self.slots.alloc(n - done)
             if got is None:
-                if not self.store_full:
-                    log.error("swap store %s is full: pages stay resident until slots free up", self.store.url)
+                if not self.store_full:  # log the change of state, not every attempt
+                    self.errlog.error("swap store %s is full: pages stay resident until slots free up",
+                                      self.store.url)
                 self.store_full = True
                 return False
             slot, count = got
@@ -643,7 +651,9 @@ class Engine:
             # writable, with no error state; they are retried after a backoff.
             self.stats["write_errors"] += 1
             self.errlog.error("write error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
-            self._release_failed_slots(slot, n)
+            self._release_failed_slots(slot, n, err)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.store_no_space = True  # the server's disk is full (a sparse file on NFS)
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
@@ -654,6 +664,7 @@ class Engine:
             self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
             return
         self.write_backoff = 0.0
+        self.store_no_space = False
         self.last_write_ok = time.monotonic()
         self.stats["pages_written"] += n
         table.sum[seg] = sums
@@ -677,12 +688,14 @@ class Engine:
             # as F_WAITERS), so the copy on the store is current: drop them.
             self._drop(region, drop)
 
-    def _release_failed_slots(self, slot: int, n: int) -> None:
-        """Invariant 3 after a failed write: the call has returned, so on a store
-        where nothing outlives the call the slots are free at once. Where a
-        timed-out write may still land (NFS), they are quarantined until the
-        store has accepted a write since and slot_quarantine has passed."""
-        if not self.store.late_writes_possible:
+    def _release_failed_slots(self, slot: int, n: int, err: OSError) -> None:
+        """Invariant 3 after a failed write: the call has returned, so where
+        nothing outlives the call the slots are free at once. Where a request
+        that timed out may still be executed by the server later (NFS), its
+        slots are quarantined until the store has accepted a write since and
+        slot_quarantine has passed. Other errors (the server answered, or the
+        request was never sent) free the slots at once."""
+        if not (self.store.late_writes_possible and err.errno == errno.ETIMEDOUT):
             self.slots.free(slot, n)
             return
         self.quarantine.append((time.monotonic(), slot, n))
@@ -698,6 +711,31 @@ class Engine:
             else:
                 keep.append((failed_at, slot, n))
         self.quarantine = keep
+        if keep and self.last_write_ok <= min(f for f, _, _ in keep):
+            self._probe_store(now)
+
+    def _probe_store(self, now: float) -> None:
+        """No write has succeeded since the quarantined ones failed, and with
+        slots scarce none may be attempted: rewrite the header page (slot 0,
+        never allocated) to learn when the store takes writes again."""
+        if self.probe_inflight or now < self.probe_at:
+            return
+        self.probe_inflight = True
+        store, buf = self.store, self.probe_buf
+
+        def work():
+            store.read(buf.addr, PAGE, 0)
+            store.write(buf.addr, PAGE, 0)
+
+        def done(result, err):
+            self.probe_inflight = False
+            if err is None:
+                self.last_write_ok = time.monotonic()
+            else:
+                self.probe_at = time.monotonic() + self.cfg.write_retry_max
+                self._after(self.cfg.write_retry_max, lambda: None)
+
+        self.io.submit(work, done)
 
     # ------------------------------------------------------------------ drain
 
@@ -789,6 +827,11 @@ class Engine:
 
     # ------------------------------------------------------------------ status
 
+    def is_store_full(self) -> bool:
+        """Now, not as of the last allocation: no free slot, or the server's
+        disk refused the last write for lack of space."""
+        return self.slots.used >= self.slots.capacity or self.store_no_space
+
     def audit(self) -> dict | None:
         """Recount what the engine tracks incrementally: charged pages and used
         slots, from the page tables. None while a region is closing (its
@@ -830,12 +873,12 @@ class Engine:
             "poisoned_pages_total": self.stats["poisoned_pages"],
             "budget_waiters": len(self.budget_waiters),
             "write_backoff_s": round(max(0.0, self.write_retry_at - time.monotonic()), 3),
-            "store_full": self.store_full,
+            "store_full": self.is_store_full(),
             "draining": self.draining,
             "metadata_bytes_per_page": 14,
             "audit": self.audit(),
             "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
-                          full=self.store_full,
+                          full=self.is_store_full(),
                           quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),
         }
 
