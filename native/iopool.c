@@ -103,8 +103,7 @@ static int64_t full_io(int write, int fd, uint64_t addr, uint64_t len, int64_t o
 static int64_t store_io(struct us_job *j, int write)
 {
     if (j->op == US_JOB_READ_COPY_NFS || j->op == US_JOB_SUM_WRITE_NFS) {
-        int64_t r = write ? us_nfs_pwrite_full(j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off)
-                          : us_nfs_pread_full(j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off);
+        int64_t r = us_nfs_full(write, j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off);
         return (r >= 0 && (uint64_t)r < j->len) ? -EIO : r;   /* short: past end of file */
     }
     return full_io(write, j->fd, j->buf, j->len, j->off);

@@ -22,7 +22,7 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
-#include "nfs_io.h" /* libnfs.h, us_nfs_err, the full-length pread/pwrite */
+#include "nfs_io.h" /* libnfs.h, us_nfs_err, us_nfs_full */
 
 #define US_NFS_V3 3 /* NFS_V3 in <nfsc/libnfs-raw-nfs.h> */
 
@@ -132,4 +132,17 @@ static int us_nfs_fsync(struct nfs_context *nfs, struct nfsfh *fh)
     return r < 0 ? us_nfs_err(r) : 0;
 }
 
-/* us_nfs_pwrite_full and us_nfs_pread_full: see nfs_io.h. */
+/* Write all len bytes at addr to offset off: len or -errno (nfs_io.h). */
+static int64_t us_nfs_pwrite_full(struct nfs_context *nfs, struct nfsfh *fh,
+                                  uint64_t addr, uint64_t len, uint64_t off)
+{
+    return us_nfs_full(1, nfs, fh, addr, len, off);
+}
+
+/* Read up to len bytes at offset off into addr: the byte count, short only
+ * at end of file, or -errno (nfs_io.h). */
+static int64_t us_nfs_pread_full(struct nfs_context *nfs, struct nfsfh *fh,
+                                 uint64_t addr, uint64_t len, uint64_t off)
+{
+    return us_nfs_full(0, nfs, fh, addr, len, off);
+}

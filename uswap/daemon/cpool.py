@@ -46,7 +46,6 @@ class CPool:
         if self.nfs:
             conn = self.store.checkout()
             if conn is None:
-                self.declined = getattr(self, "declined", 0) + 1  # TEMPDEBUG
                 return None, None
             job.op = nfs_op
             job.nfs = ffi.cast("struct nfs_context *", conn.ctx)
@@ -62,7 +61,6 @@ class CPool:
         job.token = token
         self.pending[token] = (job, conn, keep, on_done)
         lib.us_pool_submit(self.pool, job)
-        self.submitted = getattr(self, "submitted", 0) + 1  # TEMPDEBUG
 
     def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int,
                   expected: np.ndarray, sums: np.ndarray, on_done: Callable) -> bool:
@@ -120,7 +118,6 @@ class CPool:
     def stop(self) -> None:
         """Finish queued jobs and stop the threads (after the engine drained,
         so none should be left); borrowed contexts go back to the store."""
-        import logging; logging.getLogger("uswap.cpool").warning("TEMPDEBUG submitted %s declined %s", getattr(self, "submitted", 0), getattr(self, "declined", 0))
         if self.pool != ffi.NULL:
             lib.us_pool_stop(self.pool)
             self.pool = ffi.NULL
