@@ -14,6 +14,11 @@
  *              if all match `expected` map them at dst in uffd (UFFDIO_COPY).
  *              result = the pread's bytes or -errno; copied = bytes mapped,
  *              -EBADMSG (a page failed its check; nothing mapped), or -errno.
+ *              A page found already present (EEXIST) is kept, its waiters
+ *              woken, and counted in `present` (it can only hold newer data;
+ *              engine._copy_pagewise does the same on the Python pool). The
+ *              count includes pages the run's first COPY mapped before it
+ *              stopped at the present one.
  *   SUM_WRITE  checksum the pages at buf into sums, then pwrite them at off.
  *              result = bytes written or -errno.
  *   READ_COPY_NFS, SUM_WRITE_NFS
@@ -53,7 +58,7 @@ struct us_job {
     int32_t op;
     int32_t fd;
     int32_t uffd;
-    int32_t pad;
+    int32_t present;      /* READ_COPY: pages found present and kept */
     uint64_t buf;
     uint64_t len;
     int64_t off;
@@ -109,6 +114,28 @@ static int64_t store_io(struct us_job *j, int write)
     return full_io(write, j->fd, j->buf, j->len, j->off);
 }
 
+/* Map the verified run with one COPY; if a page of it is already present
+ * (EEXIST) or the COPY gave up part way, map it page by page instead,
+ * keeping and waking the pages already there. */
+static int64_t copy_run(struct us_job *j)
+{
+    j->present = 0;
+    int64_t r = us_uffd_copy(j->uffd, j->dst, j->buf, j->len, j->mode);
+    if (r != -EEXIST && !(r >= 0 && (uint64_t)r < j->len))
+        return r;
+    for (uint64_t p = r >= 0 ? (uint64_t)r & ~4095ull : 0; p < j->len; p += 4096) {
+        r = us_uffd_copy(j->uffd, j->dst + p, j->buf + p, 4096, j->mode);
+        if (r == -EEXIST) {
+            struct uffdio_range range = { .start = j->dst + p, .len = 4096 };
+            ioctl(j->uffd, UFFDIO_WAKE, &range);
+            j->present++;
+        } else if (r < 0) {
+            return r;
+        }
+    }
+    return (int64_t)j->len;
+}
+
 static void run_job(struct us_job *j)
 {
     uint64_t npages = j->len / 4096;
@@ -124,7 +151,7 @@ static void run_job(struct us_job *j)
                 return;
             }
         }
-        j->copied = us_uffd_copy(j->uffd, j->dst, j->buf, j->len, j->mode);
+        j->copied = copy_run(j);
     } else {
         us_page_sums(j->buf, npages, j->sums);
         j->result = store_io(j, 1);

@@ -15,7 +15,7 @@ struct us_job {
     int32_t op;
     int32_t fd;
     int32_t uffd;
-    int32_t pad;
+    int32_t present;
     uint64_t buf;
     uint64_t len;
     int64_t off;

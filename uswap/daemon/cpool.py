@@ -14,6 +14,7 @@ nothing and return False, and the engine runs that job on the Python pool.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from typing import Callable
 
@@ -21,6 +22,8 @@ import numpy as np
 
 from uswap._iopool_cffi import ffi, lib
 from uswap.store.nfs import NfsStore
+
+log = logging.getLogger("uswap.cpool")
 
 
 class CPool:
@@ -109,6 +112,9 @@ class CPool:
                 err = self._finish(job, conn)
                 if job.op in (lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS):
                     result = (keep[1], job.copied, keep[2])
+                    if job.present:
+                        log.warning("%d page(s) of the run at %#x were present during swap-in; "
+                                    "keeping them", job.present, job.dst)
                 else:
                     result = keep[0]
                 out.append((on_done, None if err else result, err))
