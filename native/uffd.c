@@ -99,20 +99,18 @@ static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t m
             done += (uint64_t)c.mapped;
         if (err != EAGAIN)
             return -err;
+        if (c.mapped <= 0)
+            return done ? (int64_t)done : -EAGAIN;
     }
     return (int64_t)done;
 }
 
 static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
 {
+    /* EAGAIN (the address space is changing, an event is pending) is returned
+     * to the caller, who must read that event before trying again. */
     struct uffdio_writeprotect w = { .range = { start, len }, .mode = mode };
-    for (int tries = 0; tries < 1000; tries++) {
-        if (ioctl(fd, UFFDIO_WRITEPROTECT, &w) == 0)
-            return 0;
-        if (errno != EAGAIN)
-            return -errno;
-    }
-    return -EAGAIN;
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
 }
 
 static int us_uffd_wake(int fd, uint64_t start, uint64_t len)

@@ -21,6 +21,10 @@ static int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, ui
             done += (uint64_t)c.copy;
         if (err != EAGAIN)
             return -err;
+        /* EAGAIN with no progress: the address space is changing and an event
+         * waits in the uffd; only the caller can read it, so give up now. */
+        if (c.copy <= 0)
+            return done ? (int64_t)done : -EAGAIN;
     }
     return (int64_t)done;
 }

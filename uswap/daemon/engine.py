@@ -42,6 +42,7 @@ SHIFT = 12
 RECLAIM_STEP = 256
 # ioctl errors that mean the client's mapping or process is gone.
 GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
+OK, GONE_, AGAIN = 0, 1, 2  # outcomes of Engine._ioctl_result
 
 
 class Engine:
@@ -111,6 +112,10 @@ class Engine:
         log.info("region %d closing (%s)", region.id, reason)
         if self.on_region_closing is not None:
             self.on_region_closing(region)
+        # Threads parked on the region's faults must not sleep forever: woken,
+        # they retry the access (on an unmapped range: SIGSEGV, as for any
+        # access to unmapped memory).
+        uffd.wake(region.uffd, region.addr, region.size)
         table = region.table
         # Slots of pages with a write in flight stay allocated until the write returns.
         idle = (table.state != pt.WRITEBACK)
@@ -134,14 +139,38 @@ class Engine:
             del self.regions[region.id]
             region.release()
 
-    def _ioctl_failed(self, region: Region, ret: int, what: str) -> bool:
-        """True (and the region is closed) when an ioctl says the client is gone."""
+    def _ioctl_result(self, region: Region, ret: int, what: str) -> int:
+        """OK, GONE (the client's mapping or process is gone: the region is
+        closed) or AGAIN (try later). EAGAIN means the client's address space is
+        changing and an event about it waits in the uffd: the engine must go
+        and read it before the ioctl can succeed, so nothing here retries in
+        place. Other errors (ENOMEM...) are also retried later: the daemon
+        must not die for one client's trouble."""
         if ret >= 0 or -ret == errno.EEXIST:
-            return False
+            return OK
         if -ret in GONE:
             self.close_region(region, f"{what}: {os.strerror(-ret)}")
-            return True
-        raise OSError(-ret, f"{what} on region {region.id}: {os.strerror(-ret)}")
+            return GONE_
+        if -ret != errno.EAGAIN:
+            self.errlog.error("%s on region %d failed: %s; retrying", what, region.id, os.strerror(-ret))
+        self.stats["ioctl_retries"] += 1
+        return AGAIN
+
+    def _ioctl_failed(self, region: Region, ret: int, what: str) -> bool:
+        """True (and the region is closed) when an ioctl says the client is gone;
+        for call sites where a later retry needs nothing special."""
+        return self._ioctl_result(region, ret, what) == GONE_
+
+    def _unprotect_later(self, region: Region, first: int, n: int) -> None:
+        """Un-protect a run whose un-protect got AGAIN: writers are parked on
+        it and must be let through (invariant 4: the write is never lost)."""
+        def retry() -> None:
+            if region.closing:
+                return
+            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=False, wake=True)
+            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
+                self._after(0.001, retry)
+        self._after(0.001, retry)
 
     # ------------------------------------------------------------------ faults
 
@@ -222,7 +251,13 @@ class Engine:
                     dirty[i] = True
                 if ret < 0 and ret != -errno.EEXIST:
                     break
-        if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
+        outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
+        if outcome != OK:
+            if outcome == AGAIN:
+                # Let the thread fault again once the pending event is read;
+                # pages a partial copy did map are adopted when next touched.
+                self.charged -= n
+                uffd.wake(region.uffd, dst, PAGE)
             return
         seg = slice(page, page + n)
         table.state[seg] = pt.RESIDENT
@@ -258,7 +293,8 @@ class Engine:
         table.flags[page] = (table.flags[page] & pt.F_ACTIVE) | pt.F_DIRTY
         table.stamp[page] = self._tick()
         ret = uffd.writeprotect(region.uffd, region.addr + (page << SHIFT), PAGE, protect=False)
-        self._ioctl_failed(region, ret, "UFFDIO_WRITEPROTECT")
+        if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
+            self._unprotect_later(region, page, 1)
 
     def fault_minor(self, region: Region, page: int) -> None:
         """The page is in the memfd but not mapped in the client (e.g. after the
@@ -269,10 +305,8 @@ class Engine:
         if state in (pt.RESIDENT, pt.WRITEBACK):
             dirty = state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
             ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
-            if ret == -errno.EEXIST:
-                uffd.wake(region.uffd, addr, PAGE)
-            else:
-                self._ioctl_failed(region, ret, "UFFDIO_CONTINUE")
+            if ret == -errno.EEXIST or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
+                uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
         elif state in (pt.EMPTY, pt.SWAPPED):
             # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
             log.warning("region %d page %d appeared in memory while %s; adopting it",
@@ -284,7 +318,8 @@ class Engine:
                 table.slot[page] = pt.NO_SLOT
             table.state[page] = pt.RESIDENT
             table.flags[page] = pt.F_DIRTY
-            self._ioctl_failed(region, uffd.cont(region.uffd, addr, PAGE, 0), "UFFDIO_CONTINUE")
+            if self._ioctl_result(region, uffd.cont(region.uffd, addr, PAGE, 0), "UFFDIO_CONTINUE") == AGAIN:
+                uffd.wake(region.uffd, addr, PAGE)
         else:
             uffd.wake(region.uffd, addr, PAGE)
 
@@ -467,9 +502,25 @@ class Engine:
             self._after(delay, retry)
             return
         region.read_failures = 0
-        if self._ioctl_failed(region, ret, "UFFDIO_COPY"):
+        outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
+        if outcome == GONE_:
             self.charged -= n  # close_region did not count LOADING pages
             self._finish_load(region, buf)
+            return
+        if outcome == AGAIN:
+            # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
+            self.free_buffers.append(buf)
+            region.inflight -= 1
+
+            def again():
+                if region.closing:
+                    self.charged -= n
+                    self._maybe_release(region)
+                    return
+                region.inflight += 1
+                self.load_queue.append((region.id, first, n, slot, started))
+                self._pump_loads()
+            self._after(0.001, again)
             return
         seg = slice(first, first + n)
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
@@ -593,8 +644,8 @@ class Engine:
             # Invariant 1 (first half): write-protect BEFORE the copy is read,
             # so any write after this point faults and parks (invariant 4).
             ret = uffd.writeprotect(region.uffd, addr, count << SHIFT, protect=True, wake=False)
-            if self._ioctl_failed(region, ret, "UFFDIO_WRITEPROTECT"):
-                self.slots.free(slot, count)
+            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") != OK:
+                self.slots.free(slot, count)  # nothing was queued: the pages stay dirty, tried later
                 return True
             # Invariant 2: the writeback bit is set here, on the engine thread
             # (the page lock), before the write is queued; only _write_done
@@ -638,8 +689,12 @@ class Engine:
         table = region.table
         seg = slice(first, first + n)
         if region.closing:
-            # Invariant 7: a closed region's slots are freed only now that the write returned.
-            self.slots.free(slot, n)
+            # Invariant 7: a closed region's slots are freed only now that the
+            # write returned (and, for a write that timed out, after quarantine).
+            if err is None:
+                self.slots.free(slot, n)
+            else:
+                self._release_failed_slots(slot, n, err)
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.EMPTY
             self._maybe_release(region)
@@ -657,8 +712,9 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
-            self._ioctl_failed(region, uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT,
-                                                         protect=False, wake=True), "UFFDIO_WRITEPROTECT")
+            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=False, wake=True)
+            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
+                self._unprotect_later(region, first, n)
             self.write_backoff = min(self.cfg.write_retry_max, max(self.cfg.write_retry_min, self.write_backoff * 2))
             self.write_retry_at = time.monotonic() + self.write_backoff
             self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim

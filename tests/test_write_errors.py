@@ -1,0 +1,276 @@
+"""Issue item (c): a failing store.
+
+Writes failing (EIO, then ENOSPC, cycled) leave pages resident and dirty: the
+daemon overcommits its budget rather than lose or stall anything, logs the
+failing store offsets rate-limited, and swaps normally once the store heals.
+Reads failing (EIO) or returning corrupt data stall the faulting client but
+never hand it wrong data; once the store heals everything verifies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from tests.daemon_proc import REPO
+from uswap import protocol
+
+BUDGET = 1 << 20
+ERR_INTERVAL = 1.0
+ERR_BURST = 3
+
+
+class Workload:
+    """A tests.workload process whose JSON output lines are read on a thread,
+    so that every wait on it has a deadline (a client whose daemon died hangs
+    in a page fault for ever)."""
+
+    def __init__(self, socket: str, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.workload", "--socket", socket, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=REPO)
+        self.pid = self.proc.pid
+        self.lines: list[dict] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for raw in self.proc.stdout:
+            self._q.put(raw)
+        self._q.put(None)
+
+    def next(self, timeout: float) -> dict:
+        """The next output line; fails if none comes within `timeout` s."""
+        try:
+            raw = self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"workload {self.pid}: no output within {timeout}s (lines so far {self.lines})") from None
+        if raw is None:
+            self._q.put(None)
+            self.proc.wait(10)
+            raise AssertionError(f"workload {self.pid} exited {self.proc.returncode}: {self.lines}"
+                                 f" {self.proc.stderr.read()[-3000:]}")
+        line = json.loads(raw)
+        self.lines.append(line)
+        return line
+
+    def wait_line(self, pred, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.next(max(0.0, deadline - time.monotonic()))
+            if pred(line):
+                return line
+
+    def send(self, text: str = "go\n") -> None:
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def poll(self):
+        return self.proc.poll()
+
+    def finish(self, timeout: float) -> list[dict]:
+        """Wait for exit (bounded) and return every output line."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"workload {self.pid} still running after {timeout}s: {self.lines}") from None
+        while True:
+            raw = self._q.get(timeout=10)  # the pump ends with None once stdout closes
+            if raw is None:
+                self._q.put(None)
+                return self.lines
+            self.lines.append(json.loads(raw))
+
+    def finish_ok(self, timeout: float) -> list[dict]:
+        lines = self.finish(timeout)
+        assert self.proc.returncode == 0, (lines, self.proc.stderr.read()[-3000:])
+        assert lines and lines[-1] == {"done": True, "errors": 0}, lines
+        return lines
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def ctl(d, msg: dict, timeout: float = 10.0) -> dict:
+    """One request on a fresh connection, with a deadline: uswap.Client has
+    none, and a wedged daemon must fail the test, not hang it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(d.socket)
+        protocol.send(s, {"op": "hello", "version": protocol.VERSION})
+        protocol.recv(s)
+        protocol.send(s, msg)
+        reply, fds = protocol.recv(s)
+    for fd in fds:
+        os.close(fd)
+    assert reply.get("ok"), (msg, reply)
+    return reply
+
+
+def status(d) -> dict:
+    return ctl(d, {"op": "status"})["status"]
+
+
+def inject(d, spec: dict) -> None:
+    ctl(d, {"op": "inject", "spec": spec})
+
+
+def wait_for(what: str, cond, timeout: float, interval: float = 0.02):
+    """Poll `cond()` until it returns something truthy; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)  # polling a condition with a deadline
+
+
+def assert_audit(st: dict) -> None:
+    """The engine's own recount of charged pages and used slots agrees (None
+    while a region is closing)."""
+    audit = st.get("audit")
+    assert audit is None or (audit["charged_ok"] and audit["slots_ok"]), audit
+
+
+def error_lines(log: str, what: str) -> list[str]:
+    return [ln for ln in log.splitlines() if what in ln]
+
+
+def test_failing_writes_keep_pages_resident_then_recover(backing, start_daemon):
+    d = start_daemon(backing, store_size="64M", max_resident="1M",
+                     inject={"fail_writes": ["EIO", "ENOSPC"]},
+                     config={"error_log_interval": ERR_INTERVAL, "error_log_burst": ERR_BURST,
+                             "write_retry_min": "20ms", "write_retry_max": "300ms",
+                             "slot_quarantine": "1s"})
+    t0 = time.monotonic()
+    proc = Workload(d.socket, "--size", "4M", "--passes", "2", "--hold")
+    try:
+        proc.wait_line(lambda x: x.get("holding"), timeout=40)
+        assert [x["errors"] for x in proc.lines if "pass" in x] == [0, 0], proc.lines
+
+        # Store failing: nothing could be written, so every dirty page is still
+        # resident (over budget), nothing was swapped out, and no slot is held
+        # except by a retry in flight or in quarantine after a failed write
+        # (a store where a failed write may still land late, like NFS).
+        st = status(d)
+        assert_audit(st)
+        assert st["write_errors_total"] > 0, st
+        assert st["pages_written_total"] == 0, st
+        assert st["swapouts_total"] == 0, st
+        assert st["swapped_bytes"] == 0, st
+        assert (st["store"]["used_bytes"] == st["store"].get("quarantined_bytes", 0)
+                or st["writeback_inflight"] > 0), st
+        assert st["resident_bytes"] > BUDGET, st          # overcommitted, not lost
+        assert st["resident_bytes"] >= 3 << 20, st        # (4 MiB all dirty, some pages were clean zeros)
+        assert st["overcommit_pages_total"] > 0, st
+
+        # Keep failing for a while: retries go on (with backoff) and keep failing.
+        first_errors = st["write_errors_total"]
+        wait_for("more failed retries",
+                 lambda: status(d)["write_errors_total"] >= first_errors + 8, timeout=20)
+        wait_for("2.5 s of failures", lambda: time.monotonic() - t0 > 2.5, timeout=10)
+        st = status(d)
+        elapsed = time.monotonic() - t0
+        inj = st["store"]["inject"]
+        assert inj["injected_write_errors"] == st["write_errors_total"], st
+        assert st["swapouts_total"] == 0 and st["pages_written_total"] == 0, st
+
+        # The log names each failing offset, and is rate-limited.
+        log = d.log_text()
+        errs = error_lines(log, "write error on swap store")
+        assert errs, log[-3000:]
+        for ln in errs:
+            assert re.search(r"offset \d+", ln), ln
+        assert any("EIO" in ln for ln in errs) and any("ENOSPC" in ln for ln in errs), errs
+        assert len(errs) <= ERR_BURST * (elapsed / ERR_INTERVAL + 1), (len(errs), elapsed, errs)
+        assert len(errs) < st["write_errors_total"], (len(errs), st["write_errors_total"])
+        assert "suppressed" in log, errs
+
+        # The store heals: pages are written and swapped out, the budget holds again.
+        inject(d, {"fail_writes": []})
+        wait_for("swap-out after recovery",
+                 lambda: (lambda s: s["swapouts_total"] > 0 and s["resident_bytes"] <= BUDGET
+                          and s["pages_written_total"] > 0)(status(d)), timeout=30)
+        st = status(d)
+        assert_audit(st)
+        assert st["swapped_bytes"] >= 2 << 20, st
+        assert st["store"]["used_bytes"] >= st["swapped_bytes"], st
+        assert proc.poll() is None
+
+        # And the holding client still reads back every stamp.
+        proc.send("verify\n")
+        proc.finish_ok(timeout=30)
+    finally:
+        proc.kill()
+    # The client closed its region: every slot comes back (quarantined ones
+    # once the quarantine has passed after a successful write).
+    wait_for("every slot freed", lambda: status(d)["store"]["used_bytes"] == 0, timeout=10)
+    st = status(d)
+    assert_audit(st)
+    assert st["resident_bytes"] == 0, st
+    assert st["swapins_total"] > 0, st
+    inj = st["store"]["inject"]
+    assert inj["overlapping_writes"] == 0 and inj["reads_during_write"] == 0, inj
+    assert "Traceback" not in d.log_text(), d.log_text()[-5000:]
+    assert d.stop() == 0
+
+
+def test_failing_and_corrupt_reads_stall_but_never_lie(backing, start_daemon):
+    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={},
+                     config={"read_retry_min": "10ms", "read_retry_max": "200ms",
+                             "error_log_interval": ERR_INTERVAL, "error_log_burst": ERR_BURST})
+    proc = Workload(d.socket, "--size", "4M", "--passes", "2", "--hold")
+    try:
+        proc.wait_line(lambda x: x.get("holding"), timeout=40)
+        st = status(d)
+        assert st["swapped_bytes"] >= 2 << 20, st
+        assert st["read_errors_total"] == 0, st
+
+        # Reads fail: the client's verification pass stalls on its first swapped page.
+        inject(d, {"fail_reads": ["EIO"]})
+        proc.send("verify\n")
+        wait_for("failed reads", lambda: status(d)["read_errors_total"] >= 5, timeout=20)
+        assert proc.poll() is None, "the client finished while every read failed"
+        swapins = status(d)["swapins_total"]
+
+        # Reads "succeed" but return corrupt data: caught by the checksum, retried.
+        before = status(d)["read_errors_total"]
+        inject(d, {"fail_reads": [], "corrupt_reads": True})
+        wait_for("corrupt reads detected",
+                 lambda: status(d)["read_errors_total"] >= before + 5, timeout=20)
+        assert proc.poll() is None, "the client finished while every read was corrupt"
+        st = status(d)
+        assert st["swapins_total"] == swapins, st  # nothing was mapped from a bad read
+        assert st["poisoned_pages_total"] == 0, st
+        log = d.log_text()
+        errs = error_lines(log, "read error on swap store")
+        assert errs and all(re.search(r"offset \d+", ln) for ln in errs), errs
+        assert any("checksum" in ln for ln in errs) or "suppressed" in log, errs
+
+        # The store heals: the client goes on and every stamp verifies.
+        inject(d, {"corrupt_reads": False})
+        proc.finish_ok(timeout=40)
+    finally:
+        proc.kill()
+    wait_for("every slot freed", lambda: status(d)["store"]["used_bytes"] == 0, timeout=10)
+    st = status(d)
+    assert_audit(st)
+    assert st["resident_bytes"] == 0, st
+    assert st["swapins_total"] > swapins, st
+    assert st["read_errors_total"] >= 10, st
+    inj = st["store"]["inject"]
+    assert inj["injected_read_errors"] >= 5, inj
+    assert inj["overlapping_writes"] == 0 and inj["reads_during_write"] == 0, inj
+    assert "Traceback" not in d.log_text(), d.log_text()[-5000:]
+    assert d.stop() == 0
