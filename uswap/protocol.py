@@ -73,8 +73,8 @@ def recv(sock: socket.socket) -> tuple[dict, list[int]]:
 def decode(body: bytes, require_op: bool = True) -> dict:
     try:
         msg = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, huge integers, deep nesting
+        raise ProtocolError(f"not acceptable JSON: {str(e)[:200]}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("message is not a JSON object")
     if require_op and not isinstance(msg.get("op"), str):

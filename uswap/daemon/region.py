@@ -62,7 +62,8 @@ def _fd_target(fd: int) -> str:
         return ""
 
 
-def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object) -> Region:
+def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
+                      in_use: set[tuple[int, int]] = frozenset()) -> Region:
     """Check an alloc request and map the region. On success the Region owns the fds;
     on failure the caller still owns (and closes) them."""
     if len(fds) != 2:
@@ -72,15 +73,19 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object) -
     for name, value in (("size", size), ("addr", addr)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise RegionRefused(f"alloc: {name} {value!r} is not a positive integer")
-    if size % PAGE or addr % PAGE:
-        raise RegionRefused(f"alloc: size {size} and addr {addr:#x} must be multiples of {PAGE}")
     if size > max_size:
         raise RegionRefused(f"alloc: size {size} exceeds max_region_size {max_size}")
+    if addr + size > 1 << 64:
+        raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is beyond the 64-bit address space")
+    if size % PAGE or addr % PAGE:
+        raise RegionRefused(f"alloc: size {size} and addr {addr:#x} must be multiples of {PAGE}")
     if _fd_target(uffd_fd) != "anon_inode:[userfaultfd]":
         raise RegionRefused("alloc: the first fd is not a userfaultfd")
     if not _fd_target(memfd).startswith("/memfd:"):
         raise RegionRefused("alloc: the second fd is not a memfd")
     st = os.fstat(memfd)
+    if (st.st_dev, st.st_ino) in in_use:
+        raise RegionRefused("alloc: this memfd is already a region")
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
         raise RegionRefused(f"alloc: memfd is {st.st_size} bytes, the request says {size}")
     seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)

@@ -178,7 +178,7 @@ class Server:
 
     def _on_session(self, session: Session) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(session.sock, 65536, protocol.MAX_FDS)
+            data, fds, flags, _addr = socket.recv_fds(session.sock, 65536, protocol.MAX_FDS)
         except BlockingIOError:
             return
         except OSError as e:
@@ -190,6 +190,10 @@ class Server:
             self._drop(session, "disconnected")
             return
         try:
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise protocol.ProtocolError(f"more than {protocol.MAX_FDS} file descriptors in one message")
             session.buf.feed(data, fds)
             while True:
                 item = session.buf.next()
@@ -199,7 +203,7 @@ class Server:
                 self._handle(session, msg, msg_fds)
                 if session.sock.fileno() < 0:
                     return
-        except (protocol.ProtocolError, RegionRefused) as e:
+        except protocol.ProtocolError as e:
             log.warning("client pid %d: %s; dropping it", session.pid, e)
             self._reply(session, {"ok": False, "error": str(e)})
             self._drop(session, "protocol error")
@@ -223,7 +227,7 @@ class Server:
             self._alloc(session, msg, fds)
         elif op == "free":
             rid = msg.get("region")
-            if rid not in session.allocated:
+            if not isinstance(rid, int) or isinstance(rid, bool) or rid not in session.allocated:
                 raise protocol.ProtocolError(f"free: no region {rid!r} of this client")
             # The region may already be closing or gone: a client that
             # unregisters before it says "free" makes our next ioctl on the
@@ -240,28 +244,43 @@ class Server:
                 self._reply(session, {"ok": False, "error": "fault injection is not enabled (USWAP_INJECT)"})
                 return
             try:
-                self.inject.update(msg.get("spec") or {})
-            except ValueError as e:
+                self.inject.update(msg.get("spec"))
+            except (ValueError, TypeError) as e:
                 self._reply(session, {"ok": False, "error": str(e)})
                 return
             self._reply(session, {"ok": True})
         else:
             raise protocol.ProtocolError(f"unknown op {op!r}")
 
+    def _memfds_in_use(self) -> set[tuple[int, int]]:
+        out = set()
+        for region in self.engine.regions.values():
+            st = os.fstat(region.memfd)
+            out.add((st.st_dev, st.st_ino))
+        return out
+
     def _alloc(self, session: Session, msg: dict, fds: list[int]) -> None:
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise protocol.ProtocolError(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
         if self.engine.draining:
             for fd in fds:
                 os.close(fd)
             self._reply(session, {"ok": False, "error": "daemon is draining; no new regions"})
             return
         try:
-            region = validate_and_open(msg, fds, self.cfg.max_region_size, session)
-        except (RegionRefused, OSError) as e:
+            region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
+                                       in_use=self._memfds_in_use())
+        except (RegionRefused, OSError, OverflowError) as e:
+            # A refused alloc is an answer, not a reason to drop the client: its
+            # other regions live on this connection.
             for fd in fds:
                 os.close(fd)
-            if isinstance(e, OSError):
-                e = RegionRefused(f"alloc: {e}")
-            raise e
+            reason = str(e) if isinstance(e, RegionRefused) else f"alloc: {e}"
+            log.warning("client pid %d: %s", session.pid, reason)
+            self._reply(session, {"ok": False, "error": reason})
+            return
         self.engine.add_region(region)
         session.regions.add(region.id)
         session.allocated.add(region.id)
@@ -271,17 +290,15 @@ class Server:
         self._reply(session, {"ok": True, "region": region.id})
 
     def _reply(self, session: Session, msg: dict) -> None:
+        """Send without ever blocking the loop: a client whose socket is full
+        is not reading its replies, and is dropped."""
         if session.sock.fileno() < 0:
             return
         try:
-            session.sock.setblocking(True)
-            session.sock.settimeout(1.0)
             protocol.send(session.sock, msg)
         except OSError as e:
-            log.warning("client pid %d: reply failed: %s", session.pid, e)
-        finally:
-            if session.sock.fileno() >= 0:
-                session.sock.setblocking(False)
+            log.warning("client pid %d: reply failed (%s); dropping it", session.pid, e)
+            self._drop(session, "not reading its replies")
 
     def _drop(self, session: Session, reason: str) -> None:
         """A client that leaves (or misbehaves) loses its regions; their slots

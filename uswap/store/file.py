@@ -9,6 +9,7 @@ import stat
 
 from uswap import native
 from uswap._dio_cffi import lib
+from uswap.store import header
 from uswap.store.base import Store
 
 TMPFS_MAGIC = 0x01021994
@@ -58,6 +59,8 @@ class FileStore(Store):
                 raise ValueError(
                     f"backing: {path!r} is on {BUFFERING_FS[fstype]}, which accepts O_DIRECT but"
                     " buffers it in memory; put the store on a disk or an NFS mount")
+            if st.st_size > 0:
+                header.check_existing(_first_page(path), path)
             store = cls(path, fd, size_bytes)
             if st.st_size < size_bytes:
                 try:
@@ -105,3 +108,13 @@ class FileStore(Store):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _first_page(path: str) -> bytes:
+    """Up to 4 KiB from the start of the file, read without O_DIRECT (a file
+    shorter than a block cannot be read with it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)

@@ -12,6 +12,16 @@ MAGIC = b"USWAP-STORE\n"
 PAGE = 4096
 
 
+def check_existing(first_page: bytes, url: str) -> None:
+    """A store file that already held bytes before we opened it must carry our
+    header; anything else (text, an image whose first pages are zeros...) is
+    someone's data. Called by each store before it resizes anything."""
+    if not first_page.startswith(MAGIC):
+        raise ValueError(
+            f"backing: {url} already holds data that is not a uswap store;"
+            " refusing to overwrite it (remove it or choose another path)")
+
+
 def claim(store: Store) -> None:
     """Refuse a store whose first page is neither zeros nor a uswap header,
     then write our header. Raises ValueError."""

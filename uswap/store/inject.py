@@ -40,6 +40,12 @@ class InjectingStore(Store):
         self.update(spec)
 
     def update(self, spec: dict) -> None:
+        if not isinstance(spec, dict):
+            raise ValueError(f"inject: spec {spec!r} is not an object")
+        for key in ("fail_writes", "fail_reads"):
+            names = spec.get(key, [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"inject: {key}: {names!r} is not a list of errno names")
         allowed = {"write_delay", "read_delay", "fail_writes", "fail_reads", "corrupt_reads"}
         unknown = set(spec) - allowed
         if unknown:

@@ -221,6 +221,18 @@ class NfsStore(Store):
                                  f"{os.strerror(-r)} ({_errtext(ctx)})")
             if not stat.S_ISREG(st.nfs_mode):
                 raise ValueError(f"NFS store {url}: {path} in export {export} is not a regular file")
+            if not created and st.nfs_size > 0:
+                # Before anything is resized: an existing file must be a uswap store.
+                from uswap import native
+                from uswap.store import header
+                page = native.AlignedBuffer(4096)
+                try:
+                    got = lib.us_nfs_pread_full(ctx, fh, page.addr, 4096, 0)
+                    if got < 0:
+                        raise ValueError(f"NFS store {url}: cannot read {path}: {os.strerror(-got)}")
+                    header.check_existing(bytes(page.view()[:got]), url)
+                finally:
+                    page.free()
             # Grow only: an existing larger file keeps its size (and whatever
             # it holds) until the store header check has said it is ours.
             if st.nfs_size < size_bytes:
