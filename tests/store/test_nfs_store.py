@@ -26,6 +26,7 @@ from tests.nfs_fixture import (  # noqa: E402
     start_nfs_server,
     stop_nfs_server,
 )
+from uswap.store import header  # noqa: E402
 from uswap.store.nfs import URL_FORM, NfsStore, parse_url  # noqa: E402
 
 SERVER = "uswap-storetest"
@@ -165,10 +166,21 @@ def test_creates_sparse_file_mode_0600(nfs_server, url):
         assert st.st_blocks * 512 < 1 << 20  # sparse
 
 
+def test_existing_file_without_header_is_refused_untouched(nfs_server, url):
+    path = server_file(nfs_server, url)
+    with open(path, "wb") as f:
+        f.write(b"\0" * PAGE + b"someone's data")
+    with pytest.raises(ValueError) as ei:
+        NfsStore.open(url, 1 << 20, TIMEOUT_MS)
+    assert "not a uswap store" in str(ei.value) and url in str(ei.value)
+    assert os.stat(path).st_size == PAGE + 14
+
+
 def test_reopen_keeps_data_and_resizes(nfs_server, url):
     m, a = buffer(8 * PAGE)
     m[:] = pattern(1, len(m))
     with NfsStore.open(url, 1 << 20, TIMEOUT_MS) as s:
+        header.claim(s)  # a file that already exists must be a uswap store to be reopened
         s.write(a, len(m), 16 * PAGE)
     with NfsStore.open(url, 1 << 20, TIMEOUT_MS) as s:  # same size: untouched
         r, ra = buffer(len(m))
