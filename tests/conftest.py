@@ -41,11 +41,21 @@ def nfs_url():
 
 @pytest.fixture(params=["file", "nfs"])
 def backing(request, tmp_path):
-    """A fresh store location of each kind."""
+    """A fresh store location of each kind; NFS store files are removed after
+    the test (pytest cleans tmp_path itself)."""
     if request.param == "file":
-        return str(tmp_path / "swapfile")
+        yield str(tmp_path / "swapfile")
+        return
     url = request.getfixturevalue("nfs_url")
-    return f"{url}/swap-{uuid.uuid4().hex[:12]}"
+    name = f"swap-{uuid.uuid4().hex[:12]}"
+    yield f"{url}/{name}"
+    from tests.nfs_fixture import nfs_server_status
+    export_dir = nfs_server_status(NFS_NAME).get("export_dir")
+    if export_dir:
+        try:
+            os.unlink(os.path.join(export_dir, name))
+        except FileNotFoundError:
+            pass
 
 
 @pytest.fixture

@@ -685,6 +685,49 @@ def test_same_region_sent_twice(backing, start_daemon):
     assert "bad pages 0" in res.stdout or res.returncode != 0, res.stdout
 
 
+# The same, but the second alloc brings a fresh memfd of its own for (part
+# of) the range of the first region: one address range, two regions.
+TWICE_OTHER_MEMFD = """
+import fcntl, os, sys
+import numpy as np
+import uswap
+c = uswap.connect(sys.argv[1])
+r = c.alloc(4 << 20)
+offset, size = int(sys.argv[2]), int(sys.argv[3])
+m2 = os.memfd_create("uswap-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+os.ftruncate(m2, size)
+fcntl.fcntl(m2, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+try:
+    reply = c._request({"op": "alloc", "size": size, "addr": r.addr + offset}, [r._uffd, m2])
+    print("second alloc accepted", reply, flush=True)
+except uswap.UswapError as e:
+    print("second alloc refused:", e, flush=True)
+a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+bad = 0
+for v in range(1, 4):
+    a[:, 0] = np.arange(a.shape[0]) * 10 + v
+    bad += int(np.count_nonzero(a[:, 0] != np.arange(a.shape[0]) * 10 + v))
+print("bad pages", bad, flush=True)
+"""
+
+
+@pytest.mark.parametrize("offset,size", [(0, 4 << 20), (1 << 20, 1 << 20)], ids=["same-range", "sub-range"])
+def test_region_range_sent_again_with_another_memfd(backing, start_daemon, offset, size):
+    d = start_daemon(backing, store_size="64M", max_resident="1M")
+    proc = subprocess.Popen([sys.executable, "-c", TWICE_OTHER_MEMFD, d.socket, str(offset), str(size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        st = status(d)
+        raise AssertionError(f"the client never finished ({st['faults_total']} faults so far): {out}") from None
+    assert d.proc.poll() is None, d.log_text()[-5000:]
+    assert "second alloc refused" in out, (out, err[-2000:])
+    assert proc.returncode == 0 and "bad pages 0" in out, (out, err[-2000:])
+
+
 # A well-behaved client with a live, swapped-out region asks for a second
 # region the daemon refuses (too big). The refusal is an ordinary error for
 # the application to handle; its first region must go on working.

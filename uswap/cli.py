@@ -70,7 +70,14 @@ def _run(args: argparse.Namespace) -> int:
         store.close()
         print(f"uswap: error: {e}", file=sys.stderr)
         return 2
-    return server.run()
+    try:
+        return server.run()
+    except Exception:
+        # A bug must not leave a daemon that looks alive (socket present, threads
+        # parked) while serving nothing: log it and exit so systemd restarts us.
+        log.exception("fatal error in the daemon")
+        logging.shutdown()
+        os._exit(70)
 
 
 def _status(args: argparse.Namespace) -> int:

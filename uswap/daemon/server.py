@@ -259,6 +259,18 @@ class Server:
             out.add((st.st_dev, st.st_ino))
         return out
 
+    def _overlapping_region(self, pid: int, addr: object, size: object) -> Region | None:
+        """A live region of the same process whose range meets [addr, addr+size):
+        one range registered in one uffd cannot be two regions."""
+        if not isinstance(addr, int) or not isinstance(size, int):
+            return None
+        for region in self.engine.regions.values():
+            owner = region.owner
+            if (not region.closing and isinstance(owner, Session) and owner.pid == pid
+                    and addr < region.addr + region.size and region.addr < addr + size):
+                return region
+        return None
+
     def _alloc(self, session: Session, msg: dict, fds: list[int]) -> None:
         if len(fds) != 2:
             for fd in fds:
@@ -270,6 +282,9 @@ class Server:
             self._reply(session, {"ok": False, "error": "daemon is draining; no new regions"})
             return
         try:
+            other = self._overlapping_region(session.pid, msg.get("addr"), msg.get("size"))
+            if other is not None:
+                raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
             region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
                                        in_use=self._memfds_in_use())
         except (RegionRefused, OSError, OverflowError) as e:
