@@ -17,6 +17,26 @@ def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", help="run the long soak tests")
 
 
+# NFS instances the tests start (scripts/nfs-server keeps each export under
+# /var/lib/uswap-nfs/NAME/export); their store files are test artifacts.
+TEST_NFS_INSTANCES = ("uswap-test", "uswap-fail", "uswap-cdeath", "uswap-storetest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove store files the tests left in their NFS exports: sparse at first,
+    they fill up as pages are written, and CI machines are reused."""
+    for name in TEST_NFS_INSTANCES:
+        export = os.path.join("/var/lib/uswap-nfs", name, "export")
+        if not os.path.isdir(export):
+            continue
+        for entry in os.scandir(export):
+            if entry.is_file(follow_symlinks=False):
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--soak"):
         return
