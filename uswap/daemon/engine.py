@@ -372,9 +372,11 @@ class Engine:
         (asynchronous read-ahead), so the stream faults once per two windows."""
         table = region.table
         slot = int(table.slot[page])
-        # A stream's next fault lands where its windows ended, or inside the
-        # last window when the budget cut that window short.
-        sequential = region.ra_expect - region.ra_window <= page <= region.ra_expect and region.ra_expect > 0
+        # A stream's next fault lands where its windows ended, inside the last
+        # window when the budget cut that window short, or a little past its
+        # end when pages there were still resident (a window stops at them).
+        sequential = (region.ra_expect > 0
+                      and region.ra_expect - region.ra_window <= page <= region.ra_expect + self.ra_pages)
         if sequential:
             region.ra_window = min(region.ra_window * 2, self.ra_max_pages)
             first, last = page, self._extend_forward(table, page, slot, page + region.ra_window)
