@@ -53,6 +53,7 @@ from tests.daemon_proc import REPO
 from tests.nfs_fixture import nfs_server_status, restart_ganesha, start_nfs_server, stop_nfs_server
 from uswap import native
 from uswap.store.nfs import NfsStore
+from tests.harness import wait_for
 
 NAME = "uswap-fail"          # instance for a, b, c (and the xfail below)
 FULL_NAME = "uswap-full"     # instance for d, exporting a small loop-mounted ext4
@@ -72,17 +73,6 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 
 # ----------------------------------------------------------------- helpers
-
-def wait_for(what: str, cond, timeout: float, interval: float = 0.02):
-    """Poll `cond()` until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)  # polling a condition with a deadline
 
 
 class Workload:

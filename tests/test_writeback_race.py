@@ -9,44 +9,18 @@ and a read of such an offset (reads_during_write).
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 
 from tests.daemon_proc import REPO
-from uswap import protocol
+from tests.harness import assert_audit, status
 
 
 def run_workload(socket: str, *args: str, stdin=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "tests.workload", "--socket", socket, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin,
                             text=True, cwd=REPO)
-
-
-def ctl(d, msg: dict, timeout: float = 10.0) -> dict:
-    """One request on a fresh connection, with a deadline: uswap.Client has
-    none, and a wedged daemon must fail the test, not hang it."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(d.socket)
-        protocol.send(s, {"op": "hello", "version": protocol.VERSION})
-        protocol.recv(s)
-        protocol.send(s, msg)
-        reply, fds = protocol.recv(s)
-    for fd in fds:
-        os.close(fd)
-    assert reply.get("ok"), (msg, reply)
-    return reply
-
-
-def status(d) -> dict:
-    return ctl(d, {"op": "status"})["status"]
-
-
-def inject(d, spec: dict) -> None:
-    ctl(d, {"op": "inject", "spec": spec})
 
 
 def sample_until_exit(d, proc, timeout: float) -> list[dict]:
@@ -67,13 +41,6 @@ def finish(proc, timeout: float = 30) -> tuple[list[dict], str]:
     out, err = proc.communicate(timeout=timeout)
     lines = [json.loads(x) for x in out.splitlines() if x.strip()]
     return lines, err
-
-
-def assert_audit(st: dict) -> None:
-    """The engine's own recount of charged pages and used slots agrees (None
-    while a region is closing)."""
-    audit = st.get("audit")
-    assert audit is None or (audit["charged_ok"] and audit["slots_ok"]), audit
 
 
 def assert_invariant3(st: dict) -> dict:
