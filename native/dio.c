@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
+#include "fd_io.h"
 #include "pagesum.h"
 #include <unistd.h>
 
@@ -22,40 +23,14 @@ static int us_open_direct(const char *path, int flags, int mode)
     return fd >= 0 ? fd : -errno;
 }
 
-/* Read exactly len bytes or fail: a short read at end of file is -EIO, since
- * the store is fixed-size and a short read means the data is not there. */
 static int64_t us_pread_full(int fd, uint64_t addr, uint64_t len, int64_t off)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t r = pread(fd, (char *)addr + done, len - done, off + (off_t)done);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
+    return us_fd_full(0, fd, addr, len, off);
 }
 
 static int64_t us_pwrite_full(int fd, uint64_t addr, uint64_t len, int64_t off)
 {
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t r = pwrite(fd, (const char *)addr + done, len - done, off + (off_t)done);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
+    return us_fd_full(1, fd, addr, len, off);
 }
 
 static int us_fallocate(int fd, int mode, int64_t off, int64_t len)

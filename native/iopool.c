@@ -46,6 +46,7 @@
 #include <string.h>
 #include <unistd.h>
 #include "nfs_io.h" /* includes <sys/time.h> before <nfsc/libnfs.h> */
+#include "fd_io.h"
 #include "pagesum.h"
 #include "uffd_copy.h"
 
@@ -86,24 +87,6 @@ struct us_pool {
     pthread_t threads[64];
 };
 
-static int64_t full_io(int write, int fd, uint64_t addr, uint64_t len, int64_t off)
-{
-    uint64_t done = 0;
-    while (done < len) {
-        ssize_t r = write ? pwrite(fd, (const char *)addr + done, len - done, off + (off_t)done)
-                          : pread(fd, (char *)addr + done, len - done, off + (off_t)done);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0)
-            return -EIO;
-        done += (uint64_t)r;
-    }
-    return (int64_t)done;
-}
-
 /* The job's store call: the whole range read or written, or -errno. */
 static int64_t store_io(struct us_job *j, int write)
 {
@@ -111,7 +94,7 @@ static int64_t store_io(struct us_job *j, int write)
         int64_t r = us_nfs_full(write, j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off);
         return (r >= 0 && (uint64_t)r < j->len) ? -EIO : r;   /* short: past end of file */
     }
-    return full_io(write, j->fd, j->buf, j->len, j->off);
+    return us_fd_full(write, j->fd, j->buf, j->len, j->off);
 }
 
 /* Map the verified run with one COPY; if a page of it is already present
