@@ -490,18 +490,7 @@ class Engine:
                 self._finish_load(region, buf)
                 return
             delay = min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
-            self.free_buffers.append(buf)
-            region.inflight -= 1  # re-added by the retry
-
-            def retry():
-                if region.closing:
-                    self.charged -= n
-                    self._maybe_release(region)
-                    return
-                region.inflight += 1
-                self.load_queue.append((region.id, first, n, slot, started))
-                self._pump_loads()
-            self._after(delay, retry)
+            self._reload_later(region, first, n, slot, buf, started, delay)
             return
         region.read_failures = 0
         outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
@@ -511,18 +500,7 @@ class Engine:
             return
         if outcome == AGAIN:
             # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
-            self.free_buffers.append(buf)
-            region.inflight -= 1
-
-            def again():
-                if region.closing:
-                    self.charged -= n
-                    self._maybe_release(region)
-                    return
-                region.inflight += 1
-                self.load_queue.append((region.id, first, n, slot, started))
-                self._pump_loads()
-            self._after(0.001, again)
+            self._reload_later(region, first, n, slot, buf, started, 0.001)
             return
         seg = slice(first, first + n)
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
@@ -539,6 +517,24 @@ class Engine:
             if table.flags[first + int(i)] & pt.F_DIRTY == 0:
                 self._make_dirty(region, first + int(i))
         self._finish_load(region, buf)
+
+    def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
+                      delay: float) -> None:
+        """Read a LOADING run again after `delay`. Its buffer goes back now; the
+        region's in-flight count drops until the retry is queued, so a region
+        closed meanwhile is released (and the run uncharged) instead."""
+        self.free_buffers.append(buf)
+        region.inflight -= 1
+
+        def retry() -> None:
+            if region.closing:
+                self.charged -= n
+                self._maybe_release(region)
+                return
+            region.inflight += 1
+            self.load_queue.append((region.id, first, n, slot, started))
+            self._pump_loads()
+        self._after(delay, retry)
 
     def _finish_load(self, region: Region, buf) -> None:
         self.free_buffers.append(buf)
