@@ -7,5 +7,6 @@ setup(
         "native/dio_build.py:ffi",
         "native/nfs_build.py:ffi",
         "native/iopool_build.py:ffi",
+        "native/fastpath_build.py:ffi",
     ],
 )

@@ -25,6 +25,7 @@ from uswap import native, uffd
 from uswap.config import Config
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cpool import CPool
+from uswap.daemon import fastpath
 from uswap.daemon.iopool import IoPool
 from uswap.daemon.ratelimit import RateLimitedLog
 from uswap.daemon.region import Region
@@ -59,19 +60,30 @@ class Engine:
                       if type(store) in (FileStore, NfsStore) else None)
         self.regions: dict[int, Region] = {}
         self.next_region_id = 1
-        self.tick = 1
         self.max_pages = cfg.max_resident // PAGE
         self.high_pages = max(1, int(self.max_pages * cfg.high_watermark))
         self.low_pages = max(1, int(self.max_pages * cfg.low_watermark))
+        self.ra_pages = max(1, cfg.readahead // PAGE)
+        # Random swap-ins are served on the fast path's C threads when the
+        # store has a C data path (native/fastpath.c); those threads share
+        # `charged`, `tick` and the page tables under the lock that this
+        # engine holds whenever it runs (see lock()).
+        self.fp = (fastpath.FastPath(cfg.fault_threads, self.io.eventfd, store)
+                   if self.cpool is not None and cfg.fault_threads > 0 else None)
+        self.shared = self.fp.shared if self.fp is not None else fastpath.plain_shared()
+        if self.fp is not None:
+            self.fp.configure(self.max_pages, self.high_pages, self.ra_pages)
+            if isinstance(store, NfsStore):
+                store.lend(cfg.io_threads + cfg.fault_threads)
         # Pages holding memory or about to: RESIDENT + WRITEBACK + LOADING.
         self.charged = 0
+        self.tick = 1
         self.writes_inflight = 0
         self.loads_inflight = 0
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
-        self.ra_pages = max(1, cfg.readahead // PAGE)
         self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
         self.batch_pages = max(1, cfg.write_batch // PAGE)
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
@@ -96,12 +108,53 @@ class Engine:
         # Set by the server: stop watching a region's uffd before its fds close.
         self.on_region_closing: Callable[[Region], None] | None = None
 
+    # ------------------------------------------------------------------ shared state
+
+    @property
+    def charged(self) -> int:
+        return self.shared.charged
+
+    @charged.setter
+    def charged(self, value: int) -> None:
+        self.shared.charged = value
+
+    @property
+    def tick(self) -> int:
+        return self.shared.tick
+
+    @tick.setter
+    def tick(self, value: int) -> None:
+        self.shared.tick = value
+
+    def lock(self) -> None:
+        """Take the page lock from the fast path's threads: the server holds
+        it whenever the engine runs, and lets go only in epoll_wait."""
+        if self.fp is not None:
+            self.fp.lock()
+
+    def unlock(self) -> None:
+        if self.fp is not None:
+            self.fp.unlock()
+
+    def stop_fast_path(self) -> None:
+        """After drain, with the lock released: join the fast path's threads;
+        the shared counters are copied back into Python first."""
+        if self.fp is not None:
+            sh = self.shared
+            self.shared = fastpath.plain_shared()
+            for name in ("charged", "tick", "inflight", "faults", "swapins", "activations"):
+                setattr(self.shared, name, getattr(sh, name))
+            self.fp.stop()
+
     # ------------------------------------------------------------------ regions
 
-    def add_region(self, region: Region) -> None:
+    def add_region(self, region: Region) -> bool:
+        """Take a region on. True when the fast path's threads read its
+        uffd; False when the caller (the server's epoll) must."""
         region.id = self.next_region_id
         self.next_region_id += 1
         self.regions[region.id] = region
+        return self.fp is not None and self.fp.open(region)
 
     def close_region(self, region: Region, reason: str) -> None:
         """Stop serving a region. Its slots are freed now for pages with no I/O
@@ -112,6 +165,8 @@ class Engine:
         log.info("region %d closing (%s)", region.id, reason)
         if self.on_region_closing is not None:
             self.on_region_closing(region)
+        if self.fp is not None:
+            self.fp.close(region)
         # Threads parked on the region's faults must not sleep forever: woken,
         # they retry the access (on an unmapped range: SIGSEGV, as for any
         # access to unmapped memory).
@@ -135,8 +190,11 @@ class Engine:
         self._maybe_release(region)
 
     def _maybe_release(self, region: Region) -> None:
-        if region.closing and region.inflight == 0 and region.id in self.regions:
+        if (region.closing and region.inflight == 0 and region.id in self.regions
+                and (self.fp is None or self.fp.inflight(region) == 0)):
             del self.regions[region.id]
+            if self.fp is not None:
+                self.fp.free(region)
             region.release()
 
     def _ioctl_result(self, region: Region, ret: int, what: str) -> int:
@@ -357,7 +415,8 @@ class Engine:
         would free or settle memory, and nothing clean is left to drop. This is
         the store-unavailable case (full, or failing writes in backoff): pages
         stay resident over budget rather than stall the client forever."""
-        return self.writes_inflight == 0 and self.loads_inflight == 0 and not self.load_queue
+        return (self.writes_inflight == 0 and self.loads_inflight == 0 and not self.load_queue
+                and self.shared.inflight == 0)
 
     # ------------------------------------------------------------------ swap-in
 
@@ -371,22 +430,23 @@ class Engine:
         doubles up to `readahead_max` and the next window is started at once
         (asynchronous read-ahead), so the stream faults once per two windows."""
         table = region.table
+        ra = region.ra
         slot = int(table.slot[page])
         # A stream's next fault lands where its windows ended, inside the last
         # window when the budget cut that window short, or a little past its
         # end when pages there were still resident (a window stops at them).
-        sequential = (region.ra_expect > 0
-                      and region.ra_expect - region.ra_window <= page <= region.ra_expect + self.ra_pages)
+        sequential = (ra.ra_expect > 0
+                      and ra.ra_expect - ra.ra_window <= page <= ra.ra_expect + self.ra_pages)
         if sequential:
-            region.ra_window = min(region.ra_window * 2, self.ra_max_pages)
-            first, last = page, self._extend_forward(table, page, slot, page + region.ra_window)
-        elif abs(page - region.last_fault) > self.ra_pages:
+            ra.ra_window = min(ra.ra_window * 2, self.ra_max_pages)
+            first, last = page, self._extend_forward(table, page, slot, page + ra.ra_window)
+        elif abs(page - ra.last_fault) > self.ra_pages:
             # No locality with the previous fault: read just this page (random
             # access gains nothing from neighbours and pays for their transfer).
-            region.ra_window = 1
+            ra.ra_window = 1
             first = last = page
         else:
-            region.ra_window = self.ra_pages
+            ra.ra_window = self.ra_pages
             lo = page - page % self.ra_pages
             first = page
             while (first > lo and table.state[first - 1] == pt.SWAPPED
@@ -394,17 +454,17 @@ class Engine:
                    and self._charge(1)):
                 first -= 1
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
-        region.last_fault = page
+        ra.last_fault = page
         self._queue_load(region, first, last - first + 1, slot - (page - first))
         self.stats["readahead_pages"] += last - first
-        region.ra_expect = last + 1
+        ra.ra_expect = last + 1
         if sequential and last + 1 < region.npages and table.state[last + 1] == pt.SWAPPED and self._charge(1):
             nxt = last + 1
             nslot = int(table.slot[nxt])
-            end = self._extend_forward(table, nxt, nslot, nxt + region.ra_window)
+            end = self._extend_forward(table, nxt, nslot, nxt + ra.ra_window)
             self._queue_load(region, nxt, end - nxt + 1, nslot)
             self.stats["readahead_pages"] += end - nxt + 1
-            region.ra_expect = end + 1
+            ra.ra_expect = end + 1
         self._pump_loads()
 
     def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
@@ -523,7 +583,8 @@ class Engine:
         """Read a LOADING run again after `delay`. Its buffer goes back now; the
         region's in-flight count drops until the retry is queued, so a region
         closed meanwhile is released (and the run uncharged) instead."""
-        self.free_buffers.append(buf)
+        if buf is not None:  # None: a load the fast path started
+            self.free_buffers.append(buf)
         region.inflight -= 1
 
         def retry() -> None:
@@ -537,7 +598,8 @@ class Engine:
         self._after(delay, retry)
 
     def _finish_load(self, region: Region, buf) -> None:
-        self.free_buffers.append(buf)
+        if buf is not None:  # None: a load the fast path started
+            self.free_buffers.append(buf)
         region.inflight -= 1
         self._maybe_release(region)
         self._pump_loads()
@@ -798,6 +860,7 @@ class Engine:
         if self.draining:
             return
         self.draining = True
+        self.shared.enabled = 0  # every fault now goes through the engine
         log.info("draining: bringing every page home")
         for region in list(self.regions.values()):
             self._drain_region(region)
@@ -821,7 +884,7 @@ class Engine:
     def drain_done(self) -> bool:
         if not self.draining:
             return False
-        if self.writes_inflight or self.loads_inflight or self.load_queue:
+        if self.writes_inflight or self.loads_inflight or self.load_queue or self.shared.inflight:
             return False
         for region in list(self.regions.values()):
             if region.closing:
@@ -868,6 +931,45 @@ class Engine:
             done += self.cpool.completions()
         for on_done, result, error in done:
             on_done(result, error)
+        if self.fp is not None:
+            self._on_fast_records()
+            self.fp.top_up()
+
+    def _on_fast_records(self) -> None:
+        """What the fast path's threads passed on, in the order they read it."""
+        for (kind, rid, conn, ev, flags, addr, end, page, slot, result, copied, psum,
+             started) in self.fp.records():
+            region = self.regions.get(rid)
+            if kind == fastpath.FP_LOAD_FAILED:
+                err = self.fp.read_error(conn, result, slot) if result < 0 else None
+                if region is not None and page >= 0:
+                    self._fast_load_failed(region, page, slot, err, copied, psum, started)
+            elif region is None:
+                continue
+            elif kind == fastpath.FP_EVENT:
+                self.on_events(region, [(ev, flags, addr, end)])
+            elif kind == fastpath.FP_WAITERS:
+                # A write parked on the page while the fast path loaded it:
+                # it is the page's first write (as in _load_done).
+                if (not region.closing and region.table.state[page] == pt.RESIDENT
+                        and region.table.flags[page] & pt.F_DIRTY == 0):
+                    self._make_dirty(region, page)
+            elif kind == fastpath.FP_RELEASABLE:
+                self._maybe_release(region)
+            elif kind == fastpath.FP_READ_ERROR:
+                self.close_region(region, f"reading its userfaultfd failed: {os.strerror(-result)}")
+
+    def _fast_load_failed(self, region: Region, page: int, slot: int, err: OSError | None,
+                          copied: int, psum: int, started: float) -> None:
+        """A one-page load of the fast path failed (the store read, the
+        checksum or the COPY): the page is LOADING and charged, as for a load
+        of the engine's own, so _load_done's error handling takes it over."""
+        self.fp.take_over(region)
+        region.inflight += 1
+        self.loads_inflight += 1
+        sums = np.array([psum], np.uint32)
+        self._load_done(region, page, 1, slot, None, started,
+                        None if err else (sums, copied, uffd.COPY_MODE_WP), err)
 
     def settle(self) -> bool:
         """After any batch of events: reclaim, then admit faults waiting for room.
@@ -914,9 +1016,10 @@ class Engine:
             "max_resident_bytes": self.max_pages * PAGE,
             "swapped_bytes": swapped * PAGE,
             "swapouts_total": self.stats["swapouts"],
-            "swapins_total": self.stats["swapins"],
+            "swapins_total": self.stats["swapins"] + self.shared.swapins,
             "pages_written_total": self.stats["pages_written"],
-            "faults_total": self.stats["faults"],
+            "faults_total": self.stats["faults"] + self.shared.faults,
+            "fast_path_faults_total": self.shared.faults,
             "readahead_pages_total": self.stats["readahead_pages"],
             "zero_drops_total": self.stats["zero_drops"],
             "writeback_inflight": self.writes_inflight,

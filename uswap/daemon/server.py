@@ -94,6 +94,9 @@ class Server:
         _sd_notify("READY=1")
         engine = self.engine
         more = False
+        # The engine runs holding the page lock it shares with the fast
+        # path's threads; it lets go only while it sleeps in epoll_wait.
+        engine.lock()
         while True:
             if self.stop_requested and not engine.draining:
                 self._close_listener()
@@ -103,7 +106,12 @@ class Server:
             timeout = engine.run_timers()
             if more:
                 timeout = 0  # reclaim has more to do: look for events, don't sleep
-            for fd, mask in self.epoll.poll(-1 if timeout is None else timeout):
+            engine.unlock()
+            try:
+                ready = self.epoll.poll(-1 if timeout is None else timeout)
+            finally:
+                engine.lock()
+            for fd, mask in ready:
                 if fd in self.uffd_regions:
                     self._on_uffd(fd)
                 elif fd in self.sessions:
@@ -121,6 +129,8 @@ class Server:
         engine.hand_back_all()
         for session in list(self.sessions.values()):
             self._drop(session, "daemon stopping")
+        engine.unlock()
+        engine.stop_fast_path()
         engine.io.stop()
         if engine.cpool is not None:
             engine.cpool.stop()
@@ -296,11 +306,12 @@ class Server:
             log.warning("client pid %d: %s", session.pid, reason)
             self._reply(session, {"ok": False, "error": reason})
             return
-        self.engine.add_region(region)
+        fast = self.engine.add_region(region)
         session.regions.add(region.id)
         session.allocated.add(region.id)
-        self.uffd_regions[region.uffd] = region
-        self.epoll.register(region.uffd, select.EPOLLIN)
+        if not fast:  # the fast path's threads read the uffds of the others
+            self.uffd_regions[region.uffd] = region
+            self.epoll.register(region.uffd, select.EPOLLIN)
         log.info("client pid %d: region %d of %d bytes", session.pid, region.id, region.size)
         self._reply(session, {"ok": True, "region": region.id})
 

@@ -1,0 +1,474 @@
+/* The fault fast path: C threads that read the regions' userfaultfds and
+ * serve a random swap-in entirely themselves.
+ *
+ * Why it exists: with the engine's Python thread reading the events, a
+ * random 4 KiB swap-in cost ~80 us against ~30 us for the O_DIRECT read
+ * itself (scripts/bench_fault.py): a wake-up of the engine, ~10 us of Python
+ * per fault, then a second wake-up of an I/O thread. Here the thread that
+ * wakes for the fault reads the slot, checks it and maps it: one wake-up.
+ *
+ * Lock (fp_engine.lock) -- the "page lock" of invariant 2 for every page:
+ *   The Python engine holds it whenever it runs (it lets go only while it
+ *   sleeps in epoll_wait, see server.py), so every Python page transition
+ *   happens under it exactly as before. These threads take it to read an
+ *   event and decide, and again to finish; never across the store read or
+ *   the COPY. The page table arrays, `charged`, `tick` and the counters
+ *   below are shared with Python and only touched under the lock.
+ *
+ * What is served here, and only this: a MISSING fault (read or write) on a
+ * SWAPPED page, with no locality with the region's last swap-in (so no
+ * read-ahead decision is due), while the budget has room and, for nfs://, a
+ * lent context is idle. The page goes LOADING (as in engine._start_load),
+ * is read, checked (invariant 6: a page whose checksum fails is never
+ * mapped) and mapped write-protected (a clean swap-cache copy, as the
+ * engine does), then made RESIDENT. Everything else -- every other fault,
+ * every non-fault event, and every failure -- is passed to the Python
+ * engine in order as a record, and the page's state tells the engine where
+ * things stand (a failed load stays LOADING and the engine takes it over).
+ *
+ * Region slots: a region's slot is reused only after the Python engine
+ * released the region, which it does only once `inflight` (loads started
+ * here and not yet finished) is 0; `gen` changes at each reuse, so an
+ * epoll event read for a previous occupant is recognised and ignored.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+#include "nfs_io.h" /* includes <sys/time.h> before <nfsc/libnfs.h> */
+#include "fd_io.h"
+#include "pagesum.h"
+#include "uffd_copy.h"
+
+#define FP_MAX_REGIONS 4096
+#define FP_MAX_THREADS 16
+#define FP_MAX_CONNS 64
+#define FP_STOP_KEY UINT64_MAX
+
+/* Page states and flags: uswap/daemon/pagetable.py. */
+#define ST_SWAPPED 3
+#define ST_LOADING 4
+#define ST_RESIDENT 1
+#define FL_WAITERS 2
+#define FL_ACTIVE 8
+
+/* Records passed to the engine. */
+#define FP_EVENT 1        /* a uffd message the engine serves (kind, flags, addr, end) */
+#define FP_LOAD_FAILED 2  /* a load here failed: the page is LOADING, the engine takes it over */
+#define FP_WAITERS 3      /* page mapped here had a write parked on it (F_WAITERS) */
+#define FP_RELEASABLE 4   /* a load of a closing region ended: it may be releasable */
+#define FP_READ_ERROR 5   /* reading the region's uffd failed with -result */
+
+#ifndef UFFDIO_COPY_MODE_WP
+#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
+#endif
+
+struct fp_region {
+    uint32_t gen;
+    int32_t live;         /* an engine region occupies this slot */
+    int32_t closing;      /* set by the engine: start nothing new here */
+    int32_t uffd;
+    int32_t id;           /* the engine's region id */
+    int32_t inflight;     /* loads started here and not yet finished */
+    uint64_t addr;
+    uint64_t npages;
+    uint8_t *state;
+    uint8_t *flags;
+    int32_t *slot;
+    uint32_t *stamp;
+    uint32_t *sum;
+    int64_t last_fault;   /* read-ahead bookkeeping shared with the engine */
+    int64_t ra_expect;
+    int64_t ra_window;
+};
+
+struct fp_record {
+    int32_t type;
+    int32_t region;       /* engine region id */
+    int32_t conn;         /* FP_LOAD_FAILED on nfs://: the context's id (it stays out) */
+    int32_t pad;
+    uint64_t kind, flags, addr, end;
+    int64_t page, slot, result, copied;
+    uint32_t sum;
+    uint32_t pad2;
+    double started;       /* CLOCK_MONOTONIC seconds when the fault was taken */
+};
+
+struct fp_conn {
+    struct nfs_context *nfs;
+    struct nfsfh *fh;
+    int32_t id;
+};
+
+struct fp_engine {
+    pthread_mutex_t lock;
+    /* Shared with the engine, under the lock. */
+    int64_t charged;
+    int64_t max_pages;
+    int64_t high_pages;
+    int64_t ra_pages;
+    uint32_t tick;
+    int32_t enabled;      /* 0: pass every event to the engine (draining) */
+    int32_t inflight;     /* loads started here and not yet finished, all regions */
+    int32_t kicked;       /* eventfd poked since the engine last took records */
+    uint64_t faults, swapins, activations;
+    int32_t fd;           /* the file store's O_DIRECT fd, or -1 (nfs://) */
+    int32_t nidle;
+    struct fp_conn idle[FP_MAX_CONNS];
+    struct fp_record *recs;
+    int64_t nrecs, caprecs;
+    struct fp_region regions[FP_MAX_REGIONS];
+    /* Threads. */
+    int epfd, eventfd, stopfd, nthreads;
+    pthread_t threads[FP_MAX_THREADS];
+};
+
+struct fp_job {
+    struct fp_region *r;
+    int64_t page, slot;
+    uint32_t expected;
+    struct fp_conn conn;  /* nfs:// only */
+    double started;
+};
+
+static double fp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Lock held. Wake the engine: once per batch of records it has not taken. */
+static void fp_kick(struct fp_engine *e)
+{
+    if (e->kicked)
+        return;
+    e->kicked = 1;
+    uint64_t one = 1;
+    ssize_t w = write(e->eventfd, &one, sizeof(one));
+    (void)w;
+}
+
+/* Lock held. A new record for the engine (zeroed but for type and region). */
+static struct fp_record *fp_push(struct fp_engine *e, int type, struct fp_region *r)
+{
+    if (e->nrecs == e->caprecs) {
+        int64_t cap = e->caprecs ? e->caprecs * 2 : 256;
+        struct fp_record *grown = realloc(e->recs, (size_t)cap * sizeof(*grown));
+        if (!grown)
+            abort();   /* the daemon cannot lose an event */
+        e->recs = grown;
+        e->caprecs = cap;
+    }
+    struct fp_record *rec = &e->recs[e->nrecs++];
+    memset(rec, 0, sizeof(*rec));
+    rec->type = type;
+    rec->region = r->id;
+    rec->conn = -1;
+    fp_kick(e);
+    return rec;
+}
+
+/* Lock held. Start serving this fault here if it is ours (see the top of
+ * the file); returns 1 and fills job when it is. */
+static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m,
+                         struct fp_job *job)
+{
+    if (!e->enabled || (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+        return 0;
+    uint64_t addr = m->arg.pagefault.address;
+    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
+        return 0;
+    int64_t page = (int64_t)((addr - r->addr) >> 12);
+    if (r->state[page] != ST_SWAPPED)
+        return 0;
+    /* Locality with the last swap-in or a stream's next window: the engine
+     * decides read-ahead (engine._start_load); the same tests as there. */
+    if (r->ra_expect > 0 && r->ra_expect - r->ra_window <= page && page <= r->ra_expect + e->ra_pages)
+        return 0;
+    int64_t dist = page - r->last_fault;
+    if (dist >= -e->ra_pages && dist <= e->ra_pages)
+        return 0;
+    if (e->charged + 1 > e->max_pages)
+        return 0;   /* the engine parks it until reclaim makes room */
+    if (e->fd < 0) {
+        if (e->nidle == 0)
+            return 0;
+        job->conn = e->idle[--e->nidle];
+    }
+    e->faults++;
+    e->charged++;
+    /* Refault distance (engine.fault_missing): back within a budget's worth
+     * of faults after eviction = working set, returns active. */
+    if ((uint32_t)(e->tick - r->stamp[page]) <= (uint64_t)e->max_pages) {
+        r->flags[page] |= FL_ACTIVE;
+        e->activations++;
+    }
+    /* Invariant 2: LOADING is set here, under the page lock, before the read. */
+    r->state[page] = ST_LOADING;
+    r->last_fault = page;
+    r->ra_window = 1;
+    r->ra_expect = page + 1;
+    r->inflight++;
+    e->inflight++;
+    if (e->charged > e->high_pages)
+        fp_kick(e);   /* reclaim is due */
+    job->r = r;
+    job->page = page;
+    job->slot = r->slot[page];
+    job->expected = r->sum[page];
+    job->started = fp_now();
+    return 1;
+}
+
+/* No lock. Read, check and map the job's page; the read's result and the
+ * COPY's (bytes, -EBADMSG for a bad checksum, or -errno). */
+static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t *result, int64_t *copied,
+                   uint32_t *sum)
+{
+    *copied = 0;
+    *sum = 0;
+    if (e->fd >= 0) {
+        *result = us_fd_full(0, e->fd, buf, 4096, j->slot * 4096);
+    } else {
+        *result = us_nfs_full(0, j->conn.nfs, j->conn.fh, buf, 4096, (uint64_t)j->slot * 4096);
+        if (*result >= 0 && *result < 4096)
+            *result = -EIO;   /* past the end of the file */
+    }
+    if (*result < 0)
+        return;
+    us_page_sums(buf, 1, sum);
+    if (*sum != j->expected) {
+        *copied = -EBADMSG;   /* invariant 6: nothing is mapped */
+        return;
+    }
+    uint64_t dst = j->r->addr + ((uint64_t)j->page << 12);
+    *copied = us_uffd_copy(j->r->uffd, dst, buf, 4096, UFFDIO_COPY_MODE_WP);
+    if (*copied == -EEXIST) {
+        /* Present already (written through the memfd): keep it, it can only
+         * be newer; wake the fault (engine._copy_pagewise does the same). */
+        struct uffdio_range range = { .start = dst, .len = 4096 };
+        ioctl(j->r->uffd, UFFDIO_WAKE, &range);
+        *copied = 4096;
+    }
+}
+
+/* Lock held. Apply the outcome of a job. */
+static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int64_t copied, uint32_t sum)
+{
+    struct fp_region *r = j->r;
+    e->inflight--;
+    int ok = result >= 0 && copied == 4096;
+    if (e->fd < 0 && result >= 0)
+        e->idle[e->nidle++] = j->conn;   /* the server answered: the context is sound */
+    if (r->closing) {
+        /* engine.close_region leaves LOADING pages charged until their load ends. */
+        r->inflight--;
+        e->charged--;
+        fp_push(e, FP_RELEASABLE, r);
+        if (e->fd < 0 && result < 0) {
+            struct fp_record *rec = fp_push(e, FP_LOAD_FAILED, r);
+            rec->conn = j->conn.id;   /* the engine checks it back in; the page is not looked at */
+            rec->result = result;
+            rec->page = -1;
+        }
+        return;
+    }
+    if (!ok) {
+        /* The engine takes the load over (engine._fast_load_failed); the page
+         * stays LOADING and charged, and r->inflight counts it until then. */
+        struct fp_record *rec = fp_push(e, FP_LOAD_FAILED, r);
+        rec->page = j->page;
+        rec->slot = j->slot;
+        rec->result = result;
+        rec->copied = copied;
+        rec->sum = sum;
+        rec->started = j->started;
+        if (e->fd < 0 && result < 0)
+            rec->conn = j->conn.id;
+        return;
+    }
+    r->inflight--;
+    uint8_t fl = r->flags[j->page];
+    if (fl & FL_WAITERS)
+        fp_push(e, FP_WAITERS, r)->page = j->page;   /* a write parked meanwhile: its first write */
+    r->flags[j->page] = fl & FL_ACTIVE;
+    r->state[j->page] = ST_RESIDENT;
+    e->tick++;
+    r->stamp[j->page] = e->tick;
+    e->swapins++;
+}
+
+static void *fp_thread(void *arg)
+{
+    struct fp_engine *e = arg;
+    uint64_t buf = 0;
+    if (posix_memalign((void **)&buf, 4096, 4096) != 0)
+        abort();
+    memset((void *)buf, 0, 4096);   /* touched now: no allocation on the fault path */
+    for (;;) {
+        struct epoll_event ev;
+        int n = epoll_wait(e->epfd, &ev, 1, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 || ev.data.u64 == FP_STOP_KEY)
+            break;
+        uint32_t idx = (uint32_t)ev.data.u64, gen = (uint32_t)(ev.data.u64 >> 32);
+        struct fp_job job;
+        int have_job = 0;
+        pthread_mutex_lock(&e->lock);
+        struct fp_region *r = idx < FP_MAX_REGIONS ? &e->regions[idx] : NULL;
+        /* Read one message at a time: a fault taken here leaves the rest of
+         * the region's queue to another thread while this one reads the store. */
+        while (r && r->live && r->gen == gen && !r->closing && !have_job) {
+            struct uffd_msg m;
+            ssize_t got = read(r->uffd, &m, sizeof(m));
+            if (got < 0) {
+                if (errno != EAGAIN && errno != EINTR)
+                    fp_push(e, FP_READ_ERROR, r)->result = -errno;
+                break;
+            }
+            if (got != sizeof(m)) {
+                fp_push(e, FP_READ_ERROR, r)->result = -EIO;
+                break;
+            }
+            if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, &m, &job)) {
+                have_job = 1;
+                break;
+            }
+            struct fp_record *rec = fp_push(e, FP_EVENT, r);
+            rec->kind = m.event;
+            if (m.event == UFFD_EVENT_PAGEFAULT) {
+                rec->flags = m.arg.pagefault.flags;
+                rec->addr = m.arg.pagefault.address;
+            } else if (m.event == UFFD_EVENT_UNMAP || m.event == UFFD_EVENT_REMOVE) {
+                rec->addr = m.arg.remove.start;
+                rec->end = m.arg.remove.end;
+            }
+        }
+        pthread_mutex_unlock(&e->lock);
+        if (!have_job)
+            continue;
+        int64_t result, copied;
+        uint32_t sum;
+        fp_run(e, &job, buf, &result, &copied, &sum);
+        pthread_mutex_lock(&e->lock);
+        fp_finish(e, &job, result, copied, sum);
+        pthread_mutex_unlock(&e->lock);
+    }
+    free((void *)buf);
+    return NULL;
+}
+
+/* ---- the engine's side (Python, through cffi) ---- */
+
+static struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd)
+{
+    if (nthreads < 1 || nthreads > FP_MAX_THREADS)
+        return NULL;
+    struct fp_engine *e = calloc(1, sizeof(*e));
+    if (!e)
+        return NULL;
+    pthread_mutex_init(&e->lock, NULL);
+    e->eventfd = notify_fd;
+    e->fd = store_fd;
+    e->enabled = 1;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = FP_STOP_KEY };
+    if (e->epfd < 0 || e->stopfd < 0 || epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->stopfd, &ev) < 0)
+        goto fail;
+    /* Threads run with every signal blocked: signals go to the daemon's
+     * Python thread, and libnfs's sync calls fail when interrupted. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (int i = 0; i < nthreads; i++) {
+        if (pthread_create(&e->threads[i], NULL, fp_thread, e) != 0)
+            break;
+        e->nthreads++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (e->nthreads == 0)
+        goto fail;
+    return e;
+fail:
+    if (e->epfd >= 0)
+        close(e->epfd);
+    if (e->stopfd >= 0)
+        close(e->stopfd);
+    free(e);
+    return NULL;
+}
+
+static void fp_lock(struct fp_engine *e) { pthread_mutex_lock(&e->lock); }
+static void fp_unlock(struct fp_engine *e) { pthread_mutex_unlock(&e->lock); }
+
+/* Lock held. Start watching a region in slot idx; -errno on failure. */
+static int fp_region_open(struct fp_engine *e, int idx)
+{
+    struct fp_region *r = &e->regions[idx];
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)r->gen << 32) | (uint32_t)idx };
+    r->live = 1;
+    r->closing = 0;
+    r->inflight = 0;
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->uffd, &ev) < 0) {
+        r->live = 0;
+        return -errno;
+    }
+    return 0;
+}
+
+/* Lock held. Stop taking events of the region (its uffd stays open). */
+static void fp_region_close(struct fp_engine *e, int idx)
+{
+    struct fp_region *r = &e->regions[idx];
+    if (!r->closing) {
+        r->closing = 1;
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, r->uffd, NULL);
+    }
+}
+
+/* Lock held, r->inflight == 0. The slot may be reused. */
+static void fp_region_free(struct fp_engine *e, int idx)
+{
+    struct fp_region *r = &e->regions[idx];
+    r->live = 0;
+    r->gen++;
+}
+
+/* Lock held. Move up to max records into out; returns how many. */
+static int fp_take_records(struct fp_engine *e, struct fp_record *out, int max)
+{
+    e->kicked = 0;
+    int n = (int)(e->nrecs < max ? e->nrecs : max);
+    memcpy(out, e->recs, (size_t)n * sizeof(*out));
+    memmove(e->recs, e->recs + n, (size_t)(e->nrecs - n) * sizeof(*out));
+    e->nrecs -= n;
+    return n;
+}
+
+/* Lock NOT held. Stop and join the threads; loads in flight finish first. */
+static void fp_stop(struct fp_engine *e)
+{
+    uint64_t one = 1;
+    for (int i = 0; i < e->nthreads; i++) {
+        ssize_t w = write(e->stopfd, &one, sizeof(one));
+        (void)w;
+    }
+    for (int i = 0; i < e->nthreads; i++)
+        pthread_join(e->threads[i], NULL);
+    close(e->epfd);
+    close(e->stopfd);
+    free(e->recs);
+    free(e);
+}

@@ -1,0 +1,163 @@
+"""Python face of the fault fast path (native/fastpath.c).
+
+The C threads read the userfaultfds of the regions given to them and serve
+random swap-ins of the file and nfs:// stores themselves; everything else
+comes back to the engine as records, in order. The engine holds the fast
+path's lock whenever it runs (Engine.lock/unlock around the server's epoll
+wait), so the page tables, `charged` and `tick` -- which live in C memory
+shared with those threads -- change under one lock, as before.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import types
+
+from uswap._fastpath_cffi import ffi, lib
+from uswap.daemon.region import ReadAhead
+from uswap.store.file import FileStore
+from uswap.store.nfs import NfsStore
+
+FP_EVENT = lib.FP_EVENT
+FP_LOAD_FAILED = lib.FP_LOAD_FAILED
+FP_WAITERS = lib.FP_WAITERS
+FP_RELEASABLE = lib.FP_RELEASABLE
+FP_READ_ERROR = lib.FP_READ_ERROR
+
+
+def supports(store) -> bool:
+    return type(store) in (FileStore, NfsStore)
+
+
+def plain_shared() -> types.SimpleNamespace:
+    """The engine's shared counters when there is no fast path."""
+    return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
+                                 faults=0, swapins=0, activations=0)
+
+
+class FastPath:
+    def __init__(self, nthreads: int, notify_fd: int, store) -> None:
+        self.store = store
+        self.nfs = type(store) is NfsStore
+        self.nthreads = nthreads
+        self.e = lib.fp_new(nthreads, notify_fd, -1 if self.nfs else store.fd)
+        if self.e == ffi.NULL:
+            raise OSError(errno.EAGAIN, "cannot start the fault fast path threads")
+        self.shared = self.e   # charged, tick, counters: fields of struct fp_engine
+        self.free_slots = list(range(lib.FP_MAX_REGIONS - 1, -1, -1))
+        self.recs = ffi.new("struct fp_record[]", 256)
+        self.conns: dict[int, object] = {}   # id -> NfsStore conn lent to the C threads
+        self.next_conn = 1
+        self.locked = False
+
+    # The lock: held by the engine thread whenever it runs.
+    def lock(self) -> None:
+        lib.fp_lock(self.e)
+        self.locked = True
+
+    def unlock(self) -> None:
+        self.locked = False
+        lib.fp_unlock(self.e)
+
+    def configure(self, max_pages: int, high_pages: int, ra_pages: int) -> None:
+        self.e.max_pages, self.e.high_pages, self.e.ra_pages = max_pages, high_pages, ra_pages
+
+    # ---------------------------------------------------------------- regions
+
+    def open(self, region) -> bool:
+        """Watch the region's uffd on the C threads; False (the engine's own
+        epoll serves it) when no slot is free or epoll refuses the fd."""
+        if not self.free_slots:
+            return False
+        idx = self.free_slots.pop()
+        r = self.e.regions[idx]
+        table = region.table
+        r.uffd, r.id, r.addr, r.npages = region.uffd, region.id, region.addr, region.npages
+        r.state = ffi.cast("uint8_t *", table.state.ctypes.data)
+        r.flags = ffi.cast("uint8_t *", table.flags.ctypes.data)
+        r.slot = ffi.cast("int32_t *", table.slot.ctypes.data)
+        r.stamp = ffi.cast("uint32_t *", table.stamp.ctypes.data)
+        r.sum = ffi.cast("uint32_t *", table.sum.ctypes.data)
+        ra = region.ra
+        r.last_fault, r.ra_expect, r.ra_window = ra.last_fault, ra.ra_expect, ra.ra_window
+        if lib.fp_region_open(self.e, idx) < 0:
+            self.free_slots.append(idx)
+            return False
+        region.fp_slot = idx
+        region.ra = r   # read-ahead state now shared with the C threads
+        return True
+
+    def close(self, region) -> None:
+        """Stop reading the region's events (loads in flight finish)."""
+        if region.fp_slot >= 0:
+            lib.fp_region_close(self.e, region.fp_slot)
+
+    def inflight(self, region) -> int:
+        return self.e.regions[region.fp_slot].inflight if region.fp_slot >= 0 else 0
+
+    def take_over(self, region) -> None:
+        """The engine takes over a load that failed here."""
+        self.e.regions[region.fp_slot].inflight -= 1
+
+    def free(self, region) -> None:
+        if region.fp_slot >= 0:
+            ra = region.ra
+            region.ra = ReadAhead(ra.last_fault, ra.ra_expect, ra.ra_window)
+            lib.fp_region_free(self.e, region.fp_slot)
+            self.free_slots.append(region.fp_slot)
+            region.fp_slot = -1
+
+    # ---------------------------------------------------------------- records
+
+    def records(self) -> list[tuple]:
+        """Records since the last call, oldest first, as tuples
+        (type, region id, conn, kind, flags, addr, end, page, slot, result,
+        copied, sum, started); conn is the NfsStore conn of a failed nfs://
+        read (the caller checks it in), else None."""
+        out = []
+        while True:
+            n = lib.fp_take_records(self.e, self.recs, 256)
+            for i in range(n):
+                r = self.recs[i]
+                conn = self.conns.pop(r.conn, None) if r.conn >= 0 else None
+                out.append((r.type, r.region, conn, r.kind, r.flags, r.addr, r.end, r.page, r.slot,
+                            r.result, r.copied, r.sum, r.started))
+            if n < 256:
+                return out
+
+    def read_error(self, conn, result: int, slot: int) -> OSError:
+        """The OSError of a failed store read of one page at `slot`."""
+        off = slot * 4096
+        if conn is not None:
+            err = self.store.io_error(conn, "read", 4096, off, -result)
+            self.store.checkin(conn, err)
+            return err
+        return OSError(-result, f"pread at store offset {off}: {os.strerror(-result)}")
+
+    def top_up(self) -> None:
+        """nfs://: lend idle contexts to the C threads, one per thread."""
+        if not self.nfs:
+            return
+        while self.e.nidle < self.nthreads:
+            conn = self.store.checkout()
+            if conn is None:
+                return
+            cid = self.next_conn
+            self.next_conn += 1
+            slot = self.e.idle[self.e.nidle]
+            slot.nfs = ffi.cast("struct nfs_context *", conn.ctx)
+            slot.fh = ffi.cast("struct nfsfh *", conn.fh)
+            slot.id = cid
+            self.conns[cid] = conn
+            self.e.nidle += 1
+
+    def stop(self) -> None:
+        """Join the threads (the lock must not be held); lent contexts go back."""
+        if self.e == ffi.NULL:
+            return
+        lib.fp_stop(self.e)
+        self.e = ffi.NULL
+        self.shared = plain_shared()
+        for conn in self.conns.values():
+            self.store.checkin(conn, None)
+        self.conns.clear()
