@@ -20,8 +20,10 @@
  * read-ahead decision is due), while the budget has room and, for nfs://, a
  * lent context is idle. The page goes LOADING (as in engine._start_load),
  * is read, checked (invariant 6: a page whose checksum fails is never
- * mapped) and mapped write-protected (a clean swap-cache copy, as the
- * engine does), then made RESIDENT. Everything else -- every other fault,
+ * mapped) and mapped, then made RESIDENT. A read fault maps it
+ * write-protected (a clean swap-cache copy, as the engine does); a write
+ * fault maps it writable and dirty at once, saving the write-protect fault
+ * that would follow, and the engine frees the stale slot (FP_DIRTIED). Everything else -- every other fault,
  * every non-fault event, and every failure -- is passed to the Python
  * engine in order as a record, and the page's state tells the engine where
  * things stand (a failed load stays LOADING and the engine takes it over).
@@ -58,6 +60,7 @@
 #define ST_SWAPPED 3
 #define ST_LOADING 4
 #define ST_RESIDENT 1
+#define FL_DIRTY 1
 #define FL_WAITERS 2
 #define FL_ACTIVE 8
 
@@ -67,6 +70,7 @@
 #define FP_WAITERS 3      /* page mapped here had a write parked on it (F_WAITERS) */
 #define FP_RELEASABLE 4   /* a load of a closing region ended: it may be releasable */
 #define FP_READ_ERROR 5   /* reading the region's uffd failed with -result */
+#define FP_DIRTIED 6      /* page mapped writable for a write fault: its slot copy is stale */
 
 #ifndef UFFDIO_COPY_MODE_WP
 #define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
@@ -136,6 +140,7 @@ struct fp_job {
     struct fp_region *r;
     int64_t page, slot;
     uint32_t expected;
+    int write;            /* a write fault: map writable and dirty */
     struct fp_conn conn;  /* nfs:// only */
     double started;
 };
@@ -226,6 +231,7 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     job->page = page;
     job->slot = r->slot[page];
     job->expected = r->sum[page];
+    job->write = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
     job->started = fp_now();
     return 1;
 }
@@ -252,7 +258,7 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
         return;
     }
     uint64_t dst = j->r->addr + ((uint64_t)j->page << 12);
-    *copied = us_uffd_copy(j->r->uffd, dst, buf, 4096, UFFDIO_COPY_MODE_WP);
+    *copied = us_uffd_copy(j->r->uffd, dst, buf, 4096, j->write ? 0 : UFFDIO_COPY_MODE_WP);
     if (*copied == -EEXIST) {
         /* Present already (written through the memfd): keep it, it can only
          * be newer; wake the fault (engine._copy_pagewise does the same). */
@@ -299,9 +305,19 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
     }
     r->inflight--;
     uint8_t fl = r->flags[j->page];
-    if (fl & FL_WAITERS)
-        fp_push(e, FP_WAITERS, r)->page = j->page;   /* a write parked meanwhile: its first write */
-    r->flags[j->page] = fl & FL_ACTIVE;
+    if (j->write) {
+        /* Dirty from the start. The slot stays in the table until the engine
+         * frees it on the record, which it takes before any reclaim can look
+         * at the page (it drains records first, all under the lock). */
+        struct fp_record *rec = fp_push(e, FP_DIRTIED, r);
+        rec->page = j->page;
+        rec->slot = j->slot;
+        r->flags[j->page] = (fl & FL_ACTIVE) | FL_DIRTY;
+    } else {
+        if (fl & FL_WAITERS)
+            fp_push(e, FP_WAITERS, r)->page = j->page;   /* a write parked meanwhile: its first write */
+        r->flags[j->page] = fl & FL_ACTIVE;
+    }
     r->state[j->page] = ST_RESIDENT;
     e->tick++;
     r->stamp[j->page] = e->tick;

@@ -68,6 +68,7 @@ struct fp_engine {
 #define FP_WAITERS 3
 #define FP_RELEASABLE 4
 #define FP_READ_ERROR 5
+#define FP_DIRTIED 6
 struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd);
 void fp_lock(struct fp_engine *e);
 void fp_unlock(struct fp_engine *e);

@@ -30,7 +30,7 @@ from uswap.daemon.iopool import IoPool
 from uswap.daemon.ratelimit import RateLimitedLog
 from uswap.daemon.region import Region
 from uswap.daemon.slots import SlotAllocator
-from uswap.daemon.victims import choose_victims
+from uswap.daemon.victims import VictimQueue
 from uswap.store.base import Store
 from uswap.store.file import FileStore
 from uswap.store.nfs import NfsStore
@@ -82,6 +82,8 @@ class Engine:
         self.loads_inflight = 0
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
+        # One scan of the page tables per eighth of the budget evicted.
+        self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8))
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
@@ -469,14 +471,20 @@ class Engine:
 
     def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
         """Last page of the run from `page` (charged) onwards, below `limit`,
-        of SWAPPED pages in slots adjacent to `slot`; charges each page added."""
-        last = page
-        limit = min(limit, table.npages)
-        while (last + 1 < limit and table.state[last + 1] == pt.SWAPPED
-               and table.slot[last + 1] == slot + (last + 1 - page)
-               and self._charge(1)):
-            last += 1
-        return last
+        of SWAPPED pages in slots adjacent to `slot`; charges each page added.
+        (Vectorised: a per-page loop here was 15% of the engine's time on a
+        sequential stream, py-spy.)"""
+        room = (1 << 62) if self.draining else self.max_pages - self.charged
+        span = min(limit, table.npages) - (page + 1)
+        span = min(span, room)
+        if span <= 0:
+            return page
+        nxt = slice(page + 1, page + 1 + span)
+        ok = (table.state[nxt] == pt.SWAPPED) & (table.slot[nxt] == np.arange(slot + 1, slot + 1 + span))
+        stop = np.flatnonzero(~ok)
+        extra = int(stop[0]) if len(stop) else span
+        self.charged += extra
+        return page + extra
 
     def _queue_load(self, region: Region, first: int, n: int, slot: int) -> None:
         region.table.state[first:first + n] = pt.LOADING
@@ -638,7 +646,7 @@ class Engine:
         step = min(want, RECLAIM_STEP)
         progress = 0
         can_write = time.monotonic() >= self.write_retry_at
-        for region, pages in choose_victims(self.regions.values(), step, self.tick, clean_only=not can_write):
+        for region, pages in self.victims.take(self.regions.values(), step, self.tick, clean_only=not can_write):
             table = region.table
             clean = pages[(table.flags[pages] & pt.F_DIRTY) == 0]
             dirty = pages[(table.flags[pages] & pt.F_DIRTY) != 0]
@@ -660,7 +668,7 @@ class Engine:
                         break
         if self.charged - self.evicting <= self.low_pages:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
-        return progress > 0 and want > step
+        return progress > 0 and want > progress
 
     def _drop(self, region: Region, pages: np.ndarray) -> None:
         """Drop clean resident pages from memory with one punch per run.
@@ -954,6 +962,14 @@ class Engine:
                 if (not region.closing and region.table.state[page] == pt.RESIDENT
                         and region.table.flags[page] & pt.F_DIRTY == 0):
                     self._make_dirty(region, page)
+            elif kind == fastpath.FP_DIRTIED:
+                # Mapped writable for a write fault: the slot copy is stale.
+                # Records are taken before reclaim runs (on_completions, then
+                # settle, under the lock), so the page still holds that slot.
+                table = region.table
+                if not region.closing and table.slot[page] == slot:
+                    self.slots.free(slot)
+                    table.slot[page] = pt.NO_SLOT
             elif kind == fastpath.FP_RELEASABLE:
                 self._maybe_release(region)
             elif kind == fastpath.FP_READ_ERROR:
