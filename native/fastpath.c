@@ -23,7 +23,9 @@
  * mapped) and mapped, then made RESIDENT. A read fault maps it
  * write-protected (a clean swap-cache copy, as the engine does); a write
  * fault maps it writable and dirty at once, saving the write-protect fault
- * that would follow, and the engine frees the stale slot (FP_DIRTIED). Everything else -- every other fault,
+ * that would follow, and the engine frees the stale slot (FP_DIRTIED).
+ * A write-protect fault on a clean RESIDENT page (its first write since
+ * its slot copy was taken) is un-protected here too. Everything else -- every other fault,
  * every non-fault event, and every failure -- is passed to the Python
  * engine in order as a record, and the page's state tells the engine where
  * things stand (a failed load stays LOADING and the engine takes it over).
@@ -236,6 +238,38 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     return 1;
 }
 
+/* Lock held. A write-protect fault on a clean RESIDENT page is its first
+ * write since its slot copy was taken (engine._make_dirty): un-protect it
+ * (which wakes the writer) and mark it dirty; the engine frees the stale
+ * slot on the FP_DIRTIED record. Returns 1 when served here; anything else
+ * (WRITEBACK and LOADING pages park in the engine, invariant 4) is passed on. */
+static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
+{
+    if (!e->enabled || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
+        return 0;
+    uint64_t addr = m->arg.pagefault.address;
+    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
+        return 0;
+    int64_t page = (int64_t)((addr - r->addr) >> 12);
+    uint8_t fl = r->flags[page];
+    if (r->state[page] != ST_RESIDENT || (fl & FL_DIRTY))
+        return 0;
+    struct uffdio_writeprotect wp = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
+                                      .mode = 0 };
+    if (ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+        return 0;   /* the engine retries or closes the region (engine._ioctl_result) */
+    e->faults++;
+    r->flags[page] = (fl & FL_ACTIVE) | FL_DIRTY;
+    e->tick++;
+    r->stamp[page] = e->tick;
+    if (r->slot[page] >= 0) {
+        struct fp_record *rec = fp_push(e, FP_DIRTIED, r);
+        rec->page = page;
+        rec->slot = r->slot[page];
+    }
+    return 1;
+}
+
 /* No lock. Read, check and map the job's page; the read's result and the
  * COPY's (bytes, -EBADMSG for a bad checksum, or -errno). */
 static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t *result, int64_t *copied,
@@ -357,6 +391,8 @@ static void *fp_thread(void *arg)
                 fp_push(e, FP_READ_ERROR, r)->result = -EIO;
                 break;
             }
+            if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_wp(e, r, &m))
+                continue;
             if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, &m, &job)) {
                 have_job = 1;
                 break;
