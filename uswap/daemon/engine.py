@@ -293,9 +293,16 @@ class Engine:
         n = 1
         if page == region.fill_expect:
             region.fill_window = min(region.fill_window * 2, self.ra_max_pages)
-            limit = min(region.npages, page + region.fill_window)
-            while page + n < limit and table.state[page + n] == pt.EMPTY and self._charge(1):
-                n += 1
+            # The window's EMPTY pages from `page` on, as far as the budget
+            # allows (vectorised: a per-page loop here was 12% of the engine's
+            # time on a first-touch stream, py-spy).
+            span = min(region.npages, page + region.fill_window) - (page + 1)
+            span = min(span, (1 << 62) if self.draining else self.max_pages - self.charged)
+            if span > 0:
+                stop = np.flatnonzero(table.state[page + 1:page + 1 + span] != pt.EMPTY)
+                extra = int(stop[0]) if len(stop) else span
+                self.charged += extra
+                n += extra
         else:
             region.fill_window = 1
         mode = 0 if write else uffd.COPY_MODE_WP
@@ -1039,7 +1046,7 @@ class Engine:
             "readahead_pages_total": self.stats["readahead_pages"],
             "zero_drops_total": self.stats["zero_drops"],
             "writeback_inflight": self.writes_inflight,
-            "reads_inflight": self.loads_inflight,
+            "reads_inflight": self.loads_inflight + self.shared.inflight,
             "write_errors_total": self.stats["write_errors"],
             "read_errors_total": self.stats["read_errors"],
             "overcommit_pages_total": self.stats["overcommit_pages"],
