@@ -59,6 +59,7 @@
 #define FP_STOP_KEY UINT64_MAX
 
 /* Page states and flags: uswap/daemon/pagetable.py. */
+#define ST_EMPTY 0
 #define ST_SWAPPED 3
 #define ST_LOADING 4
 #define ST_RESIDENT 1
@@ -95,6 +96,8 @@ struct fp_region {
     int64_t last_fault;   /* read-ahead bookkeeping shared with the engine */
     int64_t ra_expect;
     int64_t ra_window;
+    int64_t fill_expect;  /* zero-fill stream state shared with the engine (engine._fill_zero) */
+    int64_t fill_window;
 };
 
 struct fp_record {
@@ -127,6 +130,8 @@ struct fp_engine {
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
     uint64_t faults, swapins, activations;
+    int64_t fill_max;     /* largest zero-fill window, pages */
+    uint64_t zero;        /* fill_max zeroed pages, the source of every zero fill */
     int32_t fd;           /* the file store's O_DIRECT fd, or -1 (nfs://) */
     int32_t nidle;
     struct fp_conn idle[FP_MAX_CONNS];
@@ -143,6 +148,10 @@ struct fp_job {
     int64_t page, slot;
     uint32_t expected;
     int write;            /* a write fault: map writable and dirty */
+    int fill;             /* a zero fill of n EMPTY pages (no store I/O) */
+    int64_t n;
+    uint64_t fault_flags; /* the fault, passed on if the fill fails */
+    uint64_t fault_addr;
     struct fp_conn conn;  /* nfs:// only */
     double started;
 };
@@ -185,6 +194,44 @@ static struct fp_record *fp_push(struct fp_engine *e, int type, struct fp_region
     return rec;
 }
 
+/* Lock held. First touch of an EMPTY page: zeros, in a window that doubles
+ * while the faults follow each other (engine._fill_zero, the same rules).
+ * The pages go LOADING until the COPY has mapped them. */
+static int fp_take_fill(struct fp_engine *e, struct fp_region *r, int64_t page, const struct uffd_msg *m,
+                        struct fp_job *job)
+{
+    if (!e->zero || e->charged + 1 > e->max_pages)
+        return 0;
+    int64_t n = 1;
+    if (page == r->fill_expect) {
+        r->fill_window = r->fill_window * 2 < e->fill_max ? r->fill_window * 2 : e->fill_max;
+        int64_t limit = page + r->fill_window < (int64_t)r->npages ? page + r->fill_window : (int64_t)r->npages;
+        while (page + n < limit && r->state[page + n] == ST_EMPTY && e->charged + n + 1 <= e->max_pages)
+            n++;
+    } else {
+        r->fill_window = 1;
+    }
+    e->faults++;
+    e->charged += n;
+    for (int64_t i = 0; i < n; i++)
+        r->state[page + i] = ST_LOADING;
+    r->fill_expect = page + n;
+    r->inflight++;
+    e->inflight++;
+    if (e->charged > e->high_pages)
+        fp_kick(e);
+    memset(job, 0, sizeof(*job));
+    job->r = r;
+    job->page = page;
+    job->n = n;
+    job->fill = 1;
+    job->write = (m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+    job->fault_flags = m->arg.pagefault.flags;
+    job->fault_addr = m->arg.pagefault.address;
+    job->started = fp_now();
+    return 1;
+}
+
 /* Lock held. Start serving this fault here if it is ours (see the top of
  * the file); returns 1 and fills job when it is. */
 static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m,
@@ -196,6 +243,8 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     if (addr < r->addr || addr >= r->addr + r->npages * 4096)
         return 0;
     int64_t page = (int64_t)((addr - r->addr) >> 12);
+    if (r->state[page] == ST_EMPTY)
+        return fp_take_fill(e, r, page, m, job);
     if (r->state[page] != ST_SWAPPED)
         return 0;
     /* Locality with the last swap-in or a stream's next window: the engine
@@ -214,6 +263,8 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     }
     e->faults++;
     e->charged++;
+    job->fill = 0;
+    job->n = 1;
     /* Refault distance (engine.fault_missing): back within a budget's worth
      * of faults after eviction = working set, returns active. */
     if ((uint32_t)(e->tick - r->stamp[page]) <= (uint64_t)e->max_pages) {
@@ -277,6 +328,29 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
 {
     *copied = 0;
     *sum = 0;
+    if (j->fill) {
+        /* Zeros: bytes mapped from the front of the window, even when the
+         * COPY then stopped (*result: 0, or the -errno it stopped with). */
+        uint64_t dst = j->r->addr + ((uint64_t)j->page << 12), len = (uint64_t)j->n << 12, done = 0;
+        *result = 0;
+        while (done < len) {
+            struct uffdio_copy c = { .dst = dst + done, .src = e->zero + done, .len = len - done,
+                                     .mode = j->write ? 0 : UFFDIO_COPY_MODE_WP };
+            if (ioctl(j->r->uffd, UFFDIO_COPY, &c) == 0) {
+                done = len;
+                break;
+            }
+            int err = errno;
+            if (c.copy > 0)
+                done += (uint64_t)c.copy;
+            if (err != EAGAIN || c.copy <= 0) {
+                *result = -err;
+                break;
+            }
+        }
+        *copied = (int64_t)done;
+        return;
+    }
     if (e->fd >= 0) {
         *result = us_fd_full(0, e->fd, buf, 4096, j->slot * 4096);
     } else {
@@ -302,11 +376,64 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     }
 }
 
+/* Lock held. Apply a zero fill: the pages the COPY mapped are RESIDENT
+ * (dirty and writable for a write fault, clean zeros otherwise, as in
+ * engine._fill_zero); the rest go back to EMPTY, uncharged. If not even the
+ * faulting page was mapped, the fault is passed to the engine, which maps
+ * it page by page and adopts a page found present (or retries, or closes
+ * the region) -- its own _fill_zero path. */
+static void fp_finish_fill(struct fp_engine *e, struct fp_job *j, int64_t result, int64_t copied)
+{
+    struct fp_region *r = j->r;
+    int64_t mapped = copied >> 12;
+    r->inflight--;
+    if (r->closing) {
+        e->charged -= j->n;   /* close_region leaves LOADING pages charged until their load ends */
+        fp_push(e, FP_RELEASABLE, r);
+        return;
+    }
+    e->tick += (uint32_t)mapped;
+    for (int64_t i = 0; i < j->n; i++) {
+        int64_t p = j->page + i;
+        if (i < mapped) {
+            /* A write that hit a page mapped write-protected before this ran
+             * was parked by the engine (F_WAITERS): it is the page's first write. */
+            if ((r->flags[p] & FL_WAITERS) && !j->write)
+                fp_push(e, FP_WAITERS, r)->page = p;
+            r->state[p] = ST_RESIDENT;
+            r->flags[p] = j->write ? FL_DIRTY : 0;
+            r->stamp[p] = e->tick;
+        } else {
+            r->state[p] = ST_EMPTY;
+            e->charged--;
+        }
+    }
+    if (mapped < j->n)
+        r->fill_expect = -1;
+    if (mapped == 0) {
+        struct fp_record *rec = fp_push(e, FP_EVENT, r);
+        rec->kind = UFFD_EVENT_PAGEFAULT;
+        rec->flags = j->fault_flags;
+        rec->addr = j->fault_addr;
+        rec->result = result;
+    }
+}
+
 /* Lock held. Apply the outcome of a job. */
 static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int64_t copied, uint32_t sum)
 {
     struct fp_region *r = j->r;
     e->inflight--;
+    /* The engine waits for e->inflight to drop in drain (drain_done) and,
+     * with faults waiting for budget, before it may overcommit
+     * (_must_overcommit). A load that ends here without a record must still
+     * wake it then: nothing else would (it sleeps in epoll_wait). */
+    if (!e->enabled || e->charged >= e->max_pages)
+        fp_kick(e);
+    if (j->fill) {
+        fp_finish_fill(e, j, result, copied);
+        return;
+    }
     int ok = result >= 0 && copied == 4096;
     if (e->fd < 0 && result >= 0)
         e->idle[e->nidle++] = j->conn;   /* the server answered: the context is sound */
@@ -462,6 +589,18 @@ fail:
     return NULL;
 }
 
+/* The zero-fill window's largest size; 0 on success, -ENOMEM. */
+static int fp_set_fill_max(struct fp_engine *e, int64_t pages)
+{
+    void *z = NULL;
+    if (pages < 1 || posix_memalign(&z, 4096, (size_t)pages * 4096) != 0)
+        return -ENOMEM;
+    memset(z, 0, (size_t)pages * 4096);
+    e->zero = (uint64_t)(uintptr_t)z;
+    e->fill_max = pages;
+    return 0;
+}
+
 static void fp_lock(struct fp_engine *e) { pthread_mutex_lock(&e->lock); }
 static void fp_unlock(struct fp_engine *e) { pthread_mutex_unlock(&e->lock); }
 
@@ -522,5 +661,6 @@ static void fp_stop(struct fp_engine *e)
     close(e->epfd);
     close(e->stopfd);
     free(e->recs);
+    free((void *)(uintptr_t)e->zero);
     free(e);
 }

@@ -30,6 +30,8 @@ struct fp_region {
     int64_t last_fault;
     int64_t ra_expect;
     int64_t ra_window;
+    int64_t fill_expect;
+    int64_t fill_window;
     ...;
 };
 struct fp_record {
@@ -70,6 +72,7 @@ struct fp_engine {
 #define FP_READ_ERROR 5
 #define FP_DIRTIED 6
 struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd);
+int fp_set_fill_max(struct fp_engine *e, int64_t pages);
 void fp_lock(struct fp_engine *e);
 void fp_unlock(struct fp_engine *e);
 int fp_region_open(struct fp_engine *e, int idx);

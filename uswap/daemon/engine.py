@@ -64,7 +64,8 @@ class Engine:
         self.high_pages = max(1, int(self.max_pages * cfg.high_watermark))
         self.low_pages = max(1, int(self.max_pages * cfg.low_watermark))
         self.ra_pages = max(1, cfg.readahead // PAGE)
-        # Random swap-ins are served on the fast path's C threads when the
+        self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
+        # Random swap-ins and zero fills are served on the fast path's C threads when the
         # store has a C data path (native/fastpath.c); those threads share
         # `charged`, `tick` and the page tables under the lock that this
         # engine holds whenever it runs (see lock()).
@@ -72,7 +73,7 @@ class Engine:
                    if self.cpool is not None and cfg.fault_threads > 0 else None)
         self.shared = self.fp.shared if self.fp is not None else fastpath.plain_shared()
         if self.fp is not None:
-            self.fp.configure(self.max_pages, self.high_pages, self.ra_pages)
+            self.fp.configure(self.max_pages, self.high_pages, self.ra_pages, self.ra_max_pages)
             if isinstance(store, NfsStore):
                 store.lend(cfg.io_threads + cfg.fault_threads)
         # Pages holding memory or about to: RESIDENT + WRITEBACK + LOADING.
@@ -86,7 +87,6 @@ class Engine:
         self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8))
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
-        self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
         self.batch_pages = max(1, cfg.write_batch // PAGE)
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
         self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
@@ -291,12 +291,13 @@ class Engine:
         (their checksum) and become EMPTY then."""
         table = region.table
         n = 1
-        if page == region.fill_expect:
-            region.fill_window = min(region.fill_window * 2, self.ra_max_pages)
+        ra = region.ra
+        if page == ra.fill_expect:
+            ra.fill_window = min(ra.fill_window * 2, self.ra_max_pages)
             # The window's EMPTY pages from `page` on, as far as the budget
             # allows (vectorised: a per-page loop here was 12% of the engine's
             # time on a first-touch stream, py-spy).
-            span = min(region.npages, page + region.fill_window) - (page + 1)
+            span = min(region.npages, page + ra.fill_window) - (page + 1)
             span = min(span, (1 << 62) if self.draining else self.max_pages - self.charged)
             if span > 0:
                 stop = np.flatnonzero(table.state[page + 1:page + 1 + span] != pt.EMPTY)
@@ -304,7 +305,7 @@ class Engine:
                 self.charged += extra
                 n += extra
         else:
-            region.fill_window = 1
+            ra.fill_window = 1
         mode = 0 if write else uffd.COPY_MODE_WP
         dst = region.addr + (page << SHIFT)
         ret = uffd.copy(region.uffd, dst, self.zero_fill.addr, n << SHIFT, mode)
@@ -330,7 +331,7 @@ class Engine:
         table.state[seg] = pt.RESIDENT
         table.flags[seg] = np.where(dirty, pt.F_DIRTY, 0)
         table.stamp[seg] = self._tick(n)
-        region.fill_expect = page + n
+        ra.fill_expect = page + n
 
     def fault_wp(self, region: Region, page: int) -> None:
         table = region.table
@@ -624,7 +625,14 @@ class Engine:
         these pages rather than zeros (invariant 6)."""
         log.error("region %d pages %d..%d unreadable past the %.0fs deadline: poisoning (SIGBUS)",
                   region.id, first, first + n - 1, self.cfg.read_deadline)
-        self._ioctl_failed(region, uffd.poison(region.uffd, region.addr + (first << SHIFT), n * PAGE), "UFFDIO_POISON")
+        addr = region.addr + (first << SHIFT)
+        # An evicted page's PTE is not empty: it holds the uffd-wp marker left
+        # by write-protect-then-punch (_start_writeback, _drop), and
+        # UFFDIO_POISON refuses any non-empty PTE with EEXIST -- installing no
+        # poison and waking nobody, so the faulting threads slept for ever.
+        # Clear the markers first (nothing is mapped there; no wake-up yet).
+        uffd.writeprotect(region.uffd, addr, n * PAGE, protect=False, wake=False)
+        self._ioctl_failed(region, uffd.poison(region.uffd, addr, n * PAGE), "UFFDIO_POISON")
         table = region.table
         self.slots.free_many(table.slot[first:first + n].copy())
         table.slot[first:first + n] = pt.NO_SLOT
@@ -908,6 +916,10 @@ class Engine:
                 continue
             if np.count_nonzero(region.table.state == pt.SWAPPED):
                 self._drain_region(region)
+                return False
+            if np.count_nonzero(region.table.state == pt.LOADING):
+                # A failed read waits for its retry (_reload_later): counted
+                # in no in-flight figure above, but its page is not home yet.
                 return False
         return True
 

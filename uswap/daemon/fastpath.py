@@ -60,8 +60,10 @@ class FastPath:
         self.locked = False
         lib.fp_unlock(self.e)
 
-    def configure(self, max_pages: int, high_pages: int, ra_pages: int) -> None:
+    def configure(self, max_pages: int, high_pages: int, ra_pages: int, fill_max_pages: int) -> None:
         self.e.max_pages, self.e.high_pages, self.e.ra_pages = max_pages, high_pages, ra_pages
+        if lib.fp_set_fill_max(self.e, fill_max_pages) < 0:
+            raise OSError(errno.ENOMEM, "cannot allocate the fast path's zero page buffer")
 
     # ---------------------------------------------------------------- regions
 
@@ -79,8 +81,8 @@ class FastPath:
         r.slot = ffi.cast("int32_t *", table.slot.ctypes.data)
         r.stamp = ffi.cast("uint32_t *", table.stamp.ctypes.data)
         r.sum = ffi.cast("uint32_t *", table.sum.ctypes.data)
-        ra = region.ra
-        r.last_fault, r.ra_expect, r.ra_window = ra.last_fault, ra.ra_expect, ra.ra_window
+        for name in ReadAhead.FIELDS:
+            setattr(r, name, getattr(region.ra, name))
         if lib.fp_region_open(self.e, idx) < 0:
             self.free_slots.append(idx)
             return False
@@ -102,8 +104,10 @@ class FastPath:
 
     def free(self, region) -> None:
         if region.fp_slot >= 0:
-            ra = region.ra
-            region.ra = ReadAhead(ra.last_fault, ra.ra_expect, ra.ra_window)
+            ra = ReadAhead()
+            for name in ReadAhead.FIELDS:
+                setattr(ra, name, getattr(region.ra, name))
+            region.ra = ra
             lib.fp_region_free(self.e, region.fp_slot)
             self.free_slots.append(region.fp_slot)
             region.fp_slot = -1

@@ -22,11 +22,17 @@ class RegionRefused(Exception):
 
 
 class ReadAhead:
-    """A region's read-ahead state (the fast path keeps the same fields in C)."""
-    __slots__ = ("last_fault", "ra_expect", "ra_window")
+    """A region's read-ahead and zero-fill stream state (the fast path keeps
+    the same fields in C)."""
+    FIELDS = ("last_fault", "ra_expect", "ra_window", "fill_expect", "fill_window")
+    __slots__ = FIELDS
 
-    def __init__(self, last_fault: int = -1, ra_expect: int = -1, ra_window: int = 1) -> None:
-        self.last_fault, self.ra_expect, self.ra_window = last_fault, ra_expect, ra_window
+    def __init__(self) -> None:
+        self.last_fault = -1      # page of the last swap-in fault, for locality
+        self.ra_expect = -1       # page where a sequential stream's next fault would land
+        self.ra_window = 1        # current read-ahead window, pages
+        self.fill_expect = -1     # page where a first-touch stream's next fault would land
+        self.fill_window = 1      # current zero-fill window, pages
 
 
 class Region:
@@ -43,14 +49,10 @@ class Region:
         self.closing = False
         self.inflight = 0         # I/O jobs of this region not yet completed
         self.read_failures = 0
-        # Read-ahead state: last_fault (page of the last swap-in fault, for
-        # locality), ra_expect (page where a sequential stream's next fault
-        # would land), ra_window (current read-ahead window, pages). Held in
-        # the fast path's C memory while its threads watch the region.
+        # Read-ahead and zero-fill stream state; held in the fast path's C
+        # memory while its threads watch the region.
         self.ra = ReadAhead()
         self.fp_slot = -1         # the fast path's slot for this region, or -1
-        self.fill_expect = -1     # page where a first-touch stream's next fault would land
-        self.fill_window = 1      # current zero-fill window, pages
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
