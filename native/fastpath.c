@@ -129,6 +129,7 @@ struct fp_engine {
     int32_t enabled;      /* 0: pass every event to the engine (draining) */
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
+    int32_t reading;      /* threads inside a store read */
     uint64_t faults, swapins, activations;
     int64_t fill_max;     /* largest zero-fill window, pages */
     uint64_t zero;        /* fill_max zeroed pages, the source of every zero fill */
@@ -256,6 +257,12 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
         return 0;
     if (e->charged + 1 > e->max_pages)
         return 0;   /* the engine parks it until reclaim makes room */
+    /* Invariant 4 (the thread that reads fault events never blocks on
+     * I/O): one thread always stays out of store reads, so a stalled store
+     * (a frozen NFS server) never stops the reading of events; the engine
+     * reads this page on its I/O pool instead. */
+    if (e->reading + 1 >= e->nthreads)
+        return 0;
     if (e->fd < 0) {
         if (e->nidle == 0)
             return 0;
@@ -278,6 +285,7 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     r->ra_expect = page + 1;
     r->inflight++;
     e->inflight++;
+    e->reading++;
     if (e->charged > e->high_pages)
         fp_kick(e);   /* reclaim is due */
     job->r = r;
@@ -408,8 +416,18 @@ static void fp_finish_fill(struct fp_engine *e, struct fp_job *j, int64_t result
             e->charged--;
         }
     }
-    if (mapped < j->n)
+    if (mapped < j->n) {
+        /* Faults on the pages not mapped were set aside by the engine while
+         * they were LOADING: wake them to fault again (the first page's
+         * fault, if not mapped, is passed on below instead). */
+        int64_t from = mapped > 0 ? mapped : 1;
+        if (from < j->n) {
+            struct uffdio_range range = { .start = r->addr + ((uint64_t)(j->page + from) << 12),
+                                          .len = (uint64_t)(j->n - from) << 12 };
+            ioctl(r->uffd, UFFDIO_WAKE, &range);
+        }
         r->fill_expect = -1;
+    }
     if (mapped == 0) {
         struct fp_record *rec = fp_push(e, FP_EVENT, r);
         rec->kind = UFFD_EVENT_PAGEFAULT;
@@ -434,6 +452,7 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
         fp_finish_fill(e, j, result, copied);
         return;
     }
+    e->reading--;
     int ok = result >= 0 && copied == 4096;
     if (e->fd < 0 && result >= 0)
         e->idle[e->nidle++] = j->conn;   /* the server answered: the context is sound */
