@@ -19,7 +19,8 @@
  *              engine._copy_pagewise does the same on the Python pool). The
  *              count includes pages the run's first COPY mapped before it
  *              stopped at the present one.
- *   SUM_WRITE  checksum the pages at buf into sums, then pwrite them at off.
+ *   SUM_WRITE  checksum the pages at buf into sums, then pwrite them at off;
+ *              with `gather`, the pages are first copied into buf from there.
  *              result = bytes written or -errno.
  *   READ_COPY_NFS, SUM_WRITE_NFS
  *              the same on the nfs:// store: the store call is libnfs's
@@ -67,6 +68,7 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
+    uint64_t *gather;     /* SUM_WRITE: if set, copy page i from gather[i] into buf first */
     struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */
     struct nfsfh *nfsfh;      /* *_NFS jobs: the store file's handle on it */
     int64_t result;       /* bytes read or written, or -errno of the store call */
@@ -136,6 +138,10 @@ static void run_job(struct us_job *j)
         }
         j->copied = copy_run(j);
     } else {
+        /* Scattered pages bound for adjacent slots: gathered into the job's
+         * buffer (they are write-protected in the client: stable bytes). */
+        for (uint64_t i = 0; j->gather && i < npages; i++)
+            memcpy((void *)(uintptr_t)(j->buf + i * 4096), (const void *)(uintptr_t)j->gather[i], 4096);
         us_page_sums(j->buf, npages, j->sums);
         j->result = store_io(j, 1);
     }

@@ -91,6 +91,10 @@ class Engine:
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
         self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
         self.load_queue: collections.deque = collections.deque()
+        # Write bounce buffers, for scattered dirty pages gathered into one
+        # write to adjacent slots (at most one per write in flight).
+        self.write_buffers = [native.AlignedBuffer(self.batch_pages * PAGE)
+                              for _ in range(min(cfg.max_inflight_writes, 32))]
         self.zero_fill = native.AlignedBuffer(self.ra_max_pages * PAGE)
         self.zero_sum = native.page_sums(self.zero_fill.addr, 1)[0]
         self.timers: list = []
@@ -672,13 +676,17 @@ class Engine:
                 # After a failure, probe with one write at a time until one
                 # succeeds, instead of burning a round of slots on a dead store.
                 max_writes = 1 if self.write_backoff else self.cfg.max_inflight_writes
-                for first, n in pt.runs(dirty, self.batch_pages):
+                # Scattered dirty pages are written together, batch_pages at a
+                # time, into adjacent slots (one store write each): random
+                # writes had cost one 4 KiB write per page.
+                for i in range(0, len(dirty), self.batch_pages):
                     if self.writes_inflight >= max_writes:
                         break
-                    if not self._start_writeback(region, first, n):
+                    group = dirty[i:i + self.batch_pages]
+                    if not self._start_writeback(region, group):
                         can_write = False
                         break
-                    progress += n
+                    progress += len(group)
                     if region.closing:
                         break
         if self.charged - self.evicting <= self.low_pages:
@@ -708,10 +716,11 @@ class Engine:
             self.stats["swapouts"] += int(np.count_nonzero(has_slot))
             self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot))
 
-    def _start_writeback(self, region: Region, first: int, n: int) -> bool:
-        """Write a run of dirty pages to adjacent slots and drop them when it returns.
-        Returns False when the store is full."""
+    def _start_writeback(self, region: Region, pages: np.ndarray) -> bool:
+        """Write dirty pages (sorted; a run, or scattered) to adjacent slots
+        and drop them when the write returns. Returns False when the store is full."""
         done = 0
+        n = len(pages)
         while done < n:
             got = self.slots.alloc(n - done)
             if got is None:
@@ -722,55 +731,76 @@ class Engine:
                 return False
             slot, count = got
             self.store_full = False
-            p0 = first + done
-            addr = region.addr + (p0 << SHIFT)
+            part = pages[done:done + count]
+            contiguous = int(part[-1]) - int(part[0]) == count - 1
+            if not contiguous and not self.write_buffers:
+                self.slots.free(slot, count)  # no gather buffer free: wait for a write to return
+                return True
             # Invariant 1 (first half): write-protect BEFORE the copy is read,
             # so any write after this point faults and parks (invariant 4).
-            ret = uffd.writeprotect(region.uffd, addr, count << SHIFT, protect=True, wake=False)
-            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") != OK:
-                self.slots.free(slot, count)  # nothing was queued: the pages stay dirty, tried later
-                return True
+            # (Should a later run's ioctl fail, the runs already protected
+            # stay dirty and un-protect on their next write fault.)
+            for first, k in pt.runs(part, count):
+                ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
+                                        protect=True, wake=False)
+                if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") != OK:
+                    self.slots.free(slot, count)  # nothing was queued: the pages stay dirty, tried later
+                    return True
             # Invariant 2: the writeback bit is set here, on the engine thread
             # (the page lock), before the write is queued; only _write_done
             # clears it, when the write has returned.
-            seg = slice(p0, p0 + count)
             table = region.table
-            table.state[seg] = pt.WRITEBACK
-            table.flags[seg] = pt.F_EVICT
-            table.slot[seg] = np.arange(slot, slot + count, dtype=np.int32)
+            table.state[part] = pt.WRITEBACK
+            table.flags[part] = pt.F_EVICT
+            table.slot[part] = np.arange(slot, slot + count, dtype=np.int32)
             self.evicting += count
             self.writes_inflight += 1
             region.inflight += 1
-            self._submit_write(region, p0, count, slot)
+            self._submit_write(region, part, slot, None if contiguous else self.write_buffers.pop())
             done += count
         return True
 
-    def _submit_write(self, region: Region, first: int, n: int, slot: int) -> None:
+    def _submit_write(self, region: Region, pages: np.ndarray, slot: int, gather_buf) -> None:
+        """Queue the store write of `pages` to slots slot.. : straight from the
+        daemon's mapping for a run, or gathered into gather_buf first."""
         store = self.store
-        src = region.daddr + (first << SHIFT)
+        n = len(pages)
         sums = np.zeros(n, np.uint32)
+        gather = None
+        if gather_buf is None:
+            src = region.daddr + (int(pages[0]) << SHIFT)
+        else:
+            src = gather_buf.addr
+            gather = (region.daddr + (pages.astype(np.uint64) << np.uint64(SHIFT))).astype(np.uint64)
 
         def on_done(res, err):
-            self._write_done(region, first, n, slot, res, err)
+            if gather_buf is not None:
+                self.write_buffers.append(gather_buf)
+            self._write_done(region, pages, slot, res, err)
 
-        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, on_done):
+        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, on_done, gather):
             return
 
         def work():
             # The pages are write-protected in the client and the daemon never
             # writes them, so the checksum and the write see the same bytes.
+            if gather is not None:
+                for i, addr in enumerate(gather.tolist()):
+                    native.ffi.memmove(native.ffi.cast("char *", src + i * PAGE),
+                                       native.ffi.cast("char *", addr), PAGE)
             native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
             store.write(src, n * PAGE, slot * PAGE)
             return sums
 
         self.io.submit(work, on_done)
 
-    def _write_done(self, region: Region, first: int, n: int, slot: int,
+    def _write_done(self, region: Region, pages: np.ndarray, slot: int,
                     sums: np.ndarray | None, err: OSError | None) -> None:
         self.writes_inflight -= 1
         region.inflight -= 1
         table = region.table
-        seg = slice(first, first + n)
+        seg = pages
+        n = len(pages)
         if region.closing:
             # Invariant 7: a closed region's slots are freed only now that the
             # write returned (and, for a write that timed out, after quarantine).
@@ -795,9 +825,14 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
-            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=False, wake=True)
-            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
-                self._unprotect_later(region, first, n)
+            for first, k in pt.runs(pages, n):
+                ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
+                                        protect=False, wake=True)
+                outcome = self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
+                if outcome == AGAIN:
+                    self._unprotect_later(region, first, k)
+                elif outcome == GONE_:
+                    break
             self.write_backoff = min(self.cfg.write_retry_max, max(self.cfg.write_retry_min, self.write_backoff * 2))
             self.write_retry_at = time.monotonic() + self.write_backoff
             self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
@@ -812,10 +847,10 @@ class Engine:
         table.flags[seg] = 0
         for i in np.flatnonzero(waiters):
             # A write was parked during writeback: let it through now.
-            self._make_dirty(region, first + int(i))
+            self._make_dirty(region, int(pages[i]))
             if region.closing:
                 return
-        drop = np.arange(first, first + n)[~waiters]
+        drop = pages[~waiters]
         zero = drop[sums[~waiters] == self.zero_sum]
         if len(zero):
             # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
