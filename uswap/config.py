@@ -88,7 +88,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "high_watermark": (0.99, _fraction),
     "low_watermark": (0.96, _fraction),
     "io_threads": (4, _count(1, 64)),
-    "fault_threads": (2, _count(0, 16)),
+    "fault_threads": (4, _count(0, 16)),
     "max_inflight_writes": (32, _count(1, 4096)),
     "write_batch": ("256K", _pages),
     "readahead": ("32K", _pages),
