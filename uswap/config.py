@@ -90,7 +90,7 @@ DEFAULTS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "io_threads": (4, _count(1, 64)),
     "fault_threads": (4, _count(0, 16)),
     "max_inflight_writes": (32, _count(1, 4096)),
-    "write_batch": ("256K", _pages),
+    "write_batch": ("1M", _pages),
     "readahead": ("32K", _pages),
     "readahead_max": ("512K", _pages),
     "max_region_size": ("64G", _pages),

@@ -41,6 +41,8 @@ SHIFT = 12
 # Pages reclaimed per engine step: small enough that a fault never waits
 # behind a long reclaim burst (the kernel's SWAP_CLUSTER_MAX is 32 pages).
 RECLAIM_STEP = 256
+# Largest write gathered from scattered pages (its bounce buffer's size).
+GATHER_PAGES = 64
 # ioctl errors that mean the client's mapping or process is gone.
 GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
 OK, GONE_, AGAIN = 0, 1, 2  # outcomes of Engine._ioctl_result
@@ -88,12 +90,15 @@ class Engine:
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.batch_pages = max(1, cfg.write_batch // PAGE)
+        # Scattered dirty pages are gathered GATHER_PAGES at a time at most, so
+        # their bounce buffers stay small whatever write_batch is.
+        self.gather_pages = min(self.batch_pages, GATHER_PAGES)
         # Swap-in bounce buffers, preallocated and touched (invariant 8).
         self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE) for _ in range(max(8, cfg.io_threads * 4))]
         self.load_queue: collections.deque = collections.deque()
         # Write bounce buffers, for scattered dirty pages gathered into one
         # write to adjacent slots (at most one per write in flight).
-        self.write_buffers = [native.AlignedBuffer(self.batch_pages * PAGE)
+        self.write_buffers = [native.AlignedBuffer(self.gather_pages * PAGE)
                               for _ in range(min(cfg.max_inflight_writes, 32))]
         self.zero_fill = native.AlignedBuffer(self.ra_max_pages * PAGE)
         self.zero_sum = native.page_sums(self.zero_fill.addr, 1)[0]
@@ -676,13 +681,13 @@ class Engine:
                 # After a failure, probe with one write at a time until one
                 # succeeds, instead of burning a round of slots on a dead store.
                 max_writes = 1 if self.write_backoff else self.cfg.max_inflight_writes
-                # Scattered dirty pages are written together, batch_pages at a
-                # time, into adjacent slots (one store write each): random
-                # writes had cost one 4 KiB write per page.
-                for i in range(0, len(dirty), self.batch_pages):
+                # Runs of adjacent dirty pages go out batch_pages at a time;
+                # scattered ones are gathered, gather_pages at a time, into one
+                # write to adjacent slots (random writes had cost one 4 KiB
+                # write per page).
+                for group in self._write_groups(dirty):
                     if self.writes_inflight >= max_writes:
                         break
-                    group = dirty[i:i + self.batch_pages]
                     if not self._start_writeback(region, group):
                         can_write = False
                         break
@@ -692,6 +697,23 @@ class Engine:
         if self.charged - self.evicting <= self.low_pages:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
         return progress > 0 and want > progress
+
+    def _write_groups(self, dirty: np.ndarray) -> list[np.ndarray]:
+        """Sorted dirty pages cut into store writes: each a run of up to
+        batch_pages adjacent pages, or up to gather_pages scattered ones."""
+        groups: list[np.ndarray] = []
+        scattered: list[int] = []
+        for first, n in pt.runs(dirty, self.batch_pages):
+            if n >= self.gather_pages:
+                groups.append(np.arange(first, first + n))
+                continue
+            if len(scattered) + n > self.gather_pages:
+                groups.append(np.asarray(scattered))
+                scattered = []
+            scattered.extend(range(first, first + n))
+        if scattered:
+            groups.append(np.asarray(scattered))
+        return groups
 
     def _drop(self, region: Region, pages: np.ndarray) -> None:
         """Drop clean resident pages from memory with one punch per run.
