@@ -528,13 +528,17 @@ static void *fp_thread(void *arg)
         while (r && r->live && r->gen == gen && !r->closing && !have_job) {
             struct uffd_msg m;
             ssize_t got = read(r->uffd, &m, sizeof(m));
-            if (got < 0) {
-                if (errno != EAGAIN && errno != EINTR)
-                    fp_push(e, FP_READ_ERROR, r)->result = -errno;
+            if (got < 0 && (errno == EAGAIN || errno == EINTR))
                 break;
-            }
             if (got != sizeof(m)) {
-                fp_push(e, FP_READ_ERROR, r)->result = -EIO;
+                /* The uffd is broken: stop watching it at once (else every
+                 * thread would spin on it, level-triggered, until the engine
+                 * closes the region on this record). Loads in flight end as
+                 * for a closing region. */
+                int64_t err = got < 0 ? -errno : -EIO;
+                fp_push(e, FP_READ_ERROR, r)->result = err;
+                r->closing = 1;
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, r->uffd, NULL);
                 break;
             }
             if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_wp(e, r, &m))

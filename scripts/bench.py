@@ -54,6 +54,7 @@ import sys
 import time
 
 import numpy as np
+import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -166,6 +167,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, help="random accesses per pass (default 20000; 8000 with --quick)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the store and swap files go (root filesystem)")
     ap.add_argument("--timeout", type=float, help="seconds allowed per child run")
+    ap.add_argument("--daemon-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="a uswap daemon setting for the uswap systems (repeatable), e.g. "
+                         "fault_threads=2; values are read as YAML scalars")
     args = ap.parse_args()
 
     if os.geteuid() != 0:
@@ -185,6 +189,7 @@ def main() -> int:
     if args.samples:
         params["random_n"] = args.samples
     timeout = args.timeout or (300.0 if args.quick else 1200.0)
+    config = daemon_config(args.daemon_config)
     plan = [(s, w) for s in systems for w in workloads if applies(s, w)]
     if not plan:
         raise SystemExit("bench: nothing to run for these --systems and --workloads")
@@ -265,7 +270,8 @@ def main() -> int:
                         result = run_child(spec, workdir, timeout)
                     else:
                         backing = file_backing if system == "uswap-file" else nfs_backing
-                        result = run_uswap(spec, backing, os.path.join(workdir, system), size, budget, timeout)
+                        result = run_uswap(spec, backing, os.path.join(workdir, system), size, budget, timeout,
+                                           config)
                     run = summarize(system, workload, result)
                     if result.get("samples_us"):
                         samples[(system, workload)] = result["samples_us"]
@@ -321,11 +327,23 @@ def main() -> int:
     return 1 if any(r.get("error") for r in runs) else 0
 
 
-def run_uswap(spec: dict, backing: str, sysdir: str, size: int, budget: int, timeout: float) -> dict:
+def daemon_config(pairs: list[str]) -> dict:
+    """--daemon-config KEY=VALUE pairs as a settings dict (checked by the daemon)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--daemon-config: {pair!r} is not KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run_uswap(spec: dict, backing: str, sysdir: str, size: int, budget: int, timeout: float,
+              config: dict | None = None) -> dict:
     """A fresh daemon for one run (same store file every time), the child, then a drain."""
     os.makedirs(sysdir, exist_ok=True)
     try:
-        d = DaemonProc(sysdir, backing, store_size=str(2 * size), max_resident=str(budget))
+        d = DaemonProc(sysdir, backing, store_size=str(2 * size), max_resident=str(budget), config=config)
     except RuntimeError as e:
         return {"error": f"daemon did not start: {e}"}
     result: dict = {}
