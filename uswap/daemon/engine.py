@@ -283,7 +283,7 @@ class Engine:
             if (self.tick - int(table.stamp[page])) & 0xFFFFFFFF <= self.max_pages:
                 table.flags[page] |= pt.F_ACTIVE
                 self.stats["activations"] += 1
-            self._start_load(region, page)
+            self._start_load(region, page, write)
         elif state == pt.LOADING:
             pass  # the read in flight ends with a COPY, which wakes this fault too
         else:
@@ -439,7 +439,7 @@ class Engine:
 
     # ------------------------------------------------------------------ swap-in
 
-    def _start_load(self, region: Region, page: int) -> None:
+    def _start_load(self, region: Region, page: int, write: bool = False) -> None:
         """Read a swapped page back with its neighbours in adjacent slots,
         budget permitting. The faulting page is already charged.
 
@@ -474,6 +474,10 @@ class Engine:
                 first -= 1
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
         ra.last_fault = page
+        # A sequential stream that a write continues is being rewritten: its
+        # windows are mapped writable (dirty), not write-protected, so each
+        # page does not take a second fault for its first write.
+        region.write_stream = write and sequential
         self._queue_load(region, first, last - first + 1, slot - (page - first))
         self.stats["readahead_pages"] += last - first
         ra.ra_expect = last + 1
@@ -531,8 +535,10 @@ class Engine:
         uffd_fd = region.uffd
         dst = region.addr + (first << SHIFT)
         # Swap cache: mapped write-protected so the pages stay clean copies of
-        # their slots; during drain they come home for good, writable.
-        mode = 0 if self.draining else uffd.COPY_MODE_WP
+        # their slots; during drain they come home for good, writable, and so
+        # do the windows of a stream being rewritten (_start_load). _load_done
+        # goes by the mode used: writable pages are dirty, their slots freed.
+        mode = 0 if self.draining or region.write_stream else uffd.COPY_MODE_WP
 
         def on_done(res, err):
             self._load_done(region, first, n, slot, buf, started, res, err)
@@ -594,7 +600,8 @@ class Engine:
         table.stamp[seg] = self._tick(n)
         self.stats["swapins"] += n
         if not mode & uffd.COPY_MODE_WP:
-            # Drain: the pages came home for good; their slots are released.
+            # Drain, or a stream being rewritten: the pages are writable and
+            # dirty; their slot copies are released.
             self.slots.free_many(table.slot[seg].copy())
             table.slot[seg] = pt.NO_SLOT
         for i in np.flatnonzero(waiters):

@@ -53,6 +53,7 @@ class Region:
         # memory while its threads watch the region.
         self.ra = ReadAhead()
         self.fp_slot = -1         # the fast path's slot for this region, or -1
+        self.write_stream = False # the last sequential swap-in stream was continued by a write
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
