@@ -23,9 +23,9 @@ import numpy as np
 
 from uswap import native, uffd
 from uswap.config import Config
+from uswap.daemon import fastpath
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cpool import CPool
-from uswap.daemon import fastpath
 from uswap.daemon.iopool import IoPool
 from uswap.daemon.ratelimit import RateLimitedLog
 from uswap.daemon.region import Region

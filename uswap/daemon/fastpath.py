@@ -49,15 +49,12 @@ class FastPath:
         self.recs = ffi.new("struct fp_record[]", 256)
         self.conns: dict[int, object] = {}   # id -> NfsStore conn lent to the C threads
         self.next_conn = 1
-        self.locked = False
 
     # The lock: held by the engine thread whenever it runs.
     def lock(self) -> None:
         lib.fp_lock(self.e)
-        self.locked = True
 
     def unlock(self) -> None:
-        self.locked = False
         lib.fp_unlock(self.e)
 
     def configure(self, max_pages: int, high_pages: int, ra_pages: int, fill_max_pages: int) -> None:
