@@ -21,8 +21,11 @@ class Workload:
     in a page fault for ever)."""
 
     def __init__(self, socket: str, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.workload", "--socket", socket, *args],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self._spawn([sys.executable, "-m", "tests.workload", "--socket", socket, *args])
+
+    def _spawn(self, argv: list[str]) -> None:
+        """Start the client process and the thread that reads its output."""
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=REPO)
         self.pid = self.proc.pid
         self.lines: list[dict] = []
@@ -123,6 +126,23 @@ def wait_for(what: str, cond, timeout: float, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_clean(d, timeout: float = 30) -> dict:
+    """Every region gone: nothing charged, no slot used, accounting exact."""
+    def clean():
+        st = status(d)
+        if (not st["clients"] and st["resident_bytes"] == 0 and st["store"]["used_bytes"] == 0
+                and st["writeback_inflight"] == 0 and st["reads_inflight"] == 0
+                and st["audit"] is not None):
+            return st
+        return None
+    try:
+        st = wait_for("every region released", clean, timeout)
+    except AssertionError:
+        raise AssertionError(f"not clean: {status(d)}") from None
+    assert_audit(st)
+    return st
 
 
 def assert_audit(st: dict) -> None:

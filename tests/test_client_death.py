@@ -21,28 +21,11 @@ import pytest
 
 from tests.daemon_proc import REPO
 from tests.nfs_fixture import start_nfs_server, stop_nfs_server
-from tests.harness import Workload, assert_audit, inject, status, wait_for
+from tests.harness import Workload, inject, status, wait_clean, wait_for
 
 
 def client_pids(st: dict) -> set[int]:
     return {c["pid"] for c in st["clients"]}
-
-
-def wait_clean(d, timeout: float = 30) -> dict:
-    """Every region gone: nothing charged, no slot used, accounting exact."""
-    def clean():
-        st = status(d)
-        if (not st["clients"] and st["resident_bytes"] == 0 and st["store"]["used_bytes"] == 0
-                and st["writeback_inflight"] == 0 and st["reads_inflight"] == 0
-                and st["audit"] is not None):
-            return st
-        return None
-    try:
-        st = wait_for("every region released", clean, timeout)
-    except AssertionError:
-        raise AssertionError(f"not clean: {status(d)}") from None
-    assert_audit(st)
-    return st
 
 
 def test_sigkill_with_writes_in_flight_frees_slots_after_they_return(backing, start_daemon):

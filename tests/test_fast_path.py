@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -26,8 +25,7 @@ import uuid
 
 import pytest
 
-from tests.daemon_proc import REPO
-from tests.harness import Workload, assert_audit, status, wait_for
+from tests.harness import Workload, assert_audit, status, wait_clean, wait_for
 from tests.nfs_fixture import (
     nfs_server_status,
     restart_ganesha,
@@ -199,13 +197,7 @@ class FpClient(Workload):
     """CLIENT as a process, with Workload's deadline-bounded output reading."""
 
     def __init__(self, socket: str, npages: int, threads: int = 1, seed: int = 1) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, socket, str(npages), str(threads), str(seed)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, cwd=REPO)
-        self.pid = self.proc.pid
-        self.lines: list[dict] = []
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._spawn([sys.executable, "-c", CLIENT, socket, str(npages), str(threads), str(seed)])
         try:
             self.info = self.next(30)
         except BaseException:
@@ -280,6 +272,22 @@ def status_if(d, pred) -> dict | None:
     return st if pred(st) else None
 
 
+def start_random_pair(d, clients: list, npages: int, threads: int, seeds: tuple[int, int],
+                      seconds: int) -> None:
+    """Two clients (appended to `clients`, which the caller kills) fill
+    their regions, then fault at random for `seconds`: the first with free
+    threads, the second with threads in pairs on the same pages. Returns
+    once the fast path has served 300 of their faults."""
+    for seed in seeds:
+        clients.append(FpClient(d.socket, npages, threads=threads, seed=seed))
+    for c in clients[-2:]:
+        c.cmd("fill", "filled")
+    fp0 = status(d)["fast_path_faults_total"]
+    clients[-2].cmd(f"random {seconds} 0.4 free")
+    clients[-1].cmd(f"random {seconds} 0.5 pairs")
+    wait_for("fast-path faults", lambda: status(d)["fast_path_faults_total"] > fp0 + 300, timeout=30)
+
+
 def split_faults(st: dict) -> tuple[int, int]:
     """(faults served by the fast path, faults the engine took)."""
     fp = st["fast_path_faults_total"]
@@ -301,23 +309,6 @@ def faulting_threads(pid: int) -> int:
             with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
                 n += f.read().strip() == "handle_userfault"
     return n
-
-
-def wait_clean(d, timeout: float = 30) -> dict:
-    """Every region gone: nothing charged, no slot used, accounting exact."""
-    def clean():
-        st = status(d)
-        if (not st["clients"] and st["resident_bytes"] == 0 and st["store"]["used_bytes"] == 0
-                and st["writeback_inflight"] == 0 and st["reads_inflight"] == 0
-                and st["audit"] is not None):
-            return st
-        return None
-    try:
-        st = wait_for("every region released", clean, timeout)
-    except AssertionError:
-        raise AssertionError(f"not clean: {status(d)}") from None
-    assert_audit(st)
-    return st
 
 
 class Sampler:
@@ -499,14 +490,7 @@ def test_drain_under_fast_path_load(backing, start_daemon):
     d = start_daemon(backing, store_size="128M", max_resident="4M")
     clients: list[FpClient] = []
     try:
-        for s in (31, 32):
-            clients.append(FpClient(d.socket, 2048, threads=4, seed=s))
-        for c in clients:
-            c.cmd("fill", "filled")
-        fp0 = status(d)["fast_path_faults_total"]
-        clients[0].cmd("random 8 0.4 free")
-        clients[1].cmd("random 8 0.5 pairs")
-        wait_for("fast-path faults", lambda: status(d)["fast_path_faults_total"] > fp0 + 300, timeout=30)
+        start_random_pair(d, clients, 2048, threads=4, seeds=(31, 32), seconds=8)
         d.proc.send_signal(signal.SIGTERM)
         try:
             d.proc.wait(30)
@@ -765,14 +749,7 @@ def test_fast_path_across_nfs_server_restart(own_nfs, start_daemon):
     d = start_daemon(url, store_size="96M", max_resident="2M", config={"nfs_timeout": "3s"})
     clients: list[FpClient] = []
     try:
-        for s in (41, 42):
-            clients.append(FpClient(d.socket, 1536, threads=3, seed=s))
-        for c in clients:
-            c.cmd("fill", "filled")
-        fp0 = status(d)["fast_path_faults_total"]
-        clients[0].cmd("random 12 0.4 free")
-        clients[1].cmd("random 12 0.5 pairs")
-        wait_for("fast-path faults", lambda: status(d)["fast_path_faults_total"] > fp0 + 300, timeout=30)
+        start_random_pair(d, clients, 1536, threads=3, seeds=(41, 42), seconds=12)
         restart_ganesha(FP_NFS)
         fp1 = status(d)["fast_path_faults_total"]
         wait_for("the fast path serving again", lambda: status(d)["fast_path_faults_total"] > fp1 + 300,
