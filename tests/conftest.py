@@ -9,8 +9,9 @@ import uuid
 import pytest
 
 from tests.daemon_proc import REPO, DaemonProc
+from tests.nfs_fixture import instance
 
-NFS_NAME = "uswap-test"
+NFS_NAME = instance("uswap-test")
 
 
 def pytest_addoption(parser):
@@ -19,7 +20,7 @@ def pytest_addoption(parser):
 
 # NFS instances the tests start (scripts/nfs-server keeps each export under
 # /var/lib/uswap-nfs/NAME/export); their store files are test artifacts.
-TEST_NFS_INSTANCES = ("uswap-test", "uswap-fail", "uswap-cdeath", "uswap-storetest")
+TEST_NFS_INSTANCES = tuple(instance(n) for n in ("uswap-test", "uswap-fail", "uswap-full", "uswap-cdeath", "uswap-storetest"))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -12,6 +12,14 @@ import subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NFS_SERVER = os.path.join(REPO, "scripts", "nfs-server")
+# Two checkouts testing at once on one machine (e.g. two worktrees) set
+# USWAP_TEST_NFS_PREFIX to keep their NFS instances apart.
+PREFIX = os.environ.get("USWAP_TEST_NFS_PREFIX", "")
+
+
+def instance(name: str) -> str:
+    """The NFS instance name this test run uses for `name`."""
+    return PREFIX + name
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -20,7 +28,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([NFS_SERVER, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def nfs_server_status(name: str = "uswap-test") -> dict:
+def nfs_server_status(name: str = instance("uswap-test")) -> dict:
     """The parsed `status` JSON (url, ganesha_pid, rpcbind_pid, export_dir, ...).
     `running` is false (and the pids null) when the instance is down."""
     out = _run("status", "--name", name)
@@ -29,7 +37,7 @@ def nfs_server_status(name: str = "uswap-test") -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_nfs_server(name: str = "uswap-test", export_dir: str | None = None) -> dict:
+def start_nfs_server(name: str = instance("uswap-test"), export_dir: str | None = None) -> dict:
     """Start (or find running) instance `name`; returns its status JSON, whose
     "url" is the export URL that `start` printed (nfs://ADDR/export)."""
     args = ["start", "--name", name] + (["--dir", export_dir] if export_dir else [])
@@ -43,7 +51,7 @@ def start_nfs_server(name: str = "uswap-test", export_dir: str | None = None) ->
     return status
 
 
-def restart_ganesha(name: str = "uswap-test") -> dict:
+def restart_ganesha(name: str = instance("uswap-test")) -> dict:
     """kill -9 the instance's ganesha and start it again (a server crash);
     returns the new status once it answers again."""
     out = _run("restart-ganesha", "--name", name)
@@ -52,7 +60,7 @@ def restart_ganesha(name: str = "uswap-test") -> dict:
     return nfs_server_status(name)
 
 
-def stop_nfs_server(name: str = "uswap-test") -> None:
+def stop_nfs_server(name: str = instance("uswap-test")) -> None:
     """Stop instance `name` (idempotent; the export dir's contents are kept)."""
     out = _run("stop", "--name", name)
     if out.returncode != 0:

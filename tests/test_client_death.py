@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 from tests.daemon_proc import REPO
-from tests.nfs_fixture import start_nfs_server, stop_nfs_server
+from tests.nfs_fixture import instance, start_nfs_server, stop_nfs_server
 from tests.harness import Workload, inject, status, wait_clean, wait_for
 
 
@@ -151,7 +151,7 @@ def test_clients_killed_while_the_store_fails(backing, start_daemon):
     assert d.stop() == 0
 
 
-CDEATH_NFS = "uswap-cdeath"  # this module's own NFS instance: the test below freezes it
+CDEATH_NFS = instance("uswap-cdeath")  # this module's own NFS instance: the test below freezes it
 
 
 @pytest.fixture(scope="module")

@@ -50,13 +50,13 @@ import uuid
 import pytest
 
 from tests.daemon_proc import REPO
-from tests.nfs_fixture import nfs_server_status, restart_ganesha, start_nfs_server, stop_nfs_server
+from tests.nfs_fixture import instance, nfs_server_status, restart_ganesha, start_nfs_server, stop_nfs_server
 from uswap import native
 from uswap.store.nfs import NfsStore
 from tests.harness import wait_for
 
-NAME = "uswap-fail"          # instance for a, b, c (and the xfail below)
-FULL_NAME = "uswap-full"     # instance for d, exporting a small loop-mounted ext4
+NAME = instance("uswap-fail")          # instance for a, b, c (and the xfail below)
+FULL_NAME = instance("uswap-full")     # instance for d, exporting a small loop-mounted ext4
 MiB = 1 << 20
 OUTAGE = 10.0                # seconds the server stays frozen or cut off (the scenario itself)
 REGION = "64M"

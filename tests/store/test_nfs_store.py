@@ -20,6 +20,7 @@ import uuid
 import pytest
 
 from tests.nfs_fixture import (  # noqa: E402
+    instance,
     nfs_server_status,
     restart_ganesha,
     start_nfs_server,
@@ -28,7 +29,7 @@ from tests.nfs_fixture import (  # noqa: E402
 from uswap.store import header  # noqa: E402
 from uswap.store.nfs import URL_FORM, NfsStore, parse_url  # noqa: E402
 
-SERVER = "uswap-storetest"
+SERVER = instance("uswap-storetest")
 PAGE = 4096
 TIMEOUT_MS = 2000
 SLACK_S = 1.5  # allowed lateness of a timed-out call
