@@ -20,7 +20,8 @@ def pytest_addoption(parser):
 
 # NFS instances the tests start (scripts/nfs-server keeps each export under
 # /var/lib/uswap-nfs/NAME/export); their store files are test artifacts.
-TEST_NFS_INSTANCES = tuple(instance(n) for n in ("uswap-test", "uswap-fail", "uswap-full", "uswap-cdeath", "uswap-storetest"))
+TEST_NFS_INSTANCES = tuple(instance(n) for n in ("uswap-test", "uswap-fail", "uswap-full", "uswap-cdeath",
+                                                 "uswap-storetest", "uswap-fastpath"))
 
 
 def pytest_sessionfinish(session, exitstatus):

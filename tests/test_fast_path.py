@@ -27,6 +27,7 @@ import pytest
 
 from tests.harness import Workload, assert_audit, status, wait_clean, wait_for
 from tests.nfs_fixture import (
+    instance,
     nfs_server_status,
     restart_ganesha,
     start_nfs_server,
@@ -34,7 +35,7 @@ from tests.nfs_fixture import (
 )
 
 PAGE = 4096
-FP_NFS = "uswap-fastpath"
+FP_NFS = instance("uswap-fastpath")
 WRONG = 3  # exit status of CLIENT when it read a wrong value
 
 # A stamping client driven by commands on stdin, one JSON line out per
