@@ -101,7 +101,6 @@ class Engine:
         self.write_buffers = [native.AlignedBuffer(self.gather_pages * PAGE)
                               for _ in range(min(cfg.max_inflight_writes, 32))]
         self.zero_fill = native.AlignedBuffer(self.ra_max_pages * PAGE)
-        self.zero_sum = native.page_sums(self.zero_fill.addr, 1)[0]
         self.timers: list = []
         self.timer_seq = 0
         self.write_backoff = 0.0
@@ -296,8 +295,8 @@ class Engine:
 
         A read maps zeros write-protected: clean, so dropping them later costs
         nothing (they become EMPTY again). A write maps them writable (dirty);
-        pages of the window never written are found to be zero at writeback
-        (their checksum) and become EMPTY then."""
+        pages of the window never written are found to be all zeros at
+        writeback (an exact test, made with the checksum) and become EMPTY then."""
         table = region.table
         n = 1
         ra = region.ra
@@ -524,11 +523,14 @@ class Engine:
 
     def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float) -> None:
         """Queue a swap-in read. The I/O thread reads, verifies each page's
-        checksum and, only if every page passes, maps the run into the client
-        itself (one UFFDIO_COPY), saving the hop back to this thread before the
-        client resumes. The page state stays LOADING until _load_done runs here;
-        faults meanwhile park (see fault_wp). The uffd stays open meanwhile:
-        region.release() waits for region.inflight to drop to 0."""
+        checksum and maps the pages that pass into the client itself (one
+        UFFDIO_COPY per run of them; one for the whole window when every page
+        passes), saving the hop back to this thread before the client resumes.
+        A page that fails its check is not mapped, and does not hold back the
+        rest of its window: _load_done retries it alone. The page state stays
+        LOADING until _load_done runs here; faults meanwhile park (see
+        fault_wp). The uffd stays open meanwhile: region.release() waits for
+        region.inflight to drop to 0."""
         store = self.store
         sums = np.zeros(n, np.uint32)
         expected = region.table.sum[first:first + n].copy()
@@ -550,12 +552,30 @@ class Engine:
         def work():
             store.read(buf.addr, n * PAGE, slot * PAGE)
             ret = uffd.verify_and_copy(buf.addr, n, expected, sums, uffd_fd, dst, mode)
-            if ret == -errno.EEXIST or 0 <= ret < n * PAGE:
+            if ret == -errno.EBADMSG:
+                # A page failed its check and nothing was mapped: map the
+                # pages that passed (invariant 6 holds page by page).
+                ret = self._map_passing(uffd_fd, dst, buf.addr, sums == expected, mode)
+            elif ret == -errno.EEXIST or 0 <= ret < n * PAGE:
                 ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode)
-            # -EBADMSG: a page failed its check and nothing was mapped (invariant 6).
             return sums, ret, mode
 
         self.io.submit(work, on_done)
+
+    @staticmethod
+    def _map_passing(uffd_fd: int, dst: int, src: int, passed: np.ndarray, mode: int) -> int:
+        """Map the runs of a window's pages that passed their check, one COPY
+        per run (page by page where a page is present already), and nothing
+        of the others. Runs on an I/O thread. Bytes mapped, or -errno."""
+        mapped = 0
+        for a, k in pt.runs(np.flatnonzero(passed), len(passed)):
+            ret = uffd.copy(uffd_fd, dst + a * PAGE, src + a * PAGE, k * PAGE, mode)
+            if ret == -errno.EEXIST or 0 <= ret < k * PAGE:
+                ret = _copy_pagewise(uffd_fd, dst + a * PAGE, src + a * PAGE, k, mode)
+            if ret < 0:
+                return ret
+            mapped += ret
+        return mapped
 
     def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float,
                    result: tuple | None, err: OSError | None) -> None:
@@ -565,13 +585,24 @@ class Engine:
             self.charged -= n
             self._finish_load(region, buf)
             return
+        bad = np.zeros(0, np.intp)
         if err is None:
             sums, ret, mode = result
-            bad = np.flatnonzero(sums != table.sum[first:first + n]) if ret == -errno.EBADMSG else ()
+            # Invariant 6, page by page: the I/O thread mapped only the pages
+            # whose checksum matched. The others stay LOADING and are read
+            # again one by one, so a damaged slot costs its own page only.
+            bad = np.flatnonzero(sums != table.sum[first:first + n])
             if len(bad):
-                err = OSError(errno.EIO, f"checksum mismatch in {len(bad)} page(s) at store offset {(slot + int(bad[0])) * PAGE}")
+                self._retry_bad_pages(region, first, n, slot, bad, started)
+                if len(bad) == n:
+                    self._finish_load(region, buf)
+                    return
+                if region.closing:  # a poison found the client gone
+                    self.charged -= n - len(bad)
+                    self._finish_load(region, buf)
+                    return
         if err is not None:
-            # Invariant 6: a failed or corrupt read is retried; nothing is mapped from it.
+            # Invariant 6: a failed read is retried; nothing is mapped from it.
             self.stats["read_errors"] += 1
             self.errlog.error("read error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
             region.read_failures += 1
@@ -580,35 +611,72 @@ class Engine:
                 self._poison(region, first, n)
                 self._finish_load(region, buf)
                 return
-            delay = min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
-            self._reload_later(region, first, n, slot, buf, started, delay)
+            self._reload_later(region, first, n, slot, buf, started, self._read_retry_delay(region))
             return
-        region.read_failures = 0
+        if not len(bad):
+            region.read_failures = 0
+        good = np.setdiff1d(np.arange(n), bad) if len(bad) else None
         outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
         if outcome == GONE_:
-            self.charged -= n  # close_region did not count LOADING pages
+            self.charged -= n - len(bad)  # close_region did not count LOADING pages
             self._finish_load(region, buf)
             return
         if outcome == AGAIN:
             # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
-            self._reload_later(region, first, n, slot, buf, started, 0.001)
+            if good is None:
+                self._reload_later(region, first, n, slot, buf, started, 0.001)
+            else:
+                self._reload_runs(region, first, slot, good, started, 0.001, n)
+                self._finish_load(region, buf)
             return
-        seg = slice(first, first + n)
+        seg = slice(first, first + n) if good is None else first + good
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = pt.RESIDENT
         table.flags[seg] = (table.flags[seg] & pt.F_ACTIVE) | (0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY)
-        table.stamp[seg] = self._tick(n)
-        self.stats["swapins"] += n
+        table.stamp[seg] = self._tick(n - len(bad))
+        self.stats["swapins"] += n - len(bad)
         if not mode & uffd.COPY_MODE_WP:
             # Drain, or a stream being rewritten: the pages are writable and
             # dirty; their slot copies are released.
             self.slots.free_many(table.slot[seg].copy())
             table.slot[seg] = pt.NO_SLOT
+        pages = np.arange(first, first + n) if good is None else first + good
         for i in np.flatnonzero(waiters):
             # A write faulted between the COPY and now: it is the page's first write.
-            if table.flags[first + int(i)] & pt.F_DIRTY == 0:
-                self._make_dirty(region, first + int(i))
+            page = int(pages[i])
+            if table.flags[page] & pt.F_DIRTY == 0:
+                self._make_dirty(region, page)
         self._finish_load(region, buf)
+
+    def _read_retry_delay(self, region: Region) -> float:
+        return min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
+
+    def _retry_bad_pages(self, region: Region, first: int, n: int, slot: int, bad: np.ndarray,
+                         started: float) -> None:
+        """Pages `bad` (indices into the window first..first+n, in slots
+        slot..) failed their checksum and were not mapped: each is read again
+        on its own after a backoff, or past read_deadline (read_failure:
+        sigbus) poisoned -- the damaged pages only, never their window."""
+        self.stats["read_errors"] += len(bad)
+        offsets = ", ".join(str((slot + int(i)) * PAGE) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        self.errlog.error("read error on swap store (offset %d, %d pages): checksum mismatch in %d page(s) "
+                          "at store offset(s) %s; retrying those pages alone",
+                          slot * PAGE, n, len(bad), offsets)
+        region.read_failures += 1
+        if self.cfg.read_failure == "sigbus" and time.monotonic() - started > self.cfg.read_deadline:
+            for a, k in pt.runs(first + bad, n):
+                self._poison(region, a, k)
+            return
+        self._reload_runs(region, first, slot, bad, started, self._read_retry_delay(region), 1)
+
+    def _reload_runs(self, region: Region, first: int, slot: int, idx: np.ndarray, started: float,
+                     delay: float, max_len: int) -> None:
+        """Read pages first + idx (LOADING, charged; slots slot + idx) again
+        after `delay`, as loads of up to max_len adjacent pages, apart from
+        the window they came in."""
+        for a, k in pt.runs(np.asarray(idx), max_len):
+            region.inflight += 1  # handed to _reload_later, which counts it out until the retry
+            self._reload_later(region, first + a, k, slot + a, None, started, delay)
 
     def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
                       delay: float) -> None:
@@ -638,9 +706,12 @@ class Engine:
 
     def _poison(self, region: Region, first: int, n: int) -> None:
         """read_failure: sigbus — after read_deadline the client gets SIGBUS on
-        these pages rather than zeros (invariant 6)."""
-        log.error("region %d pages %d..%d unreadable past the %.0fs deadline: poisoning (SIGBUS)",
-                  region.id, first, first + n - 1, self.cfg.read_deadline)
+        these pages rather than zeros (invariant 6). The pages are a run in
+        adjacent slots (a load's), named by store offset in the log line,
+        which is rate-limited like every store error line."""
+        self.errlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
+                          "deadline: poisoning (SIGBUS)", region.id, first, first + n - 1,
+                          int(region.table.slot[first]) * PAGE, n, self.cfg.read_deadline)
         addr = region.addr + (first << SHIFT)
         # An evicted page's PTE is not empty: it holds the uffd-wp marker left
         # by write-protect-then-punch (_start_writeback, _drop), and
@@ -794,7 +865,11 @@ class Engine:
         daemon's mapping for a run, or gathered into gather_buf first."""
         store = self.store
         n = len(pages)
+        # Each page's checksum, and whether it is all zeros (an exact test
+        # made in the same pass: a page whose checksum merely equals the zero
+        # page's is data, and must keep its slot).
         sums = np.zeros(n, np.uint32)
+        zero = np.zeros(n, np.uint8)
         gather = None
         if gather_buf is None:
             src = region.daddr + (int(pages[0]) << SHIFT)
@@ -807,7 +882,7 @@ class Engine:
                 self.write_buffers.append(gather_buf)
             self._write_done(region, pages, slot, res, err)
 
-        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, on_done, gather):
+        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, zero, on_done, gather):
             return
 
         def work():
@@ -817,14 +892,15 @@ class Engine:
                 for i, addr in enumerate(gather.tolist()):
                     native.ffi.memmove(native.ffi.cast("char *", src + i * PAGE),
                                        native.ffi.cast("char *", addr), PAGE)
-            native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
+            native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data),
+                                  native.ffi.cast("uint8_t *", zero.ctypes.data))
             store.write(src, n * PAGE, slot * PAGE)
-            return sums
+            return sums, zero
 
         self.io.submit(work, on_done)
 
     def _write_done(self, region: Region, pages: np.ndarray, slot: int,
-                    sums: np.ndarray | None, err: OSError | None) -> None:
+                    result: tuple | None, err: OSError | None) -> None:
         self.writes_inflight -= 1
         region.inflight -= 1
         table = region.table
@@ -870,6 +946,7 @@ class Engine:
         self.store_no_space = False
         self.last_write_ok = time.monotonic()
         self.stats["pages_written"] += n
+        sums, zero = result
         table.sum[seg] = sums
         # The writeback bit is cleared: the pages are clean copies of their slots.
         table.state[seg] = pt.RESIDENT
@@ -880,7 +957,7 @@ class Engine:
             if region.closing:
                 return
         drop = pages[~waiters]
-        zero = drop[sums[~waiters] == self.zero_sum]
+        zero = drop[zero[~waiters] != 0]
         if len(zero):
             # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
             self.slots.free_many(table.slot[zero].copy())
