@@ -106,7 +106,9 @@ class Engine:
         self.write_backoff = 0.0
         self.write_retry_at = 0.0  # no new writes before this (store in error backoff)
         self.store_full = False
-        self.quarantine: list[tuple[float, int, int]] = []  # (failed at, first slot, count)
+        # Slot runs of failed writes that may still land: ([failed at, clock
+        # start or None], first slot, count); see _release_failed_slots.
+        self.quarantine: list[tuple[list, int, int]] = []
         self.last_write_ok = 0.0
         self.store_no_space = False  # the last write failed with ENOSPC/EDQUOT
         self.probe_inflight = False
@@ -908,7 +910,7 @@ class Engine:
         n = len(pages)
         if region.closing:
             # Invariant 7: a closed region's slots are freed only now that the
-            # write returned (and, for a write that timed out, after quarantine).
+            # write returned (and, for a failed write that may land late, after quarantine).
             if err is None:
                 self.slots.free(slot, n)
             else:
@@ -969,35 +971,51 @@ class Engine:
             self._drop(region, drop)
 
     def _release_failed_slots(self, slot: int, n: int, err: OSError) -> None:
-        """Invariant 3 after a failed write: the call has returned, so where
-        nothing outlives the call the slots are free at once. Where a request
-        that timed out may still be executed by the server later (NFS), its
-        slots are quarantined until the store has accepted a write since and
-        slot_quarantine has passed. Other errors (the server answered, or the
-        request was never sent) free the slots at once."""
-        if not (self.store.late_writes_possible and err.errno == errno.ETIMEDOUT):
+        """Invariant 3 after a failed write: the call has returned, but on a
+        store where a failed write may still be executed later (NFS: a request
+        that timed out or lost its connection can sit in the server's queue,
+        and a soft mount's EIO says as little), its slots must not take new
+        data that the late write could overwrite. The store decides from the
+        error (Store.write_may_land_late): such slots are quarantined; a
+        refusal (no space, read-only...) or a store where nothing outlives
+        the call frees them at once."""
+        if not self.store.write_may_land_late(err):
             self.slots.free(slot, n)
             return
-        self.quarantine.append((time.monotonic(), slot, n))
+        self.quarantine.append(([time.monotonic(), None], slot, n))
         self.stats["quarantined_slots"] += n
-        self._after(self.cfg.slot_quarantine, lambda: None)  # wake the loop to expire it
 
     def _expire_quarantine(self) -> None:
+        """A quarantined run's clock starts at the first write the store
+        accepted after the failure (a late write cannot be expected before
+        the store takes writes again: a server frozen for an hour executes
+        its queue when it thaws), and the run is freed slot_quarantine after
+        that. The clock start is taken as last_write_ok when first seen here
+        (settle runs after every batch of completions), never earlier than
+        the success itself. While some run still waits for a success, the
+        store is probed."""
         now = time.monotonic()
         keep = []
-        for failed_at, slot, n in self.quarantine:
-            if self.last_write_ok > failed_at and now - failed_at >= self.cfg.slot_quarantine:
+        waiting = False
+        for clock, slot, n in self.quarantine:
+            failed_at, since = clock
+            if since is None and self.last_write_ok > failed_at:
+                clock[1] = since = self.last_write_ok
+                self._after(max(0.0, since + self.cfg.slot_quarantine - now), lambda: None)  # wake to free it
+            if since is not None and now - since >= self.cfg.slot_quarantine:
                 self.slots.free(slot, n)
             else:
-                keep.append((failed_at, slot, n))
+                keep.append((clock, slot, n))
+                waiting = waiting or since is None
         self.quarantine = keep
-        if keep and self.last_write_ok <= min(f for f, _, _ in keep):
+        if waiting:
             self._probe_store(now)
 
     def _probe_store(self, now: float) -> None:
-        """No write has succeeded since the quarantined ones failed, and with
+        """No write has succeeded since some quarantined ones failed, and with
         slots scarce none may be attempted: rewrite the header page (slot 0,
-        never allocated) to learn when the store takes writes again."""
+        never allocated) to learn when the store takes writes again (its
+        success starts the quarantine clock, see _expire_quarantine)."""
         if self.probe_inflight or now < self.probe_at:
             return
         self.probe_inflight = True
