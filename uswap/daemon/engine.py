@@ -116,6 +116,9 @@ class Engine:
         self.probe_buf = native.AlignedBuffer(PAGE)
         self.draining = False
         self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        # Poisoned pages are lost data: their lines have a limiter of their
+        # own, so retry chatter on errlog cannot hide them.
+        self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
         self.stats = collections.Counter()
         # Set by the server: stop watching a region's uffd before its fds close.
         self.on_region_closing: Callable[[Region], None] | None = None
@@ -711,7 +714,7 @@ class Engine:
         these pages rather than zeros (invariant 6). The pages are a run in
         adjacent slots (a load's), named by store offset in the log line,
         which is rate-limited like every store error line."""
-        self.errlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
+        self.poisonlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
                           "deadline: poisoning (SIGBUS)", region.id, first, first + n - 1,
                           int(region.table.slot[first]) * PAGE, n, self.cfg.read_deadline)
         addr = region.addr + (first << SHIFT)
@@ -1030,6 +1033,7 @@ class Engine:
             if err is None:
                 self.last_write_ok = time.monotonic()
             else:
+                self.stats["write_errors"] += 1  # a store write that failed, like any other
                 self.probe_at = time.monotonic() + self.cfg.write_retry_max
                 self._after(self.cfg.write_retry_max, lambda: None)
 
