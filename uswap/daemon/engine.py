@@ -951,7 +951,7 @@ class Engine:
         self.store_no_space = False
         self.last_write_ok = time.monotonic()
         self.stats["pages_written"] += n
-        sums, zero = result
+        sums, all_zero = result
         table.sum[seg] = sums
         # The writeback bit is cleared: the pages are clean copies of their slots.
         table.state[seg] = pt.RESIDENT
@@ -962,7 +962,7 @@ class Engine:
             if region.closing:
                 return
         drop = pages[~waiters]
-        zero = drop[zero[~waiters] != 0]
+        zero = drop[all_zero[~waiters] != 0]
         if len(zero):
             # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
             self.slots.free_many(table.slot[zero].copy())
