@@ -27,11 +27,21 @@
 
 #define US_CRC32C_POLY 0x82F63B78u   /* Castagnoli, bit-reflected */
 
-/* Slicing-by-8 tables for the software CRC, and whether the crc32
- * instruction is usable; both set by us_crc32c_init() when the shim loads,
- * before any thread can call in, and read-only afterwards. */
+/* A page is checksummed in three interleaved streams of US_CRC_LANE bytes
+ * plus a 16-byte tail: the crc32 instruction has a latency of 3 cycles and a
+ * throughput of 1, so three independent streams run three times faster than
+ * one. The streams are joined with us_crc_shift: advancing a CRC state over
+ * US_CRC_LANE zero bytes is a linear map, kept as 4 tables of 256 entries. */
+#define US_CRC_LANE 1360   /* 170 words; 3 * 1360 + 16 = 4096 */
+
+/* Slicing-by-8 tables for the software CRC, the lane-shift tables, and
+ * whether the crc32 instruction is usable; all set by us_crc32c_init() when
+ * the shim loads, before any thread can call in, and read-only afterwards. */
 static uint32_t us_crc_table[8][256];
+static uint32_t us_crc_shift_table[4][256];
 static int us_crc_hw;
+
+static uint32_t us_crc32c_words_sw(uint32_t crc, const uint64_t *w, size_t nwords, uint64_t *any);
 
 __attribute__((constructor)) static void us_crc32c_init(void)
 {
@@ -44,10 +54,31 @@ __attribute__((constructor)) static void us_crc32c_init(void)
     for (uint32_t i = 0; i < 256; i++)
         for (int t = 1; t < 8; t++)
             us_crc_table[t][i] = (us_crc_table[t - 1][i] >> 8) ^ us_crc_table[0][us_crc_table[t - 1][i] & 0xFF];
+    /* Column i of the shift map: state 1<<i advanced over a lane of zeros. */
+    static const uint64_t zeros[US_CRC_LANE / 8];
+    uint32_t column[32];
+    uint64_t any = 0;
+    for (int i = 0; i < 32; i++)
+        column[i] = us_crc32c_words_sw(1u << i, zeros, US_CRC_LANE / 8, &any);
+    for (int k = 0; k < 4; k++)
+        for (uint32_t b = 0; b < 256; b++) {
+            uint32_t v = 0;
+            for (int i = 0; i < 8; i++)
+                if (b >> i & 1)
+                    v ^= column[8 * k + i];
+            us_crc_shift_table[k][b] = v;
+        }
 #ifdef US_CRC_X86
     __builtin_cpu_init();
-    us_crc_hw = __builtin_cpu_supports("sse4.2");
+    us_crc_hw = __builtin_cpu_supports("sse4.2") != 0;
 #endif
+}
+
+/* A running CRC state advanced over US_CRC_LANE zero bytes. */
+static inline uint32_t us_crc_shift(uint32_t crc)
+{
+    return us_crc_shift_table[0][crc & 0xFF] ^ us_crc_shift_table[1][(crc >> 8) & 0xFF] ^
+           us_crc_shift_table[2][(crc >> 16) & 0xFF] ^ us_crc_shift_table[3][crc >> 24];
 }
 
 /* Software CRC32C over 8-byte words (crc in its running, un-inverted form);
@@ -80,6 +111,27 @@ static uint32_t us_crc32c_words_hw(uint32_t crc, const uint64_t *w, size_t nword
     }
     *any |= acc;
     return (uint32_t)c;
+}
+
+/* The running CRC of one whole page from state ~0, in three streams (see
+ * US_CRC_LANE); the same value as us_crc32c_words_hw over the page. */
+__attribute__((target("sse4.2")))
+static uint32_t us_crc32c_page_hw(const uint64_t *w, uint64_t *any)
+{
+    const size_t lane = US_CRC_LANE / 8;
+    const uint64_t *a = w, *b = w + lane, *c = w + 2 * lane;
+    uint64_t ca = ~0u, cb = 0, cc = 0, acc = 0;
+    for (size_t i = 0; i < lane; i++) {
+        acc |= a[i] | b[i] | c[i];
+        ca = _mm_crc32_u64(ca, a[i]);
+        cb = _mm_crc32_u64(cb, b[i]);
+        cc = _mm_crc32_u64(cc, c[i]);
+    }
+    /* Processing data from state s equals processing it from 0, XOR s
+     * advanced over as many zero bytes (the CRC is linear). */
+    uint32_t crc = us_crc_shift(us_crc_shift((uint32_t)ca) ^ (uint32_t)cb) ^ (uint32_t)cc;
+    *any |= acc;
+    return us_crc32c_words_hw(crc, w + 3 * lane, 2, any);
 }
 #endif
 
@@ -125,7 +177,12 @@ static void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *sums, uint8_t
     for (uint64_t p = 0; p < npages; p++) {
         const uint64_t *w = (const uint64_t *)(uintptr_t)(addr + p * 4096);
         uint64_t any = 0;
-        sums[p] = ~us_crc32c_words(~0u, w, 512, &any);
+#ifdef US_CRC_X86
+        if (us_crc_hw)
+            sums[p] = ~us_crc32c_page_hw(w, &any);
+        else
+#endif
+            sums[p] = ~us_crc32c_words_sw(~0u, w, 512, &any);
         if (zero)
             zero[p] = any == 0;
     }

@@ -155,17 +155,23 @@ def test_crc32c_matches_the_standard_in_hardware_and_software():
 
 def test_page_sums_zero_flag_is_exact():
     """The all-zero flag comes from the bytes: one non-zero byte anywhere
-    clears it, and page_sums' checksum is the page's CRC32C."""
-    buf = native.AlignedBuffer(4 * PAGE)
+    clears it. page_sums' checksum (three interleaved streams on SSE4.2) is
+    the page's CRC32C, as computed in one stream by either path."""
+    npages = 12
+    buf = native.AlignedBuffer(npages * PAGE)
     try:
         view = buf.view()
         view[PAGE + 4095] = 1          # page 1: last byte
         view[2 * PAGE] = 0x80          # page 2: first byte
         view[3 * PAGE + 2048] = 0x01   # page 3: middle
-        sums, zero = native.page_sums(buf.addr, 4)
-        assert zero == [True, False, False, False]
-        for p in range(4):
-            assert sums[p] == native.crc32c(bytes(view[p * PAGE:(p + 1) * PAGE])), p
+        view[4 * PAGE + 1360] = 0x01   # page 4: first byte of the second stream
+        view[5 * PAGE + 4080] = 0x01   # page 5: first byte of the tail
+        view[6 * PAGE:] = os.urandom((npages - 6) * PAGE)
+        sums, zero = native.page_sums(buf.addr, npages)
+        assert zero == [True] + [False] * (npages - 1)
+        for p in range(npages):
+            page = bytes(view[p * PAGE:(p + 1) * PAGE])
+            assert sums[p] == native.crc32c(page) == native.crc32c(page, hardware=False), p
     finally:
         buf.free()
 
