@@ -5,7 +5,10 @@
  * metadata and btrfs) of its slot copy, and an exact all-zero flag computed
  * in the same pass over the page. The flag, not the checksum, decides that a
  * page needs no slot: a page whose checksum merely equals the zero page's is
- * real data and is written like any other.
+ * real data and is written like any other. (A CRC catches accidental
+ * damage -- every burst of up to 32 bits, other damage but for 1 in 2^32 --
+ * but it is linear: a page built to share the zero page's CRC is easy to
+ * make, so nothing may rest on two CRCs being equal but the check itself.)
  *
  * The CRC uses the SSE4.2 crc32 instruction where the CPU has it (checked
  * once, when the shim is loaded) and a table-driven software CRC otherwise;
