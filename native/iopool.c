@@ -79,7 +79,7 @@ struct us_job {
     struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */
     struct nfsfh *nfsfh;      /* *_NFS jobs: the store file's handle on it */
     int64_t result;       /* bytes read or written, or -errno of the store call */
-    int64_t copied;       /* READ_COPY: bytes mapped, -EBADMSG, or -errno of the COPY */
+    int64_t copied;       /* READ_COPY: bytes mapped (pages that passed their check), or -errno of a COPY */
     uint64_t token;
     struct us_job *next;
 };
