@@ -1,4 +1,5 @@
-"""cffi build script for uswap._dio_cffi: direct I/O, mmap, checksums (native/dio.c)."""
+"""cffi build script for uswap._dio_cffi: direct I/O, mmap, checksums (native/dio.c;
+the checksums are native/pagesum.h's CRC32C and all-zero flag)."""
 import os
 
 from cffi import FFI
@@ -16,7 +17,9 @@ int us_munmap(uint64_t addr, uint64_t len);
 int us_mlockall(int flags);
 int64_t us_aligned_alloc(uint64_t align, uint64_t size);
 void us_free(uint64_t addr);
-void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *out);
+void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *sums, uint8_t *zero);
+uint32_t us_crc32c(const void *data, uint64_t len, int hw);
+int us_crc32c_hw_available(void);
 int64_t us_fs_type(int fd);
 """
 

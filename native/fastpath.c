@@ -368,7 +368,7 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     }
     if (*result < 0)
         return;
-    us_page_sums(buf, 1, sum);
+    us_page_sums(buf, 1, sum, NULL);
     if (*sum != j->expected) {
         *copied = -EBADMSG;   /* invariant 6: nothing is mapped */
         return;

@@ -10,18 +10,24 @@
  * only on the engine thread, when it reaps the token.
  *
  * Jobs:
- *   READ_COPY  pread len bytes at off into buf, checksum each page, and only
- *              if all match `expected` map them at dst in uffd (UFFDIO_COPY).
- *              result = the pread's bytes or -errno; copied = bytes mapped,
- *              -EBADMSG (a page failed its check; nothing mapped), or -errno.
+ *   READ_COPY  pread len bytes at off into buf, checksum each page into
+ *              sums, and map at dst in uffd (UFFDIO_COPY, one per run) the
+ *              pages whose sum matches `expected`; a page that fails its
+ *              check is never mapped (invariant 6), and its neighbours are
+ *              not held back by it: the engine sees which pages failed
+ *              (sums != expected) and retries only those.
+ *              result = the pread's bytes or -errno; copied = bytes mapped
+ *              (the passing pages; all of len when every page passed), or
+ *              -errno of a COPY.
  *              A page found already present (EEXIST) is kept, its waiters
  *              woken, and counted in `present` (it can only hold newer data;
  *              engine._copy_pagewise does the same on the Python pool). The
  *              count includes pages the run's first COPY mapped before it
  *              stopped at the present one.
- *   SUM_WRITE  checksum the pages at buf into sums, then pwrite them at off;
- *              with `gather`, the pages are first copied into buf from there.
- *              result = bytes written or -errno.
+ *   SUM_WRITE  checksum the pages at buf into sums and flag the all-zero
+ *              ones in `zero` (pagesum.h, one pass), then pwrite them at
+ *              off; with `gather`, the pages are first copied into buf from
+ *              there. result = bytes written or -errno.
  *   READ_COPY_NFS, SUM_WRITE_NFS
  *              the same on the nfs:// store: the store call is libnfs's
  *              nfs_pread/nfs_pwrite on the job's context and file handle
@@ -68,11 +74,12 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
+    uint8_t *zero;        /* SUM_WRITE: 1 for each page that is all zeros */
     uint64_t *gather;     /* SUM_WRITE: if set, copy page i from gather[i] into buf first */
     struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */
     struct nfsfh *nfsfh;      /* *_NFS jobs: the store file's handle on it */
     int64_t result;       /* bytes read or written, or -errno of the store call */
-    int64_t copied;       /* READ_COPY: bytes mapped, -EBADMSG, or -errno of the COPY */
+    int64_t copied;       /* READ_COPY: bytes mapped (pages that passed their check), or -errno of a COPY */
     uint64_t token;
     struct us_job *next;
 };
@@ -99,26 +106,49 @@ static int64_t store_io(struct us_job *j, int write)
     return us_fd_full(write, j->fd, j->buf, j->len, j->off);
 }
 
-/* Map the verified run with one COPY; if a page of it is already present
- * (EEXIST) or the COPY gave up part way, map it page by page instead,
- * keeping and waking the pages already there. */
-static int64_t copy_run(struct us_job *j)
+/* Map the verified run [from, from + len) of the job's buffer with one COPY;
+ * if a page of it is already present (EEXIST) or the COPY gave up part way,
+ * map it page by page instead, keeping and waking the pages already there. */
+static int64_t copy_run(struct us_job *j, uint64_t from, uint64_t len)
 {
-    j->present = 0;
-    int64_t r = us_uffd_copy(j->uffd, j->dst, j->buf, j->len, j->mode);
-    if (r != -EEXIST && !(r >= 0 && (uint64_t)r < j->len))
+    uint64_t dst = j->dst + from, buf = j->buf + from;
+    int64_t r = us_uffd_copy(j->uffd, dst, buf, len, j->mode);
+    if (r != -EEXIST && !(r >= 0 && (uint64_t)r < len))
         return r;
-    for (uint64_t p = r >= 0 ? (uint64_t)r & ~4095ull : 0; p < j->len; p += 4096) {
-        r = us_uffd_copy(j->uffd, j->dst + p, j->buf + p, 4096, j->mode);
+    for (uint64_t p = r >= 0 ? (uint64_t)r & ~4095ull : 0; p < len; p += 4096) {
+        r = us_uffd_copy(j->uffd, dst + p, buf + p, 4096, j->mode);
         if (r == -EEXIST) {
-            struct uffdio_range range = { .start = j->dst + p, .len = 4096 };
+            struct uffdio_range range = { .start = dst + p, .len = 4096 };
             ioctl(j->uffd, UFFDIO_WAKE, &range);
             j->present++;
         } else if (r < 0) {
             return r;
         }
     }
-    return (int64_t)j->len;
+    return (int64_t)len;
+}
+
+/* Invariant 6, page by page: map each run of pages whose checksum matches,
+ * and nothing of a page that does not. Bytes mapped, or -errno of a COPY. */
+static int64_t copy_verified(struct us_job *j, uint64_t npages)
+{
+    int64_t mapped = 0;
+    j->present = 0;
+    for (uint64_t i = 0; i < npages;) {
+        if (j->sums[i] != j->expected[i]) {
+            i++;
+            continue;
+        }
+        uint64_t end = i + 1;
+        while (end < npages && j->sums[end] == j->expected[end])
+            end++;
+        int64_t r = copy_run(j, i * 4096, (end - i) * 4096);
+        if (r < 0)
+            return r;
+        mapped += r;
+        i = end;
+    }
+    return mapped;
 }
 
 static void run_job(struct us_job *j)
@@ -129,20 +159,14 @@ static void run_job(struct us_job *j)
         j->result = store_io(j, 0);
         if (j->result < 0)
             return;
-        us_page_sums(j->buf, npages, j->sums);
-        for (uint64_t i = 0; i < npages; i++) {
-            if (j->sums[i] != j->expected[i]) {
-                j->copied = -EBADMSG;   /* invariant 6: nothing is mapped */
-                return;
-            }
-        }
-        j->copied = copy_run(j);
+        us_page_sums(j->buf, npages, j->sums, NULL);
+        j->copied = copy_verified(j, npages);
     } else {
         /* Scattered pages bound for adjacent slots: gathered into the job's
          * buffer (they are write-protected in the client: stable bytes). */
         for (uint64_t i = 0; j->gather && i < npages; i++)
             memcpy((void *)(uintptr_t)(j->buf + i * 4096), (const void *)(uintptr_t)j->gather[i], 4096);
-        us_page_sums(j->buf, npages, j->sums);
+        us_page_sums(j->buf, npages, j->sums, j->zero);
         j->result = store_io(j, 1);
     }
 }

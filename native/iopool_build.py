@@ -23,6 +23,7 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
+    uint8_t *zero;
     uint64_t *gather;
     struct nfs_context *nfs;
     struct nfsfh *nfsfh;

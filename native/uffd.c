@@ -186,11 +186,12 @@ static int us_uffd_read_events(int fd, struct us_event *out, int max)
  * read into buf, and only if every page matches `expected` map them at dst
  * with UFFDIO_COPY. Returns bytes mapped, -EBADMSG when a page failed its
  * check (nothing is mapped: invariant 6), or -errno of the COPY. The sums
- * found are left in `found`. */
+ * found are left in `found` (all n, also on -EBADMSG), so the caller can map
+ * the pages that passed and retry only the ones that did not. */
 static int64_t us_verify_and_copy(uint64_t buf, uint64_t n, const uint32_t *expected,
                                   uint32_t *found, int fd, uint64_t dst, uint64_t mode)
 {
-    us_page_sums(buf, n, found);
+    us_page_sums(buf, n, found, NULL);
     for (uint64_t i = 0; i < n; i++)
         if (found[i] != expected[i])
             return -EBADMSG;

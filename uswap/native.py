@@ -52,14 +52,31 @@ class AlignedBuffer:
             self.addr = 0
 
 
-def page_sums(addr: int, npages: int) -> list[int]:
-    out = ffi.new("uint32_t[]", npages)
-    lib.us_page_sums(addr, npages, out)
-    return list(out)
+def page_sums(addr: int, npages: int) -> tuple[list[int], list[bool]]:
+    """CRC32C of each page at addr, and whether each page is all zeros
+    (native/pagesum.h: both from one pass over the page)."""
+    sums = ffi.new("uint32_t[]", npages)
+    zero = ffi.new("uint8_t[]", npages)
+    lib.us_page_sums(addr, npages, sums, zero)
+    return list(sums), [bool(z) for z in zero]
 
 
-def page_sums_into(addr: int, npages: int, out_cdata) -> None:
-    lib.us_page_sums(addr, npages, out_cdata)
+def page_sums_into(addr: int, npages: int, sums_cdata, zero_cdata=ffi.NULL) -> None:
+    """page_sums into caller-owned C arrays (uint32_t sums[npages], and
+    uint8_t zero[npages] unless NULL)."""
+    lib.us_page_sums(addr, npages, sums_cdata, zero_cdata)
+
+
+def crc32c(data: bytes, hardware: bool = True) -> int:
+    """Standard CRC32C of `data` (the page checksum's function); with
+    hardware=False the portable software path is used even where the CPU
+    has the crc32 instruction."""
+    return lib.us_crc32c(data, len(data), 1 if hardware else 0)
+
+
+def crc32c_hardware() -> bool:
+    """True when checksums use the CPU's crc32 instruction (SSE4.2)."""
+    return bool(lib.us_crc32c_hw_available())
 
 
 def mlockall(current: bool = True, future: bool = True, onfault: bool = True) -> None:

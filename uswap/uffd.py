@@ -151,6 +151,8 @@ class EventReader:
 
 def verify_and_copy(buf: int, n: int, expected, found, fd: int, dst: int, mode: int) -> int:
     """Checksum n pages at buf against `expected` (uint32 numpy arrays) and map
-    them at dst only if all match. Bytes mapped, -EBADMSG, or -errno."""
+    them at dst only if all match. Bytes mapped, -EBADMSG (nothing mapped),
+    or -errno. `found` gets every page's checksum in either case, so on
+    -EBADMSG the caller can map the pages that passed (found == expected)."""
     return lib.us_verify_and_copy(buf, n, ffi.cast("uint32_t *", expected.ctypes.data),
                                   ffi.cast("uint32_t *", found.ctypes.data), fd, dst, mode)

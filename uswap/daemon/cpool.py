@@ -77,19 +77,21 @@ class CPool:
         self._submit(job, conn, (expected, sums, mode), on_done)
         return True
 
-    def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, on_done: Callable,
-                  gather: np.ndarray | None = None) -> bool:
-        """Queue a writeback (checksum, write); False if not queued. With
-        `gather` (uint64 page addresses), src is a buffer the pages are
-        copied into first."""
+    def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, zero: np.ndarray,
+                  on_done: Callable, gather: np.ndarray | None = None) -> bool:
+        """Queue a writeback (checksum and all-zero flag of each page into
+        sums (uint32) and zero (uint8), then write); False if not queued. The
+        result passed to on_done is (sums, zero). With `gather` (uint64 page
+        addresses), src is a buffer the pages are copied into first."""
         job, conn = self._job(lib.US_JOB_SUM_WRITE, lib.US_JOB_SUM_WRITE_NFS)
         if job is None:
             return False
         job.buf, job.len, job.off = src, length, off
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
+        job.zero = ffi.cast("uint8_t *", zero.ctypes.data)
         if gather is not None:
             job.gather = ffi.cast("uint64_t *", gather.ctypes.data)
-        self._submit(job, conn, (sums, gather), on_done)
+        self._submit(job, conn, ((sums, zero), gather), on_done)
         return True
 
     def _finish(self, job, conn) -> OSError | None:

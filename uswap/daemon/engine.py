@@ -101,13 +101,14 @@ class Engine:
         self.write_buffers = [native.AlignedBuffer(self.gather_pages * PAGE)
                               for _ in range(min(cfg.max_inflight_writes, 32))]
         self.zero_fill = native.AlignedBuffer(self.ra_max_pages * PAGE)
-        self.zero_sum = native.page_sums(self.zero_fill.addr, 1)[0]
         self.timers: list = []
         self.timer_seq = 0
         self.write_backoff = 0.0
         self.write_retry_at = 0.0  # no new writes before this (store in error backoff)
         self.store_full = False
-        self.quarantine: list[tuple[float, int, int]] = []  # (failed at, first slot, count)
+        # Slot runs of failed writes that may still land: ([failed at, clock
+        # start or None], first slot, count); see _release_failed_slots.
+        self.quarantine: list[tuple[list, int, int]] = []
         self.last_write_ok = 0.0
         self.store_no_space = False  # the last write failed with ENOSPC/EDQUOT
         self.probe_inflight = False
@@ -115,6 +116,9 @@ class Engine:
         self.probe_buf = native.AlignedBuffer(PAGE)
         self.draining = False
         self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        # Poisoned pages are lost data: their lines have a limiter of their
+        # own, so retry chatter on errlog cannot hide them.
+        self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
         self.stats = collections.Counter()
         # Set by the server: stop watching a region's uffd before its fds close.
         self.on_region_closing: Callable[[Region], None] | None = None
@@ -296,8 +300,8 @@ class Engine:
 
         A read maps zeros write-protected: clean, so dropping them later costs
         nothing (they become EMPTY again). A write maps them writable (dirty);
-        pages of the window never written are found to be zero at writeback
-        (their checksum) and become EMPTY then."""
+        pages of the window never written are found to be all zeros at
+        writeback (an exact test, made with the checksum) and become EMPTY then."""
         table = region.table
         n = 1
         ra = region.ra
@@ -524,11 +528,14 @@ class Engine:
 
     def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float) -> None:
         """Queue a swap-in read. The I/O thread reads, verifies each page's
-        checksum and, only if every page passes, maps the run into the client
-        itself (one UFFDIO_COPY), saving the hop back to this thread before the
-        client resumes. The page state stays LOADING until _load_done runs here;
-        faults meanwhile park (see fault_wp). The uffd stays open meanwhile:
-        region.release() waits for region.inflight to drop to 0."""
+        checksum and maps the pages that pass into the client itself (one
+        UFFDIO_COPY per run of them; one for the whole window when every page
+        passes), saving the hop back to this thread before the client resumes.
+        A page that fails its check is not mapped, and does not hold back the
+        rest of its window: _load_done retries it alone. The page state stays
+        LOADING until _load_done runs here; faults meanwhile park (see
+        fault_wp). The uffd stays open meanwhile: region.release() waits for
+        region.inflight to drop to 0."""
         store = self.store
         sums = np.zeros(n, np.uint32)
         expected = region.table.sum[first:first + n].copy()
@@ -550,12 +557,30 @@ class Engine:
         def work():
             store.read(buf.addr, n * PAGE, slot * PAGE)
             ret = uffd.verify_and_copy(buf.addr, n, expected, sums, uffd_fd, dst, mode)
-            if ret == -errno.EEXIST or 0 <= ret < n * PAGE:
+            if ret == -errno.EBADMSG:
+                # A page failed its check and nothing was mapped: map the
+                # pages that passed (invariant 6 holds page by page).
+                ret = self._map_passing(uffd_fd, dst, buf.addr, sums == expected, mode)
+            elif ret == -errno.EEXIST or 0 <= ret < n * PAGE:
                 ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode)
-            # -EBADMSG: a page failed its check and nothing was mapped (invariant 6).
             return sums, ret, mode
 
         self.io.submit(work, on_done)
+
+    @staticmethod
+    def _map_passing(uffd_fd: int, dst: int, src: int, passed: np.ndarray, mode: int) -> int:
+        """Map the runs of a window's pages that passed their check, one COPY
+        per run (page by page where a page is present already), and nothing
+        of the others. Runs on an I/O thread. Bytes mapped, or -errno."""
+        mapped = 0
+        for a, k in pt.runs(np.flatnonzero(passed), len(passed)):
+            ret = uffd.copy(uffd_fd, dst + a * PAGE, src + a * PAGE, k * PAGE, mode)
+            if ret == -errno.EEXIST or 0 <= ret < k * PAGE:
+                ret = _copy_pagewise(uffd_fd, dst + a * PAGE, src + a * PAGE, k, mode)
+            if ret < 0:
+                return ret
+            mapped += ret
+        return mapped
 
     def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float,
                    result: tuple | None, err: OSError | None) -> None:
@@ -565,13 +590,24 @@ class Engine:
             self.charged -= n
             self._finish_load(region, buf)
             return
+        bad = np.zeros(0, np.intp)
         if err is None:
             sums, ret, mode = result
-            bad = np.flatnonzero(sums != table.sum[first:first + n]) if ret == -errno.EBADMSG else ()
+            # Invariant 6, page by page: the I/O thread mapped only the pages
+            # whose checksum matched. The others stay LOADING and are read
+            # again one by one, so a damaged slot costs its own page only.
+            bad = np.flatnonzero(sums != table.sum[first:first + n])
             if len(bad):
-                err = OSError(errno.EIO, f"checksum mismatch in {len(bad)} page(s) at store offset {(slot + int(bad[0])) * PAGE}")
+                self._retry_bad_pages(region, first, n, slot, bad, started)
+                if len(bad) == n:
+                    self._finish_load(region, buf)
+                    return
+                if region.closing:  # a poison found the client gone
+                    self.charged -= n - len(bad)
+                    self._finish_load(region, buf)
+                    return
         if err is not None:
-            # Invariant 6: a failed or corrupt read is retried; nothing is mapped from it.
+            # Invariant 6: a failed read is retried; nothing is mapped from it.
             self.stats["read_errors"] += 1
             self.errlog.error("read error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
             region.read_failures += 1
@@ -580,35 +616,72 @@ class Engine:
                 self._poison(region, first, n)
                 self._finish_load(region, buf)
                 return
-            delay = min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
-            self._reload_later(region, first, n, slot, buf, started, delay)
+            self._reload_later(region, first, n, slot, buf, started, self._read_retry_delay(region))
             return
-        region.read_failures = 0
+        if not len(bad):
+            region.read_failures = 0
+        good = np.setdiff1d(np.arange(n), bad) if len(bad) else None
         outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
         if outcome == GONE_:
-            self.charged -= n  # close_region did not count LOADING pages
+            self.charged -= n - len(bad)  # close_region did not count LOADING pages
             self._finish_load(region, buf)
             return
         if outcome == AGAIN:
             # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
-            self._reload_later(region, first, n, slot, buf, started, 0.001)
+            if good is None:
+                self._reload_later(region, first, n, slot, buf, started, 0.001)
+            else:
+                self._reload_runs(region, first, slot, good, started, 0.001, n)
+                self._finish_load(region, buf)
             return
-        seg = slice(first, first + n)
+        seg = slice(first, first + n) if good is None else first + good
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = pt.RESIDENT
         table.flags[seg] = (table.flags[seg] & pt.F_ACTIVE) | (0 if mode & uffd.COPY_MODE_WP else pt.F_DIRTY)
-        table.stamp[seg] = self._tick(n)
-        self.stats["swapins"] += n
+        table.stamp[seg] = self._tick(n - len(bad))
+        self.stats["swapins"] += n - len(bad)
         if not mode & uffd.COPY_MODE_WP:
             # Drain, or a stream being rewritten: the pages are writable and
             # dirty; their slot copies are released.
             self.slots.free_many(table.slot[seg].copy())
             table.slot[seg] = pt.NO_SLOT
+        pages = np.arange(first, first + n) if good is None else first + good
         for i in np.flatnonzero(waiters):
             # A write faulted between the COPY and now: it is the page's first write.
-            if table.flags[first + int(i)] & pt.F_DIRTY == 0:
-                self._make_dirty(region, first + int(i))
+            page = int(pages[i])
+            if table.flags[page] & pt.F_DIRTY == 0:
+                self._make_dirty(region, page)
         self._finish_load(region, buf)
+
+    def _read_retry_delay(self, region: Region) -> float:
+        return min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
+
+    def _retry_bad_pages(self, region: Region, first: int, n: int, slot: int, bad: np.ndarray,
+                         started: float) -> None:
+        """Pages `bad` (indices into the window first..first+n, in slots
+        slot..) failed their checksum and were not mapped: each is read again
+        on its own after a backoff, or past read_deadline (read_failure:
+        sigbus) poisoned -- the damaged pages only, never their window."""
+        self.stats["read_errors"] += len(bad)
+        offsets = ", ".join(str((slot + int(i)) * PAGE) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        self.errlog.error("read error on swap store (offset %d, %d pages): checksum mismatch in %d page(s) "
+                          "at store offset(s) %s; retrying those pages alone",
+                          slot * PAGE, n, len(bad), offsets)
+        region.read_failures += 1
+        if self.cfg.read_failure == "sigbus" and time.monotonic() - started > self.cfg.read_deadline:
+            for a, k in pt.runs(first + bad, n):
+                self._poison(region, a, k)
+            return
+        self._reload_runs(region, first, slot, bad, started, self._read_retry_delay(region), 1)
+
+    def _reload_runs(self, region: Region, first: int, slot: int, idx: np.ndarray, started: float,
+                     delay: float, max_len: int) -> None:
+        """Read pages first + idx (LOADING, charged; slots slot + idx) again
+        after `delay`, as loads of up to max_len adjacent pages, apart from
+        the window they came in."""
+        for a, k in pt.runs(np.asarray(idx), max_len):
+            region.inflight += 1  # handed to _reload_later, which counts it out until the retry
+            self._reload_later(region, first + a, k, slot + a, None, started, delay)
 
     def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
                       delay: float) -> None:
@@ -638,9 +711,12 @@ class Engine:
 
     def _poison(self, region: Region, first: int, n: int) -> None:
         """read_failure: sigbus — after read_deadline the client gets SIGBUS on
-        these pages rather than zeros (invariant 6)."""
-        log.error("region %d pages %d..%d unreadable past the %.0fs deadline: poisoning (SIGBUS)",
-                  region.id, first, first + n - 1, self.cfg.read_deadline)
+        these pages rather than zeros (invariant 6). The pages are a run in
+        adjacent slots (a load's), named by store offset in the log line,
+        which is rate-limited like every store error line."""
+        self.poisonlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
+                          "deadline: poisoning (SIGBUS)", region.id, first, first + n - 1,
+                          int(region.table.slot[first]) * PAGE, n, self.cfg.read_deadline)
         addr = region.addr + (first << SHIFT)
         # An evicted page's PTE is not empty: it holds the uffd-wp marker left
         # by write-protect-then-punch (_start_writeback, _drop), and
@@ -794,7 +870,11 @@ class Engine:
         daemon's mapping for a run, or gathered into gather_buf first."""
         store = self.store
         n = len(pages)
+        # Each page's checksum, and whether it is all zeros (an exact test
+        # made in the same pass: a page whose checksum merely equals the zero
+        # page's is data, and must keep its slot).
         sums = np.zeros(n, np.uint32)
+        zero = np.zeros(n, np.uint8)
         gather = None
         if gather_buf is None:
             src = region.daddr + (int(pages[0]) << SHIFT)
@@ -807,7 +887,7 @@ class Engine:
                 self.write_buffers.append(gather_buf)
             self._write_done(region, pages, slot, res, err)
 
-        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, on_done, gather):
+        if self.cpool is not None and self.cpool.sum_write(src, n * PAGE, slot * PAGE, sums, zero, on_done, gather):
             return
 
         def work():
@@ -817,14 +897,15 @@ class Engine:
                 for i, addr in enumerate(gather.tolist()):
                     native.ffi.memmove(native.ffi.cast("char *", src + i * PAGE),
                                        native.ffi.cast("char *", addr), PAGE)
-            native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data))
+            native.page_sums_into(src, n, native.ffi.cast("uint32_t *", sums.ctypes.data),
+                                  native.ffi.cast("uint8_t *", zero.ctypes.data))
             store.write(src, n * PAGE, slot * PAGE)
-            return sums
+            return sums, zero
 
         self.io.submit(work, on_done)
 
     def _write_done(self, region: Region, pages: np.ndarray, slot: int,
-                    sums: np.ndarray | None, err: OSError | None) -> None:
+                    result: tuple | None, err: OSError | None) -> None:
         self.writes_inflight -= 1
         region.inflight -= 1
         table = region.table
@@ -832,7 +913,7 @@ class Engine:
         n = len(pages)
         if region.closing:
             # Invariant 7: a closed region's slots are freed only now that the
-            # write returned (and, for a write that timed out, after quarantine).
+            # write returned (and, for a failed write that may land late, after quarantine).
             if err is None:
                 self.slots.free(slot, n)
             else:
@@ -870,6 +951,7 @@ class Engine:
         self.store_no_space = False
         self.last_write_ok = time.monotonic()
         self.stats["pages_written"] += n
+        sums, all_zero = result
         table.sum[seg] = sums
         # The writeback bit is cleared: the pages are clean copies of their slots.
         table.state[seg] = pt.RESIDENT
@@ -880,7 +962,7 @@ class Engine:
             if region.closing:
                 return
         drop = pages[~waiters]
-        zero = drop[sums[~waiters] == self.zero_sum]
+        zero = drop[all_zero[~waiters] != 0]
         if len(zero):
             # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
             self.slots.free_many(table.slot[zero].copy())
@@ -892,35 +974,51 @@ class Engine:
             self._drop(region, drop)
 
     def _release_failed_slots(self, slot: int, n: int, err: OSError) -> None:
-        """Invariant 3 after a failed write: the call has returned, so where
-        nothing outlives the call the slots are free at once. Where a request
-        that timed out may still be executed by the server later (NFS), its
-        slots are quarantined until the store has accepted a write since and
-        slot_quarantine has passed. Other errors (the server answered, or the
-        request was never sent) free the slots at once."""
-        if not (self.store.late_writes_possible and err.errno == errno.ETIMEDOUT):
+        """Invariant 3 after a failed write: the call has returned, but on a
+        store where a failed write may still be executed later (NFS: a request
+        that timed out or lost its connection can sit in the server's queue,
+        and a soft mount's EIO says as little), its slots must not take new
+        data that the late write could overwrite. The store decides from the
+        error (Store.write_may_land_late): such slots are quarantined; a
+        refusal (no space, read-only...) or a store where nothing outlives
+        the call frees them at once."""
+        if not self.store.write_may_land_late(err):
             self.slots.free(slot, n)
             return
-        self.quarantine.append((time.monotonic(), slot, n))
+        self.quarantine.append(([time.monotonic(), None], slot, n))
         self.stats["quarantined_slots"] += n
-        self._after(self.cfg.slot_quarantine, lambda: None)  # wake the loop to expire it
 
     def _expire_quarantine(self) -> None:
+        """A quarantined run's clock starts at the first write the store
+        accepted after the failure (a late write cannot be expected before
+        the store takes writes again: a server frozen for an hour executes
+        its queue when it thaws), and the run is freed slot_quarantine after
+        that. The clock start is taken as last_write_ok when first seen here
+        (settle runs after every batch of completions), never earlier than
+        the success itself. While some run still waits for a success, the
+        store is probed."""
         now = time.monotonic()
         keep = []
-        for failed_at, slot, n in self.quarantine:
-            if self.last_write_ok > failed_at and now - failed_at >= self.cfg.slot_quarantine:
+        waiting = False
+        for clock, slot, n in self.quarantine:
+            failed_at, since = clock
+            if since is None and self.last_write_ok > failed_at:
+                clock[1] = since = self.last_write_ok
+                self._after(max(0.0, since + self.cfg.slot_quarantine - now), lambda: None)  # wake to free it
+            if since is not None and now - since >= self.cfg.slot_quarantine:
                 self.slots.free(slot, n)
             else:
-                keep.append((failed_at, slot, n))
+                keep.append((clock, slot, n))
+                waiting = waiting or since is None
         self.quarantine = keep
-        if keep and self.last_write_ok <= min(f for f, _, _ in keep):
+        if waiting:
             self._probe_store(now)
 
     def _probe_store(self, now: float) -> None:
-        """No write has succeeded since the quarantined ones failed, and with
+        """No write has succeeded since some quarantined ones failed, and with
         slots scarce none may be attempted: rewrite the header page (slot 0,
-        never allocated) to learn when the store takes writes again."""
+        never allocated) to learn when the store takes writes again (its
+        success starts the quarantine clock, see _expire_quarantine)."""
         if self.probe_inflight or now < self.probe_at:
             return
         self.probe_inflight = True
@@ -935,6 +1033,7 @@ class Engine:
             if err is None:
                 self.last_write_ok = time.monotonic()
             else:
+                self.stats["write_errors"] += 1  # a store write that failed, like any other
                 self.probe_at = time.monotonic() + self.cfg.write_retry_max
                 self._after(self.cfg.write_retry_max, lambda: None)
 

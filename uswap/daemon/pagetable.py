@@ -2,7 +2,8 @@
 
 No Python object exists per page (DESIGN §3). The kernel keeps one byte per
 swap slot; we keep state, flags, slot number, a use stamp for victim choice
-and the checksum of the slot copy. The stamp is the tick of the page's last
+and the checksum of the slot copy (CRC32C, native/pagesum.h: 4 bytes, every
+value valid; only pages with a slot are ever checked). The stamp is the tick of the page's last
 fault while it is in memory, and of its eviction once it is out.
 """
 from __future__ import annotations

@@ -17,6 +17,28 @@ RAMFS_MAGIC = 0x858458F6
 NFS_MAGIC = 0x6969
 # Filesystems known to buffer O_DIRECT (accept it but go through memory).
 BUFFERING_FS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs"}
+# Network filesystems (statfs f_type, linux/magic.h and the filesystems' own
+# headers), on which a write that failed (timed out, a soft mount's EIO, a
+# connection lost mid-request) may still be executed by the server later.
+NETWORK_FS = {
+    NFS_MAGIC: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x00C36400: "ceph",
+    0x01021997: "9p",
+    0x6B414653: "afs",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x65735546: "fuse",  # sshfs, glusterfs...: the backend may be remote; assume so
+}
+
+
+def late_writes_possible_on(fs_type: int) -> bool:
+    """Whether a failed write on a filesystem of statfs type `fs_type` may
+    still land later: true for network filesystems (NETWORK_FS), false for
+    local disks, where a write that returned has ended."""
+    return fs_type in NETWORK_FS
 
 
 class FileStore(Store):
@@ -62,6 +84,9 @@ class FileStore(Store):
             if st.st_size > 0:
                 header.check_existing(_first_page(path), path)
             store = cls(path, fd, size_bytes)
+            # A kernel NFS (or other network) mount: a failed write's slots
+            # are quarantined (Store.late_writes_possible).
+            store.late_writes_possible = late_writes_possible_on(fstype)
             if st.st_size < size_bytes:
                 try:
                     os.posix_fallocate(fd, st.st_size, size_bytes - st.st_size)
