@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import select
+import subprocess
 import sys
 import time
 
@@ -23,6 +25,8 @@ import numpy as np
 
 import uswap
 from uswap.sizes import parse_size
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORDS = 512  # 64-bit words per page
 _WORD_IDS = np.arange(WORDS, dtype=np.uint64)
@@ -58,6 +62,21 @@ def stop_requested() -> bool:
 
 def out(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
+
+
+def round_trip(socket_path: str) -> str | None:
+    """A new client allocates, writes and reads back its region; None if
+    that worked, else what went wrong."""
+    try:
+        res = subprocess.run([sys.executable, "-m", "tests.steady_client", "--socket", socket_path,
+                              "--size", "4M"], input="stop\n", capture_output=True, text=True,
+                             timeout=60, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return "a fresh client did not finish one round (connect, alloc, write, read back) in 60 s"
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    if res.returncode != 0 or not lines or lines[-1].get("done") is not True or lines[-1]["wrong_bytes"]:
+        return f"a fresh client failed ({res.returncode}): {res.stdout[-500:]} {res.stderr[-1500:]}"
+    return None
 
 
 def main() -> int:

@@ -34,13 +34,12 @@ import collections
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 
-from tests.daemon_proc import REPO
 from tests.harness import Workload, assert_audit, status, wait_clean, wait_for
 from tests.protocol_fuzzer import FdPool, Fuzzer, closed_by_peer
+from tests.steady_client import round_trip
 
 MESSAGES = int(os.environ.get("USWAP_FUZZ_MESSAGES", "10000"))
 FUZZ_SECONDS = 75           # the fuzz stops here even if messages remain
@@ -76,20 +75,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
-def fresh_client_round_trip(socket_path: str) -> str | None:
-    """A new client allocates, writes and reads back its region; None if
-    that worked, else what went wrong."""
-    try:
-        res = subprocess.run([sys.executable, "-m", "tests.steady_client", "--socket", socket_path,
-                              "--size", "4M"], input="stop\n", capture_output=True, text=True,
-                             timeout=60, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return "a fresh client did not finish one round (connect, alloc, write, read back) in 60 s"
-    if res.returncode != 0 or '"done": true' not in res.stdout or '"wrong_bytes": 0,' not in res.stdout:
-        return f"a fresh client failed ({res.returncode}): {res.stdout[-500:]} {res.stderr[-1500:]}"
-    return None
 
 
 def check_silent_connections(fuzzer: Fuzzer) -> list[str]:
@@ -192,7 +177,7 @@ def test_protocol_fuzz(file_backing, start_daemon, tmp_path):
             pool.close()
 
     assert d.proc.poll() is None, f"seed {seed}: the daemon died:\n{d.log_text()[-5000:]}"
-    trouble = fresh_client_round_trip(d.socket)
+    trouble = round_trip(d.socket)
     if trouble:
         problems.append(trouble)
     try:
