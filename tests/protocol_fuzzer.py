@@ -184,9 +184,10 @@ class Generator:
             step.fds = self.junk_fds(self.rng.randint(1, 3))
             step.category += "+fds"
             step.expect = "refuse"
-        if not greeted and step.expect == "ok" and not step.category.startswith("hello"):
-            step.expect = "refuse"  # anything but hello before hello
+        if not greeted and not step.category.startswith("hello"):
             step.category = "before_hello:" + step.category
+            if step.expect == "ok":
+                step.expect = "refuse"  # anything but hello before hello
         return step
 
     def junk_fds(self, n: int) -> list[int]:

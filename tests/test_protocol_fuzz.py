@@ -37,7 +37,7 @@ import re
 import sys
 import time
 
-from tests.harness import Workload, assert_audit, status, wait_clean, wait_for
+from tests.harness import Workload, status, wait_clean, wait_for
 from tests.protocol_fuzzer import FdPool, Fuzzer, closed_by_peer
 from tests.steady_client import round_trip
 
@@ -127,7 +127,9 @@ def test_protocol_fuzz(file_backing, start_daemon, tmp_path):
     fuzzer = None
     problems: list[str] = []
     try:
-        good.wait_line(lambda x: x.get("round") == 2, timeout=120)  # swapping, verified once
+        good.wait_line(lambda x: x.get("round") == 2, timeout=120)  # verified once
+        swapped = status(d)["swapped_bytes"]
+        assert swapped >= 4 << 20, f"the good client's region is not swapping ({swapped} bytes out)"
         fds_before = fd_targets(pid)
         rss_before = rss_bytes(pid)
         log_lines_before = len(d.log_text().splitlines())
@@ -181,10 +183,9 @@ def test_protocol_fuzz(file_backing, start_daemon, tmp_path):
     if trouble:
         problems.append(trouble)
     try:
-        wait_clean(d)
+        wait_clean(d)  # nothing charged, no slot used, the audit balances
     except AssertionError as e:
         problems.append(f"after every client left: {e}")
-    assert_audit(status(d))
     text = d.log_text()
     if "Traceback" in text:
         i = text.index("Traceback")
