@@ -622,9 +622,10 @@ class Engine:
             self.slots.free_many(table.slot[seg].copy())
             table.slot[seg] = pt.NO_SLOT
         for i in np.flatnonzero(waiters):
-            # A write faulted between the COPY and now: it is the page's first write.
-            if table.flags[first + int(i)] & pt.F_DIRTY == 0:
-                self._make_dirty(region, first + int(i))
+            # A write faulted between the COPY and now: it is the page's first
+            # write, or (loaded writable, then write-protected by a fork) a
+            # write to let through; _make_dirty does both.
+            self._make_dirty(region, first + int(i))
         self._finish_load(region, buf)
 
     def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
@@ -1062,9 +1063,10 @@ class Engine:
                 self.on_events(region, [(ev, flags, addr, end)])
             elif kind == fastpath.FP_WAITERS:
                 # A write parked on the page while the fast path loaded it:
-                # it is the page's first write (as in _load_done).
-                if (not region.closing and region.table.state[page] == pt.RESIDENT
-                        and region.table.flags[page] & pt.F_DIRTY == 0):
+                # it is the page's first write (as in _load_done), or, on a
+                # page loaded writable that a fork write-protected, a write
+                # to let through (fork.py).
+                if not region.closing and region.table.state[page] == pt.RESIDENT:
                     self._make_dirty(region, page)
             elif kind == fastpath.FP_DIRTIED:
                 # Mapped writable for a write fault: the slot copy is stale.

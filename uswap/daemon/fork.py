@@ -14,7 +14,10 @@ The child's page table is built from the parent's, the way the kernel's
 fork copies page tables and swap entries:
 
   parent page                          child page
-  SWAPPED / LOADING on slot S          SWAPPED on S (one more reference to S)
+  SWAPPED on slot S                    SWAPPED on S (one more reference to S)
+  LOADING on slot S, not yet mapped    SWAPPED on S (one more reference)
+  LOADING, already mapped              RESIDENT dirty: a copy taken at fork
+  LOADING without slot (a zero fill)   EMPTY, or a copy if already mapped
   RESIDENT clean with slot S           SWAPPED on S (one more reference)
   RESIDENT clean without slot          EMPTY (a zero fill never written: zeros)
   RESIDENT dirty, WRITEBACK            AT_PARENT (same page of the parent region)
@@ -57,6 +60,7 @@ on a timer while snapshots are pending.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -134,7 +138,7 @@ class ForkManager:
         for region in regions:
             self._materialize(region)
         for region in regions:
-            self._protect_dirty(region)
+            self._protect(region)
         keep_r, keep_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         snap = Snapshot(secrets.token_hex(16), keep_r)
         try:
@@ -149,15 +153,23 @@ class ForkManager:
         self._schedule_check()
         return snap.token, keep_w, list(snap.regions)
 
-    def _protect_dirty(self, region: Region) -> None:
-        """Write-protect the source's dirty pages, one ioctl per run. Only
-        RESIDENT dirty pages are mapped writable and stable: pages being
-        loaded are left alone (a write mapping them writable is correct, since
-        the child shares their slot, and protecting them under a COPY in
-        flight would strand a parked writer)."""
+    def _protect(self, region: Region) -> None:
+        """Write-protect the source's dirty and loading pages, one ioctl per
+        run (clean and WRITEBACK pages are write-protected already).
+
+        Loading pages: a load may have mapped its page already, writable (a
+        write fault's load), and the process may have written it before the
+        engine hears the load finished; from here on such a page is frozen
+        until the fork is built, and _child_of copies it. A load that maps
+        its page after this point maps it as its mode says (the protection
+        of a page not mapped yet is overwritten), which is right: the child
+        takes the slot, and writes from then on are after the fork. A write
+        parked meanwhile on a loading page is let through when the load
+        completes (engine._load_done, the fast path's FP_WAITERS)."""
         table = region.table
-        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
-        for first, n in pt.runs(dirty, 1 << 30):
+        st = table.state
+        dirty = ((st == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0)) | (st == pt.LOADING)
+        for first, n in pt.runs(np.flatnonzero(dirty), 1 << 30):
             ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT,
                                     protect=True, wake=False)
             if ret < 0:
@@ -166,6 +178,18 @@ class ForkManager:
                 self.engine._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
                 raise ForkRefused(f"fork_begin: write-protecting region {region.id} failed"
                                   f" ({os.strerror(-ret)}); the child gets no regions")
+
+    @staticmethod
+    def _mapped(region: Region, pages: np.ndarray) -> np.ndarray:
+        """Which of `pages` are in the region's memfd (a load has copied them in)."""
+        out = np.zeros(len(pages), bool)
+        for i, page in enumerate(pages.tolist()):
+            try:
+                out[i] = os.lseek(region.memfd, page << SHIFT, os.SEEK_DATA) == page << SHIFT
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data from there on
+                    raise
+        return out
 
     def _child_of(self, region: Region) -> Region:
         """A pending child region of `region` (page table as in the module doc)."""
@@ -181,7 +205,10 @@ class ForkManager:
         t, ct = region.table, child.table
         st, slot = t.state, t.slot
         clean = (t.flags & pt.F_DIRTY) == 0
+        loading = np.flatnonzero(st == pt.LOADING)
+        loaded = loading[self._mapped(region, loading)]  # frozen by _protect: copied below
         by_slot = ((st == pt.SWAPPED) | (st == pt.LOADING) | ((st == pt.RESIDENT) & clean)) & (slot >= 0)
+        by_slot[loaded] = False
         at_parent = ((st == pt.RESIDENT) & ~clean) | (st == pt.WRITEBACK)
         ct.state[by_slot] = pt.SWAPPED
         ct.slot[by_slot] = slot[by_slot]
@@ -195,6 +222,7 @@ class ForkManager:
             child.release()
             raise ForkRefused(f"fork_begin: {e}") from None
         self.stats["fork_shared_slots_total"] += int(np.count_nonzero(by_slot))
+        self._copy_pages(child, region, loaded)
         shared = int(np.count_nonzero(at_parent))
         if shared:
             share = self.shares.get(region)
@@ -347,6 +375,10 @@ class ForkManager:
         the budget if need be: reclaim evicts them), and its next access
         maps them with a MINOR fault. The source pages are resident (the
         AT_PARENT invariant), so reading them allocates nothing."""
+        self._copy_pages(child, src, pages)
+        self._unlink(child, src, pages)
+
+    def _copy_pages(self, child: Region, src: Region, pages: np.ndarray) -> None:
         if len(pages) == 0:
             return
         ffi = native.ffi
@@ -356,10 +388,10 @@ class ForkManager:
         table = child.table
         table.state[pages] = pt.RESIDENT
         table.flags[pages] = pt.F_DIRTY
+        table.slot[pages] = pt.NO_SLOT
         table.stamp[pages] = self.engine._tick(len(pages))
         self.engine.charged += len(pages)
         self.stats["fork_copied_pages_total"] += len(pages)
-        self._unlink(child, src, pages)
 
     def _unlink(self, child: Region, src: Region, pages: np.ndarray) -> None:
         """`pages` of `child` (AT_PARENT until now) no longer read from `src`."""
