@@ -190,6 +190,11 @@ class Client:
             self._connect()  # a forked child's first request on a region-less client
         protocol.send(self._sock, msg, fds)
         reply, extra = protocol.recv(self._sock)
+        for fd in extra:
+            # Received fds are inheritable; ours must not leak into a program
+            # another thread execs meanwhile (a keep-alive fd would hold a
+            # fork snapshot for that program's life).
+            os.set_inheritable(fd, False)
         if not reply.get("ok"):
             for fd in extra:
                 os.close(fd)

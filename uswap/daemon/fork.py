@@ -290,14 +290,15 @@ class ForkManager:
     def fault_at_parent(self, region: Region, page: int) -> None:
         """A child's fault on an AT_PARENT page (charged by the caller): map a
         copy of the source page, writable; the page is RESIDENT and dirty."""
+        from uswap.daemon import engine as engine_mod  # engine imports this module
         engine = self.engine
         src = self.source[region]
         off = page << SHIFT
         ret = uffd.copy(region.uffd, region.addr + off, src.daddr + off, PAGE, 0)
         outcome = engine._ioctl_result(region, ret, "UFFDIO_COPY")
-        if outcome != 0:  # not OK: the page stays AT_PARENT (or its region closed)
+        if outcome != engine_mod.OK:  # the page stays AT_PARENT (or its region closed)
             engine.charged -= 1
-            if outcome == 2:  # AGAIN: fault again once the pending event is read
+            if outcome == engine_mod.AGAIN:  # fault again once the pending event is read
                 uffd.wake(region.uffd, region.addr + off, PAGE)
             return
         self._unlink(region, src, np.array([page]))

@@ -272,9 +272,10 @@ class Server:
         try:
             if op == "fork_begin":
                 ids = msg.get("regions")
-                if not isinstance(ids, list) or not all(isinstance(i, int) and i in session.regions for i in ids):
-                    raise ForkRefused(f"fork_begin: regions {ids!r} must be a list of this client's"
-                                      f" live region ids {sorted(session.regions)}")
+                if (not isinstance(ids, list) or len(set(map(repr, ids))) != len(ids)
+                        or not all(isinstance(i, int) and not isinstance(i, bool) and i in session.regions for i in ids)):
+                    raise ForkRefused(f"fork_begin: regions {ids!r} must be a list of distinct live"
+                                      f" region ids of this client, from {sorted(session.regions)}")
                 regions = [self.engine.regions[i] for i in ids]
                 token, keep_w, done = fork.begin([r for r in regions if not r.closing])
                 try:

@@ -94,18 +94,19 @@ class SlotAllocator:
         self.used -= int(np.count_nonzero(released))
 
     def free_many(self, slots: np.ndarray) -> None:
-        """Drop one reference per entry of `slots` (negative entries ignored;
-        a slot may appear more than once)."""
+        """Drop one reference to each slot of `slots` (negative entries
+        ignored). The slots come from one page table, which names a slot at
+        most once: no duplicates (a sort to allow them cost 16 ms for 200k
+        slots, on every region close)."""
         slots = slots[slots >= 0]
         if len(slots) == 0:
             return
-        uniq, drops = np.unique(slots, return_counts=True)
-        held = self.refs[uniq]
-        if (held < drops).any():
+        held = self.refs[slots]
+        if (held == 0).any():
             raise AssertionError("double free of slots")
-        left = held - drops.astype(np.uint16)
-        self.refs[uniq] = left
-        released = uniq[left == 0]
+        left = held - 1
+        self.refs[slots] = left
+        released = slots[left == 0]
         self.free_map[released] = True
         self.used -= len(released)
         self.references -= len(slots)
