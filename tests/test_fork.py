@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import time
 import numpy as np
 
 from tests.daemon_proc import REPO
+from uswap import protocol
 
 PAGE_WORDS = 512
 
@@ -254,6 +256,34 @@ def scenario_nested(c, size: int) -> dict:
     return {"child": child, "parent_bad_mid": parent_bad_mid, "parent_bad": _bad_pages(pages, want)}
 
 
+def scenario_hook_fails(c, size: int) -> dict:
+    """The child cannot reach the daemon (its socket was moved away): its
+    region is closed there with a message, the parent keeps its data, and the
+    snapshot nobody attached is released."""
+    region = c.alloc(size)
+    pages = _pages(region)
+    n = len(pages)
+    _fill(pages, 1)
+    moved = c.socket_path + ".moved"
+    os.rename(c.socket_path, moved)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, json.dumps({"lost": region.lost, "closed": region.closed,
+                                "regions": len(c.regions)}).encode())
+        os._exit(0)
+    os.close(w)
+    seen = json.loads(os.read(r, 65536))
+    child = _wait(pid)
+    os.rename(moved, c.socket_path)
+    deadline = time.monotonic() + 30
+    while c.status()["fork"]["fork_pending"]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the unattached snapshot is still held: {c.status()['fork']}")
+        time.sleep(0.01)  # polling a condition with a deadline
+    return {"child": child, "seen": seen, "parent_bad": _bad_pages(pages, _value(n, 1))}
+
+
 def _main(argv: list[str]) -> None:
     import uswap
     name, sock, size = argv[0], argv[1], int(argv[2])
@@ -350,4 +380,52 @@ def test_nested_fork(file_backing, start_daemon):
     result = run_scenario(d, "nested", 32 << 20)
     assert result["child"] == 0, result
     assert result["parent_bad_mid"] == 0 and result["parent_bad"] == 0, result
+    assert_daemon_clean(d)
+
+
+def test_child_that_cannot_attach_is_told_and_parent_keeps_data(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="256M", max_resident="16M")
+    result = run_scenario(d, "hook_fails", 32 << 20)
+    assert result["child"] == 0 and result["parent_bad"] == 0, result
+    assert result["seen"]["closed"] and result["seen"]["regions"] == 0, result
+    assert "cannot reach the uswap daemon" in result["seen"]["lost"], result
+    assert "is not available in forked child pid" in result["stderr"], result
+    assert_daemon_clean(d)
+
+
+def _raw(d, msg: dict, fds: list[int] | None = None) -> tuple[dict, socket.socket]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(d.socket)
+    protocol.send(s, {"op": "hello", "version": protocol.VERSION})
+    protocol.recv(s)
+    protocol.send(s, msg, fds)
+    reply, got = protocol.recv(s)
+    for fd in got:
+        os.close(fd)
+    return reply, s
+
+
+def test_bad_fork_requests_get_clear_errors(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="16M")
+    cases = [
+        ({"op": "fork_child", "token": "nope", "region": 1}, "unknown or expired fork token 'nope'"),
+        ({"op": "fork_begin", "regions": "all"}, "regions 'all' must be a list of distinct live region ids"),
+        ({"op": "fork_begin", "regions": [7]}, "regions [7] must be a list of distinct live region ids"),
+        ({"op": "fork_attach", "token": "nope", "region": 1}, "fork_attach needs exactly 1 file descriptor"),
+    ]
+    for msg, words in cases:
+        reply, s = _raw(d, msg)
+        with s:
+            assert reply["ok"] is False and words in reply["error"], (msg, reply)
+            protocol.send(s, {"op": "status"})  # the connection lives on
+            assert protocol.recv(s)[0]["ok"]
+    r, w = os.pipe()
+    try:
+        reply, s = _raw(d, {"op": "fork_attach", "token": "nope", "region": 1}, [r])
+        s.close()
+        assert reply["ok"] is False and "unknown or expired fork token" in reply["error"], reply
+    finally:
+        os.close(r)
+        os.close(w)
     assert_daemon_clean(d)
