@@ -256,6 +256,61 @@ def scenario_nested(c, size: int) -> dict:
     return {"child": child, "parent_bad_mid": parent_bad_mid, "parent_bad": _bad_pages(pages, want)}
 
 
+def scenario_parent_closes(c, size: int) -> dict:
+    """The parent closes its region (as when it exits) while the child has
+    read nothing yet: the child still sees every page as it was at fork."""
+    region = c.alloc(size)
+    pages = _pages(region)
+    n = len(pages)
+    _fill(pages, 1)
+    c2p_r, c2p_w = os.pipe()
+    p2c_r, p2c_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _say(c2p_w)
+        _hear(p2c_r)                                # the parent's region is gone
+        bad = _bad_pages(pages, _value(n, 1))
+        sys.stderr.write(f"child: bad {bad}\n")
+        os._exit(0 if bad == 0 else 1)
+    _hear(c2p_r)
+    del pages
+    region.close()
+    _say(p2c_w)
+    return {"child": _wait(pid), "copied": c.status()["fork"]["fork_copied_pages_total"]}
+
+
+def scenario_drain(c, size: int) -> dict:
+    """The daemon drains (SIGTERM) while parent and child share pages: both
+    get every page home, each with its own contents, before it exits."""
+    region = c.alloc(size)
+    pages = _pages(region)
+    n = len(pages)
+    _fill(pages, 1)
+    daemon_pid = c.status()["pid"]
+    c2p_r, c2p_w = os.pipe()
+    p2c_r, p2c_w = os.pipe()
+    half = np.arange(0, n, 2)
+    pid = os.fork()
+    if pid == 0:
+        _fill(pages, 2, half)
+        _say(c2p_w)
+        _hear(p2c_r)                                # the daemon has drained and exited
+        want = _value(n, 1)
+        want[half] = _value(n, 2)[half]
+        os._exit(0 if _bad_pages(pages, want) == 0 else 1)
+    _hear(c2p_r)
+    audit = c.status()["audit"]
+    os.kill(daemon_pid, signal.SIGTERM)
+    deadline = time.monotonic() + 120
+    while os.path.exists(c.socket_path):            # the daemon removes it once drained
+        if time.monotonic() > deadline:
+            raise AssertionError("the daemon did not finish draining")
+        time.sleep(0.02)  # polling a condition with a deadline
+    _say(p2c_w)
+    child = _wait(pid)
+    return {"child": child, "parent_bad": _bad_pages(pages, _value(n, 1)), "audit_before": audit}
+
+
 def scenario_hook_fails(c, size: int) -> dict:
     """The child cannot reach the daemon (its socket was moved away): its
     region is closed there with a message, the parent keeps its data, and the
@@ -287,9 +342,11 @@ def scenario_hook_fails(c, size: int) -> dict:
 def _main(argv: list[str]) -> None:
     import uswap
     name, sock, size = argv[0], argv[1], int(argv[2])
-    with uswap.connect(sock) as c:
-        result = globals()[f"scenario_{name}"](c, size)
+    c = uswap.connect(sock)
+    result = globals()[f"scenario_{name}"](c, size)
+    if name != "drain":  # the daemon is gone
         result["audit"] = c.status()["audit"]
+        c.close()
     print(json.dumps(result), flush=True)
 
 
@@ -305,7 +362,8 @@ def run_scenario(d, name: str, size: int, timeout: float = 300) -> dict:
     assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["stderr"] = out.stderr[-2000:]
-    assert result["audit"]["charged_ok"] and result["audit"]["slots_ok"], result
+    audit = result.get("audit") or result["audit_before"]
+    assert audit["charged_ok"] and audit["slots_ok"], result
     return result
 
 
@@ -429,3 +487,18 @@ def test_bad_fork_requests_get_clear_errors(file_backing, start_daemon):
         os.close(r)
         os.close(w)
     assert_daemon_clean(d)
+
+
+def test_child_reads_after_parent_closed(backing, start_daemon):
+    d = start_daemon(backing, store_size="256M", max_resident="16M")
+    result = run_scenario(d, "parent_closes", 32 << 20)
+    assert result["child"] == 0, result
+    assert result["copied"] > 0, result  # the parent's dirty resident pages went to the child
+    assert_daemon_clean(d)
+
+
+def test_drain_brings_both_sides_home(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="256M", max_resident="16M")
+    result = run_scenario(d, "drain", 32 << 20)
+    assert result["child"] == 0 and result["parent_bad"] == 0, result
+    assert d.proc.wait(60) == 0
