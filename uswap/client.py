@@ -322,6 +322,7 @@ class Client:
         for region in self.regions:
             region.close()
         self.regions = []
+        _clients.discard(self)
         if self._sock is not None:
             self._sock.close()
 
