@@ -80,6 +80,8 @@ def scenario_issue(c, size: int) -> dict:
         if len(bad):
             sys.stderr.write(f"child: {len(bad)} bad of {len(seen)}: pages {(bad[:10] * 8).tolist()}"
                              f" saw {seen[bad[:10]].tolist()} want {expected[::8][bad[:10]].tolist()}\n")
+        del pages
+        c.close()  # the child's region and connection, freed by request
         os._exit(1 if len(bad) else 0)
     child = _wait(pid)
     return {"child": child, "parent_bad": _bad_pages(pages, expected)}
