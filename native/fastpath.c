@@ -25,7 +25,12 @@
  * fault maps it writable and dirty at once, saving the write-protect fault
  * that would follow, and the engine frees the stale slot (FP_DIRTIED).
  * A write-protect fault on a clean RESIDENT page (its first write since
- * its slot copy was taken) is un-protected here too. Everything else -- every other fault,
+ * its slot copy was taken) is un-protected here too. A dirty page is never
+ * un-protected here: a dirty page is write-protected only by a fork
+ * (daemon/fork.py), and its first write after the fork must reach the
+ * engine, which copies it for the children first; a forked child's
+ * AT_PARENT pages are neither EMPTY nor SWAPPED, so their faults reach the
+ * engine too. Everything else -- every other fault,
  * every non-fault event, and every failure -- is passed to the Python
  * engine in order as a record, and the page's state tells the engine where
  * things stand (a failed load stays LOADING and the engine takes it over).
@@ -405,8 +410,10 @@ static void fp_finish_fill(struct fp_engine *e, struct fp_job *j, int64_t result
         int64_t p = j->page + i;
         if (i < mapped) {
             /* A write that hit a page mapped write-protected before this ran
-             * was parked by the engine (F_WAITERS): it is the page's first write. */
-            if ((r->flags[p] & FL_WAITERS) && !j->write)
+             * was parked by the engine (F_WAITERS): it is the page's first
+             * write -- or, on a page mapped writable that a fork then
+             * write-protected (daemon/fork.py), a write to let through. */
+            if (r->flags[p] & FL_WAITERS)
                 fp_push(e, FP_WAITERS, r)->page = p;
             r->state[p] = ST_RESIDENT;
             r->flags[p] = j->write ? FL_DIRTY : 0;
@@ -492,6 +499,11 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
         struct fp_record *rec = fp_push(e, FP_DIRTIED, r);
         rec->page = j->page;
         rec->slot = j->slot;
+        /* Mapped writable, then write-protected by a fork before this ran
+         * (daemon/fork.py): a write parked meanwhile is let through by the
+         * engine (after FP_DIRTIED, which frees the slot). */
+        if (fl & FL_WAITERS)
+            fp_push(e, FP_WAITERS, r)->page = j->page;
         r->flags[j->page] = (fl & FL_ACTIVE) | FL_DIRTY;
     } else {
         if (fl & FL_WAITERS)

@@ -8,18 +8,62 @@ A region is a sealed memfd mapped MAP_SHARED here and in the daemon, and
 registered with this process's own userfaultfd (MISSING|WP|MINOR). Both fds are
 sent to the daemon once; this process keeps its own copies open for the
 region's life, because if the last copy of the uffd closed the range would be
-unregistered and evicted pages would read as zeros (DESIGN §7).
+unregistered and evicted pages would read as zeros.
+
+Fork: every region is mapped MADV_DONTFORK, so a child that does not go
+through Python's os.fork (subprocess, posix_spawn, a C library's fork) has
+no mapping there at all. os.fork (and multiprocessing's fork start method)
+runs this module's at-fork hooks: the daemon snapshots the regions before the
+fork, copy-on-write (uswap/daemon/fork.py), and the child maps its own copy
+at the same addresses on a new connection before os.fork returns in it, so
+`region.buf` and views of it keep working there. A child whose hook fails
+gets a message on stderr naming the region and why; that region is closed in
+the child (its memory is not mapped) and the parent is unaffected.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import socket
+import sys
 import threading
+import weakref
 
 from uswap import config, native, protocol, uffd
 
 PAGE = 4096
+MADV_DONTFORK = 10
+MAP_FIXED_NOREPLACE = 0x100000
+PROT_READ_WRITE = 3
+MAP_SHARED = 1
+REGISTER_ALL = uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+# Live clients, for the at-fork hooks.
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _dont_fork(addr: int, length: int) -> None:
+    """A child forked without our hooks gets no mapping of [addr, +length)."""
+    if _libc.madvise(addr, length, MADV_DONTFORK) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"madvise(MADV_DONTFORK): {os.strerror(e)}")
+
+
+def _map_at(fd: int, addr: int, length: int) -> None:
+    """Map fd shared at exactly addr, which must be free."""
+    got = _libc.mmap(addr, length, PROT_READ_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, fd, 0)
+    if got in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap at {addr:#x} (+{length}): {os.strerror(e)}")
+    if got != addr:  # a kernel without MAP_FIXED_NOREPLACE takes it as a hint
+        native.munmap(got, length)
+        raise OSError(0, f"mmap at {addr:#x}: the kernel placed it at {got:#x}")
 
 
 class UswapError(Exception):
@@ -40,6 +84,51 @@ class Region:
         self._memfd = memfd
         self.buf: memoryview = native.buffer_at(addr, size)
         self.closed = False
+        self.lost: str | None = None  # why a forked child has no copy of this region
+
+    def _lose(self, reason: str) -> None:
+        """In a forked child: this region could not be set up. Nothing is
+        mapped at its address; say so once, loudly, and make buf unusable."""
+        self.closed = True
+        self.lost = reason
+        try:
+            self.buf.release()
+        except BufferError:
+            pass  # views of it exist; touching them faults (nothing is mapped)
+        sys.stderr.write(f"uswap: region at {self.addr:#x} ({self.size} bytes) is not available in"
+                         f" forked child pid {os.getpid()}: {reason}\n")
+
+    def _attach_in_child(self, client: "Client", token: str) -> None:
+        """Map the child's copy (a memfd the daemon made at fork) at our
+        address, register a new uffd over it and hand that to the daemon."""
+        reply, fds = client._exchange({"op": "fork_child", "token": token, "region": self.id})
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise UswapError(f"fork_child: expected the region's memfd, got {len(fds)} fds")
+        memfd, uffd_fd, mapped = fds[0], -1, False
+        try:
+            _map_at(memfd, self.addr, self._mapped)
+            mapped = True
+            _dont_fork(self.addr, self._mapped)
+            uffd_fd = uffd.open_uffd()
+            uffd.register(uffd_fd, self.addr, self._mapped, REGISTER_ALL)
+            reply, _ = client._exchange({"op": "fork_attach", "token": token, "region": self.id}, [uffd_fd])
+        except BaseException:
+            if mapped:
+                if uffd_fd >= 0:
+                    try:
+                        uffd.unregister(uffd_fd, self.addr, self._mapped)
+                    except OSError:
+                        pass
+                native.munmap(self.addr, self._mapped)
+            if uffd_fd >= 0:
+                os.close(uffd_fd)
+            os.close(memfd)
+            raise
+        self.id = reply["region"]
+        self._uffd = uffd_fd
+        self._memfd = memfd
 
     def close(self) -> None:
         """Give the memory back. The region's contents are gone afterwards.
@@ -76,6 +165,14 @@ class Client:
     def __init__(self, socket_path: str | None = None) -> None:
         self.socket_path = config.socket_path(socket_path)
         self._lock = threading.Lock()
+        self.regions: list[Region] = []
+        self._fork_locked = False  # the before-fork hook holds _lock
+        self._fork_state: tuple | str | None = None  # fork_begin's (token, keep-alive fd, ids) or error
+        self._connect()
+        _clients.add(self)
+
+    def _connect(self) -> None:
+        """A connection of our own, greeted (at creation, and in a forked child)."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._sock.connect(self.socket_path)
@@ -83,19 +180,103 @@ class Client:
             self._sock.close()
             raise UswapError(f"cannot reach the uswap daemon at {self.socket_path}: {e.strerror}"
                              " (is `uswap run` running? set --socket or USWAP_SOCKET)") from None
-        reply = self._request({"op": "hello", "version": protocol.VERSION})
+        reply, _ = self._exchange({"op": "hello", "version": protocol.VERSION})
         self.daemon_version = reply["version"]
-        self.regions: list[Region] = []
+
+    def _exchange(self, msg: dict, fds: list[int] | None = None) -> tuple[dict, list[int]]:
+        """One request and its reply, with the fds it carries (the caller's).
+        The caller holds _lock, or is the only thread (a fork hook)."""
+        if self._sock is None:
+            self._connect()  # a forked child's first request on a region-less client
+        protocol.send(self._sock, msg, fds)
+        reply, extra = protocol.recv(self._sock)
+        for fd in extra:
+            # Received fds are inheritable; ours must not leak into a program
+            # another thread execs meanwhile (a keep-alive fd would hold a
+            # fork snapshot for that program's life).
+            os.set_inheritable(fd, False)
+        if not reply.get("ok"):
+            for fd in extra:
+                os.close(fd)
+            raise UswapError(reply.get("error", "request refused"))
+        return reply, extra
 
     def _request(self, msg: dict, fds: list[int] | None = None) -> dict:
         with self._lock:
-            protocol.send(self._sock, msg, fds)
-            reply, extra = protocol.recv(self._sock)
+            reply, extra = self._exchange(msg, fds)
         for fd in extra:
             os.close(fd)
-        if not reply.get("ok"):
-            raise UswapError(reply.get("error", "request refused"))
         return reply
+
+    # ---------------------------------------------------------------- fork
+
+    def _fork_prepare(self) -> None:
+        """Before fork (parent): hold the connection (no other thread may be
+        mid-request across the fork) and have the daemon snapshot our live
+        regions for the child."""
+        self._lock.acquire()
+        self._fork_locked = True
+        self._fork_state = None
+        live = [r for r in self.regions if not r.closed]
+        if not live or self._sock is None:
+            return
+        try:
+            reply, fds = self._exchange({"op": "fork_begin", "regions": [r.id for r in live]})
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise UswapError(f"fork_begin: expected a keep-alive fd, got {len(fds)}")
+            self._fork_state = (reply["token"], fds[0], set(reply["regions"]))
+        except Exception as e:  # a hook must not raise: the child is told instead
+            self._fork_state = f"fork_begin failed in the parent: {e!r}"
+
+    def _fork_parent(self) -> None:
+        """After fork (parent): the child holds its own copy of the keep-alive fd."""
+        state, self._fork_state = self._fork_state, None
+        if isinstance(state, tuple):
+            os.close(state[1])
+        if self._fork_locked:
+            self._fork_locked = False
+            self._lock.release()
+
+    def _fork_child(self) -> None:
+        """After fork (child): leave the parent's connection and fds alone
+        (closing our copies only), then attach the snapshot on a new connection."""
+        state, self._fork_state = self._fork_state, None
+        self._fork_locked = False
+        self._lock = threading.Lock()
+        if self._sock is not None:
+            self._sock.close()  # our copy of the parent's connection; nothing is sent on it
+            self._sock = None
+        live = [r for r in self.regions if not r.closed]
+        for region in live:
+            for fd in (region._uffd, region._memfd):
+                os.close(fd)  # the parent's uffd and memfd: our copies only
+            region._uffd = region._memfd = -1
+        keep_fd = state[1] if isinstance(state, tuple) else -1
+        try:
+            if not live:
+                return  # connect on first use
+            if not isinstance(state, tuple):
+                raise UswapError(state or "no fork snapshot was taken")
+            token, _, ids = state
+            self._connect()
+            for region in live:
+                if region.id not in ids:
+                    region._lose("the daemon did not snapshot it at fork")
+                    continue
+                try:
+                    region._attach_in_child(self, token)
+                except Exception as e:  # a hook must not raise; the region is unusable, say why
+                    region._lose(repr(e))
+        except Exception as e:
+            for region in live:
+                if not region.closed:
+                    region._lose(repr(e))
+        finally:
+            if keep_fd >= 0:
+                os.close(keep_fd)  # our snapshot is attached (or never will be)
+        self.regions = [r for r in self.regions if not r.closed]
 
     def alloc(self, nbytes: int) -> Region:
         """A new region of `nbytes` (rounded up to whole pages inside; `buf` is exact)."""
@@ -111,8 +292,8 @@ class Client:
                         fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             addr = native.mmap_shared(memfd, mapped)
             uffd_fd = uffd.open_uffd()
-            uffd.register(uffd_fd, addr, mapped,
-                          uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR)
+            uffd.register(uffd_fd, addr, mapped, REGISTER_ALL)
+            _dont_fork(addr, mapped)
             reply = self._request({"op": "alloc", "size": mapped, "addr": addr}, [uffd_fd, memfd])
         except BaseException:
             if addr:
@@ -141,7 +322,9 @@ class Client:
         for region in self.regions:
             region.close()
         self.regions = []
-        self._sock.close()
+        _clients.discard(self)
+        if self._sock is not None:
+            self._sock.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -153,3 +336,21 @@ class Client:
 def connect(socket: str | None = None) -> Client:
     """Connect to the daemon at `socket` (else $USWAP_SOCKET, else /run/uswap/uswap.sock)."""
     return Client(socket)
+
+
+def _before_fork() -> None:
+    for client in list(_clients):
+        client._fork_prepare()
+
+
+def _after_fork_parent() -> None:
+    for client in list(_clients):
+        client._fork_parent()
+
+
+def _after_fork_child() -> None:
+    for client in list(_clients):
+        client._fork_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child)

@@ -11,6 +11,12 @@ Requests and replies:
   alloc   {size, addr} + fds [uffd, memfd]    -> {ok, region} | {ok: false, error}
   free    {region}                            -> {ok}
   status  {}                                  -> {ok, status}
+  fork_begin  {regions: [id...]}   (parent, in os.fork's before hook)
+                                   -> {ok, token, regions: [id...]} + fds [keep-alive pipe write end]
+  fork_child  {token, region}      (child, new connection; region: the parent's id)
+                                   -> {ok, size, addr} + fds [the child's memfd]
+  fork_attach {token, region} + fds [uffd]   (child, after mapping and registering)
+                                   -> {ok, region: the child's new id}
   inject  {spec}   (fault injection; only when the daemon enables it) -> {ok}
 """
 from __future__ import annotations

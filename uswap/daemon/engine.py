@@ -26,6 +26,7 @@ from uswap.config import Config
 from uswap.daemon import fastpath
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cpool import CPool
+from uswap.daemon.fork import ForkManager
 from uswap.daemon.iopool import IoPool
 from uswap.daemon.ratelimit import RateLimitedLog
 from uswap.daemon.region import Region
@@ -120,6 +121,8 @@ class Engine:
         # own, so retry chatter on errlog cannot hide them.
         self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
         self.stats = collections.Counter()
+        # Forked children's copies of regions, copy-on-write (daemon/fork.py).
+        self.fork = ForkManager(self)
         # Set by the server: stop watching a region's uffd before its fds close.
         self.on_region_closing: Callable[[Region], None] | None = None
 
@@ -178,6 +181,9 @@ class Engine:
             return
         region.closing = True
         log.info("region %d closing (%s)", region.id, reason)
+        # Children still reading pages of this region get their copies now,
+        # while its pages are resident and its mapping is ours (fork.py).
+        self.fork.on_region_closing(region)
         if self.on_region_closing is not None:
             self.on_region_closing(region)
         if self.fp is not None:
@@ -290,6 +296,12 @@ class Engine:
             self._start_load(region, page, write)
         elif state == pt.LOADING:
             pass  # the read in flight ends with a COPY, which wakes this fault too
+        elif state == pt.AT_PARENT:
+            # A forked child's page still held by its parent (fork.py).
+            if not self._charge(1, force):
+                self.budget_waiters.append((region.id, page, write))
+                return
+            self.fork.fault_at_parent(region, page)
         else:
             uffd.wake(region.uffd, region.addr + (page << SHIFT), PAGE)
 
@@ -359,7 +371,10 @@ class Engine:
             uffd.wake(region.uffd, addr, PAGE)
 
     def _make_dirty(self, region: Region, page: int) -> None:
-        """First write to a clean page: its slot copy goes stale."""
+        """First write to a clean page: its slot copy goes stale. (Or a write
+        to a dirty page write-protected at a fork: children reading it from
+        here get their copy first.)"""
+        self.fork.before_write_page(region, page)
         table = region.table
         slot = int(table.slot[page])
         if slot >= 0:
@@ -379,7 +394,9 @@ class Engine:
         state = table.state[page]
         addr = region.addr + (page << SHIFT)
         if state in (pt.RESIDENT, pt.WRITEBACK):
-            dirty = state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
+            # A dirty page a forked child still reads stays write-protected (fork.py).
+            dirty = (state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
+                     and not self.fork.is_shared(region, page))
             ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
             if ret == -errno.EEXIST or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
                 uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
@@ -647,10 +664,10 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
         pages = np.arange(first, first + n) if good is None else first + good
         for i in np.flatnonzero(waiters):
-            # A write faulted between the COPY and now: it is the page's first write.
-            page = int(pages[i])
-            if table.flags[page] & pt.F_DIRTY == 0:
-                self._make_dirty(region, page)
+            # A write faulted between the COPY and now: it is the page's first
+            # write, or (loaded writable, then write-protected by a fork) a
+            # write to let through; _make_dirty does both.
+            self._make_dirty(region, int(pages[i]))
         self._finish_load(region, buf)
 
     def _read_retry_delay(self, region: Region) -> float:
@@ -935,6 +952,7 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
+            self.fork.before_write(region, pages)  # about to be un-protected: children copy first
             for first, k in pt.runs(pages, n):
                 ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
                                         protect=False, wake=True)
@@ -967,6 +985,8 @@ class Engine:
             # All-zero pages need no slot: they drop to EMPTY and read back as zeros.
             self.slots.free_many(table.slot[zero].copy())
             table.slot[zero] = pt.NO_SLOT
+        # Forked children reading these pages from here now share their slots.
+        self.fork.parent_clean(region, drop)
         if len(drop):
             # Invariant 1 (second half): these pages were write-protected before
             # the copy was read and no write reached them (it would have parked
@@ -1047,6 +1067,7 @@ class Engine:
             return
         self.draining = True
         self.shared.enabled = 0  # every fault now goes through the engine
+        self.fork.resolve_all()  # children's pages come home like the rest
         log.info("draining: bringing every page home")
         for region in list(self.regions.values()):
             self._drain_region(region)
@@ -1140,9 +1161,10 @@ class Engine:
                 self.on_events(region, [(ev, flags, addr, end)])
             elif kind == fastpath.FP_WAITERS:
                 # A write parked on the page while the fast path loaded it:
-                # it is the page's first write (as in _load_done).
-                if (not region.closing and region.table.state[page] == pt.RESIDENT
-                        and region.table.flags[page] & pt.F_DIRTY == 0):
+                # it is the page's first write (as in _load_done), or, on a
+                # page loaded writable that a fork write-protected, a write
+                # to let through (fork.py).
+                if not region.closing and region.table.state[page] == pt.RESIDENT:
                     self._make_dirty(region, page)
             elif kind == fastpath.FP_DIRTIED:
                 # Mapped writable for a write fault: the slot copy is stale.
@@ -1193,14 +1215,19 @@ class Engine:
         if any(r.closing for r in self.regions.values()):
             return None
         charged = slots = 0
-        for region in self.regions.values():
+        # Regions of a fork not yet attached by the child hold slot references
+        # and pages copied in for them.
+        for region in list(self.regions.values()) + self.fork.pending_regions():
             st = region.table.state
             charged += int(np.count_nonzero((st == pt.RESIDENT) | (st == pt.WRITEBACK) | (st == pt.LOADING)))
             slots += int(np.count_nonzero(region.table.slot >= 0))
         slots += sum(n for _, _, n in self.quarantine)
-        return {"charged_ok": charged == self.charged, "slots_ok": slots == self.slots.used,
+        # A slot shared by forked children is counted once per page table
+        # naming it: the recount is of references (slots.py).
+        return {"charged_ok": charged == self.charged, "slots_ok": slots == self.slots.references,
                 "charged": self.charged, "charged_recount": charged,
-                "slots_used": self.slots.used, "slots_recount": slots}
+                "slots_used": self.slots.used, "slot_references": self.slots.references,
+                "slots_recount": slots}
 
     def status(self) -> dict:
         swapped = resident = 0
@@ -1232,6 +1259,7 @@ class Engine:
             "draining": self.draining,
             "metadata_bytes_per_page": 14,
             "audit": self.audit(),
+            "fork": self.fork.status(),
             "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
                           full=self.is_store_full(),
                           quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),

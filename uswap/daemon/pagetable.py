@@ -17,8 +17,11 @@ WRITEBACK = 2  # resident, write-protected, a store write of it in flight
 SWAPPED = 3    # only on the store, in `slot`
 LOADING = 4    # a swap-in read in flight
 POISONED = 5   # swap-in gave up (read_failure: sigbus); the client gets SIGBUS
+AT_PARENT = 6  # a forked child's page whose contents are the same page of the region it
+               # was forked from, still resident there and unchanged since the fork
+               # (daemon/fork.py); never charged, no slot
 
-STATE_NAMES = ["EMPTY", "RESIDENT", "WRITEBACK", "SWAPPED", "LOADING", "POISONED"]
+STATE_NAMES = ["EMPTY", "RESIDENT", "WRITEBACK", "SWAPPED", "LOADING", "POISONED", "AT_PARENT"]
 
 # Flags.
 F_DIRTY = 1    # resident and writable: the slot copy, if any, is stale

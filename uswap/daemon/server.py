@@ -16,6 +16,7 @@ import time
 from uswap import protocol, uffd
 from uswap.config import Config
 from uswap.daemon.engine import Engine
+from uswap.daemon.fork import ForkRefused
 from uswap.daemon.region import Region, RegionRefused, validate_and_open
 from uswap.store.base import Store
 
@@ -220,7 +221,7 @@ class Server:
 
     def _handle(self, session: Session, msg: dict, fds: list[int]) -> None:
         op = msg["op"]
-        if op != "alloc":
+        if op not in ("alloc", "fork_attach"):
             for fd in fds:
                 os.close(fd)
             if fds:
@@ -247,6 +248,8 @@ class Server:
                 self.engine.close_region(region, "freed by client")
             session.allocated.discard(rid)
             self._reply(session, {"ok": True})
+        elif op in ("fork_begin", "fork_child", "fork_attach"):
+            self._fork_op(session, op, msg, fds)
         elif op == "status":
             self._reply(session, {"ok": True, "status": self.status(asker=session)})
         elif op == "inject":
@@ -262,9 +265,54 @@ class Server:
         else:
             raise protocol.ProtocolError(f"unknown op {op!r}")
 
+    def _fork_op(self, session: Session, op: str, msg: dict, fds: list[int]) -> None:
+        """Fork requests (daemon/fork.py). A refusal is an answer: the
+        parent's regions and the connection live on."""
+        fork = self.engine.fork
+        try:
+            if op == "fork_begin":
+                ids = msg.get("regions")
+                if (not isinstance(ids, list) or len(set(map(repr, ids))) != len(ids)
+                        or not all(isinstance(i, int) and not isinstance(i, bool) and i in session.regions for i in ids)):
+                    raise ForkRefused(f"fork_begin: regions {ids!r} must be a list of distinct live"
+                                      f" region ids of this client, from {sorted(session.regions)}")
+                regions = [self.engine.regions[i] for i in ids]
+                token, keep_w, done = fork.begin([r for r in regions if not r.closing])
+                try:
+                    self._reply(session, {"ok": True, "token": token, "regions": done}, [keep_w])
+                finally:
+                    os.close(keep_w)
+            elif op == "fork_child":
+                region = fork.memfd_for(msg.get("token"), msg.get("region"))
+                self._reply(session, {"ok": True, "size": region.size, "addr": region.addr}, [region.memfd])
+            else:
+                if len(fds) != 1:
+                    raise ForkRefused(f"fork_attach needs exactly 1 file descriptor (the uffd), got {len(fds)}")
+                region = fork.attach(msg.get("token"), msg.get("region"), fds[0], session)
+                fds = []  # the region owns the uffd now
+                self._adopt(session, region)
+                fork.poison_after_attach(region)
+                self._reply(session, {"ok": True, "region": region.id})
+        except (ForkRefused, OSError) as e:
+            for fd in fds:
+                os.close(fd)
+            reason = str(e) if isinstance(e, ForkRefused) else f"{op}: {e}"
+            log.warning("client pid %d: %s", session.pid, reason)
+            self._reply(session, {"ok": False, "error": reason})
+
+    def _adopt(self, session: Session, region: Region) -> None:
+        """A validated region goes live: the engine serves it from now on."""
+        fast = self.engine.add_region(region)
+        session.regions.add(region.id)
+        session.allocated.add(region.id)
+        if not fast:  # the fast path's threads read the uffds of the others
+            self.uffd_regions[region.uffd] = region
+            self.epoll.register(region.uffd, select.EPOLLIN)
+
     def _memfds_in_use(self) -> set[tuple[int, int]]:
         out = set()
-        for region in self.engine.regions.values():
+        # A fork's pending child regions are the daemon's own memfds: never a new region.
+        for region in list(self.engine.regions.values()) + self.engine.fork.pending_regions():
             st = os.fstat(region.memfd)
             out.add((st.st_dev, st.st_ino))
         return out
@@ -306,22 +354,17 @@ class Server:
             log.warning("client pid %d: %s", session.pid, reason)
             self._reply(session, {"ok": False, "error": reason})
             return
-        fast = self.engine.add_region(region)
-        session.regions.add(region.id)
-        session.allocated.add(region.id)
-        if not fast:  # the fast path's threads read the uffds of the others
-            self.uffd_regions[region.uffd] = region
-            self.epoll.register(region.uffd, select.EPOLLIN)
+        self._adopt(session, region)
         log.info("client pid %d: region %d of %d bytes", session.pid, region.id, region.size)
         self._reply(session, {"ok": True, "region": region.id})
 
-    def _reply(self, session: Session, msg: dict) -> None:
+    def _reply(self, session: Session, msg: dict, fds: list[int] | None = None) -> None:
         """Send without ever blocking the loop: a client whose socket is full
         is not reading its replies, and is dropped."""
         if session.sock.fileno() < 0:
             return
         try:
-            protocol.send(session.sock, msg)
+            protocol.send(session.sock, msg, fds)
         except OSError as e:
             log.warning("client pid %d: reply failed (%s); dropping it", session.pid, e)
             self._drop(session, "not reading its replies")
