@@ -82,32 +82,64 @@ def decode(body: bytes, require_op: bool = True) -> dict:
     return msg
 
 
-class MessageBuffer:
-    """Incremental decoder for the daemon's non-blocking sockets."""
+MAX_QUEUED_FDS = 16
 
-    def __init__(self) -> None:
+
+class Frame:
+    """One decoded message and the fds that rode on it. `fds_lost` is set when
+    the kernel could not hand over all of its fds (the daemon was out of file
+    descriptors): the request must be refused, and `fds` holds the few that
+    did arrive, for the caller to close."""
+    __slots__ = ("msg", "fds", "fds_lost")
+
+    def __init__(self, msg: dict, fds: list[int], fds_lost: bool) -> None:
+        self.msg = msg
+        self.fds = fds
+        self.fds_lost = fds_lost
+
+
+class MessageBuffer:
+    """Incremental decoder for the daemon's non-blocking sockets.
+
+    Ownership of received fds: they are held here until the message they
+    rode on is complete AND decoded; next() then hands them to the caller.
+    A message that fails to decode leaves them here, and close() (called
+    when the connection is dropped) closes them: no fd is ever forgotten.
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.data = bytearray()
         self.fds: list[int] = []
+        self.fds_lost = False
+        self.max_message = max_message
 
-    def feed(self, data: bytes, fds: list[int]) -> None:
+    def feed(self, data: bytes, fds: list[int], fds_lost: bool = False) -> None:
+        """Queue received bytes and fds (the fds are ours from here on)."""
         self.data += data
         self.fds.extend(fds)
-        if len(self.fds) > 16:
-            raise ProtocolError(f"too many file descriptors queued ({len(self.fds)})")
+        self.fds_lost |= fds_lost
+        if len(self.fds) > MAX_QUEUED_FDS:
+            raise ProtocolError(f"too many file descriptors queued ({len(self.fds)});"
+                                f" a message carries at most {MAX_FDS}")
 
-    def next(self) -> tuple[dict, list[int]] | None:
+    def next(self) -> Frame | None:
         """The next complete message and the fds that arrived with it, or None."""
         if len(self.data) < 4:
             return None
         (length,) = struct.unpack(">I", self.data[:4])
-        if length > MAX_MESSAGE:
-            raise ProtocolError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
+        if length > self.max_message:
+            raise ProtocolError(f"message of {length} bytes exceeds {self.max_message}")
         if len(self.data) < 4 + length:
             return None
         body = bytes(self.data[4:4 + length])
         del self.data[:4 + length]
-        fds, self.fds = self.fds, []
-        return decode(body), fds
+        msg = decode(body)  # raises with the fds still queued here: close() gets them
+        frame = Frame(msg, self.fds, self.fds_lost)
+        self.fds, self.fds_lost = [], False
+        return frame
+
+    def pending_bytes(self) -> int:
+        return len(self.data)
 
     def close(self) -> None:
         for fd in self.fds:
