@@ -318,8 +318,10 @@ def test_busy_at_max_clients(backing, start_daemon):
 
 
 def test_client_caused_log_lines_are_rate_limited(file_backing, start_daemon):
-    """200 protocol errors in a row leave at most error_log_burst lines per
-    error_log_interval in the log (cf2b06a: one WARNING each)."""
+    """200 protocol errors in a row, then 50 regions allocated and freed,
+    leave at most error_log_burst lines per error_log_interval for each of the
+    daemon's two client budgets (its connections, its regions) in the log
+    (cf2b06a: one WARNING per error, two INFO lines per region)."""
     d = start_daemon(file_backing, store_size="64M", max_resident="1M",
                      config={"error_log_interval": "10m", "error_log_burst": 5})
     before = d.log_text().count("\n")
@@ -327,9 +329,13 @@ def test_client_caused_log_lines_are_rate_limited(file_backing, start_daemon):
         s = connect(d, greet=i % 2 == 0)
         send_raw(s, frame(b"garbage"))
         closed_or_refused(s)
+    with d.client() as c:
+        for _ in range(50):
+            c.alloc(PAGE).close()
     status(d)
     new_lines = d.log_text().splitlines()[before:]
-    assert len(new_lines) <= 5, new_lines[:20]
+    assert len(new_lines) <= 2 * 5, new_lines[:20]
+    assert any("not acceptable JSON" in line for line in new_lines), new_lines  # limited, not silenced
     assert d.proc.poll() is None
 
 

@@ -2,9 +2,17 @@
 
 A message is a 4-byte big-endian length, then that many bytes of UTF-8 JSON
 (an object with an "op" key). File descriptors travel with the first byte of
-a message as SCM_RIGHTS. The first message on a connection is
-{"op": "hello", "version": VERSION}; the daemon answers with its version or
-an error and closes on a mismatch.
+a message as SCM_RIGHTS, at most MAX_FDS per message. The first message on a
+connection is {"op": "hello", "version": VERSION} (an integer: true is not 1),
+sent within the daemon's handshake_timeout; the daemon answers with its
+version or an error and closes on a mismatch.
+
+A daemon that cannot take a connection (busy at max_clients, or out of file
+descriptors) sends one {ok: false, error} and closes, possibly before it has
+read the hello. Any request may be refused with {ok: false, error} and the
+connection kept (e.g. "daemon out of file descriptors (EMFILE)" when the fds
+riding on it could not be received); a malformed message is answered with an
+error and the connection closed.
 
 Requests and replies:
   hello   {version}                           -> {ok, version, page_size}

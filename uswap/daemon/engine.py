@@ -115,6 +115,7 @@ class Engine:
         self.probe_buf = native.AlignedBuffer(PAGE)
         self.draining = False
         self.errlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        self.clientlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)  # lines clients cause
         self.stats = collections.Counter()
         # Set by the server: stop watching a region's uffd before its fds close.
         self.on_region_closing: Callable[[Region], None] | None = None
@@ -173,7 +174,7 @@ class Engine:
         if region.closing:
             return
         region.closing = True
-        log.info("region %d closing (%s)", region.id, reason)
+        self.clientlog.info("region %d closing (%s)", region.id, reason)
         if self.on_region_closing is not None:
             self.on_region_closing(region)
         if self.fp is not None:
@@ -381,7 +382,7 @@ class Engine:
                 uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
         elif state in (pt.EMPTY, pt.SWAPPED):
             # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
-            log.warning("region %d page %d appeared in memory while %s; adopting it",
+            self.clientlog.warning("region %d page %d appeared in memory while %s; adopting it",
                         region.id, page, pt.STATE_NAMES[state])
             self._charge(1, force=True)
             slot = int(table.slot[page])

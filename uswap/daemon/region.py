@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import stat
+from typing import Callable
 
 from uswap import native, uffd
 from uswap.daemon.pagetable import PageTable
@@ -165,11 +166,13 @@ def _covering(vmas: list[_Vma], lo: int, hi: int, pid: int, where: str) -> list[
 
 
 def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
-                      in_use: set[tuple[int, int]] = frozenset(), peer_pid: int = 0) -> Region:
+                      in_use: set[tuple[int, int]] = frozenset(), peer_pid: int = 0,
+                      registration_check: Callable[[int, int, int, os.stat_result], None] = check_registration,
+                      ) -> Region:
     """Check an alloc request and map the region. On success the Region owns the fds;
     on failure the caller still owns (and closes) them. `peer_pid` is the
-    client's pid (SO_PEERCRED), whose /proc/PID/smaps tells how the range is
-    really registered."""
+    client's pid (SO_PEERCRED), whose /proc/PID/smaps `registration_check`
+    reads to tell how the range is really registered."""
     if len(fds) != 2:
         raise RegionRefused(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
     uffd_fd, memfd = fds
@@ -207,7 +210,7 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
     fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
     if not fl & os.O_NONBLOCK:
         fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
-    check_registration(peer_pid, addr, size, st)
+    registration_check(peer_pid, addr, size, st)
     # The range must be registered for write-protection in the client's uffd
     # (smaps cannot say which uffd): un-protecting a fresh range is harmless
     # and fails when it is not.

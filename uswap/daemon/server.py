@@ -19,7 +19,7 @@ from uswap import protocol, uffd
 from uswap.config import Config
 from uswap.daemon.engine import Engine
 from uswap.daemon.ratelimit import RateLimitedLog
-from uswap.daemon.region import Region, RegionRefused, validate_and_open
+from uswap.daemon.region import Region, RegionRefused, check_registration, validate_and_open
 from uswap.store.base import Store
 
 log = logging.getLogger("uswap.server")
@@ -253,7 +253,8 @@ class Server:
                 # Never fatal: a full fd table (or kernel memory) is a state
                 # the daemon waits out while serving everyone it has.
                 if e.errno in (errno.EMFILE, errno.ENFILE):
-                    self._turn_away_out_of_fds()
+                    if not self._turn_away_out_of_fds():
+                        return
                 elif e.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
                     self.client_log.warning("accept failed: %s; pausing new connections", e)
                     self._pause_accepting()
@@ -283,25 +284,34 @@ class Server:
         self._set_deadline(session, session.deadline)
         self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
 
-    def _turn_away_out_of_fds(self) -> None:
-        """accept() hit EMFILE: free the reserve fd, accept the waiting
-        connection, tell it why, close it, take the reserve back. Without a
-        reserve, stop watching the listener for a moment instead of spinning
-        on a connection that cannot be accepted."""
-        self.client_log.warning("refusing a connection: out of file descriptors (EMFILE)")
-        if self.reserve_fd >= 0:
-            os.close(self.reserve_fd)
-            self.reserve_fd = -1
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                sock = None
-            if sock is not None:
-                _say_and_close(sock, out_of_fds_error("it cannot take a new connection now"))
+    def _turn_away_out_of_fds(self) -> bool:
+        """accept() hit EMFILE (it does so before it looks for a connection):
+        free the reserve fd, accept the waiting connection, tell it why,
+        close it, take the reserve back. Without a reserve, stop watching
+        the listener for a moment instead of spinning on a connection that
+        cannot be accepted. True when one was turned away (look for more)."""
+        if self.reserve_fd < 0:
             self.reserve_fd = self._open_reserve()
-            if sock is not None and self.reserve_fd >= 0:
-                return
+            if self.reserve_fd < 0:
+                self.client_log.warning("out of file descriptors (EMFILE): pausing new connections")
+                self._pause_accepting()
+                return False
+        os.close(self.reserve_fd)
+        self.reserve_fd = -1
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            sock = None  # nothing waiting after all (EAGAIN), or no slot still
+        if sock is not None:
+            self.client_log.warning("refusing a connection: out of file descriptors (EMFILE)")
+            _say_and_close(sock, out_of_fds_error("it cannot take a new connection now"))
+        self.reserve_fd = self._open_reserve()
+        if sock is not None and self.reserve_fd >= 0:
+            return True
+        if sock is None and self.reserve_fd >= 0:
+            return False  # nothing to turn away: wait for epoll to say there is
         self._pause_accepting()
+        return False
 
     def _pause_accepting(self) -> None:
         if self.accept_paused_until is None and self.listener.fileno() >= 0:
@@ -460,6 +470,18 @@ class Server:
                 return region
         return None
 
+    def _check_registration_unlocked(self, pid: int, addr: int, size: int, memfd_stat: os.stat_result) -> None:
+        """check_registration without the page lock: reading /proc/PID/smaps
+        walks the page tables of every mapping of the client (~150 ms for 2 GiB
+        resident), and the fast path's threads must not wait for that. Safe:
+        the check reads only /proc and touches no engine state, and the engine
+        is between two events here, as consistent as when it sleeps in epoll."""
+        self.engine.unlock()
+        try:
+            check_registration(pid, addr, size, memfd_stat)
+        finally:
+            self.engine.lock()
+
     def _alloc_refusal(self, session: Session, msg: dict, fds: list[int]) -> str | None:
         """Why this alloc cannot be served without even looking at its fds, or None."""
         if self.engine.draining:
@@ -486,7 +508,8 @@ class Server:
                 if other is not None:
                     raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
                 region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
-                                           in_use=self._memfds_in_use(), peer_pid=session.pid)
+                                           in_use=self._memfds_in_use(), peer_pid=session.pid,
+                                           registration_check=self._check_registration_unlocked)
             except RegionRefused as e:
                 reason = str(e)
             except OSError as e:
