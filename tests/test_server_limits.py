@@ -392,3 +392,47 @@ def served_limits(backing, start_daemon):
         yield d, good
     finally:
         good.kill()
+
+
+# A forked child allocates a region of its own over its parent's connection:
+# the registration checked must be the child's (the writer's pid travels with
+# each message, SCM_CREDENTIALS), not the parent's, where nothing is mapped
+# at the child's new address.
+FORKED = """
+import fcntl, os, sys
+import numpy as np
+import uswap
+from uswap import native, uffd
+c = uswap.connect(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    size = 1 << 20
+    memfd = os.memfd_create("uswap-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, size)
+    fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    addr = native.mmap_shared(memfd, size)
+    u = uffd.open_uffd()
+    uffd.register(u, addr, size, uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR)
+    try:
+        reply = c._request({"op": "alloc", "size": size, "addr": addr}, [u, memfd])
+    except uswap.UswapError as e:
+        print("child alloc refused:", e, flush=True)
+        os._exit(1)
+    a = np.frombuffer(native.buffer_at(addr, size), dtype=np.uint64).reshape(-1, 512)
+    a[:, 0] = np.arange(a.shape[0]) + 7
+    print("child region", reply["region"], "bad", int(np.count_nonzero(a[:, 0] != np.arange(a.shape[0]) + 7)),
+          flush=True)
+    c._request({"op": "free", "region": reply["region"]})
+    os._exit(0)
+_, st = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(st), flush=True)
+"""
+
+
+def test_forked_child_allocates_over_its_parents_connection(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="8M")
+    res = subprocess.run([sys.executable, "-c", FORKED, d.socket], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert "child exit 0" in res.stdout and "bad 0" in res.stdout, (res.stdout, res.stderr[-2000:],
+                                                                    d.log_text()[-2000:])
+    assert d.proc.poll() is None

@@ -97,13 +97,16 @@ class Frame:
     """One decoded message and the fds that rode on it. `fds_lost` is set when
     the kernel could not hand over all of its fds (the daemon was out of file
     descriptors): the request must be refused, and `fds` holds the few that
-    did arrive, for the caller to close."""
-    __slots__ = ("msg", "fds", "fds_lost")
+    did arrive, for the caller to close. `sender_pid` is the pid of the
+    process that sent the fds (SCM_CREDENTIALS; a forked child may write on
+    its parent's connection), 0 when unknown."""
+    __slots__ = ("msg", "fds", "fds_lost", "sender_pid")
 
-    def __init__(self, msg: dict, fds: list[int], fds_lost: bool) -> None:
+    def __init__(self, msg: dict, fds: list[int], fds_lost: bool, sender_pid: int = 0) -> None:
         self.msg = msg
         self.fds = fds
         self.fds_lost = fds_lost
+        self.sender_pid = sender_pid
 
 
 class MessageBuffer:
@@ -119,13 +122,17 @@ class MessageBuffer:
         self.data = bytearray()
         self.fds: list[int] = []
         self.fds_lost = False
+        self.sender_pid = 0
         self.max_message = max_message
 
-    def feed(self, data: bytes, fds: list[int], fds_lost: bool = False) -> None:
-        """Queue received bytes and fds (the fds are ours from here on)."""
+    def feed(self, data: bytes, fds: list[int], fds_lost: bool = False, sender_pid: int = 0) -> None:
+        """Queue received bytes and fds (the fds are ours from here on);
+        `sender_pid` is the pid of the writer of these bytes, if known."""
         self.data += data
         self.fds.extend(fds)
         self.fds_lost |= fds_lost
+        if fds or fds_lost:
+            self.sender_pid = sender_pid
         if len(self.fds) > MAX_QUEUED_FDS:
             raise ProtocolError(f"too many file descriptors queued ({len(self.fds)});"
                                 f" a message carries at most {MAX_FDS}")
@@ -142,8 +149,8 @@ class MessageBuffer:
         body = bytes(self.data[4:4 + length])
         del self.data[:4 + length]
         msg = decode(body)  # raises with the fds still queued here: close() gets them
-        frame = Frame(msg, self.fds, self.fds_lost)
-        self.fds, self.fds_lost = [], False
+        frame = Frame(msg, self.fds, self.fds_lost, self.sender_pid)
+        self.fds, self.fds_lost, self.sender_pid = [], False, 0
         return frame
 
     def pending_bytes(self) -> int:
@@ -153,6 +160,29 @@ class MessageBuffer:
         for fd in self.fds:
             _close_quiet(fd)
         self.fds = []
+
+
+_UCRED = struct.Struct("3i")
+_FD = struct.Struct("i")
+
+
+def recv_with_creds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int], int, int]:
+    """recvmsg on a socket with SO_PASSCRED: (data, fds, msg flags, sender pid
+    or 0). Every fd the kernel handed over is in the list, even when the
+    control data was cut short (MSG_CTRUNC)."""
+    ancsize = socket.CMSG_SPACE(maxfds * _FD.size) + socket.CMSG_SPACE(_UCRED.size)
+    data, ancdata, flags, _addr = sock.recvmsg(bufsize, ancsize)
+    fds: list[int] = []
+    pid = 0
+    for level, kind, payload in ancdata:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD.size
+            fds.extend(fd for (fd,) in _FD.iter_unpack(payload[:usable]))
+        elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            pid = _UCRED.unpack_from(payload)[0]
+    return data, fds, flags, pid
 
 
 def _close_quiet(fd: int) -> None:

@@ -136,6 +136,9 @@ class Server:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        # Accepted sockets inherit it: every message from then on carries its
+        # writer's pid, even one sent before the daemon got to accept().
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.bind(path)
         os.chmod(path, 0o660)
         sock.listen(64)
@@ -274,6 +277,8 @@ class Server:
             return
         sock.setblocking(False)
         try:
+            # Each message then carries its writer's pid (SCM_CREDENTIALS).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             session = Session(sock, control_only=clients >= self.cfg.max_clients,
                               deadline=time.monotonic() + self.cfg.handshake_timeout)
         except OSError as e:  # the peer is gone already
@@ -356,7 +361,7 @@ class Server:
 
     def _on_session(self, session: Session) -> None:
         try:
-            data, fds, flags, _addr = socket.recv_fds(session.sock, 65536, protocol.MAX_FDS)
+            data, fds, flags, sender = protocol.recv_with_creds(session.sock, 65536, protocol.MAX_FDS)
         except BlockingIOError:
             return
         except OSError as e:
@@ -375,7 +380,7 @@ class Server:
             if fds_lost and len(fds) >= protocol.MAX_FDS:
                 _close_fds(fds)
                 raise protocol.ProtocolError(f"more than {protocol.MAX_FDS} file descriptors in one message")
-            session.buf.feed(data, fds, fds_lost)
+            session.buf.feed(data, fds, fds_lost, sender)
             while True:
                 frame = session.buf.next()
                 if frame is None:
@@ -400,12 +405,12 @@ class Server:
                 self._reply(session, {"ok": False, "error": out_of_fds_error(
                     f"the file descriptors sent with this {op!r} request could not be received")})
                 return
-            self._handle(session, frame.msg, frame.fds)
+            self._handle(session, frame.msg, frame.fds, frame.sender_pid or session.pid)
         finally:
             _close_fds(frame.fds)
             frame.fds.clear()
 
-    def _handle(self, session: Session, msg: dict, fds: list[int]) -> None:
+    def _handle(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
         op = msg["op"]
         if op != "alloc" and fds:
             raise protocol.ProtocolError(f"op {op!r} carries no file descriptors")
@@ -423,7 +428,7 @@ class Server:
                 self._set_deadline(session, None)
             self._reply(session, {"ok": True, "version": protocol.VERSION, "page_size": 4096})
         elif op == "alloc":
-            self._alloc(session, msg, fds)
+            self._alloc(session, msg, fds, sender_pid)
         elif op == "free":
             rid = msg.get("region")
             if not isinstance(rid, int) or isinstance(rid, bool) or rid not in session.allocated:
@@ -495,9 +500,11 @@ class Server:
                     " free one or use larger regions")
         return None
 
-    def _alloc(self, session: Session, msg: dict, fds: list[int]) -> None:
+    def _alloc(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
         """Serve an alloc. The caller closes `fds` afterwards unless this
-        empties the list, which it does only once a region owns them."""
+        empties the list, which it does only once a region owns them.
+        `sender_pid` is the process that sent the fds: its mappings are
+        the ones checked."""
         if len(fds) != 2:
             raise protocol.ProtocolError(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
         reason = self._alloc_refusal(session, msg, fds)
@@ -508,7 +515,7 @@ class Server:
                 if other is not None:
                     raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
                 region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
-                                           in_use=self._memfds_in_use(), peer_pid=session.pid,
+                                           in_use=self._memfds_in_use(), peer_pid=sender_pid,
                                            registration_check=self._check_registration_unlocked)
             except RegionRefused as e:
                 reason = str(e)
