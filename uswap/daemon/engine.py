@@ -140,7 +140,8 @@ class Engine:
 
     def lock(self) -> None:
         """Take the page lock from the fast path's threads: the server holds
-        it whenever the engine runs, and lets go only in epoll_wait."""
+        it whenever the engine runs, and lets go only in epoll_wait and while
+        it reads a client's /proc/PID/smaps between two events."""
         if self.fp is not None:
             self.fp.lock()
 

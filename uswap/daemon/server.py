@@ -161,7 +161,9 @@ class Server:
         engine = self.engine
         more = False
         # The engine runs holding the page lock it shares with the fast
-        # path's threads; it lets go only while it sleeps in epoll_wait.
+        # path's threads; it lets go only while it sleeps in epoll_wait, and
+        # between two events while an alloc's smaps are read
+        # (_check_registration_unlocked).
         engine.lock()
         while True:
             if self.stop_requested and not engine.draining:
