@@ -202,6 +202,7 @@ def test_out_of_fds_is_a_refusal(backing, start_daemon):
         wait_fds(d, baseline, "the filling client left")
         wait_clean(d)  # every region released, accounting exact: the daemon is well
     finally:
+        good.kill()
         if filler is not None:
             filler.kill()
 
