@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class DaemonProc:
     def __init__(self, workdir: str, backing: str, store_size: str = "512M",
                  max_resident: str = "32M", inject: dict | None = None,
-                 extra: list[str] | None = None, config: dict | None = None) -> None:
+                 extra: list[str] | None = None, config: dict | None = None,
+                 nofile: tuple[int, int] | None = None) -> None:
+        """`nofile`: (soft, hard) RLIMIT_NOFILE to start the daemon under."""
         self.workdir = workdir
         self.socket = os.path.join(workdir, "uswap.sock")
         self.log_path = os.path.join(workdir, "daemon.log")
@@ -35,7 +38,9 @@ class DaemonProc:
         if inject is not None:
             env["USWAP_INJECT"] = json.dumps(inject)
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                     preexec_fn=limit)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 30.0) -> None:

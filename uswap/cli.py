@@ -82,11 +82,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     import uswap
+    from uswap import protocol
     try:
         with uswap.connect(args.socket) as client:
             st = client.status()
     except uswap.UswapError as e:
         print(f"uswap: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, EOFError, protocol.ProtocolError) as e:
+        print(f"uswap: error: the daemon closed the connection before answering ({e})", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(st, indent=2, sort_keys=True))

@@ -180,7 +180,20 @@ class Client:
             self._sock.close()
             raise UswapError(f"cannot reach the uswap daemon at {self.socket_path}: {e.strerror}"
                              " (is `uswap run` running? set --socket or USWAP_SOCKET)") from None
-        reply, _ = self._exchange({"op": "hello", "version": protocol.VERSION})
+        try:
+            reply, _ = self._exchange({"op": "hello", "version": protocol.VERSION})
+        except (OSError, EOFError, protocol.ProtocolError) as e:
+            # A busy daemon answers and closes before reading our hello: its
+            # reason may still wait in our socket.
+            reason = self._refusal_left_behind()
+            self._sock.close()
+            self._sock = None
+            raise UswapError(reason or f"the uswap daemon at {self.socket_path} closed the connection"
+                             f" during the handshake ({e})") from None
+        except UswapError:
+            self._sock.close()
+            self._sock = None
+            raise
         self.daemon_version = reply["version"]
 
     def _exchange(self, msg: dict, fds: list[int] | None = None) -> tuple[dict, list[int]]:
@@ -200,6 +213,17 @@ class Client:
                 os.close(fd)
             raise UswapError(reply.get("error", "request refused"))
         return reply, extra
+
+    def _refusal_left_behind(self) -> str | None:
+        """The error of a reply already in the socket, if there is one."""
+        try:
+            self._sock.settimeout(1.0)
+            reply, extra = protocol.recv(self._sock)
+        except (OSError, EOFError, protocol.ProtocolError):
+            return None
+        for fd in extra:
+            os.close(fd)
+        return reply.get("error") if not reply.get("ok") else None
 
     def _request(self, msg: dict, fds: list[int] | None = None) -> dict:
         with self._lock:

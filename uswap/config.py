@@ -95,6 +95,9 @@ DEFAULTS: dict[str, tuple[Any, Callable[[object, str], Any]]] = {
     "readahead_max": ("512K", _pages),
     "max_region_size": ("64G", _pages),
     "max_clients": (256, _count(1, 100000)),
+    "control_connections": (4, _count(0, 1000)),
+    "max_regions_per_client": (1024, _count(1, 1 << 20)),
+    "handshake_timeout": ("5s", _duration),
     "write_retry_min": ("50ms", _duration),
     "write_retry_max": ("5s", _duration),
     "slot_quarantine": ("30s", _duration),
@@ -126,6 +129,9 @@ class Config:
     readahead_max: int
     max_region_size: int
     max_clients: int
+    control_connections: int
+    max_regions_per_client: int
+    handshake_timeout: float
     write_retry_min: float
     write_retry_max: float
     slot_quarantine: float
@@ -176,6 +182,8 @@ def load(path: str | None = None, overrides: dict[str, object] | None = None) ->
         raise ValueError(f"max_resident: {cfg.max_resident} bytes is too small; use at least 64K")
     if cfg.write_retry_min > cfg.write_retry_max:
         raise ValueError(f"write_retry_min: {cfg.write_retry_min}s exceeds write_retry_max {cfg.write_retry_max}s")
+    if cfg.handshake_timeout <= 0:
+        raise ValueError(f"handshake_timeout: {cfg.handshake_timeout}s must be above 0, e.g. 5s")
     if cfg.read_retry_min > cfg.read_retry_max:
         raise ValueError(f"read_retry_min: {cfg.read_retry_min}s exceeds read_retry_max {cfg.read_retry_max}s")
     return cfg

@@ -120,6 +120,7 @@ class Engine:
         # Poisoned pages are lost data: their lines have a limiter of their
         # own, so retry chatter on errlog cannot hide them.
         self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        self.clientlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)  # lines clients cause
         self.stats = collections.Counter()
         # Forked children's copies of regions, copy-on-write (daemon/fork.py).
         self.fork = ForkManager(self)
@@ -146,7 +147,8 @@ class Engine:
 
     def lock(self) -> None:
         """Take the page lock from the fast path's threads: the server holds
-        it whenever the engine runs, and lets go only in epoll_wait."""
+        it whenever the engine runs, and lets go only in epoll_wait and while
+        it reads a client's /proc/PID/smaps between two events."""
         if self.fp is not None:
             self.fp.lock()
 
@@ -180,10 +182,10 @@ class Engine:
         if region.closing:
             return
         region.closing = True
-        log.info("region %d closing (%s)", region.id, reason)
         # Children still reading pages of this region get their copies now,
         # while its pages are resident and its mapping is ours (fork.py).
         self.fork.on_region_closing(region)
+        self.clientlog.info("region %d closing (%s)", region.id, reason)
         if self.on_region_closing is not None:
             self.on_region_closing(region)
         if self.fp is not None:
@@ -402,7 +404,7 @@ class Engine:
                 uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
         elif state in (pt.EMPTY, pt.SWAPPED):
             # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
-            log.warning("region %d page %d appeared in memory while %s; adopting it",
+            self.clientlog.warning("region %d page %d appeared in memory while %s; adopting it",
                         region.id, page, pt.STATE_NAMES[state])
             self._charge(1, force=True)
             slot = int(table.slot[page])

@@ -6,8 +6,10 @@ import time
 
 
 class RateLimitedLog:
-    """At most `burst` lines per `interval` seconds; suppressed lines are counted
-    and reported with the next line that gets through."""
+    """At most `burst` lines per `interval` seconds, whatever their level;
+    suppressed lines are counted and reported with the next line that gets
+    through. Every line a client (or a failing store) can cause at will goes
+    through one of these, so no peer can flood the journal."""
 
     def __init__(self, logger: logging.Logger, interval: float, burst: int) -> None:
         self.logger = logger
@@ -18,6 +20,17 @@ class RateLimitedLog:
         self.suppressed = 0
 
     def error(self, msg: str, *args: object) -> None:
+        self.log(logging.ERROR, msg, *args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self.log(logging.INFO, msg, *args)
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if not self.logger.isEnabledFor(level):
+            return
         now = time.monotonic()
         if now - self.window_start >= self.interval:
             self.window_start = now
@@ -29,4 +42,4 @@ class RateLimitedLog:
         if self.suppressed:
             msg += f" ({self.suppressed} similar messages suppressed)"
             self.suppressed = 0
-        self.logger.error(msg, *args)
+        self.logger.log(level, msg, *args)

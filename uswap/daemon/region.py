@@ -10,6 +10,7 @@ import errno
 import fcntl
 import os
 import stat
+from typing import Callable
 
 from uswap import native, uffd
 from uswap.daemon.pagetable import PageTable
@@ -76,10 +77,102 @@ def _fd_target(fd: int) -> str:
         return ""
 
 
+# userfaultfd modes a region's range must be registered for, with the VmFlags
+# code /proc/PID/smaps shows for each: MISSING for first touch, WP for dirty
+# tracking, MINOR for swap-ins of pages still in the page cache.
+REQUIRED_UFFD_MODES = (("MISSING", "um"), ("WP", "uw"), ("MINOR", "ui"))
+
+
+class _Vma:
+    __slots__ = ("start", "end", "shared", "offset", "dev", "inode", "flags")
+
+    def __init__(self, header: str) -> None:
+        fields = header.split(None, 5)
+        start, end = fields[0].split("-")
+        major, minor = fields[3].split(":")
+        self.start, self.end = int(start, 16), int(end, 16)
+        self.shared = fields[1][3] == "s"
+        self.offset = int(fields[2], 16)
+        self.dev = (int(major, 16), int(minor, 16))
+        self.inode = int(fields[4])
+        self.flags: set[str] = set()
+
+
+def _vmas_of(pid: int, lo: int, hi: int) -> list[_Vma]:
+    """The VMAs of process `pid` that meet [lo, hi), in address order, with
+    their VmFlags. Raises OSError if /proc/PID/smaps cannot be read."""
+    out: list[_Vma] = []
+    current: _Vma | None = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0] if line.strip() else ""
+            if "-" in first and not first.endswith(":"):
+                vma = _Vma(line)
+                current = vma if vma.start < hi and lo < vma.end else None
+                if current is not None:
+                    out.append(current)
+            elif current is not None and first == "VmFlags:":
+                current.flags = set(line.split()[1:])
+    return out
+
+
+def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_result) -> None:
+    """Refuse unless every page of [addr, addr+size) in process `pid` is a
+    MAP_SHARED mapping of the region's memfd (memfd offset 0 at addr) and is
+    registered MISSING|WP|MINOR. The WP ioctl alone cannot tell: a range
+    registered WP without MISSING passes it, and its evicted pages would then
+    read as zeros instead of faulting to the daemon."""
+    where = f"[{addr:#x}, +{size})"
+    if pid <= 0:
+        raise RegionRefused("alloc: the client's pid is unknown to the daemon (another pid namespace?);"
+                            " cannot check how the range is registered")
+    try:
+        vmas = _vmas_of(pid, addr, addr + size)
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise
+        raise RegionRefused(f"alloc: cannot read /proc/{pid}/smaps to check how {where} is registered:"
+                            f" {e.strerror}") from None
+    covering = _covering(vmas, addr, addr + size, pid, where)
+    # Registration first: that is what a client most often gets wrong.
+    for vma in covering:
+        missing = [mode for mode, code in REQUIRED_UFFD_MODES if code not in vma.flags]
+        if missing:
+            raise RegionRefused(f"alloc: {where} is not registered for {'|'.join(missing)}"
+                                f" (VmFlags of {vma.start:#x}-{vma.end:#x} in process {pid}:"
+                                f" {' '.join(sorted(vma.flags))}); register it MISSING|WP|MINOR")
+    memfd_dev = (os.major(memfd_stat.st_dev), os.minor(memfd_stat.st_dev))
+    for vma in covering:
+        if not vma.shared or vma.dev != memfd_dev or vma.inode != memfd_stat.st_ino:
+            raise RegionRefused(f"alloc: {where}: {vma.start:#x}-{vma.end:#x} in process {pid} is not a"
+                                " MAP_SHARED mapping of the memfd sent")
+        first = max(vma.start, addr)
+        if vma.offset + (first - vma.start) != first - addr:
+            raise RegionRefused(f"alloc: {where}: {first:#x} maps memfd offset"
+                                f" {vma.offset + first - vma.start:#x}, not {first - addr:#x}")
+
+
+def _covering(vmas: list[_Vma], lo: int, hi: int, pid: int, where: str) -> list[_Vma]:
+    """`vmas` if they cover [lo, hi) without a gap; else refuse."""
+    cursor = lo
+    for vma in vmas:
+        if vma.start > cursor:
+            break
+        cursor = vma.end
+    if cursor < hi:
+        raise RegionRefused(f"alloc: {where} is not registered: nothing is mapped at {cursor:#x}"
+                            f" in process {pid}")
+    return vmas
+
+
 def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
-                      in_use: set[tuple[int, int]] = frozenset()) -> Region:
+                      in_use: set[tuple[int, int]] = frozenset(), peer_pid: int = 0,
+                      registration_check: Callable[[int, int, int, os.stat_result], None] = check_registration,
+                      ) -> Region:
     """Check an alloc request and map the region. On success the Region owns the fds;
-    on failure the caller still owns (and closes) them."""
+    on failure the caller still owns (and closes) them. `peer_pid` is the
+    client's pid (SO_PEERCRED), whose /proc/PID/smaps `registration_check`
+    reads to tell how the range is really registered."""
     if len(fds) != 2:
         raise RegionRefused(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
     uffd_fd, memfd = fds
@@ -117,8 +210,10 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
     fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
     if not fl & os.O_NONBLOCK:
         fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
-    # The range must be registered for write-protection in the client's uffd:
-    # un-protecting a fresh range is harmless and fails when it is not.
+    registration_check(peer_pid, addr, size, st)
+    # The range must be registered for write-protection in the client's uffd
+    # (smaps cannot say which uffd): un-protecting a fresh range is harmless
+    # and fails when it is not.
     ret = uffd.writeprotect(uffd_fd, addr, size, protect=False, wake=True)
     if ret < 0:
         raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is not registered for MISSING|WP|MINOR"

@@ -4,12 +4,14 @@ the signal wake-up pipe. It never blocks on store I/O (invariant 4)."""
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import select
 import signal
 import socket
 import stat
+import resource
 import struct
 import time
 
@@ -17,19 +19,69 @@ from uswap import protocol, uffd
 from uswap.config import Config
 from uswap.daemon.engine import Engine
 from uswap.daemon.fork import ForkRefused
-from uswap.daemon.region import Region, RegionRefused, validate_and_open
+from uswap.daemon.ratelimit import RateLimitedLog
+from uswap.daemon.region import Region, RegionRefused, check_registration, validate_and_open
 from uswap.store.base import Store
 
 log = logging.getLogger("uswap.server")
+
+# File descriptors the daemon itself needs besides its clients' (store, epoll,
+# eventfds, NFS sockets of the I/O threads, the fast path's, logging, slack).
+NOFILE_OWN = 512
+# How long accepting pauses when not even the reserve fd frees a slot.
+ACCEPT_PAUSE_S = 0.1
+
+
+def nofile_needed(cfg: Config) -> int:
+    """Open files the daemon can need at its configured limits: one socket per
+    connection, and a uffd and a memfd per region of every client."""
+    connections = cfg.max_clients + cfg.control_connections
+    return NOFILE_OWN + connections + 2 * cfg.max_clients * cfg.max_regions_per_client
+
+
+def raise_nofile_limit(cfg: Config) -> int:
+    """Raise the soft RLIMIT_NOFILE toward the hard limit, as far as the
+    configured limits need (the default soft limit of a service, 1024, holds
+    only ~500 regions). Logs what it set; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = nofile_needed(cfg)
+    ceiling = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    target = min(ceiling, max(soft, needed))
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+    log.info("open-file limit %d (hard %d); %d wanted for max_clients %d x max_regions_per_client %d",
+             soft, hard, needed, cfg.max_clients, cfg.max_regions_per_client)
+    if soft < needed:
+        log.warning("open-file limit %d is below the %d the settings can need: about %d regions fit in"
+                    " all; past that allocs are refused with EMFILE (raise LimitNOFILE)",
+                    soft, needed, max(0, (soft - NOFILE_OWN) // 2))
+    return soft
+
+
+def out_of_fds_error(what: str) -> str:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"daemon out of file descriptors (EMFILE): {what}; its open-file limit is {soft}."
+            " Nothing was lost and the connection stays; free regions or try again later"
+            " (the administrator can raise LimitNOFILE)")
 
 
 class Session:
     """One client connection."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, control_only: bool, deadline: float) -> None:
         self.sock = sock
         self.buf = protocol.MessageBuffer()
         self.greeted = False
+        # Accepted beyond max_clients: may ask for status, never allocate.
+        self.control_only = control_only
+        # Closed at this monotonic time (handshake_timeout after accept) unless
+        # a valid hello came first; a control connection keeps it regardless.
+        # None when no deadline applies.
+        self.deadline: float | None = deadline
         self.regions: set[int] = set()      # live regions
         self.allocated: set[int] = set()    # regions allocated and not yet freed by the client
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -49,6 +101,17 @@ class Server:
         self.uffd_regions: dict[int, Region] = {}
         self.events = uffd.EventReader()
         self.stop_requested = False
+        # Every line a client can cause goes through this, on a budget apart
+        # from the store's error lines.
+        self.client_log = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+        raise_nofile_limit(cfg)
+        # Kept open to be closed when accept() fails with EMFILE: the freed
+        # slot lets the daemon accept the waiting connection and tell it why
+        # it cannot stay, instead of leaving it hanging or dying.
+        self.reserve_fd = self._open_reserve()
+        self.accept_paused_until: float | None = None
+        self.deadlines: list[tuple[float, int, Session]] = []  # heap; stale entries skipped
+        self.deadline_seq = 0
         self.listener = self._listen(cfg.socket)
         self.epoll.register(self.listener.fileno(), select.EPOLLIN)
         self.epoll.register(self.engine.io.eventfd, select.EPOLLIN)
@@ -74,6 +137,9 @@ class Server:
             finally:
                 probe.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        # Accepted sockets inherit it: every message from then on carries its
+        # writer's pid, even one sent before the daemon got to accept().
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.bind(path)
         os.chmod(path, 0o660)
         sock.listen(64)
@@ -96,7 +162,9 @@ class Server:
         engine = self.engine
         more = False
         # The engine runs holding the page lock it shares with the fast
-        # path's threads; it lets go only while it sleeps in epoll_wait.
+        # path's threads; it lets go only while it sleeps in epoll_wait, and
+        # between two events while an alloc's smaps are read
+        # (_check_registration_unlocked).
         engine.lock()
         while True:
             if self.stop_requested and not engine.draining:
@@ -104,7 +172,7 @@ class Server:
                 engine.start_drain()
             if engine.drain_done():
                 break
-            timeout = engine.run_timers()
+            timeout = _earliest(engine.run_timers(), self._run_session_timers())
             if more:
                 timeout = 0  # reclaim has more to do: look for events, don't sleep
             engine.unlock()
@@ -144,7 +212,9 @@ class Server:
     def _close_listener(self) -> None:
         if self.listener.fileno() < 0:
             return
-        self.epoll.unregister(self.listener.fileno())
+        if self.accept_paused_until is None:
+            self.epoll.unregister(self.listener.fileno())
+        self.accept_paused_until = None
         self.listener.close()
         try:
             os.unlink(self.cfg.socket)
@@ -172,70 +242,196 @@ class Server:
 
     # ---------------------------------------------------------------- clients
 
+    @staticmethod
+    def _open_reserve() -> int:
+        try:
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
     def _accept(self) -> None:
-        while True:
+        while self.listener.fileno() >= 0 and self.accept_paused_until is None:
             try:
                 sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            if len(self.sessions) >= self.cfg.max_clients:
-                log.warning("refusing a client: max_clients (%d) reached", self.cfg.max_clients)
-                sock.close()
+            except OSError as e:
+                # Never fatal: a full fd table (or kernel memory) is a state
+                # the daemon waits out while serving everyone it has.
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    if not self._turn_away_out_of_fds():
+                        return
+                elif e.errno not in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
+                    self.client_log.warning("accept failed: %s; pausing new connections", e)
+                    self._pause_accepting()
                 continue
-            sock.setblocking(False)
-            session = Session(sock)
-            self.sessions[sock.fileno()] = session
-            self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Take a new connection on, as a client, as a control connection
+        past max_clients, or not at all with a "busy" answer."""
+        clients = sum(1 for s in self.sessions.values() if not s.control_only)
+        if len(self.sessions) >= self.cfg.max_clients + self.cfg.control_connections:
+            self.client_log.warning("refusing a connection: max_clients (%d) and control_connections (%d)"
+                                    " reached", self.cfg.max_clients, self.cfg.control_connections)
+            _say_and_close(sock, f"daemon busy: {clients} clients connected (max_clients"
+                                 f" {self.cfg.max_clients}) and every control connection in use;"
+                                 " try again later")
+            return
+        sock.setblocking(False)
+        try:
+            # Each message then carries its writer's pid (SCM_CREDENTIALS).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            session = Session(sock, control_only=clients >= self.cfg.max_clients,
+                              deadline=time.monotonic() + self.cfg.handshake_timeout)
+        except OSError as e:  # the peer is gone already
+            self.client_log.warning("new connection: %s", e)
+            sock.close()
+            return
+        self.sessions[sock.fileno()] = session
+        self._set_deadline(session, session.deadline)
+        self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def _turn_away_out_of_fds(self) -> bool:
+        """accept() hit EMFILE (it does so before it looks for a connection):
+        free the reserve fd, accept the waiting connection, tell it why,
+        close it, take the reserve back. Without a reserve, stop watching
+        the listener for a moment instead of spinning on a connection that
+        cannot be accepted. True when one was turned away (look for more)."""
+        if self.reserve_fd < 0:
+            self.reserve_fd = self._open_reserve()
+            if self.reserve_fd < 0:
+                self.client_log.warning("out of file descriptors (EMFILE): pausing new connections")
+                self._pause_accepting()
+                return False
+        os.close(self.reserve_fd)
+        self.reserve_fd = -1
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            sock = None  # nothing waiting after all (EAGAIN), or no slot still
+        if sock is not None:
+            self.client_log.warning("refusing a connection: out of file descriptors (EMFILE)")
+            _say_and_close(sock, out_of_fds_error("it cannot take a new connection now"))
+        self.reserve_fd = self._open_reserve()
+        if sock is not None and self.reserve_fd >= 0:
+            return True
+        if sock is None and self.reserve_fd >= 0:
+            return False  # nothing to turn away: wait for epoll to say there is
+        self._pause_accepting()
+        return False
+
+    def _pause_accepting(self) -> None:
+        if self.accept_paused_until is None and self.listener.fileno() >= 0:
+            self.epoll.unregister(self.listener.fileno())
+            self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+
+    def _set_deadline(self, session: Session, when: float | None) -> None:
+        session.deadline = when
+        if when is not None:
+            self.deadline_seq += 1
+            heapq.heappush(self.deadlines, (when, self.deadline_seq, session))
+
+    def _run_session_timers(self) -> float | None:
+        """Close connections past their deadline, resume a paused accept;
+        return seconds until the next such event (None if none)."""
+        now = time.monotonic()
+        if self.accept_paused_until is not None and self.accept_paused_until <= now:
+            self.accept_paused_until = None
+            if self.reserve_fd < 0:
+                self.reserve_fd = self._open_reserve()
+            if self.listener.fileno() >= 0:
+                self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        while self.deadlines and self.deadlines[0][0] <= now:
+            when, _, session = heapq.heappop(self.deadlines)
+            if session.deadline != when or session.sock.fileno() < 0:
+                continue  # moved or gone
+            self._expire(session)
+        upcoming = [t for t in (self.accept_paused_until,
+                                self.deadlines[0][0] if self.deadlines else None) if t is not None]
+        return max(0.0, min(upcoming) - now) if upcoming else None
+
+    def _expire(self, session: Session) -> None:
+        timeout = self.cfg.handshake_timeout
+        if not session.greeted:
+            reason = f"no valid hello within handshake_timeout ({timeout:g}s); closing the connection"
+        else:
+            reason = (f"control connection open for handshake_timeout ({timeout:g}s); past max_clients"
+                      " a connection is for one quick request: closing it")
+        self.client_log.warning("client pid %d: %s", session.pid, reason)
+        self._reply(session, {"ok": False, "error": reason})
+        self._drop(session, "timed out")
 
     def _on_session(self, session: Session) -> None:
         try:
-            data, fds, flags, _addr = socket.recv_fds(session.sock, 65536, protocol.MAX_FDS)
+            data, fds, flags, sender = protocol.recv_with_creds(session.sock, 65536, protocol.MAX_FDS)
         except BlockingIOError:
             return
         except OSError as e:
             self._drop(session, f"recv failed: {e}")
             return
         if not data:
-            for fd in fds:
-                os.close(fd)
+            _close_fds(fds)
             self._drop(session, "disconnected")
             return
         try:
-            if flags & socket.MSG_CTRUNC:
-                for fd in fds:
-                    os.close(fd)
+            # MSG_CTRUNC: the kernel could not hand over every fd. With room
+            # for MAX_FDS and MAX_FDS received, the peer sent too many; with
+            # fewer, the daemon's fd table is full (EMFILE) and the message
+            # is refused on its own, the connection kept.
+            fds_lost = bool(flags & socket.MSG_CTRUNC)
+            if fds_lost and len(fds) >= protocol.MAX_FDS:
+                _close_fds(fds)
                 raise protocol.ProtocolError(f"more than {protocol.MAX_FDS} file descriptors in one message")
-            session.buf.feed(data, fds)
+            session.buf.feed(data, fds, fds_lost, sender)
             while True:
-                item = session.buf.next()
-                if item is None:
+                frame = session.buf.next()
+                if frame is None:
                     break
-                msg, msg_fds = item
-                self._handle(session, msg, msg_fds)
+                self._dispatch(session, frame)
                 if session.sock.fileno() < 0:
                     return
         except protocol.ProtocolError as e:
-            log.warning("client pid %d: %s; dropping it", session.pid, e)
+            self.client_log.warning("client pid %d: %s; dropping it", session.pid, e)
             self._reply(session, {"ok": False, "error": str(e)})
             self._drop(session, "protocol error")
 
-    def _handle(self, session: Session, msg: dict, fds: list[int]) -> None:
+    def _dispatch(self, session: Session, frame: protocol.Frame) -> None:
+        """Handle one message. Invariant: every fd that rode on it is closed
+        here unless a region took it (then _alloc empties frame.fds), whatever
+        the outcome, refusal or ProtocolError."""
+        try:
+            if frame.fds_lost:
+                op = frame.msg.get("op")
+                self.client_log.warning("client pid %d: %s refused: out of file descriptors (EMFILE)",
+                                        session.pid, op)
+                self._reply(session, {"ok": False, "error": out_of_fds_error(
+                    f"the file descriptors sent with this {op!r} request could not be received")})
+                return
+            self._handle(session, frame.msg, frame.fds, frame.sender_pid or session.pid)
+        finally:
+            _close_fds(frame.fds)
+            frame.fds.clear()
+
+    def _handle(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
         op = msg["op"]
-        if op not in ("alloc", "fork_attach"):
-            for fd in fds:
-                os.close(fd)
-            if fds:
-                raise protocol.ProtocolError(f"op {op!r} carries no file descriptors")
+        if op not in ("alloc", "fork_attach") and fds:
+            raise protocol.ProtocolError(f"op {op!r} carries no file descriptors")
         if not session.greeted:
             if op != "hello":
                 raise protocol.ProtocolError(f"first message must be hello, got {op!r}")
-            if msg.get("version") != protocol.VERSION:
+            version = msg.get("version")
+            # bool is an int to Python, not to this protocol: true is not 1.
+            if type(version) is not int or version != protocol.VERSION:
                 raise protocol.ProtocolError(
-                    f"protocol version {msg.get('version')!r} not supported; this daemon speaks {protocol.VERSION}")
+                    f"protocol version {version!r} not supported; this daemon speaks"
+                    f" {protocol.VERSION} (an integer)")
             session.greeted = True
+            if not session.control_only:  # control connections keep theirs: one request's time
+                self._set_deadline(session, None)
             self._reply(session, {"ok": True, "version": protocol.VERSION, "page_size": 4096})
         elif op == "alloc":
-            self._alloc(session, msg, fds)
+            self._alloc(session, msg, fds, sender_pid)
         elif op == "free":
             rid = msg.get("region")
             if not isinstance(rid, int) or isinstance(rid, bool) or rid not in session.allocated:
@@ -249,7 +445,7 @@ class Server:
             session.allocated.discard(rid)
             self._reply(session, {"ok": True})
         elif op in ("fork_begin", "fork_child", "fork_attach"):
-            self._fork_op(session, op, msg, fds)
+            self._fork_op(session, op, msg, fds, sender_pid)
         elif op == "status":
             self._reply(session, {"ok": True, "status": self.status(asker=session)})
         elif op == "inject":
@@ -265,9 +461,10 @@ class Server:
         else:
             raise protocol.ProtocolError(f"unknown op {op!r}")
 
-    def _fork_op(self, session: Session, op: str, msg: dict, fds: list[int]) -> None:
+    def _fork_op(self, session: Session, op: str, msg: dict, fds: list[int], sender_pid: int) -> None:
         """Fork requests (daemon/fork.py). A refusal is an answer: the
-        parent's regions and the connection live on."""
+        parent's regions and the connection live on. `fds` is closed by the
+        caller (_dispatch) unless a region takes them (then it is emptied)."""
         fork = self.engine.fork
         try:
             if op == "fork_begin":
@@ -288,16 +485,18 @@ class Server:
             else:
                 if len(fds) != 1:
                     raise ForkRefused(f"fork_attach needs exactly 1 file descriptor (the uffd), got {len(fds)}")
+                pending = fork.memfd_for(msg.get("token"), msg.get("region"))
+                # The same check as an alloc's: the child's range must really be
+                # registered MISSING|WP|MINOR and map the snapshot's memfd.
+                self._check_registration_unlocked(sender_pid, pending.addr, pending.size, os.fstat(pending.memfd))
                 region = fork.attach(msg.get("token"), msg.get("region"), fds[0], session)
-                fds = []  # the region owns the uffd now
+                fds.clear()  # the region owns the uffd now
                 self._adopt(session, region)
                 fork.poison_after_attach(region)
                 self._reply(session, {"ok": True, "region": region.id})
-        except (ForkRefused, OSError) as e:
-            for fd in fds:
-                os.close(fd)
-            reason = str(e) if isinstance(e, ForkRefused) else f"{op}: {e}"
-            log.warning("client pid %d: %s", session.pid, reason)
+        except (ForkRefused, RegionRefused, OSError) as e:
+            reason = str(e) if isinstance(e, (ForkRefused, RegionRefused)) else f"{op}: {e}"
+            self.client_log.warning("client pid %d: %s", session.pid, reason)
             self._reply(session, {"ok": False, "error": reason})
 
     def _adopt(self, session: Session, region: Region) -> None:
@@ -329,33 +528,64 @@ class Server:
                 return region
         return None
 
-    def _alloc(self, session: Session, msg: dict, fds: list[int]) -> None:
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            raise protocol.ProtocolError(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
-        if self.engine.draining:
-            for fd in fds:
-                os.close(fd)
-            self._reply(session, {"ok": False, "error": "daemon is draining; no new regions"})
-            return
+    def _check_registration_unlocked(self, pid: int, addr: int, size: int, memfd_stat: os.stat_result) -> None:
+        """check_registration without the page lock: reading /proc/PID/smaps
+        walks the page tables of every mapping of the client (~150 ms for 2 GiB
+        resident), and the fast path's threads must not wait for that. Safe:
+        the check reads only /proc and touches no engine state, and the engine
+        is between two events here, as consistent as when it sleeps in epoll."""
+        self.engine.unlock()
         try:
-            other = self._overlapping_region(session.pid, msg.get("addr"), msg.get("size"))
-            if other is not None:
-                raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
-            region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
-                                       in_use=self._memfds_in_use())
-        except (RegionRefused, OSError, OverflowError) as e:
+            check_registration(pid, addr, size, memfd_stat)
+        finally:
+            self.engine.lock()
+
+    def _alloc_refusal(self, session: Session, msg: dict, fds: list[int]) -> str | None:
+        """Why this alloc cannot be served without even looking at its fds, or None."""
+        if self.engine.draining:
+            return "daemon is draining; no new regions"
+        if session.control_only:
+            return (f"daemon busy: max_clients ({self.cfg.max_clients}) clients connected; this"
+                    " connection may ask for status only. Try again later")
+        if len(session.regions) >= self.cfg.max_regions_per_client:
+            return (f"alloc: this connection holds {len(session.regions)} regions, the most"
+                    f" max_regions_per_client ({self.cfg.max_regions_per_client}) allows;"
+                    " free one or use larger regions")
+        return None
+
+    def _alloc(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
+        """Serve an alloc. The caller closes `fds` afterwards unless this
+        empties the list, which it does only once a region owns them.
+        `sender_pid` is the process that sent the fds: its mappings are
+        the ones checked."""
+        if len(fds) != 2:
+            raise protocol.ProtocolError(f"alloc needs exactly 2 file descriptors (uffd, memfd), got {len(fds)}")
+        reason = self._alloc_refusal(session, msg, fds)
+        region = None
+        if reason is None:
+            try:
+                other = self._overlapping_region(session.pid, msg.get("addr"), msg.get("size"))
+                if other is not None:
+                    raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
+                region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
+                                           in_use=self._memfds_in_use(), peer_pid=sender_pid,
+                                           registration_check=self._check_registration_unlocked)
+            except RegionRefused as e:
+                reason = str(e)
+            except OSError as e:
+                reason = (out_of_fds_error("it cannot check this alloc") if e.errno in (errno.EMFILE, errno.ENFILE)
+                          else f"alloc: {e}")
+            except OverflowError as e:
+                reason = f"alloc: {e}"
+        if region is None:
             # A refused alloc is an answer, not a reason to drop the client: its
             # other regions live on this connection.
-            for fd in fds:
-                os.close(fd)
-            reason = str(e) if isinstance(e, RegionRefused) else f"alloc: {e}"
-            log.warning("client pid %d: %s", session.pid, reason)
+            self.client_log.warning("client pid %d: %s", session.pid, reason)
             self._reply(session, {"ok": False, "error": reason})
             return
+        fds.clear()  # the region owns them now
         self._adopt(session, region)
-        log.info("client pid %d: region %d of %d bytes", session.pid, region.id, region.size)
+        self.client_log.info("client pid %d: region %d of %d bytes", session.pid, region.id, region.size)
         self._reply(session, {"ok": True, "region": region.id})
 
     def _reply(self, session: Session, msg: dict, fds: list[int] | None = None) -> None:
@@ -366,12 +596,13 @@ class Server:
         try:
             protocol.send(session.sock, msg, fds)
         except OSError as e:
-            log.warning("client pid %d: reply failed (%s); dropping it", session.pid, e)
+            self.client_log.warning("client pid %d: reply failed (%s); dropping it", session.pid, e)
             self._drop(session, "not reading its replies")
 
     def _drop(self, session: Session, reason: str) -> None:
         """A client that leaves (or misbehaves) loses its regions; their slots
-        are freed once their writes return (invariant 7)."""
+        are freed once their writes return (invariant 7). Every fd still
+        queued on the connection is closed with it."""
         fd = session.sock.fileno()
         if fd < 0:
             return
@@ -380,6 +611,7 @@ class Server:
             if region is not None:
                 self.engine.close_region(region, f"client pid {session.pid} {reason}")
         self.sessions.pop(fd, None)
+        session.deadline = None
         try:
             self.epoll.unregister(fd)
         except OSError:
@@ -412,6 +644,29 @@ class Server:
             clients.append({"pid": session.pid, "uid": session.uid, "regions": regions})
         st["clients"] = clients
         return st
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _say_and_close(sock: socket.socket, error: str) -> None:
+    """Answer a connection the daemon will not serve, then close it. The
+    reply is small and the socket fresh, so it fits without blocking."""
+    try:
+        sock.setblocking(False)
+        protocol.send(sock, {"ok": False, "error": error})
+    except OSError:
+        pass
+    sock.close()
 
 
 def _sd_notify(state: str) -> None:
