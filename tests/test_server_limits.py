@@ -35,8 +35,35 @@ from uswap import protocol, uffd
 PAGE = 4096
 
 
+def _tcp_inodes(pid: int) -> set[str]:
+    """Socket inodes of the process's TCP connections (/proc/PID/net/tcp*)."""
+    out: set[str] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f)
+                out.update(line.split()[9] for line in f)
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def daemon_fds(d) -> int:
-    return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+    """The daemon's fds, less its TCP sockets: those are the nfs:// store's
+    own connections, which libnfs opens and re-opens on its own schedule
+    (a context lent to a thread connects on first use). What a client can
+    make the daemon hold (pipes, memfds, uffds, UNIX sockets) is counted."""
+    pid = d.proc.pid
+    tcp = _tcp_inodes(pid)
+    count = 0
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+        except FileNotFoundError:
+            continue
+        if not (target.startswith("socket:[") and target[8:-1] in tcp):
+            count += 1
+    return count
 
 
 def wait_fds(d, baseline: int, what: str, timeout: float = 15) -> None:
