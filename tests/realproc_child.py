@@ -48,7 +48,7 @@ WORD_IDX = np.arange(WORDS, dtype=np.uint64)
 TAG_SCENARIO, TAG_STEADY, TAG_FILE, TAG_CHILD = 1, 2, 3, 4
 TAG_NAMES = {0: "zero-tag", TAG_SCENARIO: "scenario", TAG_STEADY: "steady", TAG_FILE: "file", TAG_CHILD: "child"}
 MAX_DESCRIBED = 8           # wrong pages described in full; the rest are counted
-PROGRESS_DEADLINE = 30.0    # seconds a touching thread may go without progress before it counts as stalled
+PROGRESS_DEADLINE = 20.0    # seconds a touching thread may go without progress before it counts as stalled
 
 # <sys/mman.h>
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
@@ -161,7 +161,8 @@ class Libc:
     """The memory calls a program makes on its own region, through ctypes.
     Each returns 0 or the errno it failed with (mremap/mmap: the address)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace=None) -> None:
+        self.trace = trace or (lambda what: None)  # told of each call before it is made
         self.c = ctypes.CDLL(None, use_errno=True)
         vp, sz, i = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
         for name, args, res in (("mprotect", [vp, sz, i], i), ("mlock", [vp, sz], i), ("munlock", [vp, sz], i),
@@ -175,21 +176,27 @@ class Libc:
         return 0 if ret == 0 else ctypes.get_errno()
 
     def mprotect(self, addr: int, size: int, prot: int) -> int:
+        self.trace(f"mprotect({addr:#x}, {size // PAGE} pages, {prot})")
         return self._rc(self.c.mprotect(addr, size, prot))
 
     def mlock(self, addr: int, size: int) -> int:
+        self.trace(f"mlock({addr:#x}, {size // PAGE} pages)")
         return self._rc(self.c.mlock(addr, size))
 
     def munlock(self, addr: int, size: int) -> int:
+        self.trace(f"munlock({addr:#x}, {size // PAGE} pages)")
         return self._rc(self.c.munlock(addr, size))
 
     def madvise(self, addr: int, size: int, advice: int) -> int:
+        self.trace(f"madvise({addr:#x}, {size // PAGE} pages, {advice})")
         return self._rc(self.c.madvise(addr, size, advice))
 
     def munmap(self, addr: int, size: int) -> int:
+        self.trace(f"munmap({addr:#x}, {size // PAGE} pages)")
         return self._rc(self.c.munmap(addr, size))
 
     def mremap(self, addr: int, old: int, new: int, flags: int, new_addr: int = 0) -> tuple[int | None, int]:
+        self.trace(f"mremap({addr:#x}, {old // PAGE} -> {new // PAGE} pages, flags {flags})")
         got = self.c.mremap(addr, old, new, flags, new_addr)
         if got is None or got == ctypes.c_void_p(-1).value:
             return None, ctypes.get_errno()
@@ -397,10 +404,14 @@ class Scenario:
         self.bg = bg
         self.op = op
         self.op_pages = np.arange(*op)
-        self.libc = Libc()
+        self.libc = Libc(trace=self.step)
         self.notes: dict = {}
         self.errors: list[str] = []
         self.mapped = (region.size + PAGE - 1) // PAGE * PAGE
+
+    def step(self, what: str) -> None:
+        """Say what comes next (a stalled case then shows where it stopped)."""
+        emit({"step": what})
 
     def addr(self, page: int) -> int:
         return self.region.addr + page * PAGE
@@ -420,6 +431,7 @@ class Scenario:
         """The program writes its operated part again (reader paused: it
         would see half-written pages) and reads it back."""
         pages = self.op_pages if pages is None else pages
+        self.step(f"rewrite pages {pages[0]}..{pages[-1]}")
         self.bg.pause_reader()
         for run in np.array_split(pages, max(1, pages.size // 32)):
             self.v.write(run)
@@ -449,6 +461,7 @@ def fork_run(s: Scenario, body, timeout: float = PROGRESS_DEADLINE) -> tuple[int
     """Fork; the child runs body() -> dict, sends it back as JSON through a
     pipe and _exits. Returns (wait status, the child's dict or {})."""
     rfd, wfd = os.pipe()
+    s.step(f"fork: {getattr(body, '__name__', 'child')}")
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
@@ -546,6 +559,7 @@ def sc_madvise_remove(s: Scenario) -> None:
     s.expect_ok("madvise(MADV_REMOVE)", s.libc.madvise(addr, size, MADV["REMOVE"]))
     s.bg.wait_progress(2)
     s.bg.wait_sweeps(2)
+    s.step("read the removed pages back")
     got = s.a[removed]
     exp = s.v.expected(removed)
     zero = int((~got.any(axis=1)).sum())
@@ -579,27 +593,49 @@ def sc_mremap_shrink(s: Scenario) -> None:
 
 
 def sc_mremap_grow(s: Scenario) -> None:
-    """mremap grows the mapping in place by 64 pages (room made free just
-    before), then shrinks it back. The region stays at its address, so its
-    data stays intact; the grown part lies past the memfd's end and is never
-    touched (it would raise SIGBUS)."""
-    extra = 64 * PAGE
+    """Two in-place grows (no MREMAP_MAYMOVE), the region staying at its
+    address so its data must stay intact:
+    - past the region's end by 64 pages, when the address range after it
+      happens to be free (else ENOMEM, harmless); the grown part lies past
+      the memfd's end and is never touched (SIGBUS), and is shrunk away again;
+    - the realloc pattern: shrink the last 64 pages away, then grow back into
+      the room that freed. The regrown tail is the region's memory at its
+      original address again: reading it must not hang (what it holds is
+      reported in the notes), and once rewritten it must hold what was written."""
+    extra = GROW_PAGES * PAGE
     end = s.region.addr + s.mapped
-    room = s.libc.mmap_reserve(extra, end)
+    room = s.libc.mmap_reserve(extra, end)      # probe: is the range after the region free?
     s.notes["room after the region"] = room is not None
     if room is not None:
         s.libc.munmap(room, extra)
     new, err = s.libc.mremap(s.region.addr, s.mapped, s.mapped + extra, 0)
-    s.notes["mremap(grow in place)"] = errname(err)
+    s.expect_ok("mremap(grow past the end)", err, (0,) if room is not None else (0, errno.ENOMEM))
     if err == 0:
-        if new != s.region.addr:
-            s.errors.append(f"mremap(grow in place) moved the mapping to {new:#x}")
         s.bg.wait_progress(3)
         s.bg.wait_sweeps(1)
-        new, err = s.libc.mremap(s.region.addr, s.mapped + extra, s.mapped, 0)
-        s.expect_ok("mremap(shrink back)", err)
-    elif room is not None:
-        s.errors.append(f"mremap(grow in place) failed with {errname(err)} though the room after it was free")
+        _, err = s.libc.mremap(s.region.addr, s.mapped + extra, s.mapped, 0)
+        s.expect_ok("mremap(shrink back to the region's size)", err)
+
+    n = s.a.shape[0]
+    tail = np.arange(n - GROW_PAGES, n)
+    s.bg.exclude(tail)
+    _, err = s.libc.mremap(s.region.addr, s.mapped, s.mapped - extra, 0)
+    s.expect_ok("mremap(shrink by the tail)", err)
+    s.bg.wait_progress(3)
+    new, err = s.libc.mremap(s.region.addr, s.mapped - extra, s.mapped, 0)
+    s.expect_ok("mremap(grow the tail back in place)", err)
+    if err == 0 and new != s.region.addr:
+        s.errors.append(f"mremap(grow in place) moved the mapping to {new:#x} from {s.region.addr:#x}")
+    if err == 0:
+        s.step("read the regrown tail")
+        got = s.a[tail]
+        exp = s.v.expected(tail)
+        s.notes["regrown tail read back"] = {"pages": int(tail.size), "intact": int((got == exp).all(axis=1).sum()),
+                                             "zeros": int((~got.any(axis=1)).sum())}
+        s.step("rewrite the regrown tail")
+        s.v.write(tail)
+        s.v.check(tail, "regrown tail rewritten")
+        s.bg.excluded[tail] = False   # the writers take it over again
     s.bg.wait_progress(3)
     s.rewrite_op()
 
@@ -621,6 +657,7 @@ def sc_mremap_move(s: Scenario) -> None:
     s.expect_ok("mremap(move middle part)", err)
     s.bg.wait_progress(3)
     if err == 0:
+        s.step("read the moved part")
         moved = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(new)).reshape(-1, WORDS)
         got = moved.copy()
         exp = s.v.expected(s.op_pages)
@@ -810,6 +847,7 @@ def sc_odirect(s: Scenario) -> None:
         for rnd in range(6):
             version = 1 + rnd % 2
             s.bg.pause_reader()
+            s.step(f"O_DIRECT preadv round {rnd} into pages {lo}..{hi - 1}")
             view = s.region.buf[lo * PAGE:hi * PAGE]
             try:
                 got = os.preadv(fd, [view], (version - 1) * k * PAGE)
@@ -885,6 +923,9 @@ def run_steady(args) -> int:
         del a, v
         region.close()
     return 0 if ok else 1
+
+
+GROW_PAGES = 64  # mremap_grow: pages the mapping grows by
 
 
 def run_scenario(args) -> int:
