@@ -49,6 +49,7 @@ TAG_SCENARIO, TAG_STEADY, TAG_FILE, TAG_CHILD = 1, 2, 3, 4
 TAG_NAMES = {0: "zero-tag", TAG_SCENARIO: "scenario", TAG_STEADY: "steady", TAG_FILE: "file", TAG_CHILD: "child"}
 MAX_DESCRIBED = 8           # wrong pages described in full; the rest are counted
 PROGRESS_DEADLINE = 20.0    # seconds a touching thread may go without progress before it counts as stalled
+WATCHDOG = 30.0             # seconds the main thread may go silent (stuck in a fault) before the process gives up
 
 # <sys/mman.h>
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
@@ -140,19 +141,24 @@ class Verifier:
                     self.wrong.append(describe_page(where, int(pages[r]), got[r], exp[r]))
         return int(rows.size)
 
-    def check_at_least(self, pages: np.ndarray, gen_floor: np.ndarray, where: str) -> list[str]:
+    def gen_floor(self) -> np.ndarray:
+        """The oldest generation a concurrent reader may still see of each
+        page: a writer counts the next generation before it writes it."""
+        return np.maximum(self.gen, 1) - 1
+
+    def check_at_least(self, pages: np.ndarray, gen_floor: np.ndarray, where: str) -> tuple[int, list[str]]:
         """For a forked child, whose copy of the expectations stops at the fork
         while the parent's writers go on: each word must be its page's, with a
         generation no older than at the fork. Lock-free (a lock held by a
-        parent thread at fork time would never be released in the child)."""
+        parent thread at fork time would never be released in the child).
+        Returns the number of wrong pages and the first ones described."""
         got = self.a[pages]
         exp = self.expected(pages)
         fields = ~np.uint64(0xFFFFFF << 12)
         same_place = (got & fields) == (exp & fields)
         fresh = ((got >> np.uint64(12)) & np.uint64(0xFFFFFF)) >= gen_floor[pages][:, None]
         rows = np.flatnonzero(~(same_place & fresh).all(axis=1))
-        return [describe_page(where, int(pages[r]), got[r], exp[r]) for r in rows[:MAX_DESCRIBED]] + (
-            [f"{where}: {rows.size} wrong pages in all"] if rows.size else [])
+        return int(rows.size), [describe_page(where, int(pages[r]), got[r], exp[r]) for r in rows[:MAX_DESCRIBED]]
 
 
 # ---------------------------------------------------------------- libc
@@ -243,29 +249,62 @@ class Stall(Exception):
     """A thread or child process made no progress within its deadline."""
 
 
+_last = {"beat": time.monotonic(), "step": "start"}
+
+
 def emit(obj: dict) -> None:
+    _last["beat"] = time.monotonic()
+    if "step" in obj or "phase" in obj:
+        _last["step"] = obj.get("step") or obj.get("phase")
     print(json.dumps(obj), flush=True)
+
+
+def start_watchdog(limit: float) -> None:
+    """End the process with a stall verdict if the main thread says nothing
+    for `limit` seconds (it is stuck in a fault: its own deadlines cannot
+    fire). If the stuck thread holds the GIL, faulthandler (a C thread) dumps
+    every thread's stack to stderr a little later and exits instead."""
+    import faulthandler
+
+    def watch() -> None:
+        while time.monotonic() - _last["beat"] < limit:
+            if _last.get("done"):
+                faulthandler.cancel_dump_traceback_later()
+                return
+            faulthandler.dump_traceback_later(limit * 1.5, exit=True)  # re-armed while Python threads run
+            time.sleep(0.5)
+        emit({"verdict": {"scenario": "?", "ok": False, "errors": [], "notes": {}, "wrong_pages": -1, "wrong": [],
+                          "stall": f"main thread silent for {limit}s after step {_last['step']!r}: threads "
+                                   f"{thread_waits()}"}})
+        os._exit(2)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---------------------------------------------------------------- touching threads
 
 class Background:
     """Threads that keep the region busy while the scenario operates on part
-    of it: `writers` rewrite (verify, then next generation) random runs of the
-    pages outside the operated part; one reader sweeps the operated part in
-    order, only reading (so it may be read-only). Pages in `excluded` are
-    never touched again; `sync()` returns once every thread has seen the
-    current exclusions (so a page excluded before it may be unmapped)."""
+    of it. The reader owns the zone: the operated part and ZONE_MARGIN pages
+    either side. It sweeps the zone in order, only reading (so the part may be
+    read-only), so its sequential fault stream (and the daemon's read-ahead)
+    crosses both boundaries of the operated part, where the call splits the
+    mapping. `writers` rewrite (verify, then next generation) random runs of
+    the pages outside the zone; a sweeper reads those in order. Pages in
+    `excluded` are never touched again; `sync()` returns once every thread has
+    seen the current exclusions (so a page excluded before it may be unmapped)."""
 
-    def __init__(self, v: Verifier, op: tuple[int, int], writers: int = 2, seed: int = 1) -> None:
+    def __init__(self, v: Verifier, zone: np.ndarray, writers: int = 2, seed: int = 1) -> None:
         self.v = v
         n = v.a.shape[0]
         self.excluded = np.zeros(n, bool)
-        self.reader_range = op
+        self.reader_pages = zone
         self.reader_on = True
-        outside = np.concatenate([np.arange(0, op[0]), np.arange(op[1], n)])
+        in_zone = np.zeros(n, bool)
+        in_zone[zone] = True
+        outside = np.flatnonzero(~in_zone)
         runs = np.array_split(outside, max(1, outside.size // 8))   # runs of ~8 adjacent pages
         self.runs = [runs[t::writers] for t in range(writers)]
+        self.outside = outside
         self.stop = threading.Event()
         self.epoch = 0
         self.seen: dict[str, int] = {}
@@ -275,7 +314,8 @@ class Background:
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._guard, args=(f"writer{t}", self._writer, t, seed + t),
                                          daemon=True) for t in range(writers)]
-        self.threads.append(threading.Thread(target=self._guard, args=("reader", self._reader, 0, 0), daemon=True))
+        for name, body in (("reader", self._reader), ("sweeper", self._sweeper)):
+            self.threads.append(threading.Thread(target=self._guard, args=(name, body, 0, 0), daemon=True))
 
     def start(self) -> None:
         for t in self.threads:
@@ -305,24 +345,42 @@ class Background:
             self.progress[name] += 1
 
     def _reader(self, name: str, t: int, seed: int) -> None:
-        pos = None
+        pos = 0
         while not self.stop.is_set():
             self.seen[name] = self.epoch
-            lo, hi = self.reader_range
-            if not self.reader_on or hi <= lo:
+            if not self.reader_on:
                 self.stop.wait(0.002)
                 self.progress[name] += 1
                 continue
-            if pos is None or not lo <= pos < hi:
-                pos = lo
-            pages = np.arange(pos, min(pos + 8, hi))
+            zone = self.reader_pages
+            pages = zone[pos:pos + 8]
             pages = pages[~self.excluded[pages]]
             if pages.size:
                 self.v.check(pages, name)
             pos += 8
-            if pos >= hi:
-                pos = lo
+            if pos >= zone.size:
+                pos = 0
                 self.sweeps += 1
+            self.progress[name] += 1
+
+    def _sweeper(self, name: str, t: int, seed: int) -> None:
+        """Reads only; the writers may be rewriting what it reads, so a word
+        passes if it is its page's with a generation no older than one below
+        the expected one when the run was started (a writer counts the next
+        generation before it writes it)."""
+        pos = 0
+        while not self.stop.is_set():
+            self.seen[name] = self.epoch
+            run = self.outside[pos:pos + 8]
+            run = run[~self.excluded[run]]
+            if run.size:
+                floor = self.v.gen_floor()
+                count, wrong = self.v.check_at_least(run, floor, name)
+                if count:
+                    with self.v.lock:
+                        self.v.wrong_pages += count
+                        self.v.wrong += wrong[:max(0, MAX_DESCRIBED - len(self.v.wrong))]
+            pos = pos + 8 if pos + 8 < self.outside.size else 0
             self.progress[name] += 1
 
     def _stalled(self, names: list[str], what: str, timeout: float) -> Stall:
@@ -341,6 +399,7 @@ class Background:
                 return
             if time.monotonic() > deadline:
                 raise self._stalled(late, "threads not back at their loop top", timeout)
+            _last["beat"] = time.monotonic()
             time.sleep(0.001)
 
     def exclude(self, pages: np.ndarray) -> None:
@@ -352,9 +411,7 @@ class Background:
         self.reader_on = False
         self.sync()
 
-    def resume_reader(self, op: tuple[int, int] | None = None) -> None:
-        if op is not None:
-            self.reader_range = op
+    def resume_reader(self) -> None:
         self.reader_on = True
 
     def wait_progress(self, rounds: int = 2, timeout: float = PROGRESS_DEADLINE) -> None:
@@ -367,6 +424,7 @@ class Background:
                 return
             if time.monotonic() > deadline:
                 raise self._stalled(late, "touching threads", timeout)
+            _last["beat"] = time.monotonic()
             time.sleep(0.002)
 
     def wait_sweeps(self, n: int = 1, timeout: float = PROGRESS_DEADLINE) -> None:
@@ -376,6 +434,7 @@ class Background:
         while self.sweeps < want and not self.errors:
             if time.monotonic() > deadline:
                 raise self._stalled(["reader"], "reader sweep over the operated part", timeout)
+            _last["beat"] = time.monotonic()
             time.sleep(0.002)
 
     def finish(self, timeout: float = PROGRESS_DEADLINE) -> None:
@@ -389,6 +448,13 @@ class Background:
 
 
 # ---------------------------------------------------------------- the scenarios
+
+ZONE_MARGIN = 32   # pages either side of the operated part that only the reader touches
+
+
+def zone_of(op: tuple[int, int], n: int) -> np.ndarray:
+    return np.arange(max(0, op[0] - ZONE_MARGIN), min(n, op[1] + ZONE_MARGIN))
+
 
 class Scenario:
     """What a scenario function works with; `errors` are its own verdicts
@@ -404,6 +470,7 @@ class Scenario:
         self.bg = bg
         self.op = op
         self.op_pages = np.arange(*op)
+        self.zone = zone_of(op, a.shape[0])
         self.libc = Libc(trace=self.step)
         self.notes: dict = {}
         self.errors: list[str] = []
@@ -430,11 +497,13 @@ class Scenario:
     def rewrite_op(self, pages: np.ndarray | None = None) -> None:
         """The program writes its operated part again (reader paused: it
         would see half-written pages) and reads it back."""
-        pages = self.op_pages if pages is None else pages
+        pages = self.zone if pages is None else pages
+        pages = pages[~self.bg.excluded[pages]]
         self.step(f"rewrite pages {pages[0]}..{pages[-1]}")
         self.bg.pause_reader()
         for run in np.array_split(pages, max(1, pages.size // 32)):
             self.v.write(run)
+            _last["beat"] = time.monotonic()
         self.v.check(pages, "rewritten operated part")
         self.bg.resume_reader()
 
@@ -450,6 +519,7 @@ class Scenario:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
                 raise Stall(f"forked child {pid} did not exit within {timeout}s: threads {waits}")
+            _last["beat"] = time.monotonic()
             time.sleep(0.005)
 
 
@@ -525,7 +595,7 @@ def sc_madvise(s: Scenario) -> None:
     page tables). MADV_FREE is refused (EINVAL) on a shared mapping."""
     addr, size = s.op_span()
     advices = s.args.advice.split(",")
-    for rnd in range(3):
+    for rnd in range(2):
         for name in advices:
             err = s.libc.madvise(addr, size, MADV[name])
             if name == "FREE":
@@ -540,8 +610,9 @@ def sc_madvise(s: Scenario) -> None:
                 status, _ = fork_run(s, lambda: {})
                 if status != 0:
                     s.errors.append(f"a forked child with MADV_DONTFORK set on part: {describe_status(status)}")
-        s.bg.wait_sweeps(1)
-        s.rewrite_op()
+            # the advice stays in force (the mapping split) while the part is read and rewritten
+            s.bg.wait_sweeps(1)
+            s.rewrite_op()
     s.bg.wait_sweeps(1)
 
 
@@ -554,7 +625,8 @@ def sc_madvise_remove(s: Scenario) -> None:
     mid = (lo + hi) // 2
     removed = np.arange(lo, mid)
     s.bg.pause_reader()
-    s.bg.resume_reader((mid, hi))  # the reader goes on over the half that stays
+    s.bg.exclude(removed)          # the reader goes on over the rest of its zone
+    s.bg.resume_reader()
     addr, size = s.op_span(lo, mid)
     s.expect_ok("madvise(MADV_REMOVE)", s.libc.madvise(addr, size, MADV["REMOVE"]))
     s.bg.wait_progress(2)
@@ -569,6 +641,7 @@ def sc_madvise_remove(s: Scenario) -> None:
     for run in np.array_split(removed, max(1, removed.size // 32)):
         s.v.write(run)
     s.v.check(removed, "removed range written again")
+    s.bg.excluded[removed] = False    # the reader takes it over again
 
 
 def sc_munmap_part(s: Scenario) -> None:
@@ -577,7 +650,9 @@ def sc_munmap_part(s: Scenario) -> None:
     s.bg.exclude(s.op_pages)
     addr, size = s.op_span()
     s.expect_ok("munmap(middle part)", s.libc.munmap(addr, size))
+    s.bg.resume_reader()           # on over the margins either side of the hole
     s.bg.wait_progress(3)
+    s.bg.wait_sweeps(2)
 
 
 def sc_mremap_shrink(s: Scenario) -> None:
@@ -655,7 +730,9 @@ def sc_mremap_move(s: Scenario) -> None:
     s.bg.exclude(s.op_pages)
     new, err = s.libc.mremap(addr, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, target)
     s.expect_ok("mremap(move middle part)", err)
+    s.bg.resume_reader()           # on over the margins either side of the hole
     s.bg.wait_progress(3)
+    s.bg.wait_sweeps(2)
     if err == 0:
         s.step("read the moved part")
         moved = np.ctypeslib.as_array((ctypes.c_uint64 * (size // 8)).from_address(new)).reshape(-1, WORDS)
@@ -673,14 +750,17 @@ def sc_fork_reads(s: Scenario) -> None:
     """A forked child reads every 8th page of the region and exits; it must
     see the parent's data (never zeros), and the parent's data must be
     unchanged by it."""
-    floor = s.v.gen.copy()
+    floor = s.v.gen_floor()
 
     def child():
         pages = np.arange(0, s.a.shape[0], 8)
-        return {"wrong": s.v.check_at_least(pages, floor, "forked child reading every 8th page")}
+        count, wrong = s.v.check_at_least(pages, floor, "forked child reading every 8th page")
+        return {"wrong": wrong, "count": count}
     status, result = fork_run(s, child)
     s.notes["child"] = describe_status(status)
     s.errors += [f"child: {w}" for w in result.get("wrong", [])]
+    if result.get("count"):
+        s.errors.append(f"the child read {result['count']} wrong pages of {s.a.shape[0] // 8}")
     if "exception" in result:
         s.errors.append(f"child raised: {result['exception']}")
     elif status != 0 and not result.get("wrong"):
@@ -721,14 +801,14 @@ def sc_fork_killed(s: Scenario) -> None:
     unchanged."""
     rfd, wfd = os.pipe()
     lo, hi = s.op
-    floor = s.v.gen.copy()
+    floor = s.v.gen_floor()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
         while True:
             for p in range(lo, hi, 4):
-                wrong = s.v.check_at_least(np.arange(p, min(p + 4, hi)), floor, "child")
-                os.write(wfd, b"x" if wrong else b".")
+                count, _ = s.v.check_at_least(np.arange(p, min(p + 4, hi)), floor, "child")
+                os.write(wfd, b"x" if count else b".")
     os.close(wfd)
     seen = b""
     deadline = time.monotonic() + PROGRESS_DEADLINE
@@ -759,7 +839,7 @@ def sc_fork_killed(s: Scenario) -> None:
 _MP: dict = {}
 
 
-def _mp_check(span: tuple[int, int]) -> list[str]:
+def _mp_check(span: tuple[int, int]) -> tuple[int, list[str]]:
     """Runs in a multiprocessing worker forked from the scenario process."""
     v, floor = _MP["v"], _MP["floor"]
     return v.check_at_least(np.arange(*span), floor, f"worker {os.getpid()} pages {span[0]}..{span[1] - 1}")
@@ -768,7 +848,7 @@ def _mp_check(span: tuple[int, int]) -> list[str]:
 def sc_multiprocessing(s: Scenario) -> None:
     """A multiprocessing pool (fork start method) checks the whole region in
     slices; the parent's data must be unchanged afterwards."""
-    _MP.update(v=s.v, floor=s.v.gen.copy())
+    _MP.update(v=s.v, floor=s.v.gen_floor())
     n = s.a.shape[0]
     spans = [(lo, min(lo + 128, n)) for lo in range(0, n, 128)]
     ctx = multiprocessing.get_context("fork")
@@ -788,8 +868,11 @@ def sc_multiprocessing(s: Scenario) -> None:
     pool.terminate()
     if stuck:
         s.errors.append(f"multiprocessing workers {stuck} did not exit after close()")
-    for wrong in results:
-        s.errors += [f"multiprocessing: {w}" for w in wrong]
+    described = [w for _, wrong in results for w in wrong]
+    total = sum(count for count, _ in results)
+    s.errors += [f"multiprocessing: {w}" for w in described[:MAX_DESCRIBED]]
+    if total:
+        s.errors.append(f"multiprocessing: the workers found {total} wrong pages in all")
     s.notes["worker exit codes"] = [p.exitcode for p in workers]
     s.bg.wait_sweeps(2)
 
@@ -936,9 +1019,10 @@ def run_scenario(args) -> int:
     fill(v)
     lo, hi = (int(x) for x in args.op.split(":"))
     emit({"region": region.id, "pages": args.pages, "op": [lo, hi]})
-    bg = Background(v, (lo, hi))
+    bg = Background(v, zone_of((lo, hi), args.pages))
     s = Scenario(args, client, region, a, v, bg, (lo, hi))
     verdict: dict = {"scenario": args.role, "stall": None, "errors": s.errors, "notes": s.notes}
+    start_watchdog(WATCHDOG)
     try:
         bg.start()
         bg.wait_progress(2)
@@ -952,6 +1036,7 @@ def run_scenario(args) -> int:
         final = np.flatnonzero(~bg.excluded)
         for run in np.array_split(final, max(1, final.size // 64)):
             v.check(run, "final check")
+            _last["beat"] = time.monotonic()
     except Stall as e:
         verdict["stall"] = str(e)
     except Exception:
@@ -963,6 +1048,7 @@ def run_scenario(args) -> int:
     s.errors += bg.errors
     verdict.update(wrong_pages=v.wrong_pages, wrong=v.wrong)
     verdict["ok"] = not (verdict["stall"] or s.errors or v.wrong_pages)
+    _last["done"] = True
     emit({"verdict": verdict})
     if verdict["stall"]:
         os._exit(2)  # threads are stuck in the region: no orderly close is possible
