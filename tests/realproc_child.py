@@ -273,7 +273,7 @@ def start_watchdog(limit: float) -> None:
                 return
             faulthandler.dump_traceback_later(limit * 1.5, exit=True)  # re-armed while Python threads run
             time.sleep(0.5)
-        emit({"verdict": {"scenario": "?", "ok": False, "errors": [], "notes": {}, "wrong_pages": -1, "wrong": [],
+        emit({"verdict": {"scenario": "?", "ok": False, "errors": [], "notes": {}, "wrong_pages": 0, "wrong": [],
                           "stall": f"main thread silent for {limit}s after step {_last['step']!r}: threads "
                                    f"{thread_waits()}"}})
         os._exit(2)
@@ -569,7 +569,8 @@ def sc_mprotect(s: Scenario) -> None:
     status, _ = fork_run(s, write_read_only)
     s.notes["write to read-only part"] = describe_status(status)
     if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV):
-        s.errors.append(f"a write to the read-only part should raise SIGSEGV; the writer's child {describe_status(status)}")
+        s.errors.append("a write to the read-only part should raise SIGSEGV;"
+                        f" the writer's child {describe_status(status)}")
     s.bg.wait_sweeps(1)
     s.expect_ok("mprotect(PROT_READ|PROT_WRITE)", s.libc.mprotect(addr, size, PROT_READ | PROT_WRITE))
     s.rewrite_op()

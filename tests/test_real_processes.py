@@ -27,7 +27,22 @@ Expected behaviour where a program does something uswap cannot follow:
   the rest stays intact and served; what the moved part holds is only
   reported (the case's notes), but reading it must not hang.
 - A forked child shares the region (MAP_SHARED): it must read the parent's
-  data, never zeros, and its reads must not change the parent's data.
+  data, never zeros, and its reads must not change the parent's data. "The
+  child writes its own pattern" is a child that connects to the daemon and
+  writes a region of its own (writes into the shared region would change the
+  parent's data by definition of MAP_SHARED).
+- munmap or mremap-shrink of a part: the rest of the region stays intact and
+  served (no stall); the unmapped pages are never touched again.
+- The regrown tail after a shrink-and-grow-back (the realloc pattern): reading
+  it must not hang; once rewritten it holds what was written.
+
+How the case's process keeps the region busy (tests/realproc_child.py): a
+reader owns the operated part plus 32 pages either side and sweeps them in
+order, so its fault stream and the daemon's read-ahead cross the boundaries
+the call creates in the mapping; two writers rewrite random runs of the other
+pages; a sweeper reads those in order. A main thread silent for 30 s (stuck
+in a fault) ends the process with a stall verdict naming every thread's
+kernel wait channel.
 """
 from __future__ import annotations
 
@@ -136,7 +151,8 @@ def run_case(d, role: str, *args: str) -> dict:
             if isinstance(done, str):
                 problems.append(f"second client's final check: {done}")
             elif done["wrong_pages"]:
-                problems.append(f"second client: {done['wrong_pages']} wrong pages:\n    " + "\n    ".join(done["wrong"]))
+                problems.append(f"second client: {done['wrong_pages']} wrong pages:\n    "
+                                + "\n    ".join(done["wrong"]))
             try:
                 steady.finish(30)
             except AssertionError as e:
