@@ -20,6 +20,7 @@ struct fp_region {
     int32_t uffd;
     int32_t id;
     int32_t inflight;
+    int32_t readers;
     uint64_t addr;
     uint64_t npages;
     uint8_t *state;

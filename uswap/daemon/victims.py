@@ -8,16 +8,29 @@ inactive pages; active pages are taken only when too few inactive ones are
 left, and the oldest active pages are demoted whenever the active share
 passes ACTIVE_SHARE, so a page that stopped being hot loses its protection.
 With the store unable to take writes, only clean pages are candidates.
+
+Pages in the client's mlocked ranges are never candidates: a page that is the
+target of in-flight O_DIRECT, io_uring or RDMA I/O is pinned by the kernel,
+and evicting it mid-transfer loses what the device writes after the copy was
+taken (kernel swap skips pinned pages). Pins cannot be seen from userspace
+(/proc/kpageflags has no pin bit; /proc/kpagecount is the map count), so the
+rule is that such a buffer must be mlocked for the duration of the I/O, and
+this is what the daemon can see and enforce (README "Known limits").
 """
 from __future__ import annotations
 
-from typing import Iterable
+import time
+from typing import Callable, Iterable
 
 import numpy as np
 
 from uswap.daemon import pagetable as pt
 
 ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
+# A region's mlocked ranges are read from the kernel when the queue refills,
+# and again before its queued pages are handed out if the last read is older
+# than this: an mlock made while pages sit in the queue is seen within it.
+LOCKED_MAX_AGE = 0.1
 
 
 def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
@@ -30,14 +43,19 @@ def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
-    """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
+def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False,
+                   locked: dict | None = None) -> list[tuple[object, np.ndarray]]:
+    """Up to `want` RESIDENT pages as [(region, sorted page numbers)];
+    `locked` maps a region's id to the mask of its pages never to take."""
     cands = []
     for region in regions:
         if region.closing:
             continue
         table = region.table
         mask = table.state == pt.RESIDENT
+        never = locked.get(region.id) if locked else None
+        if never is not None:
+            mask &= ~never
         idx = np.flatnonzero(mask)
         if len(idx):
             cands.append((region, idx))
@@ -93,15 +111,36 @@ class VictimQueue:
 
     A queued page is handed out only if, now, it is still RESIDENT and
     carries the stamp it was queued with (no fault since, so it was not used
-    and did not change hands), and is clean when only clean pages may go.
+    and did not change hands), is clean when only clean pages may go, and is
+    not in a range the client has mlocked (read_locked(region): a mask, or
+    None for none; read at each refill and at most LOCKED_MAX_AGE old when
+    the region's pages are handed out).
     """
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
         self.batch = batch
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
+        self.read_locked = read_locked
+        self.locked: dict[int, tuple[float, np.ndarray | None]] = {}  # region id -> (read at, mask)
 
     def clear(self) -> None:
         self.pending = []
+
+    def _refresh_locked(self, regions: list) -> dict:
+        """Read every live region's mlocked ranges now (at a refill)."""
+        now = time.monotonic()
+        self.locked = {r.id: (now, self.read_locked(r)) for r in regions if not r.closing} if self.read_locked else {}
+        return {rid: mask for rid, (_, mask) in self.locked.items()}
+
+    def _locked_now(self, region) -> np.ndarray | None:
+        if self.read_locked is None:
+            return None
+        now = time.monotonic()
+        at, mask = self.locked.get(region.id, (-LOCKED_MAX_AGE, None))
+        if now - at >= LOCKED_MAX_AGE:
+            mask = self.read_locked(region)
+            self.locked[region.id] = (now, mask)
+        return mask
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
@@ -115,9 +154,11 @@ class VictimQueue:
                     # resident and hand them out twice: the caller asks again.
                     break
                 scanned = True
+                regions = list(regions)
+                locked = self._refresh_locked(regions)
                 self.pending = [(region, pages, region.table.stamp[pages].copy())
                                 for region, pages in choose_victims(regions, max(want - got, self.batch),
-                                                                    tick, clean_only)]
+                                                                    tick, clean_only, locked)]
                 continue
             region, pages, stamps = self.pending[0]
             if region.closing:
@@ -133,6 +174,9 @@ class VictimQueue:
             ok = (table.state[head] == pt.RESIDENT) & (table.stamp[head] == head_stamps)
             if clean_only:
                 ok &= (table.flags[head] & pt.F_DIRTY) == 0
+            never = self._locked_now(region)
+            if never is not None:
+                ok &= ~never[head]
             sel = head[ok]
             if len(sel):
                 out.append((region, sel))
