@@ -12,8 +12,9 @@
  *   sleeps in epoll_wait, see server.py), so every Python page transition
  *   happens under it exactly as before. These threads take it to decide
  *   what to do with an event, and again to finish; never across the read of
- *   the uffd (see fp_thread), the store read or the COPY. The page table arrays, `charged`, `tick` and the counters
- *   below are shared with Python and only touched under the lock.
+ *   the uffd (see fp_thread), the store read or the COPY. The page table
+ *   arrays, `charged`, `tick` and the counters below are shared with Python
+ *   and only touched under the lock.
  *
  * What is served here, and only this: a MISSING fault (read or write) on a
  * SWAPPED page, with no locality with the region's last swap-in (so no
