@@ -4,8 +4,9 @@ userfaultfd, and which are mlocked.
 
 Why smaps: it is the one place that shows a VMA's flags (VmFlags: `um` =
 registered for MISSING faults, `lo` = mlocked). It is read rarely -- when an
-ioctl on the region fails, and when the victim queue refills -- never per
-page. Reading it takes the client's mm lock for reading, which no client
+ioctl on the region fails, and when the victim queue refills or the
+client's locked memory (VmLck in /proc/PID/status, a cheap read) changed --
+never per page. Reading it takes the client's mm lock for reading, which no client
 holds while waiting for the daemon (see native/fastpath.c on the calls made
 under the page lock), so it cannot hang the daemon; its cost grows with the
 client's number of mappings.
@@ -89,6 +90,20 @@ def locked_pages(vmas: list[Vma], region_addr: int, npages: int) -> np.ndarray |
         last = min(npages, (vma.end - region_addr) // PAGE)
         mask[first:last] = True
     return mask
+
+
+def locked_kb(pid: int) -> int:
+    """The process's locked memory (VmLck in /proc/PID/status, KiB), 0 when
+    it cannot be read. Cheap (no walk of the mappings' pages): read before
+    each reclaim step to learn whether the mlocked ranges may have changed."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmLck:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def inode_of(fd: int) -> int:

@@ -91,7 +91,8 @@ class Engine:
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # One scan of the page tables per eighth of the budget evicted.
-        self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8), read_locked=self._locked_pages)
+        self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8),
+                                   lock_key=self._locked_kb, read_locked=self._locked_pages)
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.batch_pages = max(1, cfg.write_batch // PAGE)
@@ -823,6 +824,12 @@ class Engine:
         if self.charged - self.evicting <= self.low_pages:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
         return progress > 0 and want > progress
+
+    def _locked_kb(self, region: Region) -> int:
+        """The region owner's locked memory (VmLck, KiB; 0 if unknown): a
+        cheap read that changes whenever its mlocked ranges do."""
+        pid = getattr(region.owner, "pid", None)
+        return clientmaps.locked_kb(pid) if pid and not region.closing else 0
 
     def _locked_pages(self, region: Region) -> np.ndarray | None:
         """The region's pages in the client's mlocked VMAs (never evicted:

@@ -19,7 +19,6 @@ this is what the daemon can see and enforce (README "Known limits").
 """
 from __future__ import annotations
 
-import time
 from typing import Callable, Iterable
 
 import numpy as np
@@ -27,10 +26,6 @@ import numpy as np
 from uswap.daemon import pagetable as pt
 
 ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
-# A region's mlocked ranges are read from the kernel when the queue refills,
-# and again before its queued pages are handed out if the last read is older
-# than this: an mlock made while pages sit in the queue is seen within it.
-LOCKED_MAX_AGE = 0.1
 
 
 def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
@@ -112,35 +107,48 @@ class VictimQueue:
     A queued page is handed out only if, now, it is still RESIDENT and
     carries the stamp it was queued with (no fault since, so it was not used
     and did not change hands), is clean when only clean pages may go, and is
-    not in a range the client has mlocked (read_locked(region): a mask, or
-    None for none; read at each refill and at most LOCKED_MAX_AGE old when
-    the region's pages are handed out).
+    not in a range the client has mlocked.
+
+    Locked ranges: lock_key(region) is cheap and changes whenever the
+    client's locked memory does (its VmLck; 0: nothing locked);
+    read_locked(region) reads the ranges themselves (a page mask, or None),
+    which costs a walk of the client's mappings. They are read at each
+    refill, and again before a region's queued pages are handed out if its
+    key changed since: an mlock made while its pages sit in the queue is
+    seen before any of them is taken.
     """
 
-    def __init__(self, batch: int, read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
+    def __init__(self, batch: int, lock_key: Callable[[object], int] | None = None,
+                 read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
         self.batch = batch
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
+        self.lock_key = lock_key
         self.read_locked = read_locked
-        self.locked: dict[int, tuple[float, np.ndarray | None]] = {}  # region id -> (read at, mask)
+        self.locked: dict[int, tuple[int, np.ndarray | None]] = {}  # region id -> (key, mask)
 
     def clear(self) -> None:
         self.pending = []
 
+    def _read(self, region, key: int) -> np.ndarray | None:
+        mask = self.read_locked(region) if key else None
+        self.locked[region.id] = (key, mask)
+        return mask
+
     def _refresh_locked(self, regions: list) -> dict:
-        """Read every live region's mlocked ranges now (at a refill)."""
-        now = time.monotonic()
-        self.locked = {r.id: (now, self.read_locked(r)) for r in regions if not r.closing} if self.read_locked else {}
-        return {rid: mask for rid, (_, mask) in self.locked.items()}
+        """Every live region's mlocked pages, read now (at a refill)."""
+        self.locked = {}
+        if self.lock_key is None:
+            return {}
+        return {r.id: self._read(r, self.lock_key(r)) for r in regions if not r.closing}
 
     def _locked_now(self, region) -> np.ndarray | None:
-        if self.read_locked is None:
+        if self.lock_key is None:
             return None
-        now = time.monotonic()
-        at, mask = self.locked.get(region.id, (-LOCKED_MAX_AGE, None))
-        if now - at >= LOCKED_MAX_AGE:
-            mask = self.read_locked(region)
-            self.locked[region.id] = (now, mask)
-        return mask
+        key = self.lock_key(region)
+        cached = self.locked.get(region.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        return self._read(region, key)
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
