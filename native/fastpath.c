@@ -530,6 +530,41 @@ static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uf
     return 0;
 }
 
+/* No lock. Become a reader of region r (delivered for generation gen):
+ * 1 when it is live, of that generation and not closing -- its fd then stays
+ * open until fp_reader_leave -- else 0. Lock-free, so that serving a fault
+ * takes the lock once to decide, as it did when the read was made under it.
+ *
+ * Why the fd stays open (a Dekker pair, all sequentially consistent): a
+ * reader increments `readers` and then loads `closing`; the engine stores
+ * `closing` (fp_region_close) and only later loads `readers`
+ * (fp_region_busy), releasing the region (closing its fds) only if that is
+ * 0. Either the engine sees the increment and waits, or the reader sees
+ * `closing` and backs out. */
+static int fp_reader_enter(struct fp_engine *e, struct fp_region *r, uint32_t gen)
+{
+    __atomic_add_fetch(&r->readers, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&r->live, __ATOMIC_SEQ_CST) && __atomic_load_n(&r->gen, __ATOMIC_SEQ_CST) == gen
+            && !__atomic_load_n(&r->closing, __ATOMIC_SEQ_CST))
+        return 1;
+    if (__atomic_sub_fetch(&r->readers, 1, __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&r->closing, __ATOMIC_SEQ_CST)) {
+        /* The engine may have seen this reader and put off releasing it. */
+        pthread_mutex_lock(&e->lock);
+        if (r->live && r->closing && __atomic_load_n(&r->readers, __ATOMIC_SEQ_CST) == 0)
+            fp_push(e, FP_RELEASABLE, r);
+        pthread_mutex_unlock(&e->lock);
+    }
+    return 0;
+}
+
+/* Lock held. Stop being a reader of r; a closing region is offered to the
+ * engine for release once its last reader left. */
+static void fp_reader_leave(struct fp_engine *e, struct fp_region *r)
+{
+    if (__atomic_sub_fetch(&r->readers, 1, __ATOMIC_SEQ_CST) == 0 && r->closing)
+        fp_push(e, FP_RELEASABLE, r);
+}
+
 /* Reading a region's uffd -- never under the page lock:
  *   The uffd's open file is shared with the client, which can clear its
  *   O_NONBLOCK. A read() made holding the lock could then sleep until that
@@ -544,10 +579,10 @@ static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uf
  *     queue dry or taken a job. Messages are therefore decided in the order
  *     the kernel queued them (an UNMAP before the faults that follow it),
  *     as when they were read under the lock.
- *   - The fd stays open while it is read: `readers` counts the reader, and
- *     the engine releases a region (closing its fds) only once readers and
- *     inflight are both 0 (fastpath.py FastPath.inflight); a reader that
- *     finds its region closing when it takes the lock back pushes
+ *   - The fd stays open while it is read: `readers` counts the reader
+ *     (fp_reader_enter, without the lock), and the engine releases a region
+ *     (closing its fds) only once readers and inflight are both 0
+ *     (fp_region_busy); the last reader to leave a closing region pushes
  *     FP_RELEASABLE so the engine looks again.
  * Calls still made here under the lock: UFFDIO_WRITEPROTECT (fp_take_wp)
  * and UFFDIO_WAKE (fp_finish_fill), as the engine makes COPY, CONTINUE,
@@ -575,22 +610,16 @@ static void *fp_thread(void *arg)
         uint32_t idx = (uint32_t)ev.data.u64, gen = (uint32_t)(ev.data.u64 >> 32);
         struct fp_job job;
         int have_job = 0;
-        pthread_mutex_lock(&e->lock);
         struct fp_region *r = idx < FP_MAX_REGIONS ? &e->regions[idx] : NULL;
-        if (!r || !r->live || r->gen != gen || r->closing) {
-            pthread_mutex_unlock(&e->lock);
+        if (!r || !fp_reader_enter(e, r, gen))
             continue;   /* an event for a previous occupant, or a region closed since */
-        }
         int fd = r->uffd;
         /* Read one message at a time: a fault taken here leaves the rest of
          * the region's queue to another thread while this one reads the store. */
         for (;;) {
             struct uffd_msg m;
-            r->readers++;
-            pthread_mutex_unlock(&e->lock);
             int got = us_uffd_read_nowait(fd, &m, 1);
             pthread_mutex_lock(&e->lock);
-            r->readers--;
             if (r->closing) {
                 /* The engine closed it meanwhile: it woke the whole range
                  * (engine.close_region); wake a fault read since as well. */
@@ -598,8 +627,7 @@ static void *fp_thread(void *arg)
                     struct uffdio_range range = { .start = m.arg.pagefault.address & ~4095ull, .len = 4096 };
                     ioctl(fd, UFFDIO_WAKE, &range);
                 }
-                if (r->readers == 0)
-                    fp_push(e, FP_RELEASABLE, r);
+                fp_reader_leave(e, r);
                 break;
             }
             if (got < 0) {
@@ -608,21 +636,27 @@ static void *fp_thread(void *arg)
                  * watching it; the engine closes the region on the record.
                  * Loads in flight end as for a closing region. */
                 fp_push(e, FP_READ_ERROR, r)->result = got;
-                r->closing = 1;
+                __atomic_store_n(&r->closing, 1, __ATOMIC_SEQ_CST);
                 epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+                fp_reader_leave(e, r);
                 break;
             }
             if (got == 0) {
                 fp_rearm(e, r, idx);
+                fp_reader_leave(e, r);
                 break;
             }
             if (fp_dispatch(e, r, &m, &job)) {
                 have_job = 1;
                 fp_rearm(e, r, idx);   /* other threads read on while this one runs the job */
+                fp_reader_leave(e, r);
                 break;
             }
+            /* Still a reader (`readers` counts this thread), the region
+             * not closing: the next read may go ahead without the lock. */
+            pthread_mutex_unlock(&e->lock);
         }
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&e->lock);   /* every way out of the loop above holds it */
         if (!have_job)
             continue;
         int64_t result, copied;
@@ -698,12 +732,13 @@ static int fp_region_open(struct fp_engine *e, int idx)
     struct fp_region *r = &e->regions[idx];
     struct epoll_event ev = { .events = EPOLLIN | EPOLLONESHOT,
                               .data.u64 = ((uint64_t)r->gen << 32) | (uint32_t)idx };
-    r->live = 1;
-    r->closing = 0;
+    /* `readers` is not reset: a thread with a stale delivery may be between
+     * its increment and its decrement (fp_reader_enter). */
     r->inflight = 0;
-    r->readers = 0;
+    __atomic_store_n(&r->closing, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&r->live, 1, __ATOMIC_SEQ_CST);
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->uffd, &ev) < 0) {
-        r->live = 0;
+        __atomic_store_n(&r->live, 0, __ATOMIC_SEQ_CST);
         return -errno;
     }
     return 0;
@@ -714,17 +749,26 @@ static void fp_region_close(struct fp_engine *e, int idx)
 {
     struct fp_region *r = &e->regions[idx];
     if (!r->closing) {
-        r->closing = 1;
+        __atomic_store_n(&r->closing, 1, __ATOMIC_SEQ_CST);   /* before fp_region_busy: fp_reader_enter */
         epoll_ctl(e->epfd, EPOLL_CTL_DEL, r->uffd, NULL);
     }
+}
+
+/* Lock held. Loads started here and not finished, plus threads reading the
+ * region's uffd: its fds may be closed only when this is 0 (the engine
+ * calls it after fp_region_close; see fp_reader_enter). */
+static int fp_region_busy(struct fp_engine *e, int idx)
+{
+    struct fp_region *r = &e->regions[idx];
+    return r->inflight + __atomic_load_n(&r->readers, __ATOMIC_SEQ_CST);
 }
 
 /* Lock held, r->inflight == 0 and r->readers == 0. The slot may be reused. */
 static void fp_region_free(struct fp_engine *e, int idx)
 {
     struct fp_region *r = &e->regions[idx];
-    r->live = 0;
-    r->gen++;
+    __atomic_store_n(&r->live, 0, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&r->gen, 1, __ATOMIC_SEQ_CST);
 }
 
 /* Lock held. Move up to max records into out; returns how many. */

@@ -96,10 +96,7 @@ class FastPath:
         """Loads started by the C threads and not finished, plus threads
         reading the region's uffd without the lock (fastpath.c fp_thread):
         the region's fds must stay open until this is 0."""
-        if region.fp_slot < 0:
-            return 0
-        r = self.e.regions[region.fp_slot]
-        return r.inflight + r.readers
+        return lib.fp_region_busy(self.e, region.fp_slot) if region.fp_slot >= 0 else 0
 
     def take_over(self, region) -> None:
         """The engine takes over a load that failed here."""
