@@ -10,10 +10,11 @@
  * Lock (fp_engine.lock) -- the "page lock" of invariant 2 for every page:
  *   The Python engine holds it whenever it runs (it lets go only while it
  *   sleeps in epoll_wait, see server.py), so every Python page transition
- *   happens under it exactly as before. These threads take it to read an
- *   event and decide, and again to finish; never across the store read or
- *   the COPY. The page table arrays, `charged`, `tick` and the counters
- *   below are shared with Python and only touched under the lock.
+ *   happens under it exactly as before. These threads take it to decide
+ *   what to do with an event, and again to finish; never across the read of
+ *   the uffd (see fp_thread), the store read or the COPY. The page table
+ *   arrays, `charged`, `tick` and the counters below are shared with Python
+ *   and only touched under the lock.
  *
  * What is served here, and only this: a MISSING fault (read or write) on a
  * SWAPPED page, with no locality with the region's last swap-in (so no
@@ -91,6 +92,7 @@ struct fp_region {
     int32_t uffd;
     int32_t id;           /* the engine's region id */
     int32_t inflight;     /* loads started here and not yet finished */
+    int32_t readers;      /* threads reading its uffd right now, without the lock */
     uint64_t addr;
     uint64_t npages;
     uint8_t *state;
@@ -343,25 +345,16 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     *sum = 0;
     if (j->fill) {
         /* Zeros: bytes mapped from the front of the window, even when the
-         * COPY then stopped (*result: 0, or the -errno it stopped with). */
-        uint64_t dst = j->r->addr + ((uint64_t)j->page << 12), len = (uint64_t)j->n << 12, done = 0;
+         * COPY then stopped (*result: 0, or the -errno it stopped with). A
+         * window across a VMA boundary is mapped page by page (us_uffd_copy). */
+        uint64_t dst = j->r->addr + ((uint64_t)j->page << 12), len = (uint64_t)j->n << 12;
+        int64_t r = us_uffd_copy(j->r->uffd, dst, e->zero, len, j->write ? 0 : UFFDIO_COPY_MODE_WP);
+        *copied = r > 0 ? r & ~(int64_t)4095 : 0;
         *result = 0;
-        while (done < len) {
-            struct uffdio_copy c = { .dst = dst + done, .src = e->zero + done, .len = len - done,
-                                     .mode = j->write ? 0 : UFFDIO_COPY_MODE_WP };
-            if (ioctl(j->r->uffd, UFFDIO_COPY, &c) == 0) {
-                done = len;
-                break;
-            }
-            int err = errno;
-            if (c.copy > 0)
-                done += (uint64_t)c.copy;
-            if (err != EAGAIN || c.copy <= 0) {
-                *result = -err;
-                break;
-            }
-        }
-        *copied = (int64_t)done;
+        if (r < 0)
+            *result = r;
+        else if ((uint64_t)r < len)
+            *result = -EAGAIN;   /* stopped part way; the engine learns why on the rest */
         return;
     }
     if (e->fd >= 0) {
@@ -516,6 +509,102 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
     e->swapins++;
 }
 
+/* Lock held. Let epoll hand the region's uffd to a thread again (it is
+ * registered EPOLLONESHOT: delivered to one thread, then disarmed until
+ * this). Pending messages make it ready at once. Not for a closing region:
+ * fp_region_close took its fd out of the epoll set. */
+static void fp_rearm(struct fp_engine *e, struct fp_region *r, uint32_t idx)
+{
+    if (r->closing)
+        return;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLONESHOT,
+                              .data.u64 = ((uint64_t)r->gen << 32) | idx };
+    epoll_ctl(e->epfd, EPOLL_CTL_MOD, r->uffd, &ev);
+}
+
+/* Lock held. Decide what to do with one message: served here (0), a job
+ * for this thread (1, job filled), or a record for the engine (0). */
+static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m, struct fp_job *job)
+{
+    if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_wp(e, r, m))
+        return 0;
+    if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, m, job))
+        return 1;
+    struct fp_record *rec = fp_push(e, FP_EVENT, r);
+    rec->kind = m->event;
+    if (m->event == UFFD_EVENT_PAGEFAULT) {
+        rec->flags = m->arg.pagefault.flags;
+        rec->addr = m->arg.pagefault.address;
+    } else if (m->event == UFFD_EVENT_UNMAP || m->event == UFFD_EVENT_REMOVE) {
+        rec->addr = m->arg.remove.start;
+        rec->end = m->arg.remove.end;
+    }
+    return 0;
+}
+
+/* No lock. Become a reader of region r (delivered for generation gen):
+ * 1 when it is live, of that generation and not closing -- its fd then stays
+ * open until fp_reader_leave -- else 0. Lock-free, so that serving a fault
+ * takes the lock once to decide, as it did when the read was made under it.
+ *
+ * Why the fd stays open (a Dekker pair, all sequentially consistent): a
+ * reader increments `readers` and then loads `closing`; the engine stores
+ * `closing` (fp_region_close) and only later loads `readers`
+ * (fp_region_busy), releasing the region (closing its fds) only if that is
+ * 0. Either the engine sees the increment and waits, or the reader sees
+ * `closing` and backs out. */
+static int fp_reader_enter(struct fp_engine *e, struct fp_region *r, uint32_t gen)
+{
+    __atomic_add_fetch(&r->readers, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&r->live, __ATOMIC_SEQ_CST) && __atomic_load_n(&r->gen, __ATOMIC_SEQ_CST) == gen
+            && !__atomic_load_n(&r->closing, __ATOMIC_SEQ_CST))
+        return 1;
+    if (__atomic_sub_fetch(&r->readers, 1, __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&r->closing, __ATOMIC_SEQ_CST)) {
+        /* The engine may have seen this reader and put off releasing it. */
+        pthread_mutex_lock(&e->lock);
+        if (r->live && r->closing && __atomic_load_n(&r->readers, __ATOMIC_SEQ_CST) == 0)
+            fp_push(e, FP_RELEASABLE, r);
+        pthread_mutex_unlock(&e->lock);
+    }
+    return 0;
+}
+
+/* Lock held. Stop being a reader of r; a closing region is offered to the
+ * engine for release once its last reader left. */
+static void fp_reader_leave(struct fp_engine *e, struct fp_region *r)
+{
+    if (__atomic_sub_fetch(&r->readers, 1, __ATOMIC_SEQ_CST) == 0 && r->closing)
+        fp_push(e, FP_RELEASABLE, r);
+}
+
+/* Reading a region's uffd -- never under the page lock:
+ *   The uffd's open file is shared with the client, which can clear its
+ *   O_NONBLOCK. A read() made holding the lock could then sleep until that
+ *   client's next fault while every other thread and the engine wait for
+ *   the lock: every client would hang. So a message is read with the lock
+ *   released, and with RWF_NOWAIT (us_uffd_read_nowait), which never
+ *   sleeps whatever the file's flags say; then the lock is taken to decide.
+ * Invariants that make the unlocked read safe:
+ *   - One reader per region at a time: the fd is in the epoll set with
+ *     EPOLLONESHOT, so one wake-up hands it to one thread, and only that
+ *     thread re-arms it (fp_rearm, under the lock) once it has read the
+ *     queue dry or taken a job. Messages are therefore decided in the order
+ *     the kernel queued them (an UNMAP before the faults that follow it),
+ *     as when they were read under the lock.
+ *   - The fd stays open while it is read: `readers` counts the reader
+ *     (fp_reader_enter, without the lock), and the engine releases a region
+ *     (closing its fds) only once readers and inflight are both 0
+ *     (fp_region_busy); the last reader to leave a closing region pushes
+ *     FP_RELEASABLE so the engine looks again.
+ * Calls still made here under the lock: UFFDIO_WRITEPROTECT (fp_take_wp)
+ * and UFFDIO_WAKE (fp_finish_fill), as the engine makes COPY, CONTINUE,
+ * WRITEPROTECT, WAKE and POISON under it. These never wait for the client:
+ * they do not read or wait on the fault queue, they take the client's mm
+ * lock only for reading, and no client holds that lock while it waits for
+ * a fault to be served (handle_userfault drops it before sleeping, and
+ * munmap/mremap/madvise wait for their uffd events after dropping it). What
+ * they can cost is bounded kernel work: a COPY charges the client's memory
+ * cgroup and may reclaim in it, then fails ENOMEM rather than wait. */
 static void *fp_thread(void *arg)
 {
     struct fp_engine *e = arg;
@@ -533,43 +622,53 @@ static void *fp_thread(void *arg)
         uint32_t idx = (uint32_t)ev.data.u64, gen = (uint32_t)(ev.data.u64 >> 32);
         struct fp_job job;
         int have_job = 0;
-        pthread_mutex_lock(&e->lock);
         struct fp_region *r = idx < FP_MAX_REGIONS ? &e->regions[idx] : NULL;
+        if (!r || !fp_reader_enter(e, r, gen))
+            continue;   /* an event for a previous occupant, or a region closed since */
+        int fd = r->uffd;
         /* Read one message at a time: a fault taken here leaves the rest of
          * the region's queue to another thread while this one reads the store. */
-        while (r && r->live && r->gen == gen && !r->closing && !have_job) {
+        for (;;) {
             struct uffd_msg m;
-            ssize_t got = read(r->uffd, &m, sizeof(m));
-            if (got < 0 && (errno == EAGAIN || errno == EINTR))
-                break;
-            if (got != sizeof(m)) {
-                /* The uffd is broken: stop watching it at once (else every
-                 * thread would spin on it, level-triggered, until the engine
-                 * closes the region on this record). Loads in flight end as
-                 * for a closing region. */
-                int64_t err = got < 0 ? -errno : -EIO;
-                fp_push(e, FP_READ_ERROR, r)->result = err;
-                r->closing = 1;
-                epoll_ctl(e->epfd, EPOLL_CTL_DEL, r->uffd, NULL);
+            int got = us_uffd_read_nowait(fd, &m, 1);
+            pthread_mutex_lock(&e->lock);
+            if (r->closing) {
+                /* The engine closed it meanwhile: it woke the whole range
+                 * (engine.close_region); wake a fault read since as well. */
+                if (got == 1 && m.event == UFFD_EVENT_PAGEFAULT) {
+                    struct uffdio_range range = { .start = m.arg.pagefault.address & ~4095ull, .len = 4096 };
+                    ioctl(fd, UFFDIO_WAKE, &range);
+                }
+                fp_reader_leave(e, r);
                 break;
             }
-            if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_wp(e, r, &m))
-                continue;
-            if (m.event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, &m, &job)) {
+            if (got < 0) {
+                /* The uffd cannot be read (-EPROTO: the client cleared
+                 * O_NONBLOCK where the kernel cannot read without it): stop
+                 * watching it; the engine closes the region on the record.
+                 * Loads in flight end as for a closing region. */
+                fp_push(e, FP_READ_ERROR, r)->result = got;
+                __atomic_store_n(&r->closing, 1, __ATOMIC_SEQ_CST);
+                epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+                fp_reader_leave(e, r);
+                break;
+            }
+            if (got == 0) {
+                fp_rearm(e, r, idx);
+                fp_reader_leave(e, r);
+                break;
+            }
+            if (fp_dispatch(e, r, &m, &job)) {
                 have_job = 1;
+                fp_rearm(e, r, idx);   /* other threads read on while this one runs the job */
+                fp_reader_leave(e, r);
                 break;
             }
-            struct fp_record *rec = fp_push(e, FP_EVENT, r);
-            rec->kind = m.event;
-            if (m.event == UFFD_EVENT_PAGEFAULT) {
-                rec->flags = m.arg.pagefault.flags;
-                rec->addr = m.arg.pagefault.address;
-            } else if (m.event == UFFD_EVENT_UNMAP || m.event == UFFD_EVENT_REMOVE) {
-                rec->addr = m.arg.remove.start;
-                rec->end = m.arg.remove.end;
-            }
+            /* Still a reader (`readers` counts this thread), the region
+             * not closing: the next read may go ahead without the lock. */
+            pthread_mutex_unlock(&e->lock);
         }
-        pthread_mutex_unlock(&e->lock);
+        pthread_mutex_unlock(&e->lock);   /* every way out of the loop above holds it */
         if (!have_job)
             continue;
         int64_t result, copied;
@@ -643,12 +742,15 @@ static void fp_unlock(struct fp_engine *e) { pthread_mutex_unlock(&e->lock); }
 static int fp_region_open(struct fp_engine *e, int idx)
 {
     struct fp_region *r = &e->regions[idx];
-    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)r->gen << 32) | (uint32_t)idx };
-    r->live = 1;
-    r->closing = 0;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLONESHOT,
+                              .data.u64 = ((uint64_t)r->gen << 32) | (uint32_t)idx };
+    /* `readers` is not reset: a thread with a stale delivery may be between
+     * its increment and its decrement (fp_reader_enter). */
     r->inflight = 0;
+    __atomic_store_n(&r->closing, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&r->live, 1, __ATOMIC_SEQ_CST);
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->uffd, &ev) < 0) {
-        r->live = 0;
+        __atomic_store_n(&r->live, 0, __ATOMIC_SEQ_CST);
         return -errno;
     }
     return 0;
@@ -659,17 +761,26 @@ static void fp_region_close(struct fp_engine *e, int idx)
 {
     struct fp_region *r = &e->regions[idx];
     if (!r->closing) {
-        r->closing = 1;
+        __atomic_store_n(&r->closing, 1, __ATOMIC_SEQ_CST);   /* before fp_region_busy: fp_reader_enter */
         epoll_ctl(e->epfd, EPOLL_CTL_DEL, r->uffd, NULL);
     }
 }
 
-/* Lock held, r->inflight == 0. The slot may be reused. */
+/* Lock held. Loads started here and not finished, plus threads reading the
+ * region's uffd: its fds may be closed only when this is 0 (the engine
+ * calls it after fp_region_close; see fp_reader_enter). */
+static int fp_region_busy(struct fp_engine *e, int idx)
+{
+    struct fp_region *r = &e->regions[idx];
+    return r->inflight + __atomic_load_n(&r->readers, __ATOMIC_SEQ_CST);
+}
+
+/* Lock held, r->inflight == 0 and r->readers == 0. The slot may be reused. */
 static void fp_region_free(struct fp_engine *e, int idx)
 {
     struct fp_region *r = &e->regions[idx];
-    r->live = 0;
-    r->gen++;
+    __atomic_store_n(&r->live, 0, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&r->gen, 1, __ATOMIC_SEQ_CST);
 }
 
 /* Lock held. Move up to max records into out; returns how many. */

@@ -20,6 +20,7 @@ struct fp_region {
     int32_t uffd;
     int32_t id;
     int32_t inflight;
+    int32_t readers;
     uint64_t addr;
     uint64_t npages;
     uint8_t *state;
@@ -78,6 +79,7 @@ void fp_unlock(struct fp_engine *e);
 int fp_region_open(struct fp_engine *e, int idx);
 void fp_region_close(struct fp_engine *e, int idx);
 void fp_region_free(struct fp_engine *e, int idx);
+int fp_region_busy(struct fp_engine *e, int idx);
 int fp_take_records(struct fp_engine *e, struct fp_record *out, int max);
 void fp_stop(struct fp_engine *e);
 """

@@ -87,7 +87,7 @@ static int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t m
     return z.zeropage;
 }
 
-static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode)
+static int64_t us_uffd_continue_range(int fd, uint64_t start, uint64_t len, uint64_t mode)
 {
     uint64_t done = 0;
     for (int tries = 0; done < len && tries < 1000; tries++) {
@@ -97,10 +97,26 @@ static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t m
         int err = errno;
         if (c.mapped > 0)
             done += (uint64_t)c.mapped;
-        if (err != EAGAIN)
-            return -err;
-        if (c.mapped <= 0)
-            return done ? (int64_t)done : -EAGAIN;
+        if (err != EAGAIN || c.mapped <= 0)
+            return done ? (int64_t)done : -err;
+    }
+    return (int64_t)done;
+}
+
+/* CONTINUE: bytes mapped from the front, or -errno when none was. Like
+ * us_uffd_copy (uffd_copy.h), a range across a VMA boundary fails ENOENT
+ * as a whole and is done page by page instead. */
+static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    int64_t r = us_uffd_continue_range(fd, start, len, mode);
+    if (r != -ENOENT || len <= 4096)
+        return r;
+    uint64_t done = 0;
+    while (done < len) {
+        r = us_uffd_continue_range(fd, start + done, 4096, mode);
+        if (r < 4096)
+            return done ? (int64_t)done : r;
+        done += 4096;
     }
     return (int64_t)done;
 }
@@ -136,23 +152,19 @@ struct us_event {
     uint32_t tid;        /* faulting thread, when the kernel reports it */
 };
 
-/* Read up to max events without blocking. Returns the count (0 when none are
- * pending) or -errno. */
+/* Read up to max events without blocking, whatever the uffd's O_NONBLOCK
+ * flag says (the client can clear it: us_uffd_read_nowait). Returns the
+ * count (0 when none are pending) or -errno (-EPROTO: the client cleared
+ * O_NONBLOCK on a kernel that cannot read without it). */
 static int us_uffd_read_events(int fd, struct us_event *out, int max)
 {
     struct uffd_msg msgs[64];
     int n = 0;
     while (n < max) {
         int want = max - n < 64 ? max - n : 64;
-        ssize_t r = read(fd, msgs, sizeof(msgs[0]) * (size_t)want);
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            if (errno == EINTR)
-                continue;
-            return n > 0 ? n : -errno;
-        }
-        int got = (int)(r / (ssize_t)sizeof(msgs[0]));
+        int got = us_uffd_read_nowait(fd, msgs, want);
+        if (got < 0)
+            return n > 0 ? n : got;
         for (int i = 0; i < got; i++) {
             struct us_event *e = &out[n++];
             memset(e, 0, sizeof(*e));

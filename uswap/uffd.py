@@ -1,6 +1,8 @@
 """Python face of the userfaultfd shim: constants, feature check, ioctls raising OSError."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import platform
 
@@ -111,18 +113,48 @@ def unregister(fd: int, start: int, length: int) -> None:
 
 
 def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
-    """Returns bytes copied, or -errno (EEXIST means already present)."""
+    """Bytes copied from the front (fewer than `length` when it stopped part
+    way: copy the rest to learn why), or -errno when no page was mapped
+    (-EEXIST: already present). A range across a VMA boundary (the client's
+    mprotect/mlock/madvise split the region) is copied page by page."""
     return lib.us_uffd_copy(fd, dst, src, length, mode)
 
 
 def cont(fd: int, start: int, length: int, mode: int = 0) -> int:
+    """CONTINUE: as copy(), bytes mapped from the front or -errno."""
     return lib.us_uffd_continue(fd, start, length, mode)
 
 
 def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> int:
+    """0 or -errno. A multi-page range that fails ENOENT is retried page by
+    page (a range the client split into several VMAs), stopping at the
+    first page that fails: that page's error is returned."""
     # The kernel refuses WP together with DONTWAKE (-EINVAL): protecting wakes nobody anyway.
     mode = WP_MODE_WP if protect else (0 if wake else WP_MODE_DONTWAKE)
-    return lib.us_uffd_writeprotect(fd, start, length, mode)
+    ret = lib.us_uffd_writeprotect(fd, start, length, mode)
+    if ret != -errno.ENOENT or length <= PAGE:
+        return ret
+    for off in range(0, length, PAGE):
+        ret = lib.us_uffd_writeprotect(fd, start + off, PAGE, mode)
+        if ret < 0:
+            return ret
+    return 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+
+def resident(addr: int, length: int) -> bytes:
+    """mincore(2) of [addr, addr+length) in this process: one byte per page,
+    bit 0 set where the page is in memory. On a MAP_SHARED mapping of a
+    memfd it says whether the page is in the memfd (its page cache), without
+    faulting anything in and without taking the file's lock."""
+    vec = ctypes.create_string_buffer((length + PAGE - 1) // PAGE)
+    if _libc.mincore(addr, length, vec) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mincore: {os.strerror(err)}")
+    return vec.raw
 
 
 def wake(fd: int, start: int, length: int) -> int:
@@ -133,6 +165,14 @@ def poison(fd: int, start: int, length: int) -> int:
     return lib.us_uffd_poison(fd, start, length, 0)
 
 
+def read_error_text(err: int) -> str:
+    """Why reading a uffd failed with errno `err`, for the log."""
+    if err == errno.EPROTO:
+        return ("read(userfaultfd): the client cleared O_NONBLOCK on its userfaultfd and this"
+                " kernel cannot read it without blocking (no RWF_NOWAIT): a protocol violation")
+    return f"read(userfaultfd): {os.strerror(err)}"
+
+
 class EventReader:
     """Reads fault events in batches into a preallocated C array."""
 
@@ -141,10 +181,11 @@ class EventReader:
         self.buf = ffi.new("struct us_event[]", batch)
 
     def read(self, fd: int) -> list[tuple[int, int, int, int]]:
-        """Pending events as (kind, flags, addr, end); [] when none."""
+        """Pending events as (kind, flags, addr, end); [] when none. Never
+        blocks, even if the client cleared O_NONBLOCK on the shared file."""
         n = lib.us_uffd_read_events(fd, self.buf, self.batch)
         if n < 0:
-            raise OSError(-n, f"read(userfaultfd): {os.strerror(-n)}")
+            raise OSError(-n, read_error_text(-n))
         b = self.buf
         return [(b[i].kind, b[i].flags, b[i].addr, b[i].end) for i in range(n)]
 

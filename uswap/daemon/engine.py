@@ -23,7 +23,7 @@ import numpy as np
 
 from uswap import native, uffd
 from uswap.config import Config
-from uswap.daemon import fastpath
+from uswap.daemon import clientmaps, fastpath
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cpool import CPool
 from uswap.daemon.fork import ForkManager
@@ -44,9 +44,14 @@ SHIFT = 12
 RECLAIM_STEP = 256
 # Largest write gathered from scattered pages (its bounce buffer's size).
 GATHER_PAGES = 64
-# ioctl errors that mean the client's mapping or process is gone.
-GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
+# ioctl errors that are what the daemon sees when the client's mapping or
+# process is gone -- and also, from a live client, after a VMA split
+# (ENOENT), a stale MINOR fault (EFAULT)... So they only prompt a check.
+MAYBE_GONE = {errno.ENOENT, errno.ESRCH, errno.EINVAL, errno.EBADF, errno.EFAULT}
 OK, GONE_, AGAIN = 0, 1, 2  # outcomes of Engine._ioctl_result
+# A client found alive is not looked at again for this long: an error
+# repeated on every fault costs one smaps read per interval, not per fault.
+ALIVE_RECHECK = 0.05
 
 
 class Engine:
@@ -87,7 +92,8 @@ class Engine:
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # One scan of the page tables per eighth of the budget evicted.
-        self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8))
+        self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8),
+                                   lock_key=self._locked_kb, read_locked=self._locked_pages)
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.batch_pages = max(1, cfg.write_batch // PAGE)
@@ -226,16 +232,41 @@ class Engine:
         changing and an event about it waits in the uffd: the engine must go
         and read it before the ioctl can succeed, so nothing here retries in
         place. Other errors (ENOMEM...) are also retried later: the daemon
-        must not die for one client's trouble."""
+        must not die for one client's trouble.
+
+        Check, don't infer: an error is GONE only when the kernel's own view
+        of the client says so (_client_gone), never from the errno alone: a
+        live client's region is never closed on an ioctl error."""
         if ret >= 0 or -ret == errno.EEXIST:
             return OK
-        if -ret in GONE:
-            self.close_region(region, f"{what}: {os.strerror(-ret)}")
+        if -ret in MAYBE_GONE and self._client_gone(region):
+            self.close_region(region, f"{what}: {os.strerror(-ret)}, and the client's mapping is gone")
             return GONE_
         if -ret != errno.EAGAIN:
             self.errlog.error("%s on region %d failed: %s; retrying", what, region.id, os.strerror(-ret))
         self.stats["ioctl_retries"] += 1
         return AGAIN
+
+    def _client_gone(self, region: Region) -> bool:
+        """True when the region's owner process has exited (or exec'd), or
+        the region is no longer mapped in place and registered with a uffd
+        in it (the client unmapped or unregistered part of it), from
+        /proc/PID/smaps. A client found alive is trusted for ALIVE_RECHECK."""
+        now = time.monotonic()
+        if now - getattr(region, "alive_at", -ALIVE_RECHECK) < ALIVE_RECHECK:
+            return False
+        pid = getattr(region.owner, "pid", None)
+        if not pid:
+            return False  # no process to look at: keep serving, the session's EOF closes it
+        try:
+            vmas = clientmaps.memfd_vmas(pid, clientmaps.inode_of(region.memfd))
+        except OSError as e:
+            log.warning("region %d: cannot read the client's mappings (%s); assuming it is alive", region.id, e)
+            return False
+        if vmas is None or not clientmaps.registered(vmas, region.addr, region.addr, region.addr + region.size):
+            return True
+        region.alive_at = now
+        return False
 
     def _ioctl_failed(self, region: Region, ret: int, what: str) -> bool:
         """True (and the region is closed) when an ioctl says the client is gone;
@@ -329,31 +360,55 @@ class Engine:
         else:
             ra.fill_window = 1
         mode = 0 if write else uffd.COPY_MODE_WP
-        dst = region.addr + (page << SHIFT)
-        ret = uffd.copy(region.uffd, dst, self.zero_fill.addr, n << SHIFT, mode)
-        dirty = np.full(n, write, bool)
-        if ret == -errno.EEXIST or 0 <= ret < n << SHIFT:
-            for i in range(n):
-                ret = uffd.copy(region.uffd, dst + (i << SHIFT), self.zero_fill.addr, PAGE, mode)
-                if ret == -errno.EEXIST:
-                    # Populated behind our back (write(2) on the memfd): adopt it dirty.
-                    ret = uffd.cont(region.uffd, dst + (i << SHIFT), PAGE, 0)
-                    dirty[i] = True
-                if ret < 0 and ret != -errno.EEXIST:
-                    break
-        outcome = self._ioctl_result(region, ret, "UFFDIO_COPY")
-        if outcome != OK:
-            if outcome == AGAIN:
-                # Let the thread fault again once the pending event is read;
-                # pages a partial copy did map are adopted when next touched.
-                self.charged -= n
-                uffd.wake(region.uffd, dst, PAGE)
-            return
-        seg = slice(page, page + n)
+        mapped, dirty, err = self._map_zeros(region, page, n, mode)
+        dirty |= write
+        # A COPY that stopped part way (ENOMEM from the client's memory
+        # cgroup, a page that vanished...) did map the pages before it: they
+        # are RESIDENT and charged, clean zeros write-protected or dirty as
+        # mapped -- left EMPTY, a write-protected one would send every write
+        # to it round fault_wp for ever. The rest go back to EMPTY,
+        # uncharged, and threads faulting on them are woken to fault again.
+        seg = slice(page, page + mapped)
         table.state[seg] = pt.RESIDENT
-        table.flags[seg] = np.where(dirty, pt.F_DIRTY, 0)
-        table.stamp[seg] = self._tick(n)
-        ra.fill_expect = page + n
+        table.flags[seg] = np.where(dirty[:mapped], pt.F_DIRTY, 0)
+        table.stamp[seg] = self._tick(mapped) if mapped else self.tick
+        self.charged -= n - mapped
+        ra.fill_expect = page + n if mapped == n else -1
+        if mapped == n:
+            return
+        if self._ioctl_result(region, err, "UFFDIO_COPY") == GONE_:
+            return
+        # Let the threads fault again (for the first unmapped page, once the
+        # pending event is read if the error was EAGAIN).
+        uffd.wake(region.uffd, region.addr + ((page + mapped) << SHIFT), (n - mapped) << SHIFT)
+
+    def _map_zeros(self, region: Region, page: int, n: int, mode: int) -> tuple[int, np.ndarray, int]:
+        """Map n pages of zeros from `page` with one COPY (page by page from
+        where it stops). Returns (pages mapped from the front, which of them
+        were adopted dirty, -errno where it stopped or 0)."""
+        dst = region.addr + (page << SHIFT)
+        dirty = np.zeros(n, bool)
+        ret = uffd.copy(region.uffd, dst, self.zero_fill.addr, n << SHIFT, mode)
+        if ret == n << SHIFT:
+            return n, dirty, 0
+        mapped = max(ret, 0) >> SHIFT
+        while mapped < n:
+            at = dst + (mapped << SHIFT)
+            ret = uffd.copy(region.uffd, at, self.zero_fill.addr, PAGE, mode)
+            if ret == -errno.EEXIST:
+                # The page is in the memfd while EMPTY here: its content
+                # appeared over zeros (a write(2) to the memfd, or a forked
+                # child's touch). The client owns its memfd, so it is adopted,
+                # dirty; all-zero, it is harmless, and it drops back to EMPTY
+                # at writeback (README "Known limits").
+                ret = uffd.cont(region.uffd, at, PAGE, 0)
+                if ret == -errno.EEXIST:
+                    ret = PAGE  # mapped in the client already
+                dirty[mapped] = True
+            if ret < 0:
+                return mapped, dirty, ret
+            mapped += 1
+        return n, dirty, 0
 
     def fault_wp(self, region: Region, page: int) -> None:
         table = region.table
@@ -367,6 +422,10 @@ class Engine:
             # I/O thread mapped the page write-protected before its completion
             # reached us; the write is let through in _load_done.)
             table.flags[page] |= pt.F_WAITERS
+        elif state in (pt.EMPTY, pt.SWAPPED) and self._page_in_memfd(region, page):
+            # Mapped write-protected while the table says it is not in memory:
+            # a wake alone would send the write round this fault for ever.
+            self._stray_page(region, page, state)
         else:
             # Dropped or being loaded since the fault was raised: the retry
             # after the wake raises a MISSING fault that we serve.
@@ -390,8 +449,15 @@ class Engine:
             self._unprotect_later(region, page, 1)
 
     def fault_minor(self, region: Region, page: int) -> None:
-        """The page is in the memfd but not mapped in the client (e.g. after the
-        client's MADV_DONTNEED): map it again, write-protected unless dirty."""
+        """The page is (or was, when the fault was raised) in the memfd but
+        not mapped in the client (e.g. after the client's MADV_DONTNEED): map
+        it again, write-protected unless dirty.
+
+        A MINOR event can wait in the queue while reclaim punches its page:
+        then the page is no longer in the memfd, and the answer is a wake, so
+        the thread faults again (MISSING) and is served from the slot.
+        Presence is checked (mincore on the daemon's own mapping: no fault,
+        no file lock) before anything is freed or mapped."""
         table = region.table
         state = table.state[page]
         addr = region.addr + (page << SHIFT)
@@ -400,23 +466,77 @@ class Engine:
             dirty = (state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
                      and not self.fork.is_shared(region, page))
             ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
-            if ret == -errno.EEXIST or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
+            if ret == -errno.EFAULT and state == pt.RESIDENT and not self._page_in_memfd(region, page):
+                self._vanished(region, page)
+            elif ret == -errno.EEXIST or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
                 uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
-        elif state in (pt.EMPTY, pt.SWAPPED):
-            # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
-            self.clientlog.warning("region %d page %d appeared in memory while %s; adopting it",
-                        region.id, page, pt.STATE_NAMES[state])
-            self._charge(1, force=True)
-            slot = int(table.slot[page])
-            if slot >= 0:
-                self.slots.free(slot)
-                table.slot[page] = pt.NO_SLOT
-            table.state[page] = pt.RESIDENT
-            table.flags[page] = pt.F_DIRTY
-            if self._ioctl_result(region, uffd.cont(region.uffd, addr, PAGE, 0), "UFFDIO_CONTINUE") == AGAIN:
-                uffd.wake(region.uffd, addr, PAGE)
+        elif state in (pt.EMPTY, pt.SWAPPED) and self._page_in_memfd(region, page):
+            self._stray_page(region, page, state)
         else:
+            # Stale (the page was punched since the fault was raised), or a
+            # load is in flight: fault again.
             uffd.wake(region.uffd, addr, PAGE)
+
+    def _page_in_memfd(self, region: Region, page: int) -> bool:
+        return bool(uffd.resident(region.daddr + (page << SHIFT), PAGE)[0] & 1)
+
+    def _stray_page(self, region: Region, page: int, state: int) -> None:
+        """A page is in the memfd although the table has it SWAPPED or EMPTY:
+        written to the memfd directly (write(2)), or touched by a forked
+        child whose mapping is not registered (a read there allocates a zero
+        page in the shared memfd).
+
+        SWAPPED: the slot copy wins, never the intruder on trust: the page is
+        punched and the thread woken, to fault MISSING and be served from the
+        slot. EMPTY: the content appeared over zeros; the client owns its
+        memfd, so it is adopted as dirty (an all-zero page is harmless and
+        drops back to EMPTY at writeback). README "Known limits" says both."""
+        addr = region.addr + (page << SHIFT)
+        table = region.table
+        if state == pt.SWAPPED:
+            self.clientlog.warning("region %d page %d appeared in memory while swapped; the slot copy wins",
+                                   region.id, page)
+            self.stats["stray_pages_punched"] += 1
+            try:
+                native.punch_hole(region.memfd, page << SHIFT, PAGE)
+            except OSError as e:
+                self.close_region(region, f"punch hole failed: {e}")
+                return
+            uffd.wake(region.uffd, addr, PAGE)
+            return
+        self.clientlog.warning("region %d page %d appeared in memory while empty; adopting it as dirty",
+                               region.id, page)
+        self.stats["stray_pages_adopted"] += 1
+        self._charge(1, force=True)
+        table.state[page] = pt.RESIDENT
+        table.flags[page] = pt.F_DIRTY
+        table.stamp[page] = self._tick()
+        # Mapped writable (dirty): CONTINUE if it is not mapped in the client,
+        # else just un-protect it (a write-protect fault brought us here).
+        ret = uffd.cont(region.uffd, addr, PAGE, 0)
+        if ret == -errno.EEXIST:
+            ret = uffd.writeprotect(region.uffd, addr, PAGE, protect=False)
+        if ret == -errno.EFAULT and not self._page_in_memfd(region, page):
+            self._vanished(region, page)  # punched again meanwhile (by the client)
+        elif self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
+            uffd.wake(region.uffd, addr, PAGE)
+
+    def _vanished(self, region: Region, page: int) -> None:
+        """A RESIDENT page is no longer in the memfd: only the client can do
+        that (MADV_REMOVE or fallocate on its region, which README forbids).
+        A clean page still has its slot copy and becomes SWAPPED; a dirty one
+        is lost and reads as zeros (EMPTY). The thread faults again."""
+        table = region.table
+        has_slot = table.slot[page] >= 0 and not table.flags[page] & pt.F_DIRTY
+        self.clientlog.warning("region %d page %d was removed from memory by the client%s", region.id, page,
+                    "" if has_slot else "; its unsaved content is lost")
+        if not has_slot and table.slot[page] >= 0:
+            self.slots.free(int(table.slot[page]))
+            table.slot[page] = pt.NO_SLOT
+        table.state[page] = pt.SWAPPED if has_slot else pt.EMPTY
+        table.flags[page] = 0
+        self.charged -= 1
+        uffd.wake(region.uffd, region.addr + (page << SHIFT), PAGE)
 
     # ------------------------------------------------------------------ budget
 
@@ -581,7 +701,7 @@ class Engine:
                 # pages that passed (invariant 6 holds page by page).
                 ret = self._map_passing(uffd_fd, dst, buf.addr, sums == expected, mode)
             elif ret == -errno.EEXIST or 0 <= ret < n * PAGE:
-                ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode)
+                ret = _copy_pagewise(uffd_fd, dst, buf.addr, n, mode, start=ret)
             return sums, ret, mode
 
         self.io.submit(work, on_done)
@@ -595,7 +715,7 @@ class Engine:
         for a, k in pt.runs(np.flatnonzero(passed), len(passed)):
             ret = uffd.copy(uffd_fd, dst + a * PAGE, src + a * PAGE, k * PAGE, mode)
             if ret == -errno.EEXIST or 0 <= ret < k * PAGE:
-                ret = _copy_pagewise(uffd_fd, dst + a * PAGE, src + a * PAGE, k, mode)
+                ret = _copy_pagewise(uffd_fd, dst + a * PAGE, src + a * PAGE, k, mode, start=ret)
             if ret < 0:
                 return ret
             mapped += ret
@@ -799,6 +919,25 @@ class Engine:
         if self.charged - self.evicting <= self.low_pages:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
         return progress > 0 and want > progress
+
+    def _locked_kb(self, region: Region) -> int:
+        """The region owner's locked memory (VmLck, KiB; 0 if unknown): a
+        cheap read that changes whenever its mlocked ranges do."""
+        pid = getattr(region.owner, "pid", None)
+        return clientmaps.locked_kb(pid) if pid and not region.closing else 0
+
+    def _locked_pages(self, region: Region) -> np.ndarray | None:
+        """The region's pages in the client's mlocked VMAs (never evicted:
+        see victims.py), from /proc/PID/smaps; None when there are none or
+        the mappings cannot be read (a client that is gone)."""
+        pid = getattr(region.owner, "pid", None)
+        if not pid or region.closing:
+            return None
+        try:
+            vmas = clientmaps.memfd_vmas(pid, clientmaps.inode_of(region.memfd))
+        except OSError:
+            return None
+        return clientmaps.locked_pages(vmas, region.addr, region.npages) if vmas else None
 
     def _write_groups(self, dirty: np.ndarray) -> list[np.ndarray]:
         """Sorted dirty pages cut into store writes: each a run of up to
@@ -1179,7 +1318,7 @@ class Engine:
             elif kind == fastpath.FP_RELEASABLE:
                 self._maybe_release(region)
             elif kind == fastpath.FP_READ_ERROR:
-                self.close_region(region, f"reading its userfaultfd failed: {os.strerror(-result)}")
+                self.close_region(region, f"reading its userfaultfd failed: {uffd.read_error_text(-result)}")
 
     def _fast_load_failed(self, region: Region, page: int, slot: int, err: OSError | None,
                           copied: int, psum: int, started: float) -> None:
@@ -1268,10 +1407,14 @@ class Engine:
         }
 
 
-def _copy_pagewise(uffd_fd: int, dst: int, src: int, n: int, mode: int) -> int:
-    """Fallback when a page of a run is already present: copy page by page and
-    keep the present page (it can only be newer data). Runs on an I/O thread."""
-    for i in range(n):
+def _copy_pagewise(uffd_fd: int, dst: int, src: int, n: int, mode: int, start: int = 0) -> int:
+    """Fallback when a run's COPY stopped part way (`start` bytes mapped) or
+    met a page already present: copy the rest page by page and keep a
+    present page. Returns n pages' bytes, or the -errno of the page that
+    failed (the caller maps the run again later; the pages mapped so far
+    are then present and kept). Runs on an I/O thread. (A run across a VMA boundary never gets here: uffd.copy
+    does those page by page itself.)"""
+    for i in range(max(0, start) >> SHIFT, n):
         ret = uffd.copy(uffd_fd, dst + i * PAGE, src + i * PAGE, PAGE, mode)
         if ret == -errno.EEXIST:
             log.warning("page at %#x was present during swap-in; keeping it", dst + i * PAGE)

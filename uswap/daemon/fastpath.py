@@ -93,7 +93,10 @@ class FastPath:
             lib.fp_region_close(self.e, region.fp_slot)
 
     def inflight(self, region) -> int:
-        return self.e.regions[region.fp_slot].inflight if region.fp_slot >= 0 else 0
+        """Loads started by the C threads and not finished, plus threads
+        reading the region's uffd without the lock (fastpath.c fp_thread):
+        the region's fds must stay open until this is 0."""
+        return lib.fp_region_busy(self.e, region.fp_slot) if region.fp_slot >= 0 else 0
 
     def take_over(self, region) -> None:
         """The engine takes over a load that failed here."""

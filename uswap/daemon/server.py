@@ -222,11 +222,28 @@ class Server:
             pass
 
     def _on_uffd(self, fd: int) -> None:
+        """Read a region's fault events (a region the fast path's threads do
+        not watch) and hand them to the engine.
+
+        The read is made without the page lock: the uffd's open file is
+        shared with the client, which can clear its O_NONBLOCK, and nothing
+        may wait on a client while holding the lock. The read itself never
+        blocks either (RWF_NOWAIT, native/uffd_copy.h), so a client that
+        clears the flag cannot stall this loop. Releasing the lock here is
+        like releasing it in epoll_wait: the engine is between steps, with
+        no transition half done. Only this thread reads these uffds, so the
+        events are handled in the order the kernel queued them."""
         region = self.uffd_regions[fd]
+        err = None
+        self.engine.unlock()
         try:
             events = self.events.read(fd)
         except OSError as e:
-            self.engine.close_region(region, f"reading its userfaultfd failed: {e}")
+            err = e
+        finally:
+            self.engine.lock()
+        if err is not None:
+            self.engine.close_region(region, f"reading its userfaultfd failed: {err}")
             return
         self.engine.on_events(region, events)
 

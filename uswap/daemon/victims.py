@@ -8,10 +8,18 @@ inactive pages; active pages are taken only when too few inactive ones are
 left, and the oldest active pages are demoted whenever the active share
 passes ACTIVE_SHARE, so a page that stopped being hot loses its protection.
 With the store unable to take writes, only clean pages are candidates.
+
+Pages in the client's mlocked ranges are never candidates: a page that is the
+target of in-flight O_DIRECT, io_uring or RDMA I/O is pinned by the kernel,
+and evicting it mid-transfer loses what the device writes after the copy was
+taken (kernel swap skips pinned pages). Pins cannot be seen from userspace
+(/proc/kpageflags has no pin bit; /proc/kpagecount is the map count), so the
+rule is that such a buffer must be mlocked for the duration of the I/O, and
+this is what the daemon can see and enforce (README "Known limits").
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -30,14 +38,19 @@ def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
-    """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
+def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False,
+                   locked: dict | None = None) -> list[tuple[object, np.ndarray]]:
+    """Up to `want` RESIDENT pages as [(region, sorted page numbers)];
+    `locked` maps a region's id to the mask of its pages never to take."""
     cands = []
     for region in regions:
         if region.closing:
             continue
         table = region.table
         mask = table.state == pt.RESIDENT
+        never = locked.get(region.id) if locked else None
+        if never is not None:
+            mask &= ~never
         idx = np.flatnonzero(mask)
         if len(idx):
             cands.append((region, idx))
@@ -93,15 +106,49 @@ class VictimQueue:
 
     A queued page is handed out only if, now, it is still RESIDENT and
     carries the stamp it was queued with (no fault since, so it was not used
-    and did not change hands), and is clean when only clean pages may go.
+    and did not change hands), is clean when only clean pages may go, and is
+    not in a range the client has mlocked.
+
+    Locked ranges: lock_key(region) is cheap and changes whenever the
+    client's locked memory does (its VmLck; 0: nothing locked);
+    read_locked(region) reads the ranges themselves (a page mask, or None),
+    which costs a walk of the client's mappings. They are read at each
+    refill, and again before a region's queued pages are handed out if its
+    key changed since: an mlock made while its pages sit in the queue is
+    seen before any of them is taken.
     """
 
-    def __init__(self, batch: int) -> None:
+    def __init__(self, batch: int, lock_key: Callable[[object], int] | None = None,
+                 read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
         self.batch = batch
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
+        self.lock_key = lock_key
+        self.read_locked = read_locked
+        self.locked: dict[int, tuple[int, np.ndarray | None]] = {}  # region id -> (key, mask)
 
     def clear(self) -> None:
         self.pending = []
+
+    def _read(self, region, key: int) -> np.ndarray | None:
+        mask = self.read_locked(region) if key else None
+        self.locked[region.id] = (key, mask)
+        return mask
+
+    def _refresh_locked(self, regions: list) -> dict:
+        """Every live region's mlocked pages, read now (at a refill)."""
+        self.locked = {}
+        if self.lock_key is None:
+            return {}
+        return {r.id: self._read(r, self.lock_key(r)) for r in regions if not r.closing}
+
+    def _locked_now(self, region) -> np.ndarray | None:
+        if self.lock_key is None:
+            return None
+        key = self.lock_key(region)
+        cached = self.locked.get(region.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        return self._read(region, key)
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
@@ -115,9 +162,11 @@ class VictimQueue:
                     # resident and hand them out twice: the caller asks again.
                     break
                 scanned = True
+                regions = list(regions)
+                locked = self._refresh_locked(regions)
                 self.pending = [(region, pages, region.table.stamp[pages].copy())
                                 for region, pages in choose_victims(regions, max(want - got, self.batch),
-                                                                    tick, clean_only)]
+                                                                    tick, clean_only, locked)]
                 continue
             region, pages, stamps = self.pending[0]
             if region.closing:
@@ -133,6 +182,9 @@ class VictimQueue:
             ok = (table.state[head] == pt.RESIDENT) & (table.stamp[head] == head_stamps)
             if clean_only:
                 ok &= (table.flags[head] & pt.F_DIRTY) == 0
+            never = self._locked_now(region)
+            if never is not None:
+                ok &= ~never[head]
             sel = head[ok]
             if len(sel):
                 out.append((region, sel))

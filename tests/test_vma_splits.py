@@ -1,0 +1,103 @@
+"""A client that splits its region's VMA (mprotect, mlock or madvise on part
+of it) keeps being served.
+
+A multi-page UFFDIO_COPY across a VMA boundary fails with ENOENT although
+every page of it is registered; the daemon used to take that for "client
+gone", close the region, and leave the client hanging (or dying of SIGSEGV)
+on its next touch. Zero-fill windows, read-ahead windows and write-protect
+runs all cross the boundaries here, on the engine's path and on the fast
+path's.
+"""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from tests.harness import Workload, assert_audit, status, wait_clean
+
+# Fills a region (a first-touch stream: zero-fill windows), reads it back in
+# order twice (swap-in read-ahead windows), rewrites it (write-protect faults
+# and writeback runs), and checks every page. Before any touch, parts of the
+# region get VMA flags of their own: MADV_RANDOM on one range, mprotect to
+# read-only and back on another (the flags differ, so the VMAs stay split:
+# VM_RAND_READ; the mprotect'ed range is split and merged again), and
+# MADV_DONTFORK on a third.
+SPLITTER = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np
+    import uswap
+
+    sock, npages = sys.argv[1], int(sys.argv[2])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    MADV_RANDOM, MADV_DONTFORK = 1, 10
+    PROT_READ, PROT_WRITE = 1, 2
+    MAGIC = np.uint64(0x5EED_0B0B_0000_0000)
+
+    def out(**kw):
+        print(json.dumps(kw), flush=True)
+
+    c = uswap.connect(sock)
+    r = c.alloc(npages * 4096)
+    P = 4096
+    for what, ret in (
+        ("madvise", libc.madvise(r.addr + 301 * P, 250 * P, MADV_RANDOM)),
+        ("mprotect", libc.mprotect(r.addr + 777 * P, 3 * P, PROT_READ)),
+        ("mprotect", libc.mprotect(r.addr + 777 * P, 3 * P, PROT_READ | PROT_WRITE)),
+        ("madvise", libc.madvise(r.addr + 1501 * P, 97 * P, MADV_DONTFORK)),
+    ):
+        assert ret == 0, (what, ctypes.get_errno())
+    with open("/proc/self/maps") as f:
+        vmas = sum(1 for line in f if int(line.split("-")[0], 16) >= r.addr
+                   and int(line.split("-")[0], 16) < r.addr + npages * P)
+    out(region=r.id, vmas=vmas)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    ids = np.arange(npages, dtype=np.uint64)
+    a[:, 0] = ids ^ MAGIC                       # first touch, in order
+    out(filled=npages)
+    for round in range(2):
+        bad = int(np.count_nonzero(a[:, 0] != ids ^ MAGIC))   # sequential swap-in
+        out(read=round, bad=bad)
+        if bad:
+            sys.exit(3)
+    a[:, 1] = ids + 7                           # rewrite: WP faults, writeback runs
+    bad = int(np.count_nonzero((a[:, 0] != ids ^ MAGIC) | (a[:, 1] != ids + 7)))
+    out(verified=npages, bad=bad)
+    del a
+    r.close()
+    c.close()
+    out(done=True)
+    sys.exit(3 if bad else 0)
+""")
+
+
+class Splitter(Workload):
+    def __init__(self, socket: str, npages: int) -> None:
+        self._spawn([sys.executable, "-c", SPLITTER, socket, str(npages)])
+
+
+@pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
+def test_split_region_is_served_across_vma_boundaries(backing, start_daemon, fault_threads):
+    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
+    c = Splitter(d.socket, 2048)
+    try:
+        first = c.next(30)
+        # madvise on one range and DONTFORK on another: 5 VMAs (the mprotect
+        # range merged back into its neighbours).
+        assert first["vmas"] >= 5, first
+        lines = c.finish(timeout=120)
+    finally:
+        c.kill()
+    assert c.proc.returncode == 0, (lines, c.proc.stderr.read()[-3000:], d.log_text()[-3000:])
+    assert lines[-1] == {"done": True}, lines
+    assert all(x.get("bad", 0) == 0 for x in lines), lines
+    text = d.log_text()
+    assert "closing (UFFDIO" not in text, text[-3000:]
+    st = status(d)
+    assert st["swapouts_total"] > 2048 and st["readahead_pages_total"] > 0, st
+    assert_audit(st)
+    wait_clean(d)
+    assert "Traceback" not in text, text[-5000:]
+    assert d.stop() == 0

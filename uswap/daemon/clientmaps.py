@@ -1,0 +1,110 @@
+"""What the kernel says about a client's mappings of its region, from
+/proc/PID/smaps: which parts are still mapped and registered with a
+userfaultfd, and which are mlocked.
+
+Why smaps: it is the one place that shows a VMA's flags (VmFlags: `um` =
+registered for MISSING faults, `lo` = mlocked). It is read rarely -- when an
+ioctl on the region fails, and when the victim queue refills or the
+client's locked memory (VmLck in /proc/PID/status, a cheap read) changed --
+never per page. Reading it takes the client's mm lock for reading, which no client
+holds while waiting for the daemon (see native/fastpath.c on the calls made
+under the page lock), so it cannot hang the daemon; its cost grows with the
+client's number of mappings.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+PAGE = 4096
+_HEADER = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ (\d+)")
+
+
+class Vma:
+    """One mapping of the region's memfd in the client."""
+    __slots__ = ("start", "end", "offset", "flags")
+
+    def __init__(self, start: int, end: int, offset: int) -> None:
+        self.start, self.end, self.offset = start, end, offset
+        self.flags: set[bytes] = set()
+
+
+def memfd_vmas(pid: int, inode: int) -> list[Vma] | None:
+    """The client's mappings of the file with this inode, in address order;
+    None when the process is gone (no /proc entry, a zombie, or an empty
+    smaps: its mm has exited)."""
+    try:
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if not text:
+        return None
+    out: list[Vma] = []
+    current: Vma | None = None
+    for line in text.split(b"\n"):
+        m = _HEADER.match(line)
+        if m:
+            current = None
+            if int(m.group(4)) == inode:
+                current = Vma(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16))
+                out.append(current)
+        elif current is not None and line.startswith(b"VmFlags:"):
+            current.flags = set(line[8:].split())
+    return out
+
+
+def _in_place(vma: Vma, region_addr: int) -> bool:
+    """The VMA maps the memfd where the region put it (file offset = distance
+    from the region's start), not a second mapping elsewhere."""
+    return vma.start - region_addr == vma.offset
+
+
+def registered(vmas: list[Vma], region_addr: int, start: int, end: int) -> bool:
+    """Every byte of [start, end) is mapped in place and registered for
+    MISSING faults with a userfaultfd."""
+    at = start
+    for vma in vmas:
+        if vma.end <= at or not _in_place(vma, region_addr):
+            continue
+        if vma.start > at or b"um" not in vma.flags:
+            return False
+        at = vma.end
+        if at >= end:
+            return True
+    return at >= end
+
+
+def locked_pages(vmas: list[Vma], region_addr: int, npages: int) -> np.ndarray | None:
+    """Boolean mask of the region's pages in mlocked VMAs (VmFlags `lo`), or
+    None when there are none."""
+    mask = None
+    for vma in vmas:
+        if b"lo" not in vma.flags or not _in_place(vma, region_addr):
+            continue
+        if mask is None:
+            mask = np.zeros(npages, bool)
+        first = max(0, (vma.start - region_addr) // PAGE)
+        last = min(npages, (vma.end - region_addr) // PAGE)
+        mask[first:last] = True
+    return mask
+
+
+def locked_kb(pid: int) -> int:
+    """The process's locked memory (VmLck in /proc/PID/status, KiB), 0 when
+    it cannot be read. Cheap (no walk of the mappings' pages): read before
+    each reclaim step to learn whether the mlocked ranges may have changed."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmLck:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def inode_of(fd: int) -> int:
+    return os.fstat(fd).st_ino
