@@ -19,22 +19,25 @@ import re
 import numpy as np
 
 PAGE = 4096
-_HEADER = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) \S+ (\d+)")
+_HEADER = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)")
 
 
 class Vma:
-    """One mapping of the region's memfd in the client."""
-    __slots__ = ("start", "end", "offset", "flags")
+    """One mapping of the client, with its VmFlags codes (bytes, e.g. b"um")."""
+    __slots__ = ("start", "end", "offset", "shared", "dev", "inode", "flags")
 
-    def __init__(self, start: int, end: int, offset: int) -> None:
+    def __init__(self, start: int, end: int, offset: int, shared: bool = True,
+                 dev: tuple[int, int] = (0, 0), inode: int = 0) -> None:
         self.start, self.end, self.offset = start, end, offset
+        self.shared, self.dev, self.inode = shared, dev, inode
         self.flags: set[bytes] = set()
 
 
-def memfd_vmas(pid: int, inode: int) -> list[Vma] | None:
-    """The client's mappings of the file with this inode, in address order;
-    None when the process is gone (no /proc entry, a zombie, or an empty
-    smaps: its mm has exited)."""
+def vmas(pid: int, keep=lambda vma: True) -> list[Vma] | None:
+    """The client's mappings that `keep` accepts, in address order, each
+    with its VmFlags; None when the process is gone (no /proc entry, a
+    zombie, or an empty smaps: its mm has exited). Other read errors
+    (EMFILE...) are raised. The one parser of /proc/PID/smaps."""
     try:
         with open(f"/proc/{pid}/smaps", "rb") as f:
             text = f.read()
@@ -47,13 +50,20 @@ def memfd_vmas(pid: int, inode: int) -> list[Vma] | None:
     for line in text.split(b"\n"):
         m = _HEADER.match(line)
         if m:
-            current = None
-            if int(m.group(4)) == inode:
-                current = Vma(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3), 16))
+            vma = Vma(int(m.group(1), 16), int(m.group(2), 16), int(m.group(4), 16),
+                      shared=m.group(3)[3:4] == b"s", dev=(int(m.group(5), 16), int(m.group(6), 16)),
+                      inode=int(m.group(7)))
+            current = vma if keep(vma) else None
+            if current is not None:
                 out.append(current)
         elif current is not None and line.startswith(b"VmFlags:"):
             current.flags = set(line[8:].split())
     return out
+
+
+def memfd_vmas(pid: int, inode: int) -> list[Vma] | None:
+    """The client's mappings of the file with this inode (see vmas)."""
+    return vmas(pid, lambda vma: vma.inode == inode)
 
 
 def _in_place(vma: Vma, region_addr: int) -> bool:

@@ -13,6 +13,7 @@ import stat
 from typing import Callable
 
 from uswap import native, uffd
+from uswap.daemon import clientmaps
 from uswap.daemon.pagetable import PageTable
 
 PAGE = 4096
@@ -83,39 +84,6 @@ def _fd_target(fd: int) -> str:
 REQUIRED_UFFD_MODES = (("MISSING", "um"), ("WP", "uw"), ("MINOR", "ui"))
 
 
-class _Vma:
-    __slots__ = ("start", "end", "shared", "offset", "dev", "inode", "flags")
-
-    def __init__(self, header: str) -> None:
-        fields = header.split(None, 5)
-        start, end = fields[0].split("-")
-        major, minor = fields[3].split(":")
-        self.start, self.end = int(start, 16), int(end, 16)
-        self.shared = fields[1][3] == "s"
-        self.offset = int(fields[2], 16)
-        self.dev = (int(major, 16), int(minor, 16))
-        self.inode = int(fields[4])
-        self.flags: set[str] = set()
-
-
-def _vmas_of(pid: int, lo: int, hi: int) -> list[_Vma]:
-    """The VMAs of process `pid` that meet [lo, hi), in address order, with
-    their VmFlags. Raises OSError if /proc/PID/smaps cannot be read."""
-    out: list[_Vma] = []
-    current: _Vma | None = None
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            first = line.split(None, 1)[0] if line.strip() else ""
-            if "-" in first and not first.endswith(":"):
-                vma = _Vma(line)
-                current = vma if vma.start < hi and lo < vma.end else None
-                if current is not None:
-                    out.append(current)
-            elif current is not None and first == "VmFlags:":
-                current.flags = set(line.split()[1:])
-    return out
-
-
 def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_result) -> None:
     """Refuse unless every page of [addr, addr+size) in process `pid` is a
     MAP_SHARED mapping of the region's memfd (memfd offset 0 at addr) and is
@@ -127,7 +95,9 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
         raise RegionRefused("alloc: the client's pid is unknown to the daemon (another pid namespace?);"
                             " cannot check how the range is registered")
     try:
-        vmas = _vmas_of(pid, addr, addr + size)
+        vmas = clientmaps.vmas(pid, lambda vma: vma.start < addr + size and addr < vma.end)
+        if vmas is None:
+            raise FileNotFoundError(errno.ENOENT, "the process is gone")
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
             raise
@@ -136,11 +106,11 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
     covering = _covering(vmas, addr, addr + size, pid, where)
     # Registration first: that is what a client most often gets wrong.
     for vma in covering:
-        missing = [mode for mode, code in REQUIRED_UFFD_MODES if code not in vma.flags]
+        missing = [mode for mode, code in REQUIRED_UFFD_MODES if code.encode() not in vma.flags]
         if missing:
             raise RegionRefused(f"alloc: {where} is not registered for {'|'.join(missing)}"
                                 f" (VmFlags of {vma.start:#x}-{vma.end:#x} in process {pid}:"
-                                f" {' '.join(sorted(vma.flags))}); register it MISSING|WP|MINOR")
+                                f" {b' '.join(sorted(vma.flags)).decode()}); register it MISSING|WP|MINOR")
     memfd_dev = (os.major(memfd_stat.st_dev), os.minor(memfd_stat.st_dev))
     for vma in covering:
         if not vma.shared or vma.dev != memfd_dev or vma.inode != memfd_stat.st_ino:
@@ -152,7 +122,7 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
                                 f" {vma.offset + first - vma.start:#x}, not {first - addr:#x}")
 
 
-def _covering(vmas: list[_Vma], lo: int, hi: int, pid: int, where: str) -> list[_Vma]:
+def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str) -> list[clientmaps.Vma]:
     """`vmas` if they cover [lo, hi) without a gap; else refuse."""
     cursor = lo
     for vma in vmas:
