@@ -23,7 +23,7 @@ from tests.harness import Workload, assert_audit, status, wait_clean
 # region get VMA flags of their own: MADV_RANDOM on one range, mprotect to
 # read-only and back on another (the flags differ, so the VMAs stay split:
 # VM_RAND_READ; the mprotect'ed range is split and merged again), and
-# MADV_DONTFORK on a third.
+# MADV_DONTDUMP on a third (every region is DONTFORK already).
 SPLITTER = textwrap.dedent("""
     import ctypes, json, sys
     import numpy as np
@@ -32,7 +32,7 @@ SPLITTER = textwrap.dedent("""
     sock, npages = sys.argv[1], int(sys.argv[2])
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    MADV_RANDOM, MADV_DONTFORK = 1, 10
+    MADV_RANDOM, MADV_DONTDUMP = 1, 16
     PROT_READ, PROT_WRITE = 1, 2
     MAGIC = np.uint64(0x5EED_0B0B_0000_0000)
 
@@ -46,7 +46,7 @@ SPLITTER = textwrap.dedent("""
         ("madvise", libc.madvise(r.addr + 301 * P, 250 * P, MADV_RANDOM)),
         ("mprotect", libc.mprotect(r.addr + 777 * P, 3 * P, PROT_READ)),
         ("mprotect", libc.mprotect(r.addr + 777 * P, 3 * P, PROT_READ | PROT_WRITE)),
-        ("madvise", libc.madvise(r.addr + 1501 * P, 97 * P, MADV_DONTFORK)),
+        ("madvise", libc.madvise(r.addr + 1501 * P, 97 * P, MADV_DONTDUMP)),
     ):
         assert ret == 0, (what, ctypes.get_errno())
     with open("/proc/self/maps") as f:
@@ -84,7 +84,7 @@ def test_split_region_is_served_across_vma_boundaries(backing, start_daemon, fau
     c = Splitter(d.socket, 2048)
     try:
         first = c.next(30)
-        # madvise on one range and DONTFORK on another: 5 VMAs (the mprotect
+        # madvise on one range and DONTDUMP on another: 5 VMAs (the mprotect
         # range merged back into its neighbours).
         assert first["vmas"] >= 5, first
         lines = c.finish(timeout=120)
