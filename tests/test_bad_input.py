@@ -507,10 +507,6 @@ def test_alloc_with_an_address_beyond_64_bits(served, addr):
     good.verify()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "the daemon's check (UFFDIO_WRITEPROTECT on the range) passes for any uffd of the same mm:"
-    " the kernel does not compare the VMA's uffd context, so this is accepted; the client then"
-    " hangs on its first fault (it harms only itself)"))
 def test_alloc_of_a_range_registered_in_another_uffd(served):
     """The range is registered, but with a different userfaultfd than the one
     sent: the daemon would watch a uffd that never sees the range's faults."""

@@ -122,6 +122,25 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
                                 f" {vma.offset + first - vma.start:#x}, not {first - addr:#x}")
 
 
+def check_same_uffd(uffd_fd: int, addr: int, size: int) -> None:
+    """Refuse unless [addr, addr+size) is registered in THIS userfaultfd
+    (smaps shows that a range is registered, not with which uffd; a range
+    registered in another one would send its faults where nobody reads
+    them). Registering the range again with the modes it has is the probe:
+    the kernel does nothing for the uffd that holds it, and answers EBUSY
+    for any other."""
+    try:
+        uffd.register(uffd_fd, addr, size, uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR)
+    except uffd.UffdUnsupported as e:
+        raise RegionRefused(f"alloc: {e}") from None
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is not registered in the userfaultfd sent"
+                                " (another uffd holds it); send the uffd the range is registered in") from None
+        raise RegionRefused(f"alloc: [{addr:#x}, +{size}) cannot be checked against the userfaultfd sent"
+                            f" ({e.strerror or e})") from None
+
+
 def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str) -> list[clientmaps.Vma]:
     """`vmas` if they cover [lo, hi) without a gap; else refuse."""
     cursor = lo
@@ -181,13 +200,7 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
     if not fl & os.O_NONBLOCK:
         fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
     registration_check(peer_pid, addr, size, st)
-    # The range must be registered for write-protection in the client's uffd
-    # (smaps cannot say which uffd): un-protecting a fresh range is harmless
-    # and fails when it is not.
-    ret = uffd.writeprotect(uffd_fd, addr, size, protect=False, wake=True)
-    if ret < 0:
-        raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is not registered for MISSING|WP|MINOR"
-                            f" in the given userfaultfd ({os.strerror(-ret)})")
+    check_same_uffd(uffd_fd, addr, size)
     region = Region(uffd_fd, memfd, addr, size, owner)
     try:
         region.daddr = native.mmap_shared(memfd, size)
