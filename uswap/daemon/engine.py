@@ -400,6 +400,12 @@ class Engine:
             ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
             if ret == -errno.EEXIST or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
                 uffd.wake(region.uffd, addr, PAGE)  # mapped already, or fault again later
+        elif state in (pt.EMPTY, pt.SWAPPED) and not _in_memfd(region, page):
+            # A stale fault: the page was in the memfd, unmapped in the client,
+            # when the fault was raised, and reclaim dropped it before we got
+            # here (a forked child's pages copied in at fork are resident and
+            # unmapped until first touched). The retry raises a MISSING fault.
+            uffd.wake(region.uffd, addr, PAGE)
         elif state in (pt.EMPTY, pt.SWAPPED):
             # Someone wrote the memfd directly (write(2)): adopt that content as dirty.
             log.warning("region %d page %d appeared in memory while %s; adopting it",
@@ -1264,6 +1270,17 @@ class Engine:
                           full=self.is_store_full(),
                           quarantined_bytes=sum(n for _, _, n in self.quarantine) * PAGE),
         }
+
+
+def _in_memfd(region: Region, page: int) -> bool:
+    """Whether the region's memfd holds this page (not a hole)."""
+    off = page << SHIFT
+    try:
+        return os.lseek(region.memfd, off, os.SEEK_DATA) == off
+    except OSError as e:
+        if e.errno != errno.ENXIO:  # ENXIO: no data from there on
+            raise
+        return False
 
 
 def _copy_pagewise(uffd_fd: int, dst: int, src: int, n: int, mode: int) -> int:
