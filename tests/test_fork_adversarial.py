@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from tests.daemon_proc import REPO
 PAGE_WORDS = 512
 CHILD_MARK = np.uint64(0x80000000)  # a child's own words: gen with the top bit set
 MAX_ALIVE = 4                       # children running at once
+CHILD_DEADLINE_S = 40               # a child not done by then hangs (it is killed, and counted bad)
 
 
 # ---------------------------------------------------------------- scenario side (client process)
@@ -248,18 +250,16 @@ def scenario_storm(c, npages: int, forks: int = 20, inject: bool = False) -> dic
             pass  # killed before it read
         os.close(hi_w)
         if kind == "kill_after_check":
-            try:
-                _read_exact(said_r, 1)
-            except EOFError:
-                pass  # it failed before its check; its exit code says so
+            # Its check done (or it died before: EOF; or it hangs: the deadline).
+            select.select([said_r], [], [], CHILD_DEADLINE_S)
             os.kill(pid, signal.SIGKILL)
         os.close(said_r)
         alive.append((pid, kind))
         if len(alive) >= MAX_ALIVE or rng.random() < 0.3:
             pid0, kind0 = alive.pop(0)
-            results.append((kind0, _wait(pid0)))
+            results.append((kind0, _wait_deadline(pid0, CHILD_DEADLINE_S)))
     for pid, kind in alive:
-        results.append((kind, _wait(pid)))
+        results.append((kind, _wait_deadline(pid, CHILD_DEADLINE_S)))
     writers.join()
     stop_status.set()
     hammer.join()
@@ -318,7 +318,7 @@ def scenario_copied_then_reclaimed(c, npages: int, forks: int = 8) -> dict:
         pages[:] = ((idx << np.uint64(32)) | np.uint64(k))[:, None]  # every page copied into the child
         os.write(go_w, b"g")
         os.close(go_w)
-        results.append(_wait_deadline(pid, 30))
+        results.append(_wait_deadline(pid, CHILD_DEADLINE_S))
     return {"children": results}
 
 
