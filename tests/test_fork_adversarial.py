@@ -322,6 +322,39 @@ def scenario_copied_then_reclaimed(c, npages: int, forks: int = 8) -> dict:
     return {"children": results}
 
 
+def scenario_unattached_child_forks(c, npages: int) -> dict:
+    """A child that could not attach (the daemon's socket was moved away
+    while it forked) forks a grandchild once the socket is back: the
+    grandchild has no region to attach, allocates one of its own on a new
+    connection and uses it under reclaim; the parent's data is untouched."""
+    region = c.alloc(npages * 4096)
+    pages = _pages(region)
+    want = (np.arange(npages, dtype=np.uint64) << np.uint64(32)) | np.uint64(5)
+    pages[:] = want[:, None]
+    moved = c.socket_path + ".moved"
+    os.rename(c.socket_path, moved)
+    pid = os.fork()
+    if pid == 0:
+        lost = region.lost is not None and not c.regions
+        os.rename(moved, c.socket_path)
+        gpid = os.fork()
+        if gpid == 0:
+            mine = c.alloc(npages * 4096)
+            mp = _pages(mine)
+            mp[:] = want[:, None] + np.uint64(1)
+            ok = not (mp != (want + np.uint64(1))[:, None]).any()
+            c.close()
+            os._exit(0 if ok else 3)
+        grc = _wait_deadline(gpid, CHILD_DEADLINE_S)
+        c.close()
+        os._exit(0 if lost and grc == 0 else 1 if not lost else 2)
+    child = _wait_deadline(pid, CHILD_DEADLINE_S)
+    if os.path.exists(moved):  # the child died before putting it back
+        os.rename(moved, c.socket_path)
+    parent_bad = int(np.count_nonzero((pages != want[:, None]).any(axis=1)))
+    return {"child": child, "parent_bad": parent_bad}
+
+
 def _main(argv: list[str]) -> None:
     import uswap
     name, sock, npages = argv[0], argv[1], int(argv[2])
@@ -399,5 +432,14 @@ def test_child_touching_pages_copied_at_fork_under_reclaim(backing, start_daemon
     d = start_daemon(backing, store_size="64M", max_resident="1M")
     result = run_scenario(d, "copied_then_reclaimed", 1000)
     assert result["children"] == [0] * 8, (result, d.log_text()[-2000:])
+    assert result["audit"]["charged_ok"] and result["audit"]["slots_ok"], result
+    assert_daemon_clean(d)
+
+
+def test_child_that_never_attached_forks_again(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="1M")
+    result = run_scenario(d, "unattached_child_forks", 512)
+    assert result["child"] == 0, result     # 1: it was not told its region was lost; 2/3: the grandchild failed
+    assert result["parent_bad"] == 0, result
     assert result["audit"]["charged_ok"] and result["audit"]["slots_ok"], result
     assert_daemon_clean(d)
