@@ -279,6 +279,9 @@ class Engine:
         def retry() -> None:
             if region.closing:
                 return
+            # A fork may have come between: children still reading these
+            # pages from here get their copies before the writes land (fork.py).
+            self.fork.before_write(region, np.arange(first, first + n))
             ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=False, wake=True)
             if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
                 self._after(0.001, retry)
