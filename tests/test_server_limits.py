@@ -295,6 +295,34 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(backing, start_
         s.close()
 
 
+def test_greeted_connection_stuck_mid_message_is_closed(backing, start_daemon):
+    """A greeted client that sends part of a message and then nothing held its
+    slot, its buffered bytes and any fds on them for ever (the fuzz test's
+    "truncated then silent" connections); a quiet greeted client between
+    messages is left alone."""
+    d = start_daemon(backing, store_size="64M", max_resident="1M",
+                     config={"handshake_timeout": "1s", "max_clients": 2, "control_connections": 0})
+    quiet = connect(d)
+    stuck = connect(d)
+    fds = spare_fds(2)
+    try:
+        send_raw(stuck, frame(b'{"op": "status"}')[:7], fds)  # half a status, with fds, then nothing
+        reply = outcome(stuck)  # the socket's own 10 s timeout bounds this
+        assert reply is not None and reply["ok"] is False, reply
+        assert "unfinished" in reply["error"] and "handshake_timeout" in reply["error"], reply
+        assert is_closed(stuck)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        stuck.close()
+    # Its slot is free again, and the quiet client is still served.
+    other = connect(d)
+    for s in (quiet, other):
+        protocol.send(s, {"op": "status"})
+        assert outcome(s)["ok"] is True
+        s.close()
+
+
 def uswap_status(d) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "uswap.cli", "status", "--socket", d.socket],
                           capture_output=True, text=True, timeout=30, cwd=REPO)

@@ -372,6 +372,9 @@ class Server:
         timeout = self.cfg.handshake_timeout
         if not session.greeted:
             reason = f"no valid hello within handshake_timeout ({timeout:g}s); closing the connection"
+        elif not session.control_only:
+            reason = (f"a message left unfinished for handshake_timeout ({timeout:g}s) after its first"
+                      " bytes; closing the connection")
         else:
             reason = (f"control connection open for handshake_timeout ({timeout:g}s); past max_clients"
                       " a connection is for one quick request: closing it")
@@ -408,6 +411,16 @@ class Server:
                 self._dispatch(session, frame)
                 if session.sock.fileno() < 0:
                     return
+            if session.greeted and not session.control_only:
+                # A message begun must be finished within handshake_timeout of
+                # its first bytes (not of its last: a peer trickling one byte
+                # at a time gets no longer), or the connection is closed: a
+                # half-sent frame holds buffer memory and its fds.
+                partial = session.buf.pending_bytes() > 0
+                if partial and session.deadline is None:
+                    self._set_deadline(session, time.monotonic() + self.cfg.handshake_timeout)
+                elif not partial and session.deadline is not None:
+                    self._set_deadline(session, None)
         except protocol.ProtocolError as e:
             self.client_log.warning("client pid %d: %s; dropping it", session.pid, e)
             self._reply(session, {"ok": False, "error": str(e)})
