@@ -1,0 +1,210 @@
+"""Adversarial clients against the fault path: what a client may do to its
+own region (split and merge its VMAs, mlock and munlock parts of it, flip
+O_NONBLOCK on its uffd, read its own uffd) never costs it data and never
+stalls anyone else; what it must not do (unregister part of its region) may
+cost it its region, but never another client's progress or the daemon.
+
+Every run is bounded by a deadline in the client (seconds of churn) and in
+the test (timeouts on every wait); every page a client wrote is verified.
+"""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from tests.harness import Workload, assert_audit, status, wait_clean
+
+# A client whose worker threads write and verify their own stripes of a
+# region (page p belongs to thread p % THREADS and holds the last value that
+# thread wrote there) while one more thread does `mode` to the region, until
+# the deadline. Output: {"ready"}, then {"rounds", "bad", "churn"}, {"done"}.
+CHURN = textwrap.dedent("""
+    import ctypes, fcntl, json, os, select, struct, sys, threading, time
+    import numpy as np
+    import uswap
+    from uswap import uffd as U
+
+    sock, mode, npages, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    THREADS, P = 4, 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.mlock.argtypes = libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    PROT_RW, PROT_RWX = 3, 7
+    MADV_NORMAL, MADV_RANDOM = 0, 1
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    stats = {"rounds": 0, "bad": 0, "churn": 0}
+    lock = threading.Lock()
+    print(json.dumps({"ready": True, "region": r.id}), flush=True)
+    deadline = time.monotonic() + seconds
+
+    def worker(t):
+        pages = np.arange(t, npages, THREADS)
+        rng = np.random.default_rng(t)
+        expected = np.zeros(len(pages), np.uint64)   # untouched pages read as zeros
+        gen = 0
+        while time.monotonic() < deadline:
+            gen += 1
+            pick = rng.choice(len(pages), size=max(1, len(pages) // 4), replace=False)
+            values = (pages[pick].astype(np.uint64) << np.uint64(20)) | np.uint64(gen)
+            a[pages[pick], 0] = values
+            expected[pick] = values
+            bad = int(np.count_nonzero(a[pages, 0] != expected))
+            with lock:
+                stats["rounds"] += 1
+                stats["bad"] += bad
+
+    def ok(ret, what):
+        if ret != 0:
+            raise OSError(ctypes.get_errno(), what)
+
+    def churn():
+        rng = np.random.default_rng(99)
+        fd = r._uffd
+        while time.monotonic() < deadline:
+            first = int(rng.integers(0, npages - 1))
+            n = int(rng.integers(1, min(64, npages - first) + 1))
+            at, size = r.addr + first * P, n * P
+            if mode == "vma":
+                # Flags that differ split the VMA; putting them back merges it.
+                ok(libc.mprotect(at, size, PROT_RWX), "mprotect rwx")
+                ok(libc.madvise(at, size, MADV_RANDOM), "madvise random")
+                ok(libc.mprotect(at, size, PROT_RW), "mprotect rw")
+                ok(libc.madvise(at, size, MADV_NORMAL), "madvise normal")
+            elif mode == "mlock":
+                ok(libc.mlock(at, size), "mlock")
+                ok(libc.munlock(at, size), "munlock")
+            elif mode == "nonblock":
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_NONBLOCK)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+            elif mode == "steal":
+                # Read our own uffd, as the daemon does, and wake the thread
+                # of every fault taken from under the daemon: it faults again.
+                if not select.select([fd], [], [], 0.05)[0]:
+                    continue
+                try:
+                    raw = os.read(fd, 32 * 16)
+                except BlockingIOError:
+                    continue
+                for off in range(0, len(raw), 32):
+                    event = raw[off]
+                    if event == 0x12:   # UFFD_EVENT_PAGEFAULT
+                        addr = struct.unpack_from("Q", raw, off + 16)[0]
+                        U.wake(fd, addr & ~(P - 1), P)
+                        stats["stolen"] = stats.get("stolen", 0) + 1
+            stats["churn"] += 1
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    threads.append(threading.Thread(target=churn))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(stats), flush=True)
+    del a
+    r.close()
+    c.close()
+    print(json.dumps({"done": True}), flush=True)
+    sys.exit(3 if stats["bad"] else 0)
+""")
+
+
+class Churn(Workload):
+    def __init__(self, socket: str, mode: str, npages: int, seconds: float) -> None:
+        self._spawn([sys.executable, "-c", CHURN, socket, mode, str(npages), str(seconds)])
+
+
+def _good_client(d) -> Workload:
+    """A well-behaved client that verifies every page it wrote."""
+    return Workload(d.socket, "--size", "2M", "--passes", "3", "--threads", "2")
+
+
+def _finish_clean(d) -> None:
+    text = d.log_text()
+    assert "Traceback" not in text, text[-5000:]
+    wait_clean(d)
+    assert d.stop(timeout=60) == 0
+
+
+@pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
+@pytest.mark.parametrize("mode", ["vma", "mlock", "nonblock", "steal"])
+def test_churning_client_keeps_its_data_and_stalls_nobody(backing, start_daemon, mode, fault_threads):
+    """Four threads write and verify a region under heavy reclaim while a
+    fifth churns it; a well-behaved client runs alongside and must finish."""
+    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
+    churn = Churn(d.socket, mode, 1024, 2.5)
+    good = None
+    try:
+        assert churn.next(30)["ready"]
+        good = _good_client(d)
+        good.finish_ok(timeout=90)
+        lines = churn.finish(timeout=90)
+        assert churn.proc.returncode == 0, (lines, churn.proc.stderr.read()[-3000:], d.log_text()[-3000:])
+    finally:
+        churn.kill()
+        if good is not None:
+            good.kill()
+    result = lines[-2]
+    assert result["bad"] == 0 and result["rounds"] > 0 and result["churn"] > 0, lines
+    assert lines[-1] == {"done": True}, lines
+    text = d.log_text()
+    # Nothing the churn does is a reason to close the region.
+    assert "closing (UFFDIO" not in text and "reading its userfaultfd failed" not in text, text[-3000:]
+    st = status(d)
+    assert st["swapouts_total"] > 0, st
+    assert_audit(st)
+    _finish_clean(d)
+
+
+# A client that fills its region (so reclaim must take its pages to serve
+# anyone else) and then unregisters pages from the uffd it gave the daemon:
+# "drop" leaves its upper half unregistered, "own" registers all of it with
+# a uffd of the client's own. Then it idles until killed.
+HOG = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    import uswap
+    from uswap import uffd as U
+
+    sock, how, npages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    c = uswap.connect(sock)
+    r = c.alloc(npages * 4096)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
+    # The upper half, or all of it when registering it with a uffd of its own.
+    first = 0 if how == "own" else npages // 2 * 4096
+    U.unregister(r._uffd, r.addr + first, npages * 4096 - first)
+    if how == "own":
+        mine = U.open_uffd()
+        U.register(mine, r.addr, npages * 4096, U.REGISTER_MISSING | U.REGISTER_WP | U.REGISTER_MINOR)
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()
+""")
+
+
+class Hog(Workload):
+    def __init__(self, socket: str, how: str, npages: int) -> None:
+        self._spawn([sys.executable, "-c", HOG, socket, how, str(npages)])
+
+
+@pytest.mark.parametrize("how", ["drop", "own"])
+def test_client_unregistering_its_region_stalls_nobody(backing, start_daemon, how):
+    """The hog's pages fill the budget; a well-behaved client can only run
+    if reclaim gets past pages it can no longer write-protect."""
+    d = start_daemon(backing, store_size="64M", max_resident="1M")
+    hog = Hog(d.socket, how, 256)
+    good = None
+    try:
+        assert hog.next(30) == {"ready": True}
+        good = _good_client(d)
+        good.finish_ok(timeout=90)
+        status(d)
+    finally:
+        hog.kill()
+        if good is not None:
+            good.kill()
+    _finish_clean(d)
