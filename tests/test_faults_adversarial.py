@@ -208,3 +208,106 @@ def test_client_unregistering_its_region_stalls_nobody(backing, start_daemon, ho
         if good is not None:
             good.kill()
     _finish_clean(d)
+
+
+# A client that moves its mlock from one range to another of the same size
+# (mlock the new one, munlock the old one) while the daemon is idle, so its
+# locked memory (VmLck) reads the same before and after; then it keeps
+# reclaim busy on the rest of the region and looks (mincore) whether the
+# newly locked range stayed in memory. The newly locked range was read just
+# before, so its pages are resident and may sit in the daemon's victim queue.
+MOVING_LOCK = textwrap.dedent("""
+    import ctypes, json, sys, time
+    import numpy as np
+    import uswap
+
+    sock, npages, span, phases = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    P = 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mlock.argtypes = libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    ids = np.arange(npages, dtype=np.uint64)
+    a[:, 0] = ids + 1
+    ranges = [(npages - 2 * span, npages - span), (npages - span, npages)]
+    low = npages - 2 * span
+    rng = np.random.default_rng(3)
+
+    def lock(which, on):
+        first, end = ranges[which]
+        fn = libc.mlock if on else libc.munlock
+        if fn(r.addr + first * P, (end - first) * P) != 0:
+            raise OSError(ctypes.get_errno(), "mlock" if on else "munlock")
+
+    def resident(which):
+        first, end = ranges[which]
+        vec = ctypes.create_string_buffer(end - first)
+        assert libc.mincore(r.addr + first * P, (end - first) * P, vec) == 0
+        return sum(b & 1 for b in vec.raw)
+
+    def press(pages):
+        idx = rng.choice(low, size=pages, replace=False)
+        a[idx, 0] = ids[idx] + 1
+        return int(np.count_nonzero(a[idx, 0] != ids[idx] + 1))
+
+    def idle():
+        # No eviction in flight and none starting: the next mlock lands
+        # between two reclaim steps, never inside one.
+        deadline = time.monotonic() + 30
+        last = None
+        while time.monotonic() < deadline:
+            st = c.status()
+            now = (st["swapouts_total"], st["writeback_inflight"])
+            if now == last and now[1] == 0:
+                return
+            last = now
+            time.sleep(0.02)
+        raise AssertionError("the daemon never went idle")
+
+    locked, bad, evicted, before = 0, 0, [], []
+    PRESS = int(sys.argv[5])
+    lock(locked, True)
+    for phase in range(phases):
+        other = 1 - locked
+        bad += press(PRESS)
+        first, end = ranges[other]
+        a[first:end, 0] = ids[first:end] + 1   # in, and active (written after its read)
+        bad += press(32)   # a few reclaim steps, from the queue's front
+        idle()
+        before.append(resident(other))
+        lock(other, True)
+        lock(locked, False)
+        locked = other
+        assert resident(locked) == span
+        s0 = c.status()["swapouts_total"]
+        while c.status()["swapouts_total"] < s0 + npages:
+            bad += press(64)
+        evicted.append(span - resident(locked))
+    print(json.dumps({"bad": bad, "evicted": evicted, "before": before}), flush=True)
+    del a
+    r.close()
+    c.close()
+    print(json.dumps({"done": True}), flush=True)
+""")
+
+
+def test_moved_mlock_is_never_evicted(file_backing, start_daemon):
+    """Moving an mlock to another range of the same size leaves the
+    client's VmLck unchanged; the daemon must still see the new range."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="1M")
+    client = Workload.__new__(Workload)
+    client._spawn([sys.executable, "-c", MOVING_LOCK, d.socket, "1024", "16", "8", "128"])
+    try:
+        lines = client.finish(timeout=90)
+    finally:
+        client.kill()
+    assert client.proc.returncode == 0, (lines, client.proc.stderr.read()[-3000:])
+    assert lines[-1] == {"done": True}, lines
+    result = lines[-2]
+    assert result["bad"] == 0, result
+    # The premise: the newly locked range was in memory when it was locked.
+    assert all(n == 16 for n in result["before"]), result
+    assert not any(result["evicted"]), result
+    _finish_clean(d)
