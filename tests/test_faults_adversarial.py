@@ -311,3 +311,74 @@ def test_moved_mlock_is_never_evicted(file_backing, start_daemon):
     assert all(n == 16 for n in result["before"]), result
     assert not any(result["evicted"]), result
     _finish_clean(d)
+
+
+# A client that write(2)s into its own memfd from a buffer in its own
+# region (pages of it evicted) while another of its threads keeps reclaim
+# busy. The write holds the memfd's inode lock while it waits for its fault
+# on the source page to be served.
+MEMFD_WRITER = textwrap.dedent("""
+    import json, os, sys, threading, time
+    import numpy as np
+    import uswap
+
+    sock, npages, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    P = 4096
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
+    half = npages // 2
+    deadline = time.monotonic() + seconds
+    print(json.dumps({"ready": True}), flush=True)
+    stats = {"writes": 0, "touches": 0}
+
+    def writer():
+        rng = np.random.default_rng(1)
+        while time.monotonic() < deadline:
+            src = int(rng.integers(0, half))
+            os.pwrite(r._memfd, r.buf[src * P:(src + 1) * P], (half + src) * P)
+            stats["writes"] += 1
+
+    def toucher():
+        rng = np.random.default_rng(2)
+        while time.monotonic() < deadline:
+            a[rng.integers(0, half, 64), 1] += 1
+            stats["touches"] += 1
+
+    ts = [threading.Thread(target=writer), threading.Thread(target=toucher)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    print(json.dumps(stats), flush=True)
+    print(json.dumps({"done": True}), flush=True)
+""")
+
+
+def test_client_writing_its_memfd_from_its_region_stalls_nobody(file_backing, start_daemon):
+    """Fails today, left failing: the engine punches evicted pages out of the
+    memfd (engine._drop, _stray_page) holding the page lock, and
+    fallocate(PUNCH_HOLE) takes the memfd's inode lock. The client's write
+    holds that inode lock while its fault on an evicted source page waits
+    to be served, which needs the page lock: the engine sleeps in
+    shmem_fallocate for ever, and every client and control request stalls.
+    A fix moves the punch out of the page lock, which needs a state for
+    pages being punched that the fast path leaves alone."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="1M")
+    writer = Workload.__new__(Workload)
+    writer._spawn([sys.executable, "-c", MEMFD_WRITER, d.socket, "1024", "3"])
+    good = None
+    try:
+        assert writer.next(30) == {"ready": True}
+        good = _good_client(d)
+        good.finish_ok(timeout=30)
+        lines = writer.finish(timeout=30)
+        status(d)
+    finally:
+        writer.kill()
+        if good is not None:
+            good.kill()
+    assert writer.proc.returncode == 0, (lines, writer.proc.stderr.read()[-3000:])
+    assert lines[-1] == {"done": True} and lines[-2]["writes"] > 0, lines
+    _finish_clean(d)
