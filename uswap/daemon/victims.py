@@ -109,10 +109,10 @@ class VictimQueue:
     and did not change hands), is clean when only clean pages may go, and is
     not in a range the client has mlocked.
 
-    Locked ranges: lock_key(region) is cheap and changes whenever the
-    client's locked ranges do (its VmLck with the region's VMA boundaries,
-    as an mlock or munlock of part of a VMA splits or merges it; 0: nothing
-    locked);
+    Locked ranges: lock_key(region) is cheap and changes when the client's
+    locked ranges do (its VmLck with the region's VMA boundaries, as an
+    mlock or munlock of part of a VMA splits or merges it; 0: nothing
+    locked) -- all but the one move README "Known limits" names;
     read_locked(region) reads the ranges themselves (a page mask, or None),
     which costs a walk of the client's mappings. They are read at each
     refill, and again before a region's queued pages are handed out if its
