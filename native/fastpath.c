@@ -556,8 +556,15 @@ static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uf
 static int fp_reader_enter(struct fp_engine *e, struct fp_region *r, uint32_t gen)
 {
     __atomic_add_fetch(&r->readers, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&r->live, __ATOMIC_SEQ_CST) && __atomic_load_n(&r->gen, __ATOMIC_SEQ_CST) == gen
-            && !__atomic_load_n(&r->closing, __ATOMIC_SEQ_CST))
+    /* `closing` is loaded first and `gen` last. The other way round, a
+     * reader that loaded gen (still its own) and was then preempted while
+     * the engine closed, released and reopened the slot for a new region
+     * would load the new region's `closing` = 0 and read the new region's
+     * uffd alongside the thread epoll handed it to: two readers, events
+     * decided out of order. In this order a 0 from a reopened slot is
+     * followed by a load of the incremented gen. */
+    if (!__atomic_load_n(&r->closing, __ATOMIC_SEQ_CST) && __atomic_load_n(&r->live, __ATOMIC_SEQ_CST)
+            && __atomic_load_n(&r->gen, __ATOMIC_SEQ_CST) == gen)
         return 1;
     if (__atomic_sub_fetch(&r->readers, 1, __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&r->closing, __ATOMIC_SEQ_CST)) {
         /* The engine may have seen this reader and put off releasing it. */

@@ -4,9 +4,10 @@ userfaultfd, and which are mlocked.
 
 Why smaps: it is the one place that shows a VMA's flags (VmFlags: `um` =
 registered for MISSING faults, `lo` = mlocked). It is read rarely -- when an
-ioctl on the region fails, and when the victim queue refills or the
-client's locked memory (VmLck in /proc/PID/status, a cheap read) changed --
-never per page. Reading it takes the client's mm lock for reading, which no client
+ioctl on the region fails, and when the victim queue refills or, for a
+client with locked memory, the key of its locks changed (VmLck in
+/proc/PID/status and the memfd's VMA boundaries in /proc/PID/maps, cheap
+reads) -- never per page. Reading it takes the client's mm lock for reading, which no client
 holds while waiting for the daemon (see native/fastpath.c on the calls made
 under the page lock), so it cannot hang the daemon; its cost grows with the
 client's number of mappings.
@@ -105,7 +106,7 @@ def locked_pages(vmas: list[Vma], region_addr: int, npages: int) -> np.ndarray |
 def locked_kb(pid: int) -> int:
     """The process's locked memory (VmLck in /proc/PID/status, KiB), 0 when
     it cannot be read. Cheap (no walk of the mappings' pages): read before
-    each reclaim step to learn whether the mlocked ranges may have changed."""
+    each reclaim step to learn whether there may be mlocked ranges at all."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -114,6 +115,26 @@ def locked_kb(pid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def memfd_layout(pid: int, inode: int) -> tuple[tuple[int, int], ...]:
+    """Where the client maps the file with this inode: its VMAs' (start,
+    end), from /proc/PID/maps (no walk of the pages, unlike smaps); () when
+    it cannot be read. An mlock or munlock of part of a VMA splits or merges
+    it, so this changes where VmLck alone may not."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            text = f.read()
+    except OSError:
+        return ()
+    tag = b" %d " % inode
+    out = []
+    for line in text.split(b"\n"):
+        if tag in line:
+            m = _HEADER.match(line)
+            if m and int(m.group(4)) == inode:
+                out.append((int(m.group(1), 16), int(m.group(2), 16)))
+    return tuple(out)
 
 
 def inode_of(fd: int) -> int:

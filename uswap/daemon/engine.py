@@ -93,7 +93,7 @@ class Engine:
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # One scan of the page tables per eighth of the budget evicted.
         self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8),
-                                   lock_key=self._locked_kb, read_locked=self._locked_pages)
+                                   lock_key=self._lock_key, read_locked=self._locked_pages)
         # Faults waiting for budget: (region id, page, is_write).
         self.budget_waiters: collections.deque = collections.deque()
         self.batch_pages = max(1, cfg.write_batch // PAGE)
@@ -923,11 +923,24 @@ class Engine:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
         return progress > 0 and want > progress
 
-    def _locked_kb(self, region: Region) -> int:
-        """The region owner's locked memory (VmLck, KiB; 0 if unknown): a
-        cheap read that changes whenever its mlocked ranges do."""
+    def _lock_key(self, region: Region) -> object:
+        """Cheap reads that change when the region owner's mlocked ranges
+        do (victims.py): 0 when it has no locked memory (VmLck 0, or
+        unknown), else its VmLck with where it maps the region (VMA
+        boundaries). VmLck alone is not enough: an mlock of one range and
+        an munlock of another of the same size leave it the same, while
+        moving VMA boundaries."""
         pid = getattr(region.owner, "pid", None)
-        return clientmaps.locked_kb(pid) if pid and not region.closing else 0
+        if not pid or region.closing:
+            return 0
+        kb = clientmaps.locked_kb(pid)
+        if not kb:
+            return 0
+        try:
+            inode = clientmaps.inode_of(region.memfd)
+        except OSError:
+            return kb
+        return (kb, clientmaps.memfd_layout(pid, inode))
 
     def _locked_pages(self, region: Region) -> np.ndarray | None:
         """The region's pages in the client's mlocked VMAs (never evicted:

@@ -109,8 +109,10 @@ class VictimQueue:
     and did not change hands), is clean when only clean pages may go, and is
     not in a range the client has mlocked.
 
-    Locked ranges: lock_key(region) is cheap and changes whenever the
-    client's locked memory does (its VmLck; 0: nothing locked);
+    Locked ranges: lock_key(region) is cheap and changes when the client's
+    locked ranges do (its VmLck with the region's VMA boundaries, as an
+    mlock or munlock of part of a VMA splits or merges it; 0: nothing
+    locked) -- all but the one move README "Known limits" names;
     read_locked(region) reads the ranges themselves (a page mask, or None),
     which costs a walk of the client's mappings. They are read at each
     refill, and again before a region's queued pages are handed out if its
@@ -118,18 +120,18 @@ class VictimQueue:
     seen before any of them is taken.
     """
 
-    def __init__(self, batch: int, lock_key: Callable[[object], int] | None = None,
+    def __init__(self, batch: int, lock_key: Callable[[object], object] | None = None,
                  read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
         self.batch = batch
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
         self.lock_key = lock_key
         self.read_locked = read_locked
-        self.locked: dict[int, tuple[int, np.ndarray | None]] = {}  # region id -> (key, mask)
+        self.locked: dict[int, tuple[object, np.ndarray | None]] = {}  # region id -> (key, mask)
 
     def clear(self) -> None:
         self.pending = []
 
-    def _read(self, region, key: int) -> np.ndarray | None:
+    def _read(self, region, key: object) -> np.ndarray | None:
         mask = self.read_locked(region) if key else None
         self.locked[region.id] = (key, mask)
         return mask
