@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from tests.harness import Workload, assert_audit, status, wait_clean, wait_for
+from tests.harness import Workload, assert_audit, inject, status, wait_clean, wait_for
 
 # Fills a region (a first-touch stream: zero-fill windows), reads it back in
 # order twice (swap-in read-ahead windows), rewrites it (write-protect faults
@@ -210,4 +210,80 @@ def test_unmapping_part_forgets_only_that_part(backing, start_daemon, fault_thre
     assert "closing (unmapped" not in text and "closing (UFFDIO" not in text, text[-3000:]
     wait_clean(d)
     assert "Traceback" not in text, text[-5000:]
+    assert d.stop() == 0
+
+
+# Fills its region, dirties the pages of a middle part once the parent has
+# slowed the store's writes down, and unmaps that part when told (while
+# their writeback is in flight); then checks the rest.
+SLOW_UNMAPPER = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np
+    import uswap
+
+    sock, npages, lo, hi = sys.argv[1], *map(int, sys.argv[2:5])
+    P = 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+    def out(**kw):
+        print(json.dumps(kw), flush=True)
+
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    ids = np.arange(npages, dtype=np.uint64)
+    rest = np.r_[0:lo, hi:npages]
+    a[:, 0] = ids + 1
+    out(filled=npages)
+    sys.stdin.readline()
+    a[lo:hi, 1] = 5                                  # dirty the part: written back slowly
+    out(dirtied=hi - lo)
+    sys.stdin.readline()
+    assert libc.munmap(r.addr + lo * P, (hi - lo) * P) == 0, ctypes.get_errno()
+    bad = int(np.count_nonzero(a[rest, 0] != ids[rest] + 1))
+    out(unmapped=hi - lo, bad=bad)
+    sys.stdin.readline()
+    del a
+    r.close()
+    c.close()
+    out(done=True)
+""")
+
+
+def test_unmapping_pages_under_writeback_forgets_them_when_the_write_returns(backing, start_daemon):
+    """Pages unmapped while their store write is in flight (every write
+    slowed down to 0.3 s) cannot change state until it returns; then they
+    are forgotten: accounting exact, their slots freed, the rest intact."""
+    npages, lo, hi = 1024, 256, 768
+    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={})
+    c = Workload.__new__(Workload)
+    c._spawn([sys.executable, "-c", SLOW_UNMAPPER, d.socket, str(npages), str(lo), str(hi)])
+    try:
+        c.next(60)
+        wait_for("writes settled", lambda: _settled(d), 30)
+        inject(d, {"write_delay": 0.3})
+        c.send()
+        c.next(60)
+        wait_for("the part's pages under writeback", lambda: status(d)["writeback_inflight"] > 0, 30)
+        c.send()
+        unmapped = c.next(60)
+        assert unmapped == {"unmapped": hi - lo, "bad": 0}, unmapped
+        during = status(d)
+        inject(d, {"write_delay": 0})
+        after = wait_for("writes settled", lambda: _settled(d), 30)
+        c.send()  # now it may close its region
+        lines = c.finish(timeout=60)
+    finally:
+        c.kill()
+    assert c.proc.returncode == 0, (lines, c.proc.stderr.read()[-3000:], d.log_text()[-3000:])
+    assert during["forgotten_after_io_total"] > 0, during
+    assert after["forgotten_pages_total"] >= hi - lo, after
+    assert after["store"]["used_bytes"] <= (npages - (hi - lo)) * 4096, after
+    assert_audit(after)
+    inj = after["store"]["inject"]
+    assert inj["overlapping_writes"] == 0 and inj["reads_during_write"] == 0, inj
+    wait_clean(d)
+    text = d.log_text()
+    assert "closing (unmapped" not in text and "Traceback" not in text, text[-3000:]
     assert d.stop() == 0

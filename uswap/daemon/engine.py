@@ -226,6 +226,7 @@ class Engine:
         seg = slice(first, first + n)
         busy = (table.state[seg] == pt.WRITEBACK) | (table.state[seg] == pt.LOADING)
         table.flags[seg] |= np.where(busy, pt.F_DISCARD, 0).astype(np.uint8)
+        self.stats["forgotten_after_io"] += int(np.count_nonzero(busy))
         self._forget(region, first + np.flatnonzero(~busy))
         # Faults parked for budget there can never be retried by the client.
         self.budget_waiters = collections.deque(
@@ -235,7 +236,7 @@ class Engine:
 
     def _forget(self, region: Region, pages: np.ndarray) -> None:
         """Make `pages` (sorted, none with I/O in flight) EMPTY: punched from
-        the memfd and uncharged if RESIDENT, slots freed."""
+        the memfd and uncharged if RESIDENT, slots freed, waiters woken."""
         if len(pages) == 0:
             return
         table = region.table
@@ -252,6 +253,12 @@ class Engine:
         table.state[pages] = pt.EMPTY
         table.flags[pages] = 0
         self.stats["forgotten_pages"] += len(pages)
+        # Threads parked on these pages (for budget, or on the I/O) must not
+        # sleep for ever: woken, they retry the access -- SIGSEGV on the
+        # unmapped range, as the kernel gives, or a fresh fault if it was
+        # mapped again in place meanwhile.
+        for first, n in pt.runs(pages, 1 << 30):
+            uffd.wake(region.uffd, region.addr + (first << SHIFT), n << SHIFT)
 
     def _maybe_release(self, region: Region) -> None:
         if (region.closing and region.inflight == 0 and region.id in self.regions
@@ -1396,6 +1403,10 @@ class Engine:
             "read_errors_total": self.stats["read_errors"],
             "overcommit_pages_total": self.stats["overcommit_pages"],
             "poisoned_pages_total": self.stats["poisoned_pages"],
+            # Pages of ranges the client unmapped (forget_range), and of those
+            # the ones forgotten only when their I/O in flight returned.
+            "forgotten_pages_total": self.stats["forgotten_pages"],
+            "forgotten_after_io_total": self.stats["forgotten_after_io"],
             "budget_waiters": len(self.budget_waiters),
             "write_backoff_s": round(max(0.0, self.write_retry_at - time.monotonic()), 3),
             "store_full": self.is_store_full(),
