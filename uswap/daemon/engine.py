@@ -355,17 +355,22 @@ class Engine:
                     self.fault_minor(region, page)
                 else:
                     self.fault_missing(region, page, bool(flags & uffd.PF_WRITE))
-            elif kind in (uffd.EVENT_UNMAP, uffd.EVENT_REMOVE):
-                self._on_unmap(region, kind, addr, end)
+            elif kind == uffd.EVENT_UNMAP:
+                self._on_unmap(region, addr, end)
+            # EVENT_REMOVE is never delivered: the daemon does not ask for
+            # UFFD_FEATURE_EVENT_REMOVE. It would not mean "forget" anyway:
+            # the kernel sends it for MADV_DONTNEED too, which on a shared
+            # mapping leaves the data in the memfd (README "Known limits"
+            # covers MADV_REMOVE).
 
-    def _on_unmap(self, region: Region, kind: int, addr: int, end: int) -> None:
-        """The client unmapped [addr, end) (munmap, mremap shrink or move;
-        REMOVE: MADV_REMOVE/DONTNEED, if ever delivered). The whole region
-        unmapped closes it; part of it forgets only those pages."""
+    def _on_unmap(self, region: Region, addr: int, end: int) -> None:
+        """The client unmapped [addr, end) (munmap, mremap shrink or move).
+        The whole region unmapped closes it; part of it forgets only those
+        pages."""
         lo, hi = max(addr, region.addr), min(end, region.addr + region.size)
         if lo >= hi:
             return
-        if kind == uffd.EVENT_UNMAP and lo == region.addr and hi == region.addr + region.size:
+        if lo == region.addr and hi == region.addr + region.size:
             self.close_region(region, "unmapped by client")
             return
         self.forget_range(region, (lo - region.addr) >> SHIFT, (hi - lo + PAGE - 1) >> SHIFT)
