@@ -72,6 +72,7 @@
 #define FL_DIRTY 1
 #define FL_WAITERS 2
 #define FL_ACTIVE 8
+#define FL_DISCARD 16   /* unmapped by the client during the I/O (pagetable.F_DISCARD) */
 
 /* Records passed to the engine. */
 #define FP_EVENT 1        /* a uffd message the engine serves (kind, flags, addr, end) */
@@ -80,6 +81,7 @@
 #define FP_RELEASABLE 4   /* a load of a closing region ended: it may be releasable */
 #define FP_READ_ERROR 5   /* reading the region's uffd failed with -result */
 #define FP_DIRTIED 6      /* page mapped writable for a write fault: its slot copy is stale */
+#define FP_FORGET 7       /* page mapped here was unmapped by the client meanwhile: the engine forgets it */
 
 #ifndef UFFDIO_COPY_MODE_WP
 #define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
@@ -105,6 +107,11 @@ struct fp_region {
     int64_t ra_window;
     int64_t fill_expect;  /* zero-fill stream state shared with the engine (engine._fill_zero) */
     int64_t fill_window;
+    /* UNMAP/REMOVE records passed to the engine and not yet applied by it
+     * (FastPath.unmap_applied): until then no fault of the region is served
+     * here, since the page states do not yet say which pages were forgotten
+     * -- a range regrown in place at once would be served its old slots. */
+    int32_t unmaps_pending;
 };
 
 struct fp_record {
@@ -245,7 +252,8 @@ static int fp_take_fill(struct fp_engine *e, struct fp_region *r, int64_t page, 
 static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m,
                          struct fp_job *job)
 {
-    if (!e->enabled || (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+    if (!e->enabled || r->unmaps_pending
+        || (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
         return 0;
     uint64_t addr = m->arg.pagefault.address;
     if (addr < r->addr || addr >= r->addr + r->npages * 4096)
@@ -311,7 +319,7 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
  * (WRITEBACK and LOADING pages park in the engine, invariant 4) is passed on. */
 static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
 {
-    if (!e->enabled || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
+    if (!e->enabled || r->unmaps_pending || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
         return 0;
     uint64_t addr = m->arg.pagefault.address;
     if (addr < r->addr || addr >= r->addr + r->npages * 4096)
@@ -401,18 +409,22 @@ static void fp_finish_fill(struct fp_engine *e, struct fp_job *j, int64_t result
     e->tick += (uint32_t)mapped;
     for (int64_t i = 0; i < j->n; i++) {
         int64_t p = j->page + i;
+        int discard = (r->flags[p] & FL_DISCARD) != 0;
         if (i < mapped) {
             /* A write that hit a page mapped write-protected before this ran
              * was parked by the engine (F_WAITERS): it is the page's first
              * write -- or, on a page mapped writable that a fork then
              * write-protected (daemon/fork.py), a write to let through. */
-            if (r->flags[p] & FL_WAITERS)
+            if ((r->flags[p] & FL_WAITERS) && !discard)
                 fp_push(e, FP_WAITERS, r)->page = p;
             r->state[p] = ST_RESIDENT;
             r->flags[p] = j->write ? FL_DIRTY : 0;
             r->stamp[p] = e->tick;
+            if (discard)
+                fp_push(e, FP_FORGET, r)->page = p;   /* punched and uncharged by the engine */
         } else {
             r->state[p] = ST_EMPTY;
+            r->flags[p] = 0;
             e->charged--;
         }
     }
@@ -507,6 +519,8 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
     e->tick++;
     r->stamp[j->page] = e->tick;
     e->swapins++;
+    if (fl & FL_DISCARD)
+        fp_push(e, FP_FORGET, r)->page = j->page;   /* unmapped during the load: the engine forgets it */
 }
 
 /* Lock held. Let epoll hand the region's uffd to a thread again (it is
@@ -538,6 +552,7 @@ static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uf
     } else if (m->event == UFFD_EVENT_UNMAP || m->event == UFFD_EVENT_REMOVE) {
         rec->addr = m->arg.remove.start;
         rec->end = m->arg.remove.end;
+        r->unmaps_pending++;
     }
     return 0;
 }
@@ -754,6 +769,7 @@ static int fp_region_open(struct fp_engine *e, int idx)
     /* `readers` is not reset: a thread with a stale delivery may be between
      * its increment and its decrement (fp_reader_enter). */
     r->inflight = 0;
+    r->unmaps_pending = 0;
     __atomic_store_n(&r->closing, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&r->live, 1, __ATOMIC_SEQ_CST);
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->uffd, &ev) < 0) {

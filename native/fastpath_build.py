@@ -33,6 +33,7 @@ struct fp_region {
     int64_t ra_window;
     int64_t fill_expect;
     int64_t fill_window;
+    int32_t unmaps_pending;
     ...;
 };
 struct fp_record {
@@ -72,6 +73,7 @@ struct fp_engine {
 #define FP_RELEASABLE 4
 #define FP_READ_ERROR 5
 #define FP_DIRTIED 6
+#define FP_FORGET 7
 struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd);
 int fp_set_fill_max(struct fp_engine *e, int64_t pages);
 void fp_lock(struct fp_engine *e);

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from tests.harness import Workload, assert_audit, status, wait_clean
+from tests.harness import Workload, assert_audit, inject, status, wait_clean, wait_for
 
 # Fills a region (a first-touch stream: zero-fill windows), reads it back in
 # order twice (swap-in read-ahead windows), rewrites it (write-protect faults
@@ -100,4 +100,190 @@ def test_split_region_is_served_across_vma_boundaries(backing, start_daemon, fau
     assert_audit(st)
     wait_clean(d)
     assert "Traceback" not in text, text[-5000:]
+    assert d.stop() == 0
+
+
+# Unmaps a middle part of its region while reclaim is busy, then grows the
+# first part back over the hole in place (mremap without MREMAP_MAYMOVE: the
+# grown VMA keeps the uffd registration). Every page is tagged with its index
+# and a generation in word 0 and 1; the pages outside the hole are checked
+# after the unmap, the regrown ones must read zeros, then hold what is written.
+UNMAPPER = textwrap.dedent("""
+    import ctypes, json, sys, threading
+    import numpy as np
+    import uswap
+
+    sock, npages, lo, hi = sys.argv[1], *map(int, sys.argv[2:5])
+    P = 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int)
+
+    def out(**kw):
+        print(json.dumps(kw), flush=True)
+
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    ids = np.arange(npages, dtype=np.uint64)
+    rest = np.r_[0:lo, hi:npages]
+    a[:, 0] = ids + 1
+    a[:, 1] = 1
+    out(filled=npages)
+    sys.stdin.readline()
+    # Rewrite the pages either side of the hole while the hole is unmapped,
+    # so reclaim writes back and swaps in around it; dirty the hole's pages
+    # just before the unmap so some are in writeback when it lands.
+    stop = threading.Event()
+    def rewrite():
+        gen = 2
+        while not stop.is_set():
+            a[rest, 1] = gen
+            gen += 1
+    t = threading.Thread(target=rewrite)
+    t.start()
+    a[lo:hi, 1] = 2
+    a[lo:hi:3, 0] = ids[lo:hi:3] + 1                # swap in a third of the hole
+    ret = libc.munmap(r.addr + lo * P, (hi - lo) * P)
+    assert ret == 0, ctypes.get_errno()
+    stop.set()
+    t.join()
+    bad = int(np.count_nonzero(a[rest, 0] != ids[rest] + 1))
+    out(unmapped=hi - lo, bad=bad)
+    sys.stdin.readline()
+    new = libc.mremap(r.addr, lo * P, hi * P, 0)     # grow the first part back over the hole
+    assert new == r.addr, (new, ctypes.get_errno())
+    nonzero = int(np.count_nonzero(a[lo:hi].any(axis=1)))
+    a[lo:hi, 0] = ids[lo:hi] + 7
+    a[lo:hi, 1] = 9
+    bad_regrown = int(np.count_nonzero((a[lo:hi, 0] != ids[lo:hi] + 7) | (a[lo:hi, 1] != 9)))
+    bad_rest = int(np.count_nonzero(a[rest, 0] != ids[rest] + 1))
+    out(regrown=hi - lo, nonzero=nonzero, bad_regrown=bad_regrown, bad_rest=bad_rest)
+    del a
+    r.close()
+    c.close()
+    out(done=True)
+""")
+
+
+class Unmapper(Workload):
+    def __init__(self, socket: str, npages: int, lo: int, hi: int) -> None:
+        self._spawn([sys.executable, "-c", UNMAPPER, socket, str(npages), str(lo), str(hi)])
+
+
+def _settled(d):
+    st = status(d)
+    return st if st["writeback_inflight"] == 0 and st["reads_inflight"] == 0 and st["audit"] else None
+
+
+@pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
+def test_unmapping_part_forgets_only_that_part(backing, start_daemon, fault_threads):
+    """munmap of a middle part under reclaim: the region stays served (the
+    daemon used to close it, and the client hung on its evicted pages), the
+    unmapped pages' slots are freed, accounting stays exact, and a mapping
+    grown back in place over the hole reads zeros, then holds new writes."""
+    npages, lo, hi = 2048, 512, 1536
+    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
+    c = Unmapper(d.socket, npages, lo, hi)
+    try:
+        c.next(60)
+        before = wait_for("writes settled", lambda: _settled(d), 30)
+        # 2048 pages through a 256-page budget: most of them hold a slot.
+        assert before["store"]["used_bytes"] > (npages - (hi - lo)) * 4096, before
+        c.send()
+        unmapped = c.next(120)
+        assert unmapped == {"unmapped": hi - lo, "bad": 0}, unmapped
+        after = wait_for("writes settled", lambda: _settled(d), 30)
+        assert_audit(after)
+        # Only the pages outside the hole can still hold a slot.
+        assert after["store"]["used_bytes"] <= (npages - (hi - lo)) * 4096, after
+        c.send()
+        regrown = c.next(120)
+        assert regrown == {"regrown": hi - lo, "nonzero": 0, "bad_regrown": 0, "bad_rest": 0}, regrown
+        lines = c.finish(timeout=60)
+    finally:
+        c.kill()
+    assert c.proc.returncode == 0, (lines, c.proc.stderr.read()[-3000:], d.log_text()[-3000:])
+    assert lines[-1] == {"done": True}, lines
+    text = d.log_text()
+    assert "closing (unmapped" not in text and "closing (UFFDIO" not in text, text[-3000:]
+    wait_clean(d)
+    assert "Traceback" not in text, text[-5000:]
+    assert d.stop() == 0
+
+
+# Fills its region, dirties the pages of a middle part once the parent has
+# slowed the store's writes down, and unmaps that part when told (while
+# their writeback is in flight); then checks the rest.
+SLOW_UNMAPPER = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np
+    import uswap
+
+    sock, npages, lo, hi = sys.argv[1], *map(int, sys.argv[2:5])
+    P = 4096
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+    def out(**kw):
+        print(json.dumps(kw), flush=True)
+
+    c = uswap.connect(sock)
+    r = c.alloc(npages * P)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    ids = np.arange(npages, dtype=np.uint64)
+    rest = np.r_[0:lo, hi:npages]
+    a[:, 0] = ids + 1
+    out(filled=npages)
+    sys.stdin.readline()
+    a[lo:hi, 1] = 5                                  # dirty the part: written back slowly
+    out(dirtied=hi - lo)
+    sys.stdin.readline()
+    assert libc.munmap(r.addr + lo * P, (hi - lo) * P) == 0, ctypes.get_errno()
+    bad = int(np.count_nonzero(a[rest, 0] != ids[rest] + 1))
+    out(unmapped=hi - lo, bad=bad)
+    sys.stdin.readline()
+    del a
+    r.close()
+    c.close()
+    out(done=True)
+""")
+
+
+def test_unmapping_pages_under_writeback_forgets_them_when_the_write_returns(backing, start_daemon):
+    """Pages unmapped while their store write is in flight (every write
+    slowed down to 0.3 s) cannot change state until it returns; then they
+    are forgotten: accounting exact, their slots freed, the rest intact."""
+    npages, lo, hi = 1024, 256, 768
+    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={})
+    c = Workload.__new__(Workload)
+    c._spawn([sys.executable, "-c", SLOW_UNMAPPER, d.socket, str(npages), str(lo), str(hi)])
+    try:
+        c.next(60)
+        wait_for("writes settled", lambda: _settled(d), 30)
+        inject(d, {"write_delay": 0.3})
+        c.send()
+        c.next(60)
+        wait_for("the part's pages under writeback", lambda: status(d)["writeback_inflight"] > 0, 30)
+        c.send()
+        unmapped = c.next(60)
+        assert unmapped == {"unmapped": hi - lo, "bad": 0}, unmapped
+        during = status(d)
+        inject(d, {"write_delay": 0})
+        after = wait_for("writes settled", lambda: _settled(d), 30)
+        c.send()  # now it may close its region
+        lines = c.finish(timeout=60)
+    finally:
+        c.kill()
+    assert c.proc.returncode == 0, (lines, c.proc.stderr.read()[-3000:], d.log_text()[-3000:])
+    assert during["forgotten_after_io_total"] > 0, during
+    assert after["forgotten_pages_total"] >= hi - lo, after
+    assert after["store"]["used_bytes"] <= (npages - (hi - lo)) * 4096, after
+    assert_audit(after)
+    inj = after["store"]["inject"]
+    assert inj["overlapping_writes"] == 0 and inj["reads_during_write"] == 0, inj
+    wait_clean(d)
+    text = d.log_text()
+    assert "closing (unmapped" not in text and "Traceback" not in text, text[-3000:]
     assert d.stop() == 0

@@ -88,6 +88,13 @@ def registered(vmas: list[Vma], region_addr: int, start: int, end: int) -> bool:
     return at >= end
 
 
+def any_registered(vmas: list[Vma], region_addr: int, start: int, end: int) -> bool:
+    """Some byte of [start, end) is mapped in place and registered for
+    MISSING faults: the region is still (partly) the client's."""
+    return any(vma.start < end and vma.end > start and _in_place(vma, region_addr)
+               and b"um" in vma.flags for vma in vmas)
+
+
 def locked_pages(vmas: list[Vma], region_addr: int, npages: int) -> np.ndarray | None:
     """Boolean mask of the region's pages in mlocked VMAs (VmFlags `lo`), or
     None when there are none."""

@@ -218,6 +218,61 @@ class Engine:
         self.load_queue = collections.deque(j for j in self.load_queue if j[0] != region.id)
         self._maybe_release(region)
 
+    def forget_range(self, region: Region, first: int, n: int) -> None:
+        """The client unmapped pages first..first+n-1 of a region it keeps
+        (munmap or an mremap shrink or move of part of it): the region lives
+        on and only these pages are forgotten. Resident ones are punched from
+        the memfd and uncharged, slots are freed, and all become EMPTY, so a
+        mapping regrown in place over them (it keeps the uffd registration)
+        reads zeros on first touch, as the kernel gives a fresh mapping.
+
+        Invariants 2, 3 and 7: a page with a write or read in flight
+        (WRITEBACK, LOADING) cannot change state now; it is marked F_DISCARD
+        and forgotten by the completion (_write_done, _load_done,
+        _reload_later's retry, or the fast path's FP_FORGET record)."""
+        first = max(0, first)
+        n = min(n, region.npages - first)
+        if n <= 0 or region.closing:
+            return
+        table = region.table
+        seg = slice(first, first + n)
+        busy = (table.state[seg] == pt.WRITEBACK) | (table.state[seg] == pt.LOADING)
+        table.flags[seg] |= np.where(busy, pt.F_DISCARD, 0).astype(np.uint8)
+        self.stats["forgotten_after_io"] += int(np.count_nonzero(busy))
+        self._forget(region, first + np.flatnonzero(~busy))
+        # Faults parked for budget there can never be retried by the client.
+        self.budget_waiters = collections.deque(
+            w for w in self.budget_waiters if not (w[0] == region.id and first <= w[1] < first + n))
+        log.info("region %d: pages %d..%d unmapped by the client, forgotten (%d with I/O in flight)",
+                 region.id, first, first + n - 1, int(np.count_nonzero(busy)))
+
+    def _forget(self, region: Region, pages: np.ndarray) -> None:
+        """Make `pages` (sorted, none with I/O in flight) EMPTY: punched from
+        the memfd and uncharged if RESIDENT, slots freed, waiters woken."""
+        if len(pages) == 0:
+            return
+        table = region.table
+        self.fork.before_forget(region, pages)
+        resident = pages[table.state[pages] == pt.RESIDENT]
+        for first, n in pt.runs(resident, 1 << 30):
+            try:
+                native.punch_hole(region.memfd, first << SHIFT, n << SHIFT)
+            except OSError as e:
+                self.close_region(region, f"punch hole failed: {e}")
+                return
+        self.charged -= len(resident)
+        self.slots.free_many(table.slot[pages].copy())
+        table.slot[pages] = pt.NO_SLOT
+        table.state[pages] = pt.EMPTY
+        table.flags[pages] = 0
+        self.stats["forgotten_pages"] += len(pages)
+        # Threads parked on these pages (for budget, or on the I/O) must not
+        # sleep for ever: woken, they retry the access -- SIGSEGV on the
+        # unmapped range, as the kernel gives, or a fresh fault if it was
+        # mapped again in place meanwhile.
+        for first, n in pt.runs(pages, 1 << 30):
+            uffd.wake(region.uffd, region.addr + (first << SHIFT), n << SHIFT)
+
     def _maybe_release(self, region: Region) -> None:
         if (region.closing and region.inflight == 0 and region.id in self.regions
                 and (self.fp is None or self.fp.inflight(region) == 0)):
@@ -249,9 +304,12 @@ class Engine:
 
     def _client_gone(self, region: Region) -> bool:
         """True when the region's owner process has exited (or exec'd), or
-        the region is no longer mapped in place and registered with a uffd
-        in it (the client unmapped or unregistered part of it), from
-        /proc/PID/smaps. A client found alive is trusted for ALIVE_RECHECK."""
+        no part of the region is mapped in place and registered with a uffd
+        any more, from /proc/PID/smaps. A region with part of its range still
+        registered is not gone: the client unmapped the rest, and the UNMAP
+        event waiting in the uffd forgets those pages (forget_range) once it
+        is read, so the caller's AGAIN ends. A client found alive is trusted
+        for ALIVE_RECHECK."""
         now = time.monotonic()
         if now - getattr(region, "alive_at", -ALIVE_RECHECK) < ALIVE_RECHECK:
             return False
@@ -263,7 +321,7 @@ class Engine:
         except OSError as e:
             log.warning("region %d: cannot read the client's mappings (%s); assuming it is alive", region.id, e)
             return False
-        if vmas is None or not clientmaps.registered(vmas, region.addr, region.addr, region.addr + region.size):
+        if vmas is None or not clientmaps.any_registered(vmas, region.addr, region.addr, region.addr + region.size):
             return True
         region.alive_at = now
         return False
@@ -279,12 +337,20 @@ class Engine:
         def retry() -> None:
             if region.closing:
                 return
+            # Only pages still RESIDENT: an unmapped (forgotten) page is EMPTY,
+            # and an ioctl on it would fail for ever.
+            still = first + np.flatnonzero(region.table.state[first:first + n] == pt.RESIDENT)
             # A fork may have come between: children still reading these
             # pages from here get their copies before the writes land (fork.py).
-            self.fork.before_write(region, np.arange(first, first + n))
-            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=False, wake=True)
-            if self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") == AGAIN:
-                self._after(0.001, retry)
+            self.fork.before_write(region, still)
+            for run_first, k in pt.runs(still, n):
+                ret = uffd.writeprotect(region.uffd, region.addr + (run_first << SHIFT), k << SHIFT,
+                                        protect=False, wake=True)
+                outcome = self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
+                if outcome == AGAIN:
+                    self._unprotect_later(region, run_first, k)
+                elif outcome == GONE_:
+                    return
         self._after(0.001, retry)
 
     # ------------------------------------------------------------------ faults
@@ -306,10 +372,24 @@ class Engine:
                 else:
                     self.fault_missing(region, page, bool(flags & uffd.PF_WRITE))
             elif kind == uffd.EVENT_UNMAP:
-                # The client unmapped (part of) the region without closing it:
-                # the range is no longer registered, so nothing can be served.
-                if addr < region.addr + region.size and end > region.addr:
-                    self.close_region(region, "unmapped by client")
+                self._on_unmap(region, addr, end)
+            # EVENT_REMOVE is never delivered: the daemon does not ask for
+            # UFFD_FEATURE_EVENT_REMOVE. It would not mean "forget" anyway:
+            # the kernel sends it for MADV_DONTNEED too, which on a shared
+            # mapping leaves the data in the memfd (README "Known limits"
+            # covers MADV_REMOVE).
+
+    def _on_unmap(self, region: Region, addr: int, end: int) -> None:
+        """The client unmapped [addr, end) (munmap, mremap shrink or move).
+        The whole region unmapped closes it; part of it forgets only those
+        pages."""
+        lo, hi = max(addr, region.addr), min(end, region.addr + region.size)
+        if lo >= hi:
+            return
+        if lo == region.addr and hi == region.addr + region.size:
+            self.close_region(region, "unmapped by client")
+            return
+        self.forget_range(region, (lo - region.addr) >> SHIFT, (hi - lo + PAGE - 1) >> SHIFT)
 
     def fault_missing(self, region: Region, page: int, write: bool, force: bool = False) -> None:
         table = region.table
@@ -732,6 +812,10 @@ class Engine:
             self.charged -= n
             self._finish_load(region, buf)
             return
+        if (table.flags[first:first + n] & pt.F_DISCARD).any():
+            self._settle_discarded_load(region, first, n, result[2] if result else uffd.COPY_MODE_WP)
+            self._finish_load(region, buf)
+            return
         bad = np.zeros(0, np.intp)
         if err is None:
             sums, ret, mode = result
@@ -839,10 +923,47 @@ class Engine:
                 self.charged -= n
                 self._maybe_release(region)
                 return
+            if (region.table.flags[first:first + n] & pt.F_DISCARD).any():
+                # Unmapped meanwhile: mapping it again would fail for ever.
+                self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP)
+                return
             region.inflight += 1
             self.load_queue.append((region.id, first, n, slot, started))
             self._pump_loads()
         self._after(delay, retry)
+
+    def _settle_discarded_load(self, region: Region, first: int, n: int, mode: int) -> None:
+        """A LOADING run (its I/O over) with pages the client unmapped
+        meanwhile (F_DISCARD): those are forgotten; the others are settled
+        by what the memfd holds, whatever the read or COPY did -- present
+        means the COPY mapped it (RESIDENT, clean if mapped write-protected),
+        absent means it was not (SWAPPED again, uncharged; its threads are
+        woken to fault again)."""
+        table = region.table
+        seg = slice(first, first + n)
+        discard = (table.flags[seg] & pt.F_DISCARD) != 0
+        present = (np.frombuffer(uffd.resident(region.daddr + (first << SHIFT), n << SHIFT), np.uint8) & 1) != 0
+        table.state[seg] = np.where(discard | present, pt.RESIDENT, pt.SWAPPED)
+        self._forget(region, first + np.flatnonzero(discard))
+        back = first + np.flatnonzero(~discard & ~present)
+        self.charged -= len(back)
+        table.flags[back] &= pt.F_ACTIVE
+        for run_first, k in pt.runs(back, n):
+            uffd.wake(region.uffd, region.addr + (run_first << SHIFT), k << SHIFT)
+        mapped = first + np.flatnonzero(~discard & present)
+        if len(mapped) == 0:
+            return
+        waiters = (table.flags[mapped] & pt.F_WAITERS) != 0
+        table.flags[mapped] &= pt.F_ACTIVE
+        table.stamp[mapped] = self._tick(len(mapped))
+        self.stats["swapins"] += len(mapped)
+        if not mode & uffd.COPY_MODE_WP:
+            table.flags[mapped] |= pt.F_DIRTY
+            self.slots.free_many(table.slot[mapped].copy())
+            table.slot[mapped] = pt.NO_SLOT
+        for page in mapped[waiters].tolist():
+            if table.flags[page] & pt.F_DIRTY == 0:
+                self._make_dirty(region, page)
 
     def _finish_load(self, region: Region, buf) -> None:
         if buf is not None:  # None: a load the fast path started
@@ -1097,6 +1218,22 @@ class Engine:
             self._maybe_release(region)
             return
         self.evicting -= n
+        discard = (table.flags[pages] & pt.F_DISCARD) != 0
+        if discard.any():
+            # Unmapped by the client while being written: now that the write
+            # has returned (invariant 3) these pages are forgotten. A failed
+            # write's slots are released as a run below.
+            gone = pages[discard]
+            if err is not None:
+                table.slot[gone] = pt.NO_SLOT
+            table.state[gone] = pt.RESIDENT
+            self._forget(region, gone)
+            if region.closing:
+                return
+            if err is None:
+                sums, all_zero = result
+                result = (sums[~discard], all_zero[~discard])
+            pages = seg = pages[~discard]
         waiters = (table.flags[seg] & pt.F_WAITERS) != 0
         if err is not None:
             # Invariant 5: a failed write leaves the pages resident, dirty and
@@ -1104,6 +1241,7 @@ class Engine:
             self.stats["write_errors"] += 1
             self.errlog.error("write error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
             self._release_failed_slots(slot, n, err)
+            n = len(pages)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.store_no_space = True  # the server's disk is full (a sparse file on NFS)
             table.slot[seg] = pt.NO_SLOT
@@ -1125,7 +1263,7 @@ class Engine:
         self.write_backoff = 0.0
         self.store_no_space = False
         self.last_write_ok = time.monotonic()
-        self.stats["pages_written"] += n
+        self.stats["pages_written"] += len(pages)
         sums, all_zero = result
         table.sum[seg] = sums
         # The writeback bit is cleared: the pages are clean copies of their slots.
@@ -1316,6 +1454,8 @@ class Engine:
                 continue
             elif kind == fastpath.FP_EVENT:
                 self.on_events(region, [(ev, flags, addr, end)])
+                if ev in (uffd.EVENT_UNMAP, uffd.EVENT_REMOVE):
+                    self.fp.unmap_applied(region)  # its pages are forgotten now
             elif kind == fastpath.FP_WAITERS:
                 # A write parked on the page while the fast path loaded it:
                 # it is the page's first write (as in _load_done), or, on a
@@ -1331,6 +1471,10 @@ class Engine:
                 if not region.closing and table.slot[page] == slot:
                     self.slots.free(slot)
                     table.slot[page] = pt.NO_SLOT
+            elif kind == fastpath.FP_FORGET:
+                # The page was unmapped while the fast path mapped it (F_DISCARD).
+                if not region.closing:
+                    self.forget_range(region, page, 1)
             elif kind == fastpath.FP_RELEASABLE:
                 self._maybe_release(region)
             elif kind == fastpath.FP_READ_ERROR:
@@ -1410,6 +1554,10 @@ class Engine:
             "read_errors_total": self.stats["read_errors"],
             "overcommit_pages_total": self.stats["overcommit_pages"],
             "poisoned_pages_total": self.stats["poisoned_pages"],
+            # Pages of ranges the client unmapped (forget_range), and of those
+            # the ones forgotten only when their I/O in flight returned.
+            "forgotten_pages_total": self.stats["forgotten_pages"],
+            "forgotten_after_io_total": self.stats["forgotten_after_io"],
             "budget_waiters": len(self.budget_waiters),
             "write_backoff_s": round(max(0.0, self.write_retry_at - time.monotonic()), 3),
             "store_full": self.is_store_full(),

@@ -24,6 +24,7 @@ FP_WAITERS = lib.FP_WAITERS
 FP_RELEASABLE = lib.FP_RELEASABLE
 FP_READ_ERROR = lib.FP_READ_ERROR
 FP_DIRTIED = lib.FP_DIRTIED
+FP_FORGET = lib.FP_FORGET
 
 
 def supports(store) -> bool:
@@ -101,6 +102,12 @@ class FastPath:
     def take_over(self, region) -> None:
         """The engine takes over a load that failed here."""
         self.e.regions[region.fp_slot].inflight -= 1
+
+    def unmap_applied(self, region) -> None:
+        """The engine applied an UNMAP/REMOVE record of the region: the C
+        threads may serve its faults again (fastpath.c, unmaps_pending)."""
+        if region.fp_slot >= 0:
+            self.e.regions[region.fp_slot].unmaps_pending -= 1
 
     def free(self, region) -> None:
         if region.fp_slot >= 0:

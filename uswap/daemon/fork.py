@@ -323,6 +323,16 @@ class ForkManager:
         for child in list(share.children):
             self._copy_in(child, region, hit[child.table.state[hit] == pt.AT_PARENT])
 
+    def before_forget(self, region: Region, pages: np.ndarray) -> None:
+        """`pages` of `region` are about to be forgotten (the client unmapped
+        them; Engine.forget_range): children still reading them from here get
+        their copies first (invariant AT_PARENT), and, if `region` is itself a
+        child, its AT_PARENT pages there stop reading from its source."""
+        self.before_write(region, pages)
+        src = self.source.get(region)
+        if src is not None:
+            self._unlink(region, src, pages[region.table.state[pages] == pt.AT_PARENT])
+
     def parent_clean(self, region: Region, pages: np.ndarray) -> None:
         """`pages` of the source are clean copies of their slots (or zero pages
         without one) and about to be dropped: children AT_PARENT there now

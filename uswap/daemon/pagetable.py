@@ -28,6 +28,7 @@ F_DIRTY = 1    # resident and writable: the slot copy, if any, is stale
 F_WAITERS = 2  # a write fault is parked on this page until its writeback ends
 F_EVICT = 4    # drop the page once its writeback succeeds
 F_ACTIVE = 8   # refaulted soon after eviction: working set, evicted after inactive pages
+F_DISCARD = 16 # the client unmapped the page while its I/O was in flight: forget it when the I/O ends
 
 NO_SLOT = -1
 
