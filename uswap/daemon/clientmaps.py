@@ -20,6 +20,7 @@ import re
 import numpy as np
 
 PAGE = 4096
+# Groups: start, end, perms, offset, device major, minor, inode.
 _HEADER = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)")
 
 
@@ -139,7 +140,7 @@ def memfd_layout(pid: int, inode: int) -> tuple[tuple[int, int], ...]:
     for line in text.split(b"\n"):
         if tag in line:
             m = _HEADER.match(line)
-            if m and int(m.group(4)) == inode:
+            if m and int(m.group(7)) == inode:
                 out.append((int(m.group(1), 16), int(m.group(2), 16)))
     return tuple(out)
 
