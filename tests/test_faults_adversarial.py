@@ -453,8 +453,9 @@ SLOT_CHURN = textwrap.dedent("""
 def test_region_slots_reused_under_faults(file_backing, start_daemon):
     """Regions freed while other regions' faults are read and served: a
     stale wake-up for a freed slot must never read the next region's uffd
-    (fastpath.c fp_reader_enter), and no data is lost."""
-    d = start_daemon(file_backing, store_size="64M", max_resident="1M")
+    (fastpath.c fp_reader_enter), and no data is lost. The budget is half of one region, so every region swaps
+    even when the threads do not overlap."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="256K")
     c = Workload.__new__(Workload)
     c._spawn([sys.executable, "-c", SLOT_CHURN, d.socket, "128", "3"])
     try:
