@@ -35,7 +35,8 @@ from uswap import config, native, protocol, uffd
 PAGE = 4096
 MADV_DONTFORK = 10
 MAP_FIXED_NOREPLACE = 0x100000
-PROT_READ_WRITE = 3
+PROT_READ, PROT_WRITE = 1, 2
+PROT_READ_WRITE = PROT_READ | PROT_WRITE
 MAP_SHARED = 1
 REGISTER_ALL = uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR
 
@@ -43,6 +44,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 # Live clients, for the at-fork hooks.
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -53,6 +55,24 @@ def _dont_fork(addr: int, length: int) -> None:
     if _libc.madvise(addr, length, MADV_DONTFORK) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"madvise(MADV_DONTFORK): {os.strerror(e)}")
+
+
+def _protections(addr: int, length: int) -> list[tuple[int, int, int]]:
+    """(start, end, PROT_*) of every mapping in [addr, +length) of this
+    process whose protection is not read-write (from /proc/self/maps): what
+    the program mprotect'ed, which a forked child's new mapping must keep."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split(None, 2)[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            lo, hi = max(lo, addr), min(hi, addr + length)
+            if lo >= hi:
+                continue
+            prot = (PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            if prot != PROT_READ_WRITE:
+                out.append((lo, hi, prot))
+    return out
 
 
 def _map_at(fd: int, addr: int, length: int) -> None:
@@ -98,9 +118,10 @@ class Region:
         sys.stderr.write(f"uswap: region at {self.addr:#x} ({self.size} bytes) is not available in"
                          f" forked child pid {os.getpid()}: {reason}\n")
 
-    def _attach_in_child(self, client: "Client", token: str) -> None:
+    def _attach_in_child(self, client: "Client", token: str, prots: list[tuple[int, int, int]]) -> None:
         """Map the child's copy (a memfd the daemon made at fork) at our
-        address, register a new uffd over it and hand that to the daemon."""
+        address with the parent's protections (`prots`), register a new uffd
+        over it and hand that to the daemon."""
         reply, fds = client._exchange({"op": "fork_child", "token": token, "region": self.id})
         if len(fds) != 1:
             for fd in fds:
@@ -113,6 +134,10 @@ class Region:
             _dont_fork(self.addr, self._mapped)
             uffd_fd = uffd.open_uffd()
             uffd.register(uffd_fd, self.addr, self._mapped, REGISTER_ALL)
+            for lo, hi, prot in prots:
+                if _libc.mprotect(lo, hi - lo, prot) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, f"mprotect({lo:#x}, {hi - lo}, {prot}): {os.strerror(e)}")
             reply, _ = client._exchange({"op": "fork_attach", "token": token, "region": self.id}, [uffd_fd])
         except BaseException:
             if mapped:
@@ -250,7 +275,10 @@ class Client:
                 for fd in fds:
                     os.close(fd)
                 raise UswapError(f"fork_begin: expected a keep-alive fd, got {len(fds)}")
-            self._fork_state = (reply["token"], fds[0], set(reply["regions"]))
+            # The child maps a new memfd over each region: it must keep what
+            # the program mprotect'ed, as a forked child keeps its mappings'.
+            prots = {r.id: _protections(r.addr, r._mapped) for r in live}
+            self._fork_state = (reply["token"], fds[0], set(reply["regions"]), prots)
         except Exception as e:  # a hook must not raise: the child is told instead
             self._fork_state = f"fork_begin failed in the parent: {e!r}"
 
@@ -283,14 +311,14 @@ class Client:
                 return  # connect on first use
             if not isinstance(state, tuple):
                 raise UswapError(state or "no fork snapshot was taken")
-            token, _, ids = state
+            token, _, ids, prots = state
             self._connect()
             for region in live:
                 if region.id not in ids:
                     region._lose("the daemon did not snapshot it at fork")
                     continue
                 try:
-                    region._attach_in_child(self, token)
+                    region._attach_in_child(self, token, prots.get(region.id, []))
                 except Exception as e:  # a hook must not raise; the region is unusable, say why
                     region._lose(repr(e))
         except Exception as e:
