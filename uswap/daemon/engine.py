@@ -48,6 +48,7 @@ GATHER_PAGES = 64
 # budget (Engine._punch_will_free); a punch takes microseconds unless a
 # client holds its memfd's inode lock.
 PUNCH_PATIENCE = 0.2
+PUNCH_THREADS = 2
 # ioctl errors that are what the daemon sees when the client's mapping or
 # process is gone -- and also, from a live client, after a VMA split
 # (ENOENT), a stale MINOR fault (EFAULT)... So they only prompt a check.
@@ -64,6 +65,10 @@ class Engine:
         self.store = store
         self.slots = SlotAllocator(store.size_bytes // PAGE)
         self.io = IoPool(cfg.io_threads)
+        # Punches (_punch) have threads of their own: one may wait for a
+        # client's memfd inode lock while that client's fault waits for a
+        # store job, which must never queue behind it on the same threads.
+        self.punch_io = IoPool(PUNCH_THREADS, self.io.eventfd, "punch")
         # The file and nfs:// stores' data path runs on C threads that never
         # take the GIL (see native/iopool.c for the measurement that moved it
         # there); other stores (fault injection) run on the Python pool, and
@@ -1025,7 +1030,8 @@ class Engine:
         self._punch(region, pages, evicted=True)
 
     def _punch(self, region: Region, pages: np.ndarray, evicted: bool) -> None:
-        """Punch clean pages (sorted) out of the memfd, one I/O-pool job per run.
+        """Punch clean pages (sorted) out of the memfd, one job per run on the
+        punch threads (Python, their own: see __init__).
 
         Invariant (punch outside the page lock): fallocate(PUNCH_HOLE) takes
         the memfd's inode lock, which a client write(2)ing its memfd holds
@@ -1053,7 +1059,7 @@ class Engine:
             def on_done(result, err, first=first, n=n, job=job):
                 self._punch_done(region, first, n, job, stamp, evicted, err)
 
-            self.io.submit(work, on_done)
+            self.punch_io.submit(work, on_done)
 
     def _punch_done(self, region: Region, first: int, n: int, job: int, stamp: int,
                     evicted: bool, err: OSError | None) -> None:
@@ -1387,7 +1393,7 @@ class Engine:
         return None
 
     def on_completions(self) -> None:
-        done = self.io.completions()
+        done = self.io.completions() + self.punch_io.completions()
         if self.cpool is not None:
             done += self.cpool.completions()
         for on_done, result, error in done:

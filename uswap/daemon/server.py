@@ -200,6 +200,7 @@ class Server:
             self._drop(session, "daemon stopping")
         engine.unlock()
         engine.stop_fast_path()
+        engine.punch_io.stop()  # before io.stop(), which closes the eventfd they share
         engine.io.stop()
         if engine.cpool is not None:
             engine.cpool.stop()
