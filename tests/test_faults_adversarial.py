@@ -376,19 +376,13 @@ MEMFD_WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, README Known limits: the engine punches evicted pages out of the memfd holding"
-    " the page lock, and a client write(2)ing its own memfd from an evicted page of its region"
-    " holds the memfd's inode lock while its fault waits for the engine"))
 def test_client_writing_its_memfd_from_its_region_stalls_nobody(file_backing, start_daemon):
-    """Fails today (xfail): the engine punches evicted pages out of the
-    memfd (engine._drop, _stray_page) holding the page lock, and
-    fallocate(PUNCH_HOLE) takes the memfd's inode lock. The client's write
-    holds that inode lock while its fault on an evicted source page waits
-    to be served, which needs the page lock: the engine sleeps in
-    shmem_fallocate for ever, and every client and control request stalls.
-    A fix moves the punch out of the page lock, which needs a state for
-    pages being punched that the fast path leaves alone."""
+    """fallocate(PUNCH_HOLE) takes the memfd's inode lock, which the
+    client's write(2) holds while its fault on an evicted source page waits
+    to be served. The engine once punched evicted pages holding the page
+    lock (so it slept in shmem_fallocate for ever and every client and
+    control request stalled); it now punches on an I/O thread, the pages
+    PUNCHING meanwhile (engine._punch)."""
     d = start_daemon(file_backing, store_size="64M", max_resident="1M")
     writer = Workload.__new__(Workload)
     writer._spawn([sys.executable, "-c", MEMFD_WRITER, d.socket, "1024", "3"])

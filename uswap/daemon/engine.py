@@ -44,6 +44,11 @@ SHIFT = 12
 RECLAIM_STEP = 256
 # Largest write gathered from scattered pages (its bounce buffer's size).
 GATHER_PAGES = 64
+# Seconds a punch counts as memory about to be freed for a fault waiting for
+# budget (Engine._punch_will_free); a punch takes microseconds unless a
+# client holds its memfd's inode lock.
+PUNCH_PATIENCE = 0.2
+PUNCH_THREADS = 2
 # ioctl errors that are what the daemon sees when the client's mapping or
 # process is gone -- and also, from a live client, after a VMA split
 # (ENOENT), a stale MINOR fault (EFAULT)... So they only prompt a check.
@@ -60,6 +65,10 @@ class Engine:
         self.store = store
         self.slots = SlotAllocator(store.size_bytes // PAGE)
         self.io = IoPool(cfg.io_threads)
+        # Punches (_punch) have threads of their own: one may wait for a
+        # client's memfd inode lock while that client's fault waits for a
+        # store job, which must never queue behind it on the same threads.
+        self.punch_io = IoPool(PUNCH_THREADS, self.io.eventfd, "punch")
         # The file and nfs:// stores' data path runs on C threads that never
         # take the GIL (see native/iopool.c for the measurement that moved it
         # there); other stores (fault injection) run on the Python pool, and
@@ -84,12 +93,17 @@ class Engine:
             self.fp.configure(self.max_pages, self.high_pages, self.ra_pages, self.ra_max_pages)
             if isinstance(store, NfsStore):
                 store.lend(cfg.io_threads + cfg.fault_threads)
-        # Pages holding memory or about to: RESIDENT + WRITEBACK + LOADING.
+        # Pages holding memory or about to: RESIDENT + WRITEBACK + LOADING + PUNCHING.
         self.charged = 0
         self.tick = 1
         self.writes_inflight = 0
         self.loads_inflight = 0
         self.evicting = 0  # pages in WRITEBACK with F_EVICT
+        self.punching = 0  # pages in PUNCHING (still charged, memory about to be freed)
+        # Punch jobs on the I/O pool: job id -> when submitted (see _must_overcommit).
+        self.punch_jobs: dict[int, float] = {}
+        self.punch_seq = 0
+        self.punch_wake_armed = False
         self.reclaiming = False  # between crossing the high watermark and reaching the low one
         # One scan of the page tables per eighth of the budget evicted.
         self.victims = VictimQueue(max(RECLAIM_STEP, self.max_pages // 8),
@@ -202,6 +216,7 @@ class Engine:
         uffd.wake(region.uffd, region.addr, region.size)
         table = region.table
         # Slots of pages with a write in flight stay allocated until the write returns.
+        # PUNCHING pages stay charged until their punch returns (_punch_done).
         idle = (table.state != pt.WRITEBACK)
         self.slots.free_many(table.slot[idle & (table.slot >= 0)])
         table.slot[idle] = pt.NO_SLOT
@@ -412,6 +427,11 @@ class Engine:
             self._start_load(region, page, write)
         elif state == pt.LOADING:
             pass  # the read in flight ends with a COPY, which wakes this fault too
+        elif state == pt.PUNCHING:
+            # Punched, its completion not applied yet: _punch_done wakes it and
+            # the retry is served from the slot (or zeros). The punch's
+            # completion depends on no fault, so parking cannot deadlock.
+            table.flags[page] |= pt.F_WAITERS
         elif state == pt.AT_PARENT:
             # A forked child's page still held by its parent (fork.py).
             if not self._charge(1, force):
@@ -499,11 +519,13 @@ class Engine:
         addr = region.addr + (page << SHIFT)
         if state == pt.RESIDENT:
             self._make_dirty(region, page)
-        elif state in (pt.WRITEBACK, pt.LOADING):
+        elif state in (pt.WRITEBACK, pt.LOADING, pt.PUNCHING):
             # Invariant 4: a write to a page under writeback waits until the
             # writeback ends; it is parked here, never blocked on. (LOADING: an
             # I/O thread mapped the page write-protected before its completion
-            # reached us; the write is let through in _load_done.)
+            # reached us; the write is let through in _load_done. PUNCHING:
+            # _punch_done wakes it; it refaults MISSING and is served from the
+            # slot, current by invariant 1.)
             table.flags[page] |= pt.F_WAITERS
         elif state in (pt.EMPTY, pt.SWAPPED) and self._page_in_memfd(region, page):
             # Mapped write-protected while the table says it is not in memory:
@@ -544,7 +566,15 @@ class Engine:
         table = region.table
         state = table.state[page]
         addr = region.addr + (page << SHIFT)
-        if state in (pt.RESIDENT, pt.WRITEBACK):
+        if state == pt.PUNCHING:
+            # Never parked: the punch may be waiting for the memfd's inode lock,
+            # held by this very thread (a write(2) to its memfd). Mapped
+            # write-protected while still in the memfd; gone already (EFAULT),
+            # the retry faults MISSING and parks until the punch returns.
+            ret = uffd.cont(region.uffd, addr, PAGE, uffd.CONTINUE_MODE_WP)
+            if ret in (-errno.EEXIST, -errno.EFAULT) or self._ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:
+                uffd.wake(region.uffd, addr, PAGE)
+        elif state in (pt.RESIDENT, pt.WRITEBACK):
             # A dirty page a forked child still reads stays write-protected (fork.py).
             dirty = (state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
                      and not self.fork.is_shared(region, page))
@@ -580,12 +610,11 @@ class Engine:
             self.clientlog.warning("region %d page %d appeared in memory while swapped; the slot copy wins",
                                    region.id, page)
             self.stats["stray_pages_punched"] += 1
-            try:
-                native.punch_hole(region.memfd, page << SHIFT, PAGE)
-            except OSError as e:
-                self.close_region(region, f"punch hole failed: {e}")
-                return
-            uffd.wake(region.uffd, addr, PAGE)
+            # Charged while it is punched (it holds memory): _punch_done
+            # uncharges it, makes it SWAPPED again and wakes the thread.
+            self._charge(1, force=True)
+            table.flags[page] |= pt.F_WAITERS
+            self._punch(region, np.array([page]), evicted=False)
             return
         self.clientlog.warning("region %d page %d appeared in memory while empty; adopting it as dirty",
                                region.id, page)
@@ -666,7 +695,24 @@ class Engine:
         the store-unavailable case (full, or failing writes in backoff): pages
         stay resident over budget rather than stall the client forever."""
         return (self.writes_inflight == 0 and self.loads_inflight == 0 and not self.load_queue
-                and self.shared.inflight == 0)
+                and self.shared.inflight == 0 and not self._punch_will_free())
+
+    def _punch_will_free(self) -> bool:
+        """A punch submitted less than PUNCH_PATIENCE ago is about to free
+        memory. An older one may be waiting for a client's memfd inode lock,
+        held by a thread whose fault may be this very budget waiter: counting
+        it for ever could deadlock, so past that time the waiter overcommits.
+        Arms one timer so the loop looks again when the patience runs out."""
+        now = time.monotonic()
+        young = [t for t in self.punch_jobs.values() if now - t < PUNCH_PATIENCE]
+        if young and not self.punch_wake_armed:
+            self.punch_wake_armed = True
+
+            def disarm() -> None:
+                self.punch_wake_armed = False
+
+            self._after(min(young) + PUNCH_PATIENCE - now, disarm)
+        return bool(young)
 
     # ------------------------------------------------------------------ swap-in
 
@@ -1010,7 +1056,7 @@ class Engine:
             if self.charged <= self.high_pages and not self.budget_waiters:
                 return False
             self.reclaiming = True
-        want = self.charged - self.low_pages - self.evicting + len(self.budget_waiters)
+        want = self.charged - self.low_pages - self.evicting - self.punching + len(self.budget_waiters)
         if want <= 0:
             return False
         step = min(want, RECLAIM_STEP)
@@ -1040,7 +1086,7 @@ class Engine:
                     progress += len(group)
                     if region.closing:
                         break
-        if self.charged - self.evicting <= self.low_pages:
+        if self.charged - self.evicting - self.punching <= self.low_pages:
             self.reclaiming = False  # the low watermark is reached (or will be, as writes land)
         return progress > 0 and want > progress
 
@@ -1094,27 +1140,79 @@ class Engine:
         return groups
 
     def _drop(self, region: Region, pages: np.ndarray) -> None:
-        """Drop clean resident pages from memory with one punch per run.
+        """Drop clean resident pages from memory with one punch per run
+        (made on an I/O thread: see _punch).
 
         Invariant 1: only pages that are RESIDENT and clean get here; clean
         means write-protected since the slot copy was taken (or a zero page
         never written), and a write since would have made them dirty."""
         table = region.table
         assert (table.state[pages] == pt.RESIDENT).all() and not (table.flags[pages] & pt.F_DIRTY).any()
+        self._punch(region, pages, evicted=True)
+
+    def _punch(self, region: Region, pages: np.ndarray, evicted: bool) -> None:
+        """Punch clean pages (sorted) out of the memfd, one job per run on the
+        punch threads (Python, their own: see __init__).
+
+        Invariant (punch outside the page lock): fallocate(PUNCH_HOLE) takes
+        the memfd's inode lock, which a client write(2)ing its memfd holds
+        while its fault on a page of its region waits for us. So the punch is
+        never made on the engine thread nor under the page lock: the pages
+        become PUNCHING here (still charged, slots kept), which the fast path
+        never serves and the engine parks on (fault_missing, fault_wp) or
+        maps write-protected (fault_minor); _punch_done applies the result.
+        One job per run: a job ends with its one punch, so a fault parked on
+        a punched page never waits behind a later punch that may need a lock
+        its own thread holds."""
+        region.table.state[pages] = pt.PUNCHING
+        self.punching += len(pages)
+        stamp = self.tick  # eviction time, for the refault distance
+        memfd = region.memfd
         for first, n in pt.runs(pages, 1 << 30):
-            try:
-                native.punch_hole(region.memfd, first << SHIFT, n << SHIFT)
-            except OSError as e:
-                self.close_region(region, f"punch hole failed: {e}")
-                return
-            seg = slice(first, first + n)
-            has_slot = table.slot[seg] >= 0
-            table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
-            table.flags[seg] = 0
-            table.stamp[seg] = self.tick  # eviction time, for the refault distance
-            self.charged -= n
+            self.punch_seq += 1
+            job = self.punch_seq
+            self.punch_jobs[job] = time.monotonic()
+            region.inflight += 1  # the memfd stays open until the punch returns (_maybe_release)
+
+            def work(first=first, n=n):
+                native.punch_hole(memfd, first << SHIFT, n << SHIFT)
+
+            def on_done(result, err, first=first, n=n, job=job):
+                self._punch_done(region, first, n, job, stamp, evicted, err)
+
+            self.punch_io.submit(work, on_done)
+
+    def _punch_done(self, region: Region, first: int, n: int, job: int, stamp: int,
+                    evicted: bool, err: OSError | None) -> None:
+        """A punch returned: its PUNCHING pages become SWAPPED (slot) or EMPTY,
+        uncharged, and the faults parked on them retry."""
+        del self.punch_jobs[job]
+        region.inflight -= 1
+        self.punching -= n
+        self.charged -= n
+        table = region.table
+        seg = slice(first, first + n)
+        if err is not None and not region.closing:
+            table.state[seg] = pt.EMPTY  # uncharged above; close_region must not count them
+            self.close_region(region, f"punch hole failed: {err}")
+        if region.closing:
+            # close_region freed their slots (no write to them is in flight).
+            table.state[seg] = pt.EMPTY
+            table.slot[seg] = pt.NO_SLOT
+            self._maybe_release(region)
+            return
+        has_slot = table.slot[seg] >= 0
+        parked = (table.flags[seg] & pt.F_WAITERS) != 0
+        table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
+        table.flags[seg] = 0
+        if evicted:
+            table.stamp[seg] = stamp
             self.stats["swapouts"] += int(np.count_nonzero(has_slot))
             self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot))
+        # Parked faults retry: a write refaults MISSING and is served from the
+        # slot, current by invariant 1 (the page was write-protected and clean).
+        for i, k in pt.runs(np.flatnonzero(parked), n):
+            uffd.wake(region.uffd, region.addr + ((first + i) << SHIFT), k << SHIFT)
 
     def _start_writeback(self, region: Region, pages: np.ndarray) -> bool:
         """Write dirty pages (sorted; a run, or scattered) to adjacent slots
@@ -1386,8 +1484,9 @@ class Engine:
     def drain_done(self) -> bool:
         if not self.draining:
             return False
-        if self.writes_inflight or self.loads_inflight or self.load_queue or self.shared.inflight:
-            return False
+        if (self.writes_inflight or self.loads_inflight or self.load_queue or self.shared.inflight
+                or self.punch_jobs):
+            return False  # a punched page comes home once SWAPPED (_punch_done)
         for region in list(self.regions.values()):
             if region.closing:
                 if region.inflight:
@@ -1432,7 +1531,7 @@ class Engine:
         return None
 
     def on_completions(self) -> None:
-        done = self.io.completions()
+        done = self.io.completions() + self.punch_io.completions()
         if self.cpool is not None:
             done += self.cpool.completions()
         for on_done, result, error in done:
@@ -1520,7 +1619,8 @@ class Engine:
         # and pages copied in for them.
         for region in list(self.regions.values()) + self.fork.pending_regions():
             st = region.table.state
-            charged += int(np.count_nonzero((st == pt.RESIDENT) | (st == pt.WRITEBACK) | (st == pt.LOADING)))
+            charged += int(np.count_nonzero((st == pt.RESIDENT) | (st == pt.WRITEBACK) | (st == pt.LOADING)
+                                            | (st == pt.PUNCHING)))
             slots += int(np.count_nonzero(region.table.slot >= 0))
         slots += sum(n for _, _, n in self.quarantine)
         # A slot shared by forked children is counted once per page table

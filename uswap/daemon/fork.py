@@ -20,6 +20,7 @@ fork copies page tables and swap entries:
   LOADING without slot (a zero fill)   EMPTY, or a copy if already mapped
   RESIDENT clean with slot S           SWAPPED on S (one more reference)
   RESIDENT clean without slot          EMPTY (a zero fill never written: zeros)
+  PUNCHING with slot S / without       SWAPPED on S / EMPTY (clean, as RESIDENT clean)
   RESIDENT dirty, WRITEBACK            AT_PARENT (same page of the parent region)
   EMPTY                                EMPTY
   POISONED                             POISONED
@@ -207,7 +208,8 @@ class ForkManager:
         clean = (t.flags & pt.F_DIRTY) == 0
         loading = np.flatnonzero(st == pt.LOADING)
         loaded = loading[self._mapped(region, loading)]  # frozen by _protect: copied below
-        by_slot = ((st == pt.SWAPPED) | (st == pt.LOADING) | ((st == pt.RESIDENT) & clean)) & (slot >= 0)
+        by_slot = ((st == pt.SWAPPED) | (st == pt.LOADING) | (st == pt.PUNCHING)
+                   | ((st == pt.RESIDENT) & clean)) & (slot >= 0)
         by_slot[loaded] = False
         at_parent = ((st == pt.RESIDENT) & ~clean) | (st == pt.WRITEBACK)
         ct.state[by_slot] = pt.SWAPPED

@@ -15,11 +15,14 @@ from typing import Any, Callable
 
 
 class IoPool:
-    def __init__(self, nthreads: int) -> None:
+    def __init__(self, nthreads: int, eventfd: int | None = None, name: str = "io") -> None:
+        """`eventfd`: poke this one (owned by another pool, which closes it)
+        instead of a new one of this pool's own."""
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.done: collections.deque = collections.deque()
-        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.threads = [threading.Thread(target=self._run, name=f"uswap-io-{i}", daemon=True)
+        self.owns_eventfd = eventfd is None
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if eventfd is None else eventfd
+        self.threads = [threading.Thread(target=self._run, name=f"uswap-{name}-{i}", daemon=True)
                         for i in range(nthreads)]
         for t in self.threads:
             t.start()
@@ -59,4 +62,5 @@ class IoPool:
             self.jobs.put(None)
         for t in self.threads:
             t.join(timeout=5)
-        os.close(self.eventfd)
+        if self.owns_eventfd:
+            os.close(self.eventfd)

@@ -20,12 +20,16 @@ POISONED = 5   # swap-in gave up (read_failure: sigbus); the client gets SIGBUS
 AT_PARENT = 6  # a forked child's page whose contents are the same page of the region it
                # was forked from, still resident there and unchanged since the fork
                # (daemon/fork.py); never charged, no slot
+PUNCHING = 7   # clean, being punched out of the memfd by an I/O thread (Engine._punch):
+               # still charged, slot (if any) current; faults park until the punch returns
 
-STATE_NAMES = ["EMPTY", "RESIDENT", "WRITEBACK", "SWAPPED", "LOADING", "POISONED", "AT_PARENT"]
+STATE_NAMES = ["EMPTY", "RESIDENT", "WRITEBACK", "SWAPPED", "LOADING", "POISONED", "AT_PARENT", "PUNCHING"]
+
 
 # Flags.
 F_DIRTY = 1    # resident and writable: the slot copy, if any, is stale
-F_WAITERS = 2  # a write fault is parked on this page until its writeback ends
+F_WAITERS = 2  # a write fault is parked on this page until its writeback ends (PUNCHING: any
+               # fault parked until the punch returns)
 F_EVICT = 4    # drop the page once its writeback succeeds
 F_ACTIVE = 8   # refaulted soon after eviction: working set, evicted after inactive pages
 F_DISCARD = 16 # the client unmapped the page while its I/O was in flight: forget it when the I/O ends

@@ -200,6 +200,7 @@ class Server:
             self._drop(session, "daemon stopping")
         engine.unlock()
         engine.stop_fast_path()
+        engine.punch_io.stop()  # before io.stop(), which closes the eventfd they share
         engine.io.stop()
         if engine.cpool is not None:
             engine.cpool.stop()
@@ -668,7 +669,7 @@ class Server:
                 t = region.table
                 regions.append({
                     "id": rid, "size_bytes": region.size,
-                    "resident_bytes": (t.count(pt.RESIDENT) + t.count(pt.WRITEBACK)) * 4096,
+                    "resident_bytes": (t.count(pt.RESIDENT) + t.count(pt.WRITEBACK) + t.count(pt.PUNCHING)) * 4096,
                     "swapped_bytes": (t.count(pt.SWAPPED) + t.count(pt.LOADING)) * 4096,
                 })
             clients.append({"pid": session.pid, "uid": session.uid, "regions": regions})
