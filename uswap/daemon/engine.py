@@ -241,17 +241,19 @@ class Engine:
         mapping regrown in place over them (it keeps the uffd registration)
         reads zeros on first touch, as the kernel gives a fresh mapping.
 
-        Invariants 2, 3 and 7: a page with a write or read in flight
-        (WRITEBACK, LOADING) cannot change state now; it is marked F_DISCARD
-        and forgotten by the completion (_write_done, _load_done,
-        _reload_later's retry, or the fast path's FP_FORGET record)."""
+        Invariants 2, 3 and 7: a page with a write, read or punch in flight
+        (WRITEBACK, LOADING, PUNCHING) cannot change state now; it is marked
+        F_DISCARD and forgotten by the completion (_write_done, _load_done,
+        _reload_later's retry, _punch_done, or the fast path's FP_FORGET
+        record)."""
         first = max(0, first)
         n = min(n, region.npages - first)
         if n <= 0 or region.closing:
             return
         table = region.table
         seg = slice(first, first + n)
-        busy = (table.state[seg] == pt.WRITEBACK) | (table.state[seg] == pt.LOADING)
+        busy = ((table.state[seg] == pt.WRITEBACK) | (table.state[seg] == pt.LOADING)
+                | (table.state[seg] == pt.PUNCHING))
         table.flags[seg] |= np.where(busy, pt.F_DISCARD, 0).astype(np.uint8)
         self.stats["forgotten_after_io"] += int(np.count_nonzero(busy))
         self._forget(region, first + np.flatnonzero(~busy))
@@ -1201,6 +1203,12 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
             self._maybe_release(region)
             return
+        # Unmapped by the client while being punched (forget_range): their
+        # slots go too, and they read as zeros if the range is mapped again.
+        discard = first + np.flatnonzero(table.flags[seg] & pt.F_DISCARD)
+        if len(discard):
+            self.slots.free_many(table.slot[discard].copy())
+            table.slot[discard] = pt.NO_SLOT
         has_slot = table.slot[seg] >= 0
         parked = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
