@@ -9,7 +9,7 @@
  * Durability: the store opens its file with O_SYNC, so libnfs sends every
  * WRITE3 with stable_how = FILE_SYNC and the server replies only once the data
  * is on stable storage; a write that returns success may let a page be
- * dropped (DESIGN invariant 1) with no further step.  The alternative,
+ * dropped (docs/design.md invariant 1) with no further step.  The alternative,
  * UNSTABLE writes followed by a COMMIT (us_nfs_fsync), was measured and
  * rejected: slower and not provably safe; see the comment above us_nfs_fsync.
  *

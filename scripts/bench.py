@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """uswap side by side with kernel swap, raw store I/O and exact LRU/FIFO,
-measured in one run on this machine (DESIGN §6: every figure is a ratio
-against a baseline measured in the same run).
+measured in one run on this machine (every figure is a ratio against a
+baseline measured in the same run: these machines are noisy).
 
     .venv/bin/python scripts/bench.py [--quick] [--size 1G] [--repeat 3]
         [--systems a,b] [--workloads a,b] [--json FILE] [--readme README.md]

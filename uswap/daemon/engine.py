@@ -1,15 +1,16 @@
-"""The swap engine: page state machine for every region, driven by one thread.
+"""The swap engine: the page state machine for every region.
 
-Ownership rule (the "page lock"): every page state transition happens on the
-engine thread, which never blocks on store I/O. I/O threads (iopool) only
-move bytes between the store and memory and report back; their completions
-are applied here. Holding the engine thread is therefore holding the lock of
-every page, which is how invariant 2 is enforced below without a lock per page.
+The page lock (docs/design.md §3): every page state transition is made by a
+thread holding the fast path's mutex. The engine thread holds it whenever it
+runs (server.py lets go only while it sleeps in epoll_wait); the fast path's
+C fault threads take it to decide and to finish (native/fastpath.c). I/O and
+punch threads change no page state: their completions are applied here, on
+the engine thread, under the lock. That is how invariant 2 is enforced
+without a lock per page.
 
-States and flags are in pagetable.py. The invariants of DESIGN §3 are named
+States and flags are in pagetable.py. The invariants of docs/design.md §5 are named
 in comments at the one place each is enforced.
-"""
-from __future__ import annotations
+"""from __future__ import annotations
 
 import collections
 import errno

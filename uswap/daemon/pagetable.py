@@ -1,6 +1,6 @@
 """Compact per-page state: five numpy arrays, 14 bytes per managed page.
 
-No Python object exists per page (DESIGN §3). The kernel keeps one byte per
+No Python object exists per page (docs/design.md §4). The kernel keeps one byte per
 swap slot; we keep state, flags, slot number, a use stamp for victim choice
 and the checksum of the slot copy (CRC32C, native/pagesum.h: 4 bytes, every
 value valid; only pages with a slot are ever checked). The stamp is the tick of the page's last
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# States (DESIGN §3).
+# States (docs/design.md §4).
 EMPTY = 0      # never populated (or dropped while a clean zero page): reads as zeros
 RESIDENT = 1   # in memory; clean (write-protected, slot copy current) or dirty
 WRITEBACK = 2  # resident, write-protected, a store write of it in flight

@@ -4,7 +4,7 @@ A store is a fixed-size array of bytes addressed by offset.  The daemon calls it
 from several I/O threads at once, so every method must be thread-safe, and each
 call blocks its own thread only (never the fault loop, which never calls a store).
 
-Durability contract (DESIGN invariant 1): `write` returns only once the bytes are
+Durability contract (docs/design.md invariant 1): `write` returns only once the bytes are
 stable on the store, i.e. they would survive a crash or restart of the store's
 server. A page is dropped from memory on the strength of that return.
 """

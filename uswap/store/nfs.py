@@ -1,7 +1,7 @@
 """The ``nfs://`` backing store: a swap file spoken to over NFSv3 with libnfs.
 
 No kernel NFS client, no mount, no root: the daemon talks NFS itself
-(DESIGN §5).  The C shim (native/nfs.c) does one libnfs call's worth of work;
+(README "NFS").  The C shim (native/nfs.c) does one libnfs call's worth of work;
 this module holds the logic:
 
 * URL parsing and export discovery.  ``nfs://HOST/EXPORT/PATH/FILE``: the
@@ -24,7 +24,7 @@ this module holds the logic:
   while the server is unreachable).  A lent context is used by one C job at
   a time and by nothing else.
 
-Durability (DESIGN invariant 1): the file is opened O_SYNC, so every WRITE3
+Durability (docs/design.md invariant 1): the file is opened O_SYNC, so every WRITE3
 is sent FILE_SYNC and the server replies only once the data is on stable
 storage; ``write`` returning is the proof a page may be dropped.  UNSTABLE
 writes plus COMMIT were measured and rejected (native/nfs.c says why).
