@@ -10,7 +10,8 @@ without a lock per page.
 
 States and flags are in pagetable.py. The invariants of docs/design.md §5 are named
 in comments at the one place each is enforced.
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 import collections
 import errno
