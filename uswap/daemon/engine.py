@@ -359,18 +359,24 @@ class Engine:
             # Only pages still RESIDENT: an unmapped (forgotten) page is EMPTY,
             # and an ioctl on it would fail for ever.
             still = first + np.flatnonzero(region.table.state[first:first + n] == pt.RESIDENT)
-            # A fork may have come between: children still reading these
-            # pages from here get their copies before the writes land (fork.py).
-            self.fork.before_write(region, still)
-            for run_first, k in pt.runs(still, n):
-                ret = uffd.writeprotect(region.uffd, region.addr + (run_first << SHIFT), k << SHIFT,
-                                        protect=False, wake=True)
-                outcome = self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
-                if outcome == AGAIN:
-                    self._unprotect_later(region, run_first, k)
-                elif outcome == GONE_:
-                    return
+            # (A fork may have come between: _unprotect_runs copies first.)
+            self._unprotect_runs(region, still)
         self._after(0.001, retry)
+
+    def _unprotect_runs(self, region: Region, pages: np.ndarray) -> None:
+        """Let writes through on `pages` (sorted, RESIDENT, parked writers
+        woken): children of a fork still reading them from here get their
+        copies first (fork.py); a run whose un-protect gets AGAIN is retried
+        later (invariant 4: the write is never lost)."""
+        self.fork.before_write(region, pages)
+        for first, k in pt.runs(pages, max(1, len(pages))):
+            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
+                                    protect=False, wake=True)
+            outcome = self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
+            if outcome == AGAIN:
+                self._unprotect_later(region, first, k)
+            elif outcome == GONE_:
+                return
 
     # ------------------------------------------------------------------ faults
 
@@ -1355,15 +1361,7 @@ class Engine:
             table.slot[seg] = pt.NO_SLOT
             table.state[seg] = pt.RESIDENT
             table.flags[seg] = pt.F_DIRTY
-            self.fork.before_write(region, pages)  # about to be un-protected: children copy first
-            for first, k in pt.runs(pages, n):
-                ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
-                                        protect=False, wake=True)
-                outcome = self._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
-                if outcome == AGAIN:
-                    self._unprotect_later(region, first, k)
-                elif outcome == GONE_:
-                    break
+            self._unprotect_runs(region, pages)
             self.write_backoff = min(self.cfg.write_retry_max, max(self.cfg.write_retry_min, self.write_backoff * 2))
             self.write_retry_at = time.monotonic() + self.write_backoff
             self._after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
