@@ -266,24 +266,23 @@ class Engine:
                  region.id, first, first + n - 1, int(np.count_nonzero(busy)))
 
     def _forget(self, region: Region, pages: np.ndarray) -> None:
-        """Make `pages` (sorted, none with I/O in flight) EMPTY: punched from
-        the memfd and uncharged if RESIDENT, slots freed, waiters woken."""
+        """Make `pages` (sorted, none with I/O in flight) EMPTY, slots freed,
+        waiters woken; RESIDENT ones once their punch returns (uncharged then)."""
         if len(pages) == 0:
             return
         table = region.table
         self.fork.before_forget(region, pages)
-        resident = pages[table.state[pages] == pt.RESIDENT]
-        for first, n in pt.runs(resident, 1 << 30):
-            try:
-                native.punch_hole(region.memfd, first << SHIFT, n << SHIFT)
-            except OSError as e:
-                self.close_region(region, f"punch hole failed: {e}")
-                return
-        self.charged -= len(resident)
-        self.slots.free_many(table.slot[pages].copy())
-        table.slot[pages] = pt.NO_SLOT
-        table.state[pages] = pt.EMPTY
-        table.flags[pages] = 0
+        resident = table.state[pages] == pt.RESIDENT
+        rest = pages[~resident]
+        self.slots.free_many(table.slot[rest].copy())
+        table.slot[rest] = pt.NO_SLOT
+        table.state[rest] = pt.EMPTY
+        table.flags[rest] = 0
+        # Resident pages are punched as evicted ones are, off the page lock
+        # (_punch's invariant); F_DISCARD makes _punch_done free their slots
+        # and leave them EMPTY. They stay charged until then.
+        table.flags[pages[resident]] = pt.F_DISCARD
+        self._punch(region, pages[resident], evicted=False)
         self.stats["forgotten_pages"] += len(pages)
         # Threads parked on these pages (for budget, or on the I/O) must not
         # sleep for ever: woken, they retry the access -- SIGSEGV on the
@@ -1217,6 +1216,8 @@ class Engine:
         if len(discard):
             self.slots.free_many(table.slot[discard].copy())
             table.slot[discard] = pt.NO_SLOT
+            if evicted:  # unmapped while an eviction punched them (a forget's own punch counted them)
+                self.stats["forgotten_pages"] += len(discard)
         has_slot = table.slot[seg] >= 0
         parked = (table.flags[seg] & pt.F_WAITERS) != 0
         table.state[seg] = np.where(has_slot, pt.SWAPPED, pt.EMPTY)
@@ -1224,7 +1225,7 @@ class Engine:
         if evicted:
             table.stamp[seg] = stamp
             self.stats["swapouts"] += int(np.count_nonzero(has_slot))
-            self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot))
+            self.stats["zero_drops"] += int(n - np.count_nonzero(has_slot) - len(discard))
         # Parked faults retry: a write refaults MISSING and is served from the
         # slot, current by invariant 1 (the page was write-protected and clean).
         for i, k in pt.runs(np.flatnonzero(parked), n):
