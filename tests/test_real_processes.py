@@ -207,7 +207,11 @@ def test_mprotect_read_only_part(daemon):
 
 
 def test_mlock_part(daemon):
-    run_case(daemon, "mlock")
+    """128 pages locked: half the budget. (Locking the whole budget, 256
+    pages, leaves every other fault of both clients to evict the page it just
+    brought in: it completes, but at ~50 swap-ins a second, a thrash this
+    test is not about; see the closing note of issue 8.)"""
+    run_case(daemon, "mlock", "--op", "256:384")
 
 
 # ---------------------------------------------------------------- madvise
