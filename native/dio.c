@@ -15,6 +15,7 @@
 #include <sys/vfs.h>
 #include "fd_io.h"
 #include "pagesum.h"
+#include "dio.h"
 #include <unistd.h>
 
 static int us_open_direct(const char *path, int flags, int mode)

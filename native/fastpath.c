@@ -1,5 +1,5 @@
 /* The fault fast path: C threads that read the regions' userfaultfds and
- * serve a random swap-in entirely themselves.
+ * serve random swap-ins, zero fills and first writes entirely themselves.
  *
  * Why it exists: with the engine's Python thread reading the events, a
  * random 4 KiB swap-in cost ~80 us against ~30 us for the O_DIRECT read
@@ -10,23 +10,30 @@
  * Lock (fp_engine.lock) -- the "page lock" of invariant 2 for every page:
  *   The Python engine holds it whenever it runs (it lets go only while it
  *   sleeps in epoll_wait, see server.py), so every Python page transition
- *   happens under it exactly as before. These threads take it to decide
- *   what to do with an event, and again to finish; never across the read of
- *   the uffd (see fp_thread), the store read or the COPY. The page table
- *   arrays, `charged`, `tick` and the counters below are shared with Python
- *   and only touched under the lock.
+ *   happens under it. These threads take it to decide what to do with an
+ *   event, and again to finish; never across the read of the uffd (see
+ *   fp_thread), the store read or the COPY. The page table arrays,
+ *   `charged`, `tick` and the counters of fastpath.h are shared with Python
+ *   and only touched under the lock. Every state change here is checked
+ *   against pagestate.h's table (us_set_state), and every policy decision
+ *   is a function of policy.h, the same the engine calls.
  *
- * What is served here, and only this: a MISSING fault (read or write) on a
- * SWAPPED page, with no locality with the region's last swap-in (so no
- * read-ahead decision is due), while the budget has room and, for nfs://, a
- * lent context is idle. The page goes LOADING (as in engine._start_load),
- * is read, checked (invariant 6: a page whose checksum fails is never
- * mapped) and mapped, then made RESIDENT. A read fault maps it
- * write-protected (a clean swap-cache copy, as the engine does); a write
- * fault maps it writable and dirty at once, saving the write-protect fault
- * that would follow, and the engine frees the stale slot (FP_DIRTIED).
- * A write-protect fault on a clean RESIDENT page (its first write since
- * its slot copy was taken) is un-protected here too. A dirty page is never
+ * What is served here, and only this:
+ * - a MISSING fault (read or write) on an EMPTY page, while the budget has
+ *   room: a zero fill, in a window that grows on a first-touch stream
+ *   (fp_take_fill, us_fill_window in policy.h); the pages go LOADING until
+ *   the COPY has mapped them, then RESIDENT (or back to EMPTY, unmapped);
+ * - a MISSING fault (read or write) on a SWAPPED page that is random to the
+ *   region's read-ahead (us_ra_locality in policy.h: no read-ahead decision
+ *   is due), while the budget has room and, for nfs://, a lent context is
+ *   idle. The page goes LOADING (as in the engine's swap-in), is read,
+ *   checked (invariant 6: a page whose checksum fails is never mapped) and
+ *   mapped, then made RESIDENT. A read fault maps it write-protected (a
+ *   clean swap-cache copy, as the engine does); a write fault maps it
+ *   writable and dirty at once, saving the write-protect fault that would
+ *   follow, and the engine frees the stale slot (FP_DIRTIED);
+ * - a write-protect fault on a clean RESIDENT page (its first write since
+ *   its slot copy was taken): it is un-protected (fp_take_wp). A dirty page is never
  * un-protected here: a dirty page is write-protected only by a fork
  * (daemon/fork.py), and its first write after the fork must reach the
  * engine, which copies it for the children first; a forked child's
@@ -48,115 +55,21 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
-#include "nfs_io.h" /* includes <sys/time.h> before <nfsc/libnfs.h> */
-#include "fd_io.h"
+#include "store_io.h"
 #include "pagesum.h"
-#include "uffd_copy.h"
+#include "readmap.h"
+#include "fastpath.h"
+#include "pagestate.h"
+#include "policy.h"
 
-#define FP_MAX_REGIONS 4096
-#define FP_MAX_THREADS 16
-#define FP_MAX_CONNS 64
 #define FP_STOP_KEY UINT64_MAX
-
-/* Page states and flags: uswap/daemon/pagetable.py. */
-#define ST_EMPTY 0
-#define ST_SWAPPED 3
-#define ST_LOADING 4
-#define ST_RESIDENT 1
-#define FL_DIRTY 1
-#define FL_WAITERS 2
-#define FL_ACTIVE 8
-#define FL_DISCARD 16   /* unmapped by the client during the I/O (pagetable.F_DISCARD) */
-
-/* Records passed to the engine. */
-#define FP_EVENT 1        /* a uffd message the engine serves (kind, flags, addr, end) */
-#define FP_LOAD_FAILED 2  /* a load here failed: the page is LOADING, the engine takes it over */
-#define FP_WAITERS 3      /* page mapped here had a write parked on it (F_WAITERS) */
-#define FP_RELEASABLE 4   /* a load of a closing region ended: it may be releasable */
-#define FP_READ_ERROR 5   /* reading the region's uffd failed with -result */
-#define FP_DIRTIED 6      /* page mapped writable for a write fault: its slot copy is stale */
-#define FP_FORGET 7       /* page mapped here was unmapped by the client meanwhile: the engine forgets it */
-
-#ifndef UFFDIO_COPY_MODE_WP
-#define UFFDIO_COPY_MODE_WP ((__u64)1 << 1)
-#endif
-
-struct fp_region {
-    uint32_t gen;
-    int32_t live;         /* an engine region occupies this slot */
-    int32_t closing;      /* set by the engine: start nothing new here */
-    int32_t uffd;
-    int32_t id;           /* the engine's region id */
-    int32_t inflight;     /* loads started here and not yet finished */
-    int32_t readers;      /* threads reading its uffd right now, without the lock */
-    uint64_t addr;
-    uint64_t npages;
-    uint8_t *state;
-    uint8_t *flags;
-    int32_t *slot;
-    uint32_t *stamp;
-    uint32_t *sum;
-    int64_t last_fault;   /* read-ahead bookkeeping shared with the engine */
-    int64_t ra_expect;
-    int64_t ra_window;
-    int64_t fill_expect;  /* zero-fill stream state shared with the engine (engine._fill_zero) */
-    int64_t fill_window;
-    /* UNMAP/REMOVE records passed to the engine and not yet applied by it
-     * (FastPath.unmap_applied): until then no fault of the region is served
-     * here, since the page states do not yet say which pages were forgotten
-     * -- a range regrown in place at once would be served its old slots. */
-    int32_t unmaps_pending;
-};
-
-struct fp_record {
-    int32_t type;
-    int32_t region;       /* engine region id */
-    int32_t conn;         /* FP_LOAD_FAILED on nfs://: the context's id (it stays out) */
-    int32_t pad;
-    uint64_t kind, flags, addr, end;
-    int64_t page, slot, result, copied;
-    uint32_t sum;
-    uint32_t pad2;
-    double started;       /* CLOCK_MONOTONIC seconds when the fault was taken */
-};
-
-struct fp_conn {
-    struct nfs_context *nfs;
-    struct nfsfh *fh;
-    int32_t id;
-};
-
-struct fp_engine {
-    pthread_mutex_t lock;
-    /* Shared with the engine, under the lock. */
-    int64_t charged;
-    int64_t max_pages;
-    int64_t high_pages;
-    int64_t ra_pages;
-    uint32_t tick;
-    int32_t enabled;      /* 0: pass every event to the engine (draining) */
-    int32_t inflight;     /* loads started here and not yet finished, all regions */
-    int32_t kicked;       /* eventfd poked since the engine last took records */
-    int32_t reading;      /* threads inside a store read */
-    uint64_t faults, swapins, activations;
-    int64_t fill_max;     /* largest zero-fill window, pages */
-    uint64_t zero;        /* fill_max zeroed pages, the source of every zero fill */
-    int32_t fd;           /* the file store's O_DIRECT fd, or -1 (nfs://) */
-    int32_t nidle;
-    struct fp_conn idle[FP_MAX_CONNS];
-    struct fp_record *recs;
-    int64_t nrecs, caprecs;
-    struct fp_region regions[FP_MAX_REGIONS];
-    /* Threads. */
-    int epfd, eventfd, stopfd, nthreads;
-    pthread_t threads[FP_MAX_THREADS];
-};
 
 struct fp_job {
     struct fp_region *r;
@@ -176,6 +89,20 @@ static double fp_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double fp_lat_bound(int i)
+{
+    return i >= 0 && i < FP_LAT_BUCKETS ? fp_lat_bounds[i] : -1.0;
+}
+
+static void fp_hist_observe(struct fp_hist *h, double seconds)
+{
+    int i = 0;
+    while (i < FP_LAT_BUCKETS && seconds > fp_lat_bounds[i])
+        i++;
+    h->count[i]++;
+    h->sum += seconds;
 }
 
 /* Lock held. Wake the engine: once per batch of records it has not taken. */
@@ -209,31 +136,61 @@ static struct fp_record *fp_push(struct fp_engine *e, int type, struct fp_region
     return rec;
 }
 
+/* Lock held. An illegal state change (us_set_state): a bug. Counted (the
+ * daemon's status shows it), logged, and fatal when strict_transitions is
+ * set (USWAP_STRICT_TRANSITIONS=1, the tests). */
+__attribute__((cold, noinline))
+static void fp_illegal_transition(struct fp_engine *e, struct fp_region *r, int64_t page, unsigned from,
+                                  unsigned to)
+{
+    e->illegal_transitions++;
+    if (e->strict_transitions || e->illegal_transitions <= 100)
+        fprintf(stderr, "uswap fast path: illegal page transition: region %d page %lld state %u -> %u "
+                "(native/pagestate.h)%s\n", r->id, (long long)page, from, to,
+                e->illegal_transitions == 100 ? "; further ones are only counted" : "");
+    if (e->strict_transitions)
+        abort();
+}
+
+/* Lock held. Every state change on these threads is made here, checked
+ * against pagestate.h's table of legal predecessors: one table lookup and a
+ * branch never taken. An illegal change is still made (behaviour does not
+ * depend on the check) once it has been counted and logged. A plain load
+ * and a plain store, as every page-table access here: the lock orders them. */
+static inline void us_set_state(struct fp_engine *e, struct fp_region *r, int64_t page, uint8_t to)
+{
+    uint8_t from = r->state[page];
+    if (__builtin_expect(!us_transition_legal(from, to), 0))
+        fp_illegal_transition(e, r, page, from, to);
+    r->state[page] = to;
+}
+
 /* Lock held. First touch of an EMPTY page: zeros, in a window that doubles
- * while the faults follow each other (engine._fill_zero, the same rules).
- * The pages go LOADING until the COPY has mapped them. */
+ * while the faults follow each other (us_fill_window, policy.h: the rule the
+ * engine's zero fill follows too). The pages go LOADING until the COPY has
+ * mapped them. The budget's admission (us_admit) is made without the
+ * draining case: these threads serve nothing while the engine drains
+ * (`enabled` is 0 then). */
 static int fp_take_fill(struct fp_engine *e, struct fp_region *r, int64_t page, const struct uffd_msg *m,
                         struct fp_job *job)
 {
-    if (!e->zero || e->charged + 1 > e->max_pages)
+    if (!e->zero || us_admit(e->charged, e->max_pages, 1, 0) < 1)
         return 0;
+    r->fill_window = us_fill_window(page, r->fill_expect, r->fill_window, e->fill_max);
+    int64_t limit = page + r->fill_window < (int64_t)r->npages ? page + r->fill_window : (int64_t)r->npages;
+    int64_t room = us_admit(e->charged, e->max_pages, limit - page, 0);
     int64_t n = 1;
-    if (page == r->fill_expect) {
-        r->fill_window = r->fill_window * 2 < e->fill_max ? r->fill_window * 2 : e->fill_max;
-        int64_t limit = page + r->fill_window < (int64_t)r->npages ? page + r->fill_window : (int64_t)r->npages;
-        while (page + n < limit && r->state[page + n] == ST_EMPTY && e->charged + n + 1 <= e->max_pages)
-            n++;
-    } else {
-        r->fill_window = 1;
-    }
+    while (n < room && r->state[page + n] == US_EMPTY)
+        n++;
     e->faults++;
+    r->faults++;
     e->charged += n;
     for (int64_t i = 0; i < n; i++)
-        r->state[page + i] = ST_LOADING;
+        us_set_state(e, r, page + i, US_LOADING);
     r->fill_expect = page + n;
     r->inflight++;
     e->inflight++;
-    if (e->charged > e->high_pages)
+    if (us_kick_due(e->charged - n, e->charged, e->high_pages, e->clean_pages))
         fp_kick(e);
     memset(job, 0, sizeof(*job));
     job->r = r;
@@ -259,18 +216,15 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     if (addr < r->addr || addr >= r->addr + r->npages * 4096)
         return 0;
     int64_t page = (int64_t)((addr - r->addr) >> 12);
-    if (r->state[page] == ST_EMPTY)
+    if (r->state[page] == US_EMPTY)
         return fp_take_fill(e, r, page, m, job);
-    if (r->state[page] != ST_SWAPPED)
+    if (r->state[page] != US_SWAPPED)
         return 0;
     /* Locality with the last swap-in or a stream's next window: the engine
-     * decides read-ahead (engine._start_load); the same tests as there. */
-    if (r->ra_expect > 0 && r->ra_expect - r->ra_window <= page && page <= r->ra_expect + e->ra_pages)
+     * decides read-ahead; only a random swap-in is served here. */
+    if (us_ra_locality(page, r->last_fault, r->ra_expect, r->ra_window, e->ra_pages) != US_RA_RANDOM)
         return 0;
-    int64_t dist = page - r->last_fault;
-    if (dist >= -e->ra_pages && dist <= e->ra_pages)
-        return 0;
-    if (e->charged + 1 > e->max_pages)
+    if (us_admit(e->charged, e->max_pages, 1, 0) < 1)
         return 0;   /* the engine parks it until reclaim makes room */
     /* Invariant 4 (the thread that reads fault events never blocks on
      * I/O): one thread always stays out of store reads, so a stalled store
@@ -278,31 +232,33 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
      * reads this page on its I/O pool instead. */
     if (e->reading + 1 >= e->nthreads)
         return 0;
+    memset(&job->conn, 0, sizeof(job->conn));   /* the file store's load passes it unused */
     if (e->fd < 0) {
         if (e->nidle == 0)
             return 0;
         job->conn = e->idle[--e->nidle];
     }
     e->faults++;
+    r->faults++;
     e->charged++;
     job->fill = 0;
     job->n = 1;
-    /* Refault distance (engine.fault_missing): back within a budget's worth
-     * of faults after eviction = working set, returns active. */
-    if ((uint32_t)(e->tick - r->stamp[page]) <= (uint64_t)e->max_pages) {
-        r->flags[page] |= FL_ACTIVE;
+    /* Refault distance: back within a budget's worth of faults after
+     * eviction = working set, returns active. */
+    if (us_refault_active(e->tick, r->stamp[page], e->max_pages)) {
+        r->flags[page] |= US_F_ACTIVE;
         e->activations++;
     }
     /* Invariant 2: LOADING is set here, under the page lock, before the read. */
-    r->state[page] = ST_LOADING;
+    us_set_state(e, r, page, US_LOADING);
     r->last_fault = page;
     r->ra_window = 1;
     r->ra_expect = page + 1;
     r->inflight++;
     e->inflight++;
     e->reading++;
-    if (e->charged > e->high_pages)
-        fp_kick(e);   /* reclaim is due */
+    if (us_kick_due(e->charged - 1, e->charged, e->high_pages, e->clean_pages))
+        fp_kick(e);   /* reclaim, or background writeback, is due */
     job->r = r;
     job->page = page;
     job->slot = r->slot[page];
@@ -313,7 +269,7 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
 }
 
 /* Lock held. A write-protect fault on a clean RESIDENT page is its first
- * write since its slot copy was taken (engine._make_dirty): un-protect it
+ * write since its slot copy was taken (Dirtying.make_dirty, dirtying.py): un-protect it
  * (which wakes the writer) and mark it dirty; the engine frees the stale
  * slot on the FP_DIRTIED record. Returns 1 when served here; anything else
  * (WRITEBACK and LOADING pages park in the engine, invariant 4) is passed on. */
@@ -326,14 +282,17 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
         return 0;
     int64_t page = (int64_t)((addr - r->addr) >> 12);
     uint8_t fl = r->flags[page];
-    if (r->state[page] != ST_RESIDENT || (fl & FL_DIRTY))
+    if (r->state[page] != US_RESIDENT || (fl & US_F_DIRTY))
         return 0;
     struct uffdio_writeprotect wp = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
                                       .mode = 0 };
+    double started = fp_now();
     if (ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
-        return 0;   /* the engine retries or closes the region (engine._ioctl_result) */
+        return 0;   /* the engine retries or closes the region (RegionSet.ioctl_result) */
+    fp_hist_observe(&e->fault_latency, fp_now() - started);
     e->faults++;
-    r->flags[page] = (fl & FL_ACTIVE) | FL_DIRTY;
+    r->faults++;
+    r->flags[page] = (fl & US_F_ACTIVE) | US_F_DIRTY;
     e->tick++;
     r->stamp[page] = e->tick;
     if (r->slot[page] >= 0) {
@@ -345,7 +304,7 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
 }
 
 /* No lock. Read, check and map the job's page; the read's result and the
- * COPY's (bytes, -EBADMSG for a bad checksum, or -errno). */
+ * bytes mapped (0 for a page that failed its check, or -errno of the COPY). */
 static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t *result, int64_t *copied,
                    uint32_t *sum)
 {
@@ -365,34 +324,22 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
             *result = -EAGAIN;   /* stopped part way; the engine learns why on the rest */
         return;
     }
-    if (e->fd >= 0) {
-        *result = us_fd_full(0, e->fd, buf, 4096, j->slot * 4096);
-    } else {
-        *result = us_nfs_full(0, j->conn.nfs, j->conn.fh, buf, 4096, (uint64_t)j->slot * 4096);
-        if (*result >= 0 && *result < 4096)
-            *result = -EIO;   /* past the end of the file */
-    }
+    *result = us_store_io(0, e->fd, j->conn.nfs, j->conn.fh, buf, 4096, j->slot * 4096);
     if (*result < 0)
         return;
-    us_page_sums(buf, 1, sum, NULL);
-    if (*sum != j->expected) {
-        *copied = -EBADMSG;   /* invariant 6: nothing is mapped */
-        return;
-    }
-    uint64_t dst = j->r->addr + ((uint64_t)j->page << 12);
-    *copied = us_uffd_copy(j->r->uffd, dst, buf, 4096, j->write ? 0 : UFFDIO_COPY_MODE_WP);
-    if (*copied == -EEXIST) {
-        /* Present already (written through the memfd): keep it, it can only
-         * be newer; wake the fault (engine._copy_pagewise does the same). */
-        struct uffdio_range range = { .start = dst, .len = 4096 };
-        ioctl(j->r->uffd, UFFDIO_WAKE, &range);
-        *copied = 4096;
-    }
+    /* Verified and mapped by the routine of every swap-in (readmap.h): a
+     * page that fails its check is not mapped (invariant 6: *copied 0, the
+     * engine takes the load over); a write fault's page is mapped writable;
+     * a page present already (written through the memfd) is kept and its
+     * fault woken: it can only be newer. */
+    int32_t present;
+    *copied = us_verify_map(j->r->uffd, j->r->addr + ((uint64_t)j->page << 12), buf, 1, UFFDIO_COPY_MODE_WP,
+                            j->write ? 0 : US_NO_WRITE_PAGE, &j->expected, sum, NULL, &present);
 }
 
 /* Lock held. Apply a zero fill: the pages the COPY mapped are RESIDENT
  * (dirty and writable for a write fault, clean zeros otherwise, as in
- * engine._fill_zero); the rest go back to EMPTY, uncharged. If not even the
+ * Faults._fill_zero); the rest go back to EMPTY, uncharged. If not even the
  * faulting page was mapped, the fault is passed to the engine, which maps
  * it page by page and adopts a page found present (or retries, or closes
  * the region) -- its own _fill_zero path. */
@@ -407,23 +354,25 @@ static void fp_finish_fill(struct fp_engine *e, struct fp_job *j, int64_t result
         return;
     }
     e->tick += (uint32_t)mapped;
+    if (mapped > 0)
+        fp_hist_observe(&e->fault_latency, fp_now() - j->started);
     for (int64_t i = 0; i < j->n; i++) {
         int64_t p = j->page + i;
-        int discard = (r->flags[p] & FL_DISCARD) != 0;
+        int discard = (r->flags[p] & US_F_DISCARD) != 0;
         if (i < mapped) {
             /* A write that hit a page mapped write-protected before this ran
              * was parked by the engine (F_WAITERS): it is the page's first
              * write -- or, on a page mapped writable that a fork then
              * write-protected (daemon/fork.py), a write to let through. */
-            if ((r->flags[p] & FL_WAITERS) && !discard)
+            if ((r->flags[p] & US_F_WAITERS) && !discard)
                 fp_push(e, FP_WAITERS, r)->page = p;
-            r->state[p] = ST_RESIDENT;
-            r->flags[p] = j->write ? FL_DIRTY : 0;
+            us_set_state(e, r, p, US_RESIDENT);
+            r->flags[p] = j->write ? US_F_DIRTY : 0;
             r->stamp[p] = e->tick;
             if (discard)
                 fp_push(e, FP_FORGET, r)->page = p;   /* punched and uncharged by the engine */
         } else {
-            r->state[p] = ST_EMPTY;
+            us_set_state(e, r, p, US_EMPTY);
             r->flags[p] = 0;
             e->charged--;
         }
@@ -469,7 +418,7 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
     if (e->fd < 0 && result >= 0)
         e->idle[e->nidle++] = j->conn;   /* the server answered: the context is sound */
     if (r->closing) {
-        /* engine.close_region leaves LOADING pages charged until their load ends. */
+        /* RegionSet.close_region leaves LOADING pages charged until their load ends. */
         r->inflight--;
         e->charged--;
         fp_push(e, FP_RELEASABLE, r);
@@ -482,7 +431,7 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
         return;
     }
     if (!ok) {
-        /* The engine takes the load over (engine._fast_load_failed); the page
+        /* The engine takes the load over (SwapIn.take_over_fast_load); the page
          * stays LOADING and charged, and r->inflight counts it until then. */
         struct fp_record *rec = fp_push(e, FP_LOAD_FAILED, r);
         rec->page = j->page;
@@ -507,19 +456,22 @@ static void fp_finish(struct fp_engine *e, struct fp_job *j, int64_t result, int
         /* Mapped writable, then write-protected by a fork before this ran
          * (daemon/fork.py): a write parked meanwhile is let through by the
          * engine (after FP_DIRTIED, which frees the slot). */
-        if (fl & FL_WAITERS)
+        if (fl & US_F_WAITERS)
             fp_push(e, FP_WAITERS, r)->page = j->page;
-        r->flags[j->page] = (fl & FL_ACTIVE) | FL_DIRTY;
+        r->flags[j->page] = (fl & US_F_ACTIVE) | US_F_DIRTY;
     } else {
-        if (fl & FL_WAITERS)
+        if (fl & US_F_WAITERS)
             fp_push(e, FP_WAITERS, r)->page = j->page;   /* a write parked meanwhile: its first write */
-        r->flags[j->page] = fl & FL_ACTIVE;
+        r->flags[j->page] = fl & US_F_ACTIVE;
     }
-    r->state[j->page] = ST_RESIDENT;
+    us_set_state(e, r, j->page, US_RESIDENT);
     e->tick++;
     r->stamp[j->page] = e->tick;
     e->swapins++;
-    if (fl & FL_DISCARD)
+    double took = fp_now() - j->started;
+    fp_hist_observe(&e->swapin_latency, took);
+    fp_hist_observe(&e->fault_latency, took);
+    if (fl & US_F_DISCARD)
         fp_push(e, FP_FORGET, r)->page = j->page;   /* unmapped during the load: the engine forgets it */
 }
 
@@ -656,7 +608,7 @@ static void *fp_thread(void *arg)
             pthread_mutex_lock(&e->lock);
             if (r->closing) {
                 /* The engine closed it meanwhile: it woke the whole range
-                 * (engine.close_region); wake a fault read since as well. */
+                 * (RegionSet.close_region); wake a fault read since as well. */
                 if (got == 1 && m.event == UFFD_EVENT_PAGEFAULT) {
                     struct uffdio_range range = { .start = m.arg.pagefault.address & ~4095ull, .len = 4096 };
                     ioctl(fd, UFFDIO_WAKE, &range);
@@ -770,6 +722,7 @@ static int fp_region_open(struct fp_engine *e, int idx)
      * its increment and its decrement (fp_reader_enter). */
     r->inflight = 0;
     r->unmaps_pending = 0;
+    r->faults = 0;
     __atomic_store_n(&r->closing, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&r->live, 1, __ATOMIC_SEQ_CST);
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, r->uffd, &ev) < 0) {
@@ -832,4 +785,13 @@ static void fp_stop(struct fp_engine *e)
     free(e->recs);
     free((void *)(uintptr_t)e->zero);
     free(e);
+}
+
+/* Tests only (tests/test_transitions.py): one checked state change, as the
+ * threads make them, so a test can show the check firing. */
+static void fp_test_set_state(struct fp_engine *e, int idx, int64_t page, int to)
+{
+    pthread_mutex_lock(&e->lock);
+    us_set_state(e, &e->regions[idx], page, (uint8_t)to);
+    pthread_mutex_unlock(&e->lock);
 }

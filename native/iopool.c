@@ -6,24 +6,24 @@
  * map (measured with per-fault timestamps). These threads never touch
  * Python: the engine queues a job (plain memory it keeps alive), a worker
  * does the system calls, pushes the job's token on a completion list and
- * pokes an eventfd that the engine's epoll watches. Page state still changes
- * only on the engine thread, when it reaps the token.
+ * pokes an eventfd that the engine's epoll watches. These threads change no
+ * page state: the engine applies a job's outcome, under the page lock, when
+ * it reaps the token.
  *
  * Jobs:
- *   READ_COPY  pread len bytes at off into buf, checksum each page into
- *              sums, and map at dst in uffd (UFFDIO_COPY, one per run) the
- *              pages whose sum matches `expected`; a page that fails its
- *              check is never mapped (invariant 6), and its neighbours are
- *              not held back by it: the engine sees which pages failed
- *              (sums != expected) and retries only those.
+ *   READ_COPY  pread len bytes at off into buf, then readmap.h's
+ *              us_verify_map, the one verify-and-map routine of every
+ *              swap-in: checksum each page into sums and map at dst in uffd
+ *              the pages whose sum matches `expected`, with `mode`, the page
+ *              at index write_page (a write fault's; US_NO_WRITE_PAGE for
+ *              none) writable. A page that fails its check is never mapped
+ *              (invariant 6), and its neighbours are not held back by it:
+ *              the engine sees which pages failed (sums != expected) and
+ *              retries only those.
  *              result = the pread's bytes or -errno; copied = bytes mapped
  *              (the passing pages; all of len when every page passed), or
- *              -errno of a COPY.
- *              A page found already present (EEXIST) is kept, its waiters
- *              woken, and counted in `present` (it can only hold newer data;
- *              engine._copy_pagewise does the same on the Python pool). The
- *              count includes pages the run's first COPY mapped before it
- *              stopped at the present one.
+ *              -errno of a COPY; present = pages found present (EEXIST) and
+ *              kept, their waiters woken (they can only hold newer data).
  *   SUM_WRITE  checksum the pages at buf into sums and flag the all-zero
  *              ones in `zero` (pagesum.h, one pass), then pwrite them at
  *              off; with `gather`, the pages are first copied into buf from
@@ -52,37 +52,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include "nfs_io.h" /* includes <sys/time.h> before <nfsc/libnfs.h> */
-#include "fd_io.h"
+#include "store_io.h"
 #include "pagesum.h"
-#include "uffd_copy.h"
-
-#define US_JOB_READ_COPY 1
-#define US_JOB_SUM_WRITE 2
-#define US_JOB_READ_COPY_NFS 3
-#define US_JOB_SUM_WRITE_NFS 4
-
-struct us_job {
-    int32_t op;
-    int32_t fd;
-    int32_t uffd;
-    int32_t present;      /* READ_COPY: pages found present and kept */
-    uint64_t buf;
-    uint64_t len;
-    int64_t off;
-    uint64_t dst;
-    uint64_t mode;
-    uint32_t *expected;
-    uint32_t *sums;
-    uint8_t *zero;        /* SUM_WRITE: 1 for each page that is all zeros */
-    uint64_t *gather;     /* SUM_WRITE: if set, copy page i from gather[i] into buf first */
-    struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */
-    struct nfsfh *nfsfh;      /* *_NFS jobs: the store file's handle on it */
-    int64_t result;       /* bytes read or written, or -errno of the store call */
-    int64_t copied;       /* READ_COPY: bytes mapped (pages that passed their check), or -errno of a COPY */
-    uint64_t token;
-    struct us_job *next;
-};
+#include "readmap.h"
+#include "iopool.h"
 
 struct us_pool {
     pthread_mutex_t lock;
@@ -96,59 +69,12 @@ struct us_pool {
     pthread_t threads[64];
 };
 
-/* The job's store call: the whole range read or written, or -errno. */
+/* The job's store call (store_io.h): the whole range read or written, or
+ * -errno. An nfs:// job's fd is not set: its op says which store it is. */
 static int64_t store_io(struct us_job *j, int write)
 {
-    if (j->op == US_JOB_READ_COPY_NFS || j->op == US_JOB_SUM_WRITE_NFS) {
-        int64_t r = us_nfs_full(write, j->nfs, j->nfsfh, j->buf, j->len, (uint64_t)j->off);
-        return (r >= 0 && (uint64_t)r < j->len) ? -EIO : r;   /* short: past end of file */
-    }
-    return us_fd_full(write, j->fd, j->buf, j->len, j->off);
-}
-
-/* Map the verified run [from, from + len) of the job's buffer with one COPY;
- * if a page of it is already present (EEXIST) or the COPY gave up part way,
- * map it page by page instead, keeping and waking the pages already there. */
-static int64_t copy_run(struct us_job *j, uint64_t from, uint64_t len)
-{
-    uint64_t dst = j->dst + from, buf = j->buf + from;
-    int64_t r = us_uffd_copy(j->uffd, dst, buf, len, j->mode);
-    if (r != -EEXIST && !(r >= 0 && (uint64_t)r < len))
-        return r;
-    for (uint64_t p = r >= 0 ? (uint64_t)r & ~4095ull : 0; p < len; p += 4096) {
-        r = us_uffd_copy(j->uffd, dst + p, buf + p, 4096, j->mode);
-        if (r == -EEXIST) {
-            struct uffdio_range range = { .start = dst + p, .len = 4096 };
-            ioctl(j->uffd, UFFDIO_WAKE, &range);
-            j->present++;
-        } else if (r < 0) {
-            return r;
-        }
-    }
-    return (int64_t)len;
-}
-
-/* Invariant 6, page by page: map each run of pages whose checksum matches,
- * and nothing of a page that does not. Bytes mapped, or -errno of a COPY. */
-static int64_t copy_verified(struct us_job *j, uint64_t npages)
-{
-    int64_t mapped = 0;
-    j->present = 0;
-    for (uint64_t i = 0; i < npages;) {
-        if (j->sums[i] != j->expected[i]) {
-            i++;
-            continue;
-        }
-        uint64_t end = i + 1;
-        while (end < npages && j->sums[end] == j->expected[end])
-            end++;
-        int64_t r = copy_run(j, i * 4096, (end - i) * 4096);
-        if (r < 0)
-            return r;
-        mapped += r;
-        i = end;
-    }
-    return mapped;
+    int nfs = j->op == US_JOB_READ_COPY_NFS || j->op == US_JOB_SUM_WRITE_NFS;
+    return us_store_io(write, nfs ? -1 : j->fd, j->nfs, j->nfsfh, j->buf, j->len, j->off);
 }
 
 static void run_job(struct us_job *j)
@@ -159,8 +85,8 @@ static void run_job(struct us_job *j)
         j->result = store_io(j, 0);
         if (j->result < 0)
             return;
-        us_page_sums(j->buf, npages, j->sums, NULL);
-        j->copied = copy_verified(j, npages);
+        j->copied = us_verify_map(j->uffd, j->dst, j->buf, npages, j->mode, j->write_page, j->expected,
+                                  j->sums, j->skip, &j->present);
     } else {
         /* Scattered pages bound for adjacent slots: gathered into the job's
          * buffer (they are write-protected in the client: stable bytes). */

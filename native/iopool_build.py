@@ -1,52 +1,24 @@
 """cffi build script for uswap._iopool_cffi: the C I/O pool (native/iopool.c).
 
-Links libnfs (libnfs-dev, pkg-config libnfs) for the nfs:// store's jobs.
+The declarations are read from iopool.h (cdef_reader.py), not typed here.
+Links libnfs (libnfs-dev, pkg-config libnfs) for the nfs:// store's jobs,
+when the build includes it (libnfs_option.py).
 """
 import os
+import sys
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-CDEF = """
-struct nfs_context;
-struct nfsfh;
-struct us_job {
-    int32_t op;
-    int32_t fd;
-    int32_t uffd;
-    int32_t present;
-    uint64_t buf;
-    uint64_t len;
-    int64_t off;
-    uint64_t dst;
-    uint64_t mode;
-    uint32_t *expected;
-    uint32_t *sums;
-    uint8_t *zero;
-    uint64_t *gather;
-    struct nfs_context *nfs;
-    struct nfsfh *nfsfh;
-    int64_t result;
-    int64_t copied;
-    uint64_t token;
-    struct us_job *next;
-};
-struct us_pool;
-struct us_pool *us_pool_new(int nthreads, int eventfd);
-void us_pool_submit(struct us_pool *p, struct us_job *j);
-int us_pool_reap(struct us_pool *p, uint64_t *out, int max);
-void us_pool_stop(struct us_pool *p);
-#define US_JOB_READ_COPY 1
-#define US_JOB_SUM_WRITE 2
-#define US_JOB_READ_COPY_NFS 3
-#define US_JOB_SUM_WRITE_NFS 4
-"""
+sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in native/ (scripts/setup hashes its files)
+import cdef_reader  # noqa: E402
+import libnfs_option  # noqa: E402
 
 ffi = FFI()
-ffi.cdef(CDEF)
+ffi.cdef(cdef_reader.cdef(HERE, "iopool.h"))
 with open(os.path.join(HERE, "iopool.c")) as f:
-    ffi.set_source("uswap._iopool_cffi", f.read(), include_dirs=[HERE], libraries=["nfs"],
+    ffi.set_source("uswap._iopool_cffi", f.read(), include_dirs=[HERE], **libnfs_option.build_args(),
                    extra_compile_args=["-O2", "-Wall", "-pthread"], extra_link_args=["-pthread"])
 
 if __name__ == "__main__":

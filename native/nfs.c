@@ -93,6 +93,13 @@ static int us_nfs_close(struct nfs_context *nfs, struct nfsfh *fh)
     return r < 0 ? us_nfs_err(r) : 0;
 }
 
+/* REMOVE of a path relative to the export (the nfs:// store's lock file). */
+static int us_nfs_unlink(struct nfs_context *nfs, const char *path)
+{
+    int r = nfs_unlink(nfs, path);
+    return r < 0 ? us_nfs_err(r) : 0;
+}
+
 /* GETATTR of the open file: size, mode (file type) and inode number. */
 static int us_nfs_fstat(struct nfs_context *nfs, struct nfsfh *fh, struct nfs_stat_64 *st)
 {

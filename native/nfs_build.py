@@ -36,6 +36,7 @@ uint64_t us_nfs_readmax(struct nfs_context *nfs);
 int us_nfs_open(struct nfs_context *nfs, const char *path, int flags, int mode,
                 struct nfsfh **fh);
 int us_nfs_close(struct nfs_context *nfs, struct nfsfh *fh);
+int us_nfs_unlink(struct nfs_context *nfs, const char *path);
 int us_nfs_fstat(struct nfs_context *nfs, struct nfsfh *fh, struct nfs_stat_64 *st);
 int us_nfs_ftruncate(struct nfs_context *nfs, struct nfsfh *fh, uint64_t length);
 int us_nfs_fsync(struct nfs_context *nfs, struct nfsfh *fh);

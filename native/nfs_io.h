@@ -6,6 +6,21 @@
 #define USWAP_NFS_IO_H
 #include <errno.h>
 #include <stdint.h>
+
+#ifdef USWAP_WITHOUT_LIBNFS
+/* Built without libnfs (native/libnfs_option.py): no nfs:// store can be
+ * opened, so no job ever names a context; the call exists for the callers'
+ * sake and fails as unsupported. */
+struct nfs_context;
+struct nfsfh;
+
+static int64_t us_nfs_full(int write, struct nfs_context *nfs, struct nfsfh *fh,
+                           uint64_t addr, uint64_t len, uint64_t off)
+{
+    (void)write; (void)nfs; (void)fh; (void)addr; (void)len; (void)off;
+    return -ENOSYS;
+}
+#else
 #include <sys/time.h> /* libnfs.h uses struct timeval without including it */
 #include <nfsc/libnfs.h>
 
@@ -47,5 +62,6 @@ static int64_t us_nfs_full(int write, struct nfs_context *nfs, struct nfsfh *fh,
     }
     return (int64_t)done;
 }
+#endif /* USWAP_WITHOUT_LIBNFS */
 
 #endif

@@ -30,6 +30,14 @@
 
 #define US_CRC32C_POLY 0x82F63B78u   /* Castagnoli, bit-reflected */
 
+/* What the dio shim exports of these to Python (dio_build.py reads this
+ * section through cdef_reader.py; the definitions are below). */
+/* cdef: begin */
+static void us_page_sums(uint64_t addr, uint64_t npages, uint32_t *sums, uint8_t *zero);
+static inline uint32_t us_crc32c(const void *data, uint64_t len, int hw);
+static inline int us_crc32c_hw_available(void);
+/* cdef: end */
+
 /* A page is checksummed in three interleaved streams of US_CRC_LANE bytes
  * plus a 16-byte tail: the crc32 instruction has a latency of 3 cycles and a
  * throughput of 1, so three independent streams run three times faster than

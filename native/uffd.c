@@ -14,8 +14,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
-#include "pagesum.h"
 #include "uffd_copy.h"
+#include "uffd.h"
+#include "readmap.h" /* us_verify_map, for the Python pool's swap-ins (uswap/daemon/readmap.py) */
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
@@ -143,15 +144,6 @@ static int64_t us_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mod
     return p.updated;
 }
 
-/* One event, flattened so Python reads plain fields instead of a union. */
-struct us_event {
-    uint8_t kind;        /* UFFD_EVENT_* */
-    uint64_t flags;      /* pagefault flags (WRITE, WP, MINOR) */
-    uint64_t addr;       /* fault address, or start of an UNMAP/REMOVE range */
-    uint64_t end;        /* end of an UNMAP/REMOVE range */
-    uint32_t tid;        /* faulting thread, when the kernel reports it */
-};
-
 /* Read up to max events without blocking, whatever the uffd's O_NONBLOCK
  * flag says (the client can clear it: us_uffd_read_nowait). Returns the
  * count (0 when none are pending) or -errno (-EPROTO: the client cleared
@@ -192,20 +184,4 @@ static int us_uffd_read_events(int fd, struct us_event *out, int max)
             break;
     }
     return n;
-}
-
-/* Swap-in, second half, in one call without the GIL: checksum the n pages
- * read into buf, and only if every page matches `expected` map them at dst
- * with UFFDIO_COPY. Returns bytes mapped, -EBADMSG when a page failed its
- * check (nothing is mapped: invariant 6), or -errno of the COPY. The sums
- * found are left in `found` (all n, also on -EBADMSG), so the caller can map
- * the pages that passed and retry only the ones that did not. */
-static int64_t us_verify_and_copy(uint64_t buf, uint64_t n, const uint32_t *expected,
-                                  uint32_t *found, int fd, uint64_t dst, uint64_t mode)
-{
-    us_page_sums(buf, n, found, NULL);
-    for (uint64_t i = 0; i < n; i++)
-        if (found[i] != expected[i])
-            return -EBADMSG;
-    return us_uffd_copy(fd, dst, buf, n * 4096, mode);
 }

@@ -1,37 +1,29 @@
-"""cffi build script for uswap._uffd_cffi: the userfaultfd ioctls (native/uffd.c)."""
+"""cffi build script for uswap._uffd_cffi: the userfaultfd ioctls (native/uffd.c),
+the verify-and-map routine of every swap-in (native/readmap.h) and the
+client's reconnect thread (native/keeper.c).
+
+The declarations are read from uffd.h, readmap.h and keeper.h
+(cdef_reader.py), not typed here.
+"""
 import os
+import sys
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-CDEF = """
-struct us_event {
-    uint8_t kind;
-    uint64_t flags;
-    uint64_t addr;
-    uint64_t end;
-    uint32_t tid;
-};
-int us_uffd_open(int user_mode_only);
-int us_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
-int us_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
-int us_uffd_unregister(int fd, uint64_t start, uint64_t len);
-int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
-int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int us_uffd_wake(int fd, uint64_t start, uint64_t len);
-int64_t us_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int us_uffd_read_events(int fd, struct us_event *out, int max);
-int64_t us_verify_and_copy(uint64_t buf, uint64_t n, const uint32_t *expected,
-                           uint32_t *found, int fd, uint64_t dst, uint64_t mode);
-"""
+sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in native/ (scripts/setup hashes its files)
+import cdef_reader  # noqa: E402
 
 ffi = FFI()
-ffi.cdef(CDEF)
+ffi.cdef(cdef_reader.cdef(HERE, "uffd.h", "readmap.h", "keeper.h"))
 with open(os.path.join(HERE, "uffd.c")) as f:
-    ffi.set_source("uswap._uffd_cffi", f.read(), include_dirs=[HERE], extra_compile_args=["-O2", "-Wall"])
+    # keeper.c (the client's reconnect thread) is compiled into the same
+    # module by inclusion: a second source file would be named by a path that
+    # setuptools wants relative to setup.py and cffi's compile() relative to
+    # its temporary directory.
+    ffi.set_source("uswap._uffd_cffi", f.read() + '\n#include "keeper.c"\n', include_dirs=[HERE],
+                   extra_compile_args=["-O2", "-Wall"], libraries=["pthread"])
 
 if __name__ == "__main__":
     ffi.compile(tmpdir=os.path.join(HERE, "..", "build"), verbose=True)

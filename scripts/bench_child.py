@@ -4,7 +4,8 @@
 
 SPEC (written by bench.py) names the system kind and how to reach it:
   uswap:  memory from uswap.connect(socket).alloc(size); counters from the
-          daemon (faults_total, swapins_total + pages_written_total) and its
+          daemon (faults_total less minor_faults_total, swapins_total +
+          pages_written_total) and its
           CPU time (utime+stime of /proc/<daemon pid>/stat);
   kernel: memory from an anonymous private mmap, after this process moved
           itself into the memory cgroup `cgroup` (everything sized by the
@@ -34,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_scale  # noqa: E402
 import bench_workloads as wl  # noqa: E402
 
 PAGE = wl.PAGE
@@ -59,37 +61,47 @@ def vmstat_swap_pages() -> int:
     return n
 
 
+# Where the daemon's faults and swap-ins were served: on the fast path's C
+# threads or by the engine (per repetition, as deltas in its record).
+SPLIT_COUNTERS = ("fast_path_faults_total", "fast_path_swapins_total", "swapins_total")
+
+
 class UswapCounters:
     def __init__(self, client, daemon_pid: int) -> None:
         self.client = client
         self.pid = daemon_pid
 
-    def snap(self) -> tuple[int, int, float]:
+    def snap(self) -> tuple[int, int, float, dict]:
         st = self.client.status()
-        return (st["faults_total"], st["swapins_total"] + st.get("pages_written_total", st["swapouts_total"]),
-                proc_cpu_s(self.pid))
+        # Minor faults (a resident page mapped again after the access
+        # sampler took it out of the page tables) are no misses: not counted.
+        return (st["faults_total"] - st.get("minor_faults_total", 0),
+                st["swapins_total"] + st.get("pages_written_total", st["swapouts_total"]),
+                proc_cpu_s(self.pid), {k: st.get(k, 0) for k in SPLIT_COUNTERS})
 
     def facts(self) -> dict:
         st = self.client.status()
         return {k: st.get(k) for k in ("resident_bytes", "max_resident_bytes", "swapped_bytes",
-                                       "readahead_pages_total", "write_errors_total", "read_errors_total")}
+                                       "readahead_pages_total", "write_errors_total", "read_errors_total",
+                                       "minor_faults_total", "sampled_pages_total", "budget_waits_total",
+                                       "dirty_waits_total", "pages_cleaned_total")}
 
 
 class KernelCounters:
     def __init__(self, cgroup: str) -> None:
         self.cgroup = cgroup
 
-    def snap(self) -> tuple[int, int, float]:
+    def snap(self) -> tuple[int, int, float, dict]:
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        return ru.ru_majflt, vmstat_swap_pages(), ru.ru_stime
+        return ru.ru_majflt, vmstat_swap_pages(), ru.ru_stime, {}
 
     def facts(self) -> dict:
         return cgroup_facts(self.cgroup)
 
 
 class NoCounters:
-    def snap(self) -> tuple[int, int, float]:
-        return 0, 0, 0.0
+    def snap(self) -> tuple[int, int, float, dict]:
+        return 0, 0, 0.0, {}
 
     def facts(self) -> dict:
         return {}
@@ -184,6 +196,7 @@ def cgroup_facts(path: str) -> dict:
 def rep_record(seconds: float | None, nbytes: int | None, c0, c1, lat_ns=None, bad: int = 0) -> dict:
     rec = {"seconds": seconds, "bytes": nbytes,
            "faults": c1[0] - c0[0], "pages": c1[1] - c0[1], "cpu_s": c1[2] - c0[2], "bad": bad}
+    rec.update({k.removesuffix("_total"): c1[3][k] - c0[3][k] for k in c1[3]})
     if lat_ns is not None:
         p50, p99 = np.percentile(lat_ns, [50, 99]) / 1000.0
         rec.update(p50_us=float(p50), p99_us=float(p99))
@@ -205,6 +218,8 @@ def prepare(spec: dict) -> dict:
         n = p["zipf_n"]
         out["traces"] = [t.tolist() for t in wl.zipf_passes(npages, p, reps)]
         out["lat"] = [np.zeros(len(t), np.int64) for t in out["traces"]]
+    elif w == "scale":
+        out["scale"] = bench_scale.prepare(npages, p["scale_ops"], seed, reps + 1)
     elif w == "mt-mix":
         n, k = p["mt_ops"], p["mt_threads"]
         rng = np.random.default_rng(seed)
@@ -316,6 +331,8 @@ def main() -> int:
     result: dict = {}
     end: dict = {}
     try:
+        if spec.get("cpus") is not None:
+            os.sched_setaffinity(0, spec["cpus"])  # bench.py --pin: before any thread starts
         prep = prepare(spec)
         kind = spec["kind"]
         if kind == "raw":
@@ -323,7 +340,16 @@ def main() -> int:
         elif kind == "uswap":
             mem = UswapMemory(spec["socket"], spec["size"])
             try:
-                reps = run_memory(spec, mem, UswapCounters(mem.client, spec["daemon_pid"]), prep, end)
+                counters = UswapCounters(mem.client, spec["daemon_pid"])
+                if spec["workload"] == "scale":
+                    sparse = UswapMemory(spec["socket"], bench_scale.SPARSE_SIZE)
+                    try:
+                        reps = bench_scale.run(spec, mem, counters, prep["scale"], spec["daemon_pid"],
+                                               lambda: (*sparse.alloc(), sparse.free), end)
+                    finally:
+                        sparse.close()
+                else:
+                    reps = run_memory(spec, mem, counters, prep, end)
             finally:
                 mem.close()
         elif kind == "kernel":
@@ -332,7 +358,12 @@ def main() -> int:
                 f.write("0")  # the peak of this run only
             move_to_cgroup(spec["cgroup"])
             try:
-                reps = run_memory(spec, AnonMemory(spec["size"]), KernelCounters(spec["cgroup"]), prep, end)
+                counters = KernelCounters(spec["cgroup"])
+                if spec["workload"] == "scale":
+                    reps = bench_scale.run(spec, AnonMemory(spec["size"]), counters, prep["scale"], None,
+                                           lambda: bench_scale.anon_sparse(bench_scale.SPARSE_SIZE), end)
+                else:
+                    reps = run_memory(spec, AnonMemory(spec["size"]), counters, prep, end)
             finally:
                 move_to_cgroup(home)
         else:

@@ -45,7 +45,9 @@ def pct(values: list[float], q: float) -> float:
 def bench_uswap(backing: str, size: int, samples: int, workdir: str, readahead: str) -> dict:
     budget = size // 4
     d = DaemonProc(workdir, backing, store_size=str(size * 2), max_resident=str(budget),
-                   config={"readahead": readahead})
+                   # A window above the default maximum raises the maximum with it.
+                   config={"readahead": readahead,
+                           "readahead_max": max(parse_size(readahead, "--readahead"), 512 << 10)})
     try:
         with uswap.connect(d.socket) as c:
             region = c.alloc(size)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from bench_ratios import PairedFigure, describe, paired
+
 README_BEGIN = "<!-- bench:begin -->"
 README_END = "<!-- bench:end -->"
 
@@ -26,80 +28,131 @@ def _num(v, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
+def error_row(run: dict, lead: list[str], cells: int) -> str:
+    """A table row for a run that failed: its leading cells, then the last
+    line of its error across `cells` cells."""
+    return (f"| {' | '.join(lead)} | error: {run['error'].strip().splitlines()[-1][:80]} "
+            + "|" * cells)
+
+
+def is_program(run: dict) -> bool:
+    """A program workload's run (scripts/bench_programs.py): one rate figure."""
+    return "rate_unit" in run
+
+
+def is_scale(run: dict) -> bool:
+    """A scale row's run (scripts/bench_scale.py): its own region, budget and table."""
+    return run["workload"] == "scale"
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| workload | system | p50 µs | p99 µs | MiB/s | faults | CPU µs/page |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in runs:
+        if is_program(r) or is_scale(r):
+            continue
         if r.get("error"):
-            lines.append(f"| {r['workload']} | {r['system']} | error: {r['error'].strip().splitlines()[-1][:80]} |||||")
+            lines.append(error_row(r, [r["workload"], r["system"]], 5))
             continue
         lines.append(f"| {r['workload']} | {r['system']} | {_num(r['p50_us'])} | {_num(r['p99_us'])} | "
                      f"{_num(r['mib_s'], 0)} | {_num(r['faults'])} | {_num(r['cpu_us_per_page'], 2)} |")
     return "\n".join(lines)
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b not in (None, 0) else None
+def run_of(runs: list[dict], workload: str, system: str) -> dict | None:
+    for r in runs:
+        if r["workload"] == workload and r["system"] == system:
+            return r
+    return None
 
 
-def ratios(runs: list[dict]) -> list[str]:
-    """Human-readable ratio lines (only those whose inputs were measured)."""
+def paired_figures(runs: list[dict]) -> list[PairedFigure]:
+    """Every ratio (and uswap-minus-raw difference) the report prints, each
+    over paired repetitions (scripts/bench_ratios.py says how they pair);
+    only those whose inputs were measured."""
     out = []
 
-    def add(label: str, a, b, unit: str) -> None:
-        r = _ratio(a, b)
-        if r is not None:
-            out.append(f"{label}: {r:.2f}x ({_num(a, 0 if unit == 'MiB/s' else 1)} vs "
-                       f"{_num(b, 0 if unit == 'MiB/s' else 1)} {unit})")
+    def add(label: str, workload: str, a: str, b: str, key: str, unit: str, kind: str = "ratio") -> None:
+        f = paired(label, run_of(runs, workload, a), run_of(runs, workload, b), key, unit, kind)
+        if f is not None:
+            out.append(f)
 
     for sysname in (USWAP, "uswap-nfs"):
-        add(f"random-read p50, {sysname} / kernel-swap", find(runs, "random-read", sysname, "p50_us"),
-            find(runs, "random-read", KERNEL, "p50_us"), "µs")
-        add(f"random-read p99, {sysname} / kernel-swap", find(runs, "random-read", sysname, "p99_us"),
-            find(runs, "random-read", KERNEL, "p99_us"), "µs")
-        add(f"seq-read MiB/s, {sysname} / kernel-swap", find(runs, "seq-read", sysname, "mib_s"),
-            find(runs, "seq-read", KERNEL, "mib_s"), "MiB/s")
-        add(f"first-touch MiB/s, {sysname} / kernel-swap", find(runs, "first-touch", sysname, "mib_s"),
-            find(runs, "first-touch", KERNEL, "mib_s"), "MiB/s")
-    lru = find(runs, "zipf-read", "lru-sim", "faults")
+        add(f"random-read p50, {sysname} / kernel-swap", "random-read", sysname, KERNEL, "p50_us", "µs")
+        add(f"random-read p99, {sysname} / kernel-swap", "random-read", sysname, KERNEL, "p99_us", "µs")
+        add(f"seq-read MiB/s, {sysname} / kernel-swap", "seq-read", sysname, KERNEL, "mib_s", "MiB/s")
+        add(f"first-touch MiB/s, {sysname} / kernel-swap", "first-touch", sysname, KERNEL, "mib_s", "MiB/s")
+        add(f"random-write p50, {sysname} / kernel-swap", "random-write", sysname, KERNEL, "p50_us", "µs")
+        add(f"mt-mix p99, {sysname} / kernel-swap", "mt-mix", sysname, KERNEL, "p99_us", "µs")
+    for sysname in (USWAP, "uswap-nfs"):
+        add(f"scale MiB/s, {sysname} / kernel-swap", "scale", sysname, KERNEL, "mib_s", "MiB/s")
+        add(f"scale CPU µs/page, {sysname} / kernel-swap", "scale", sysname, KERNEL, "cpu_us_per_page", "µs/page")
     for sysname in (USWAP, "uswap-nfs", KERNEL, "fifo-sim"):
-        add(f"zipf-read faults, {sysname} / lru-sim", find(runs, "zipf-read", sysname, "faults"), lru, "faults")
+        add(f"zipf-read faults, {sysname} / lru-sim", "zipf-read", sysname, "lru-sim", "faults", "faults")
     for sysname, raw in ((USWAP, "raw-file"), ("uswap-nfs", "raw-nfs")):
-        a, b = find(runs, "random-read", sysname, "p50_us"), find(runs, "random-read", raw, "p50_us")
-        if a is not None and b is not None:
-            out.append(f"random-read p50, {sysname} - {raw}: {a - b:+.1f} µs ({a:.1f} vs {b:.1f} µs)")
-        add(f"seq-read MiB/s, {sysname} / {raw}", find(runs, "seq-read", sysname, "mib_s"),
-            find(runs, "seq-read", raw, "mib_s"), "MiB/s")
+        add(f"random-read p50, {sysname} - {raw}", "random-read", sysname, raw, "p50_us", "µs", "difference")
+        add(f"seq-read MiB/s, {sysname} / {raw}", "seq-read", sysname, raw, "mib_s", "MiB/s")
+    for r in runs:
+        if is_program(r) and r["system"] != "unlimited":
+            for base in ("unlimited", KERNEL):
+                if base != r["system"]:
+                    add(f"{r['workload']} {r['rate_unit']}, {r['system']} / {base}", r["workload"],
+                        r["system"], base, "rate", r["rate_unit"])
     return out
 
 
-def targets(runs: list[dict]) -> list[tuple[str, bool | None, str]]:
-    """(name, passed or None when not measured, detail) for each target."""
-    res = []
+def ratios(runs: list[dict]) -> list[str]:
+    """Human-readable ratio lines: median of the paired ratios, range, spread."""
+    return [describe(f) for f in paired_figures(runs)]
 
-    def check(name: str, a, b, ok_fn, detail_fn) -> None:
-        if a is None or b is None:
+
+def ratio_table(figures: list[PairedFigure]) -> str:
+    """The ratios as a Markdown table: median, range and relative spread."""
+    lines = ["| ratio | median | min-max | spread | pairs |", "|---|---:|---:|---:|---:|"]
+    for f in figures:
+        if f.kind == "difference":
+            lines.append(f"| {f.label} ({f.unit}) | {f.median:+.1f} | {f.low:+.1f} to {f.high:+.1f} | — | "
+                         f"{len(f.values)} |")
+        else:
+            spread = "—" if f.rel_spread is None else f"{100 * f.rel_spread:.0f}%"
+            lines.append(f"| {f.label} | {f.median:.2f}x | {f.low:.2f}-{f.high:.2f}x | {spread} | {len(f.values)} |")
+    return "\n".join(lines)
+
+
+# (name, label of the paired figure it judges, pass test on the figure's median)
+TARGETS = [
+    ("random-read p50 <= 1.1x kernel swap", f"random-read p50, {USWAP} / {KERNEL}", lambda m: m <= 1.1),
+    ("random-read p99 <= kernel swap", f"random-read p99, {USWAP} / {KERNEL}", lambda m: m <= 1.0),
+    ("seq-read >= 3x kernel swap", f"seq-read MiB/s, {USWAP} / {KERNEL}", lambda m: m >= 3.0),
+    ("first-touch >= 1.5x kernel swap", f"first-touch MiB/s, {USWAP} / {KERNEL}", lambda m: m >= 1.5),
+    ("zipf faults <= 1.1x LRU", f"zipf-read faults, {USWAP} / lru-sim", lambda m: m <= 1.1),
+    ("nfs random p50 <= raw nfs p50 + 15 µs", "random-read p50, uswap-nfs - raw-nfs", lambda m: m <= 15.0),
+    ("nfs seq >= 0.6x raw nfs seq", "seq-read MiB/s, uswap-nfs / raw-nfs", lambda m: m >= 0.6),
+    ("scale daemon CPU per page <= 2x kernel swap's", f"scale CPU µs/page, {USWAP} / {KERNEL}", lambda m: m <= 2.0),
+]
+META_GOAL = 16  # bytes of daemon metadata per touched page, the scale row's goal
+
+
+def targets(runs: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """(name, passed or None when not measured, detail) for each target,
+    judged on the median of the paired per-repetition ratios."""
+    by_label = {f.label: f for f in paired_figures(runs)}
+    res = []
+    for name, label, ok in TARGETS:
+        f = by_label.get(label)
+        if f is None:
             res.append((name, None, "not measured in this run"))
         else:
-            res.append((name, bool(ok_fn(a, b)), detail_fn(a, b)))
-
-    rr = lambda s, k: find(runs, "random-read", s, k)  # noqa: E731
-    check("random-read p50 <= 1.1x kernel swap", rr(USWAP, "p50_us"), rr(KERNEL, "p50_us"),
-          lambda a, b: a <= 1.1 * b, lambda a, b: f"{USWAP} {a:.1f} µs vs {KERNEL} {b:.1f} µs = {a / b:.2f}x")
-    check("random-read p99 <= kernel swap", rr(USWAP, "p99_us"), rr(KERNEL, "p99_us"),
-          lambda a, b: a <= b, lambda a, b: f"{USWAP} {a:.1f} µs vs {KERNEL} {b:.1f} µs = {a / b:.2f}x")
-    check("seq-read >= 3x kernel swap", find(runs, "seq-read", USWAP, "mib_s"), find(runs, "seq-read", KERNEL, "mib_s"),
-          lambda a, b: a >= 3 * b, lambda a, b: f"{USWAP} {a:.0f} MiB/s vs {KERNEL} {b:.0f} MiB/s = {a / b:.2f}x")
-    check("first-touch >= 1.5x kernel swap", find(runs, "first-touch", USWAP, "mib_s"),
-          find(runs, "first-touch", KERNEL, "mib_s"),
-          lambda a, b: a >= 1.5 * b, lambda a, b: f"{USWAP} {a:.0f} MiB/s vs {KERNEL} {b:.0f} MiB/s = {a / b:.2f}x")
-    check("zipf faults <= 1.1x LRU", find(runs, "zipf-read", USWAP, "faults"), find(runs, "zipf-read", "lru-sim", "faults"),
-          lambda a, b: a <= 1.1 * b, lambda a, b: f"{USWAP} {a} vs lru-sim {b} = {a / b:.2f}x")
-    check("nfs random p50 <= raw nfs p50 + 15 µs", rr("uswap-nfs", "p50_us"), rr("raw-nfs", "p50_us"),
-          lambda a, b: a <= b + 15, lambda a, b: f"uswap-nfs {a:.1f} µs vs raw-nfs {b:.1f} µs ({a - b:+.1f} µs)")
-    check("nfs seq >= 0.6x raw nfs seq", find(runs, "seq-read", "uswap-nfs", "mib_s"),
-          find(runs, "seq-read", "raw-nfs", "mib_s"),
-          lambda a, b: a >= 0.6 * b, lambda a, b: f"uswap-nfs {a:.0f} MiB/s vs raw-nfs {b:.0f} MiB/s = {a / b:.2f}x")
+            res.append((name, bool(ok(f.median)), describe(f)))
+    scale = run_of(runs, "scale", USWAP)
+    name = f"scale metadata <= {META_GOAL} B per touched page"
+    if scale is None or scale.get("meta_b_per_page") is None:
+        res.append((name, None, "not measured in this run"))
+    else:
+        m = scale["meta_b_per_page"]
+        res.append((name, m <= META_GOAL, f"{USWAP}: {m:.1f} B (daemon RssAnon+RssFile growth per touched page); "
+                    f"counted: page table {scale['table_b_per_page']:.1f} + slot map "
+                    f"{scale['slots_b_per_page']:.1f} B per page"))
     return res
 
 
@@ -111,11 +164,62 @@ def target_lines(runs: list[dict]) -> list[str]:
     return out
 
 
+def program_table(runs: list[dict]) -> str:
+    """The program workloads' own throughput, as ratios against unlimited
+    memory and against kernel swap measured in the same run (median of the
+    paired per-repetition ratios, and their range)."""
+    lines = ["| program | system | throughput | / unlimited (min-max) | / kernel-swap (min-max) |",
+             "|---|---|---:|---:|---:|"]
+    for r in runs:
+        if not is_program(r):
+            continue
+        if r.get("error"):
+            lines.append(error_row(r, [r["workload"], r["system"]], 3))
+            continue
+        vs = [paired("", r, run_of(runs, r["workload"], base), "rate", r["rate_unit"]) for base in ("unlimited", KERNEL)]
+        killed = f" (OOM-killed {r['oom_kills']} times)" if r.get("oom_kills") else ""
+        lines.append(f"| {r['workload']} | {r['system']} | {r['rate']:.1f} {r['rate_unit']}{killed} | "
+                     + " | ".join("—" if v is None else f"{v.median:.3f}x ({v.low:.3f}-{v.high:.3f})" for v in vs)
+                     + " |")
+    return "\n".join(lines)
+
+
+def scale_table(runs: list[dict]) -> str:
+    """The scale rows: throughput and CPU per page against kernel swap, the
+    daemon's memory, and the 64 GiB sparse alloc's first fault."""
+    lines = ["| system | MiB/s | CPU µs/page | daemon RSS anon+file MiB | metadata B/touched page (RSS) | "
+             "counted B/page (table + slots) | 64 GiB alloc ms | first fault ms | 64 GiB alloc metadata MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        if not is_scale(r):
+            continue
+        if r.get("error"):
+            lines.append(error_row(r, [r["system"]], 8))
+            continue
+        rss = r.get("daemon_rss")
+        rss_mib = _num((rss["rss_anon"] + rss["rss_file"]) / 2**20, 0) if rss else "—"
+        counted = (f"{r['table_b_per_page']:.1f} + {r['slots_b_per_page']:.1f}" if "table_b_per_page" in r else "—")
+        lines.append(f"| {r['system']} | {_num(r['mib_s'], 0)} | {_num(r['cpu_us_per_page'], 2)} | {rss_mib} | "
+                     f"{_num(r.get('meta_b_per_page'))} | {counted} | {_num(r['sparse_alloc_ms'])} | "
+                     f"{_num(r['sparse_first_fault_ms'], 2)} | "
+                     f"{_num(r['sparse_meta_bytes'] / 2**20 if r.get('sparse_meta_bytes') is not None else None, 0)} |")
+    return "\n".join(lines)
+
+
 def markdown(runs: list[dict], header: str, notes: list[str]) -> str:
-    parts = [header, "", table(runs), ""]
-    rl = ratios(runs)
-    if rl:
-        parts += ["Ratios:", ""] + [f"- {line}" for line in rl] + [""]
+    parts = [header, ""]
+    if any(not is_program(r) and not is_scale(r) for r in runs):
+        parts += [table(runs), ""]
+    scale = next((r for r in runs if is_scale(r)), None)
+    if scale:
+        parts += [f"Scale (region {scale['size'] >> 20} MiB, budget {scale['budget'] >> 20} MiB, 4 threads of "
+                  f"mixed reads and writes, sequential runs and random pages):", "", scale_table(runs), ""]
+    if any(is_program(r) for r in runs):
+        parts += ["Programs (their own throughput figure, W of data, the budget W/4):", "", program_table(runs), ""]
+    figures = paired_figures(runs)
+    if figures:
+        parts += ["Ratios (median over repetitions of the ratio of the same repetition's figures; "
+                  "spread = (max - min) / median):", "", ratio_table(figures), ""]
     parts += ["Targets:", ""] + [f"- {line}" for line in target_lines(runs)] + [""]
     if notes:
         parts += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]

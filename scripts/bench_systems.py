@@ -98,10 +98,7 @@ class KernelSwap:
             os.rmdir(CGROUP)
         os.mkdir(CGROUP)
         self.cg_made = True
-        _write(os.path.join(CGROUP, "memory.limit_in_bytes"), str(self.limit))
-        got = int(_read(os.path.join(CGROUP, "memory.limit_in_bytes")))
-        if abs(got - self.limit) > 4096:
-            raise RuntimeError(f"{CGROUP}: memory.limit_in_bytes is {got}, wanted {self.limit}")
+        self.set_limit(self.limit)
         sw = os.path.join(CGROUP, "memory.swappiness")
         if os.path.exists(sw):
             _write(sw, "60")
@@ -121,6 +118,13 @@ class KernelSwap:
         self.swap_on = True
         if self.swapfile not in active_swaps():
             raise RuntimeError(f"swapon {self.swapfile}: not listed in /proc/swaps")
+
+    def set_limit(self, limit: int) -> None:
+        """The cgroup's memory limit (a run with its own budget sets it, and back)."""
+        _write(os.path.join(CGROUP, "memory.limit_in_bytes"), str(limit))
+        got = int(_read(os.path.join(CGROUP, "memory.limit_in_bytes")))
+        if abs(got - limit) > 4096:
+            raise RuntimeError(f"{CGROUP}: memory.limit_in_bytes is {got}, wanted {limit}")
 
     def stop(self) -> None:
         errors = []

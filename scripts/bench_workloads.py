@@ -173,21 +173,30 @@ def mt_mix(pages: np.ndarray, traces: list[np.ndarray], writes: list[np.ndarray]
     """One thread per trace, all started together, each doing access_mixed
     (numpy drops the GIL for a 4 KiB copy, so faults overlap).
     Returns (wall seconds, bad)."""
-    bads = [0] * len(traces)
-    start = threading.Barrier(len(traces) + 1)
+    seconds, bads = run_together("mt-mix", [
+        (lambda k=k: access_mixed(pages, traces[k], writes[k], lats[k])) for k in range(len(traces))])
+    return seconds, sum(bads)
+
+
+def run_together(name: str, jobs: list) -> tuple[float, list]:
+    """Each job (a function of no argument) in its own thread, all started
+    together at a barrier. Returns (wall seconds from the barrier to the last
+    join, the jobs' results in order)."""
+    results = [None] * len(jobs)
+    start = threading.Barrier(len(jobs) + 1)
 
     def run(k: int) -> None:
         start.wait()
-        bads[k] = access_mixed(pages, traces[k], writes[k], lats[k])
+        results[k] = jobs[k]()
 
-    threads = [threading.Thread(target=run, args=(k,), name=f"mt-mix-{k}") for k in range(len(traces))]
+    threads = [threading.Thread(target=run, args=(k,), name=f"{name}-{k}") for k in range(len(jobs))]
     for t in threads:
         t.start()
     start.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0, sum(bads)
+    return time.perf_counter() - t0, results
 
 
 # --------------------------------------------------------------- raw workloads

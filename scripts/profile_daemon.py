@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Profile the daemon with py-spy while one client streams through a region.
 
-    .venv/bin/python scripts/profile_daemon.py seq|touch [--size 512M]
+    .venv/bin/python scripts/profile_daemon.py seq|touch|rwrite [--size 512M]
         [--seconds 6] [--config '{"write_batch": "1M"}'] [--top 25]
 
 seq   : the region is written once, then read front to back (one word per
         page) for --seconds while py-spy samples the daemon: sequential swap-in.
 touch : a fresh region is written front to back once while py-spy samples:
         first touch with eviction (zero fill, writeback, drop).
+rwrite: the region is written once, then one word of a uniformly random page
+        is written, page after page, for --seconds: every resident page is
+        dirty, and every fault needs a victim (writeback under pressure).
 The budget is size/4 on an O_DIRECT file store under /var/tmp. Prints the
 client's MiB/s and the engine thread's hottest frames (inclusive share of its
 samples, idle I/O-pool threads left out). This is what the optimisation notes
@@ -19,6 +22,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,8 @@ from uswap.sizes import parse_size  # noqa: E402
 from tests.daemon_proc import DaemonProc  # noqa: E402
 
 PYSPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
+if not os.path.exists(PYSPY):
+    sys.exit(f"profile_daemon.py: {PYSPY} not found: run scripts/setup (it installs py-spy with the bench extras)")
 
 
 def hottest(raw_path: str, top: int) -> list[tuple[float, str]]:
@@ -53,7 +59,7 @@ def hottest(raw_path: str, top: int) -> list[tuple[float, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("seq", "touch"))
+    ap.add_argument("mode", choices=("seq", "touch", "rwrite"))
     ap.add_argument("--size", default="512M")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--config", default="{}", help="daemon settings as a JSON object")
@@ -69,7 +75,7 @@ def main() -> int:
             region = c.alloc(size)
             a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, 512)
             n = a.shape[0]
-            if args.mode == "seq":
+            if args.mode in ("seq", "rwrite"):
                 a[:, 0] = np.arange(n)
                 int(a[:, 0].sum())  # warm-up pass
             spy = subprocess.Popen([PYSPY, "record", "-p", str(d.proc.pid), "-d", str(int(args.seconds) + 1),
@@ -81,19 +87,31 @@ def main() -> int:
             if args.mode == "touch":
                 a[:, 0] = np.arange(n)
                 moved = size
+            elif args.mode == "rwrite":
+                rng = np.random.default_rng(1)
+                while time.perf_counter() - t0 < args.seconds:
+                    for page in rng.integers(0, n, 4096).tolist():
+                        a[page, 1] = page  # a store alone: a write fault
+                    moved += 4096 * 4096
             else:
                 while time.perf_counter() - t0 < args.seconds:
                     if int(a[:, 0].sum()) != n * (n - 1) // 2:
                         raise AssertionError("data check failed")
                     moved += size
             print(f"{args.mode}: {moved / (time.perf_counter() - t0) / 2**20:.0f} MiB/s")
+            st = c.status()
+            print("status: " + ", ".join(f"{k} {st[k]}" for k in sorted(st) if k.endswith("_total")
+                                         and isinstance(st[k], int)))
             spy.wait()
             del a
             region.close()
     finally:
         d.stop()
-    for share, frame in hottest(raw, args.top):
-        print(f"{share:5.1f}%  {frame}")
+    try:
+        for share, frame in hottest(raw, args.top):
+            print(f"{share:5.1f}%  {frame}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the store file: twice --size
     return 0
 
 

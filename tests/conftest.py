@@ -13,6 +13,12 @@ from tests.nfs_fixture import instance
 
 NFS_NAME = instance("uswap-test")
 
+# Every page transition is checked (native/pagestate.h); in tests an illegal
+# one is fatal -- raised in Python, abort() in the fast path -- in every
+# daemon the tests start (they inherit this environment) and in the tests'
+# own page tables.
+os.environ["USWAP_STRICT_TRANSITIONS"] = "1"
+
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", help="run the long soak tests")
@@ -61,11 +67,10 @@ def nfs_url():
                    capture_output=True, timeout=120)
 
 
-@pytest.fixture(params=["file", "nfs"])
-def backing(request, tmp_path):
-    """A fresh store location of each kind; NFS store files are removed after
-    the test (pytest cleans tmp_path itself)."""
-    if request.param == "file":
+def _store_location(request, tmp_path, kind: str):
+    """A fresh store location of `kind` ("file" or "nfs"); an NFS store file
+    is removed after the test (pytest cleans tmp_path itself)."""
+    if kind == "file":
         yield str(tmp_path / "swapfile")
         return
     url = request.getfixturevalue("nfs_url")
@@ -78,6 +83,24 @@ def backing(request, tmp_path):
             os.unlink(os.path.join(export_dir, name))
         except FileNotFoundError:
             pass
+
+
+@pytest.fixture(params=["file", "nfs"])
+def backing(request, tmp_path):
+    """A fresh store location of each kind."""
+    yield from _store_location(request, tmp_path, request.param)
+
+
+# The longest tests whose subject is the engine's logic, not the store's I/O
+# path, run on the file store in CI (the 30-minute budget) and on both
+# stores in the soak (USWAP_SOAK=N, as tests/system/test_survival.py).
+HEAVY_BACKINGS = ["file", "nfs"] if os.environ.get("USWAP_SOAK") else ["file"]
+
+
+@pytest.fixture(params=HEAVY_BACKINGS)
+def heavy_backing(request, tmp_path):
+    """`backing`, on the stores HEAVY_BACKINGS names."""
+    yield from _store_location(request, tmp_path, request.param)
 
 
 @pytest.fixture
@@ -98,3 +121,7 @@ def start_daemon(tmp_path):
     yield start
     for d in started:
         d.kill()
+    # Every test checks that no daemon it ran made an illegal page transition
+    # (each is logged, in Python and in C, before it is fatal).
+    illegal = [line for d in started for line in d.illegal_transitions()]
+    assert not illegal, "illegal page transitions:\n" + "\n".join(illegal)

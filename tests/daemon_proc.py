@@ -12,36 +12,97 @@ import time
 import uswap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the daemon logs for each illegal page transition (pagetable.TransitionCheck,
+# fastpath.c fp_illegal_transition).
+ILLEGAL_TRANSITION = "illegal page transition"
 
 
 class DaemonProc:
     def __init__(self, workdir: str, backing: str, store_size: str = "512M",
-                 max_resident: str = "32M", inject: dict | None = None,
+                 max_resident: str | None = "32M", inject: dict | None = None,
                  extra: list[str] | None = None, config: dict | None = None,
-                 nofile: tuple[int, int] | None = None) -> None:
-        """`nofile`: (soft, hard) RLIMIT_NOFILE to start the daemon under."""
+                 nofile: tuple[int, int] | None = None, log_level: str | None = "info",
+                 extra_env: dict[str, str] | None = None, cwd: str = REPO,
+                 python: str = sys.executable, state_dir: str | None = None) -> None:
+        """`nofile`: (soft, hard) RLIMIT_NOFILE to start the daemon under;
+        `extra_env`: variables added to the daemon's environment; `cwd` and
+        `python`: where and with what it runs, so which uswap `python -m
+        uswap.cli` finds (this checkout's, by default).
+        `state_dir`: the daemon's --state-dir (default WORKDIR/state): a
+        daemon restarted on it (restart()) adopts what the last one left."""
         self.workdir = workdir
         self.socket = os.path.join(workdir, "uswap.sock")
         self.log_path = os.path.join(workdir, "daemon.log")
+        self.log_paths = [self.log_path]  # one per start: restart() begins daemon-N.log
         self.backing = backing
-        args = [sys.executable, "-m", "uswap.cli", "run", "--backing", backing,
-                "--store-size", store_size, "--max-resident", max_resident,
-                "--socket", self.socket, "--log-level", "info"]
+        self.state_dir = state_dir or os.path.join(workdir, "state")
+        args = [python, "-m", "uswap.cli", "run", "--backing", backing,
+                "--store-size", store_size, "--socket", self.socket, "--state-dir", self.state_dir]
+        # A flag wins over the config file, also on a reload (SIGHUP): None
+        # leaves max_resident / log_level to the file.
+        if max_resident is not None:
+            args += ["--max-resident", max_resident]
+        if log_level is not None:
+            args += ["--log-level", log_level]
+        self.config_path = os.path.join(workdir, "uswap.yaml")
         if config:
-            cfg_path = os.path.join(workdir, "uswap.yaml")
-            with open(cfg_path, "w") as f:
-                json.dump(config, f)  # JSON is YAML
-            args += ["--config", cfg_path]
+            self.write_config(config)
+            args += ["--config", self.config_path]
         args += extra or []
         env = dict(os.environ)
         env.pop("USWAP_INJECT", None)
+        env.update(extra_env or {})
         if inject is not None:
             env["USWAP_INJECT"] = json.dumps(inject)
-        self.log = open(self.log_path, "w")
-        limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                     preexec_fn=limit)
+        self.args, self.env, self.cwd = args, env, cwd
+        self.limit = None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        self._spawn()
         self.wait_ready()
+
+    def _spawn(self, extra: list[str] | None = None) -> None:
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.args + (extra or []), stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=self.cwd, preexec_fn=self.limit)
+
+    def restart(self, wait: bool = True, inject: dict | None = None, extra: list[str] | None = None) -> None:
+        """Start a new daemon with the same arguments, socket and state dir
+        (it adopts what the last one left there) once the last one has
+        exited (kill() or stop() it first). Its log is a new file,
+        daemon-N.log (log_text() reads the newest; all_log_text() all).
+        `inject`: USWAP_INJECT for the new one (None: none); `extra`: more
+        arguments for this start only."""
+        if self.proc.poll() is None:
+            raise RuntimeError(f"restart: daemon pid {self.proc.pid} is still running; kill() or stop() it first")
+        self.env = dict(self.env)
+        self.env.pop("USWAP_INJECT", None)
+        if inject is not None:
+            self.env["USWAP_INJECT"] = json.dumps(inject)
+        self.log_path = os.path.join(self.workdir, f"daemon-{len(self.log_paths)}.log")
+        self.log_paths.append(self.log_path)
+        self._spawn(extra)
+        if wait:
+            self.wait_ready()
+
+    def handover(self, timeout: float = 120.0) -> int:
+        """Upgrade in place: start a successor with `uswap run --handover`
+        (it asks this daemon to hand over and takes its socket, store and
+        state dir over once it exits), wait for it to be ready; the old
+        daemon's exit status."""
+        old, old_log = self.proc, self.log
+        self.log_path = os.path.join(self.workdir, f"daemon-{len(self.log_paths)}.log")
+        self.log_paths.append(self.log_path)
+        self._spawn(["--handover"])
+        try:
+            rc = old.wait(timeout)
+        finally:
+            old_log.close()
+        self.wait_ready(timeout)
+        return rc
+
+    def write_config(self, config: dict) -> None:
+        """(Re)write the daemon's config file (it reads it again on SIGHUP)."""
+        with open(self.config_path, "w") as f:
+            json.dump(config, f)  # JSON is YAML
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -56,6 +117,20 @@ class DaemonProc:
     def log_text(self) -> str:
         with open(self.log_path) as f:
             return f.read()
+
+    def all_log_text(self) -> str:
+        """The logs of every start of this daemon (restart()), oldest first."""
+        out = []
+        for path in self.log_paths:
+            with open(path) as f:
+                out.append(f.read())
+        return "".join(out)
+
+    def illegal_transitions(self) -> list[str]:
+        """The daemon's log lines reporting an illegal page transition (the
+        Python engine's and the fast path's both say ILLEGAL_TRANSITION), of
+        every start."""
+        return [line for line in self.all_log_text().splitlines() if ILLEGAL_TRANSITION in line]
 
     def client(self) -> uswap.Client:
         return uswap.connect(self.socket)
@@ -80,8 +155,16 @@ class DaemonProc:
         self.log.close()
         return self.proc.returncode
 
-    def kill(self) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Kill the daemon with `sig` (SIGKILL: nothing of it runs, as in a
+        crash; its state dir stays for restart()) and reap it; its exit
+        status (negative: the signal)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.proc.send_signal(sig)
             self.proc.wait()
         self.log.close()
+        return self.proc.returncode
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid

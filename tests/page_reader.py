@@ -4,7 +4,7 @@
 
 Page p holds page_words(p): word 0 is TAG, word 1 is p, the other words a
 pattern of p, so a copy of the page found in the store file tells which
-page it is (tests/test_store_corruption.py scans the store with it).
+page it is (tests/daemon/test_swapin_store_corruption.py scans the store with it).
 
 Commands on stdin, one JSON line out for each:
   fill              write every page                -> {"filled": N}

@@ -1,4 +1,4 @@
-"""A bounded protocol fuzzer for the daemon's socket (tests/test_protocol_fuzz.py).
+"""A bounded protocol fuzzer for the daemon's socket (tests/daemon/test_connections_protocol_fuzz.py).
 
 It speaks the framing of uswap/protocol.py (4-byte big-endian length, UTF-8
 JSON, fds as SCM_RIGHTS with the first byte) and sends, from a seeded RNG,

@@ -1,4 +1,4 @@
-"""A real uswap client process for tests/test_real_processes.py:
+"""A real uswap client process for tests/system/test_real_processes.py:
 
     python -m tests.realproc_child --socket S --role steady  [--pages N]
     python -m tests.realproc_child --socket S --role SCENARIO [--pages N] [--op LO:HI] [...]

@@ -108,9 +108,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--hold", action="store_true", help="after the run, wait for a line on stdin, verify again")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--name", help="the client's name in the daemon's status (default: the process's)")
     args = ap.parse_args()
     size = parse_size(args.size)
-    with uswap.connect(args.socket) as client:
+    with uswap.connect(args.socket, name=args.name) as client:
         region = client.alloc(size)
         a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, WORDS)
         print(json.dumps({"region": region.id, "pages": a.shape[0]}), flush=True)

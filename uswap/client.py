@@ -10,6 +10,16 @@ sent to the daemon once; this process keeps its own copies open for the
 region's life, because if the last copy of the uffd closed the range would be
 unregistered and evicted pages would read as zeros.
 
+Daemon restarts: when the daemon's end of the connection goes away while
+this process still has registered regions (the daemon crashed, was killed,
+or handed over to a new one; a drained daemon unregisters them first), a
+C thread of this client (native/keeper.c) connects again with backoff (20 ms
+doubling to 1 s, for at most RECONNECT_TIMEOUT seconds) and sends every
+region's uffd and memfd in `adopt` messages: the new daemon serves them
+again under the same ids. It is a C thread because a thread of the program
+that faults on a swapped page meanwhile blocks, holding the GIL if it is
+Python code. A request made while it reconnects waits for it.
+
 Fork: every region is mapped MADV_DONTFORK, so a child that does not go
 through Python's os.fork (subprocess, posix_spawn, a C library's fork) has
 no mapping there at all. os.fork (and multiprocessing's fork start method)
@@ -31,6 +41,7 @@ import threading
 import weakref
 
 from uswap import config, native, protocol, uffd
+from uswap._uffd_cffi import ffi as _kffi, lib as _klib
 
 PAGE = 4096
 MADV_DONTFORK = 10
@@ -45,6 +56,14 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+# How long the keeper (native/keeper.c) tries to reach a daemon that takes
+# the regions back after the connection broke, in seconds; a request made
+# meanwhile waits as long.
+RECONNECT_TIMEOUT = 600.0
+# Requests sent again to the next daemon when the last one died before
+# answering (Client._again_on_the_next_daemon).
+REPEATABLE_OPS = frozenset({"alloc", "free", "status", "discard"})
 
 # Live clients, for the at-fork hooks.
 _clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -155,6 +174,13 @@ class Region:
         self._uffd = uffd_fd
         self._memfd = memfd
 
+    def discard(self, offset: int, length: int) -> None:
+        """Drop [offset, offset+length) of the region, as MADV_DONTNEED drops
+        private memory: the pages' contents and store slots are freed, and
+        they read as zeros on their next touch. Both values are page aligned
+        and inside the region. Returns once the pages have left memory."""
+        self._client._request({"op": "discard", "region": self.id, "offset": offset, "length": length})
+
     def close(self) -> None:
         """Give the memory back. The region's contents are gone afterwards.
 
@@ -164,6 +190,7 @@ class Region:
         if self.closed:
             return
         self.closed = True
+        self._client._unkeep(self)  # before its fds close (keeper.c's invariant)
         self.buf.release()
         try:
             uffd.unregister(self._uffd, self.addr, self._mapped)
@@ -187,12 +214,19 @@ class Region:
 class Client:
     """A connection to the uswap daemon."""
 
-    def __init__(self, socket_path: str | None = None) -> None:
+    def __init__(self, socket_path: str | None = None, name: str | None = None) -> None:
+        """`name`: what status, metrics and `uswap top` call this client
+        (1 to 64 printable characters); by default the process's name (comm)."""
         self.socket_path = config.socket_path(socket_path)
+        self.name = name
         self._lock = threading.Lock()
         self.regions: list[Region] = []
         self._fork_locked = False  # the before-fork hook holds _lock
         self._fork_state: tuple | str | None = None  # fork_begin's (token, keep-alive fd, ids) or error
+        # The reconnect thread (native/keeper.c), started with the first
+        # region, and the process it belongs to (a forked child starts its own).
+        self._keeper = _kffi.NULL
+        self._keeper_pid = 0
         self._connect()
         _clients.add(self)
 
@@ -206,19 +240,29 @@ class Client:
             raise UswapError(f"cannot reach the uswap daemon at {self.socket_path}: {e.strerror}"
                              " (is `uswap run` running? set --socket or USWAP_SOCKET)") from None
         try:
-            reply, _ = self._exchange({"op": "hello", "version": protocol.VERSION})
+            hello = {"op": "hello", "version": protocol.VERSION}
+            if self.name is not None:
+                hello["name"] = self.name
+            # Straight over the socket, not through _exchange: a lost
+            # connection there means "send again to the next daemon", but
+            # here it means the daemon refused us (see below).
+            protocol.send(self._sock, hello)
+            reply, extra = protocol.recv(self._sock)
         except (OSError, EOFError, protocol.ProtocolError) as e:
-            # A busy daemon answers and closes before reading our hello: its
-            # reason may still wait in our socket.
+            # A daemon that refuses a connection (busy, a per-uid limit)
+            # answers and closes before reading our hello, so the hello can
+            # fail with EPIPE: its reason still waits in our socket.
             reason = self._refusal_left_behind()
             self._sock.close()
             self._sock = None
             raise UswapError(reason or f"the uswap daemon at {self.socket_path} closed the connection"
                              f" during the handshake ({e})") from None
-        except UswapError:
+        for fd in extra:
+            os.close(fd)
+        if not reply.get("ok"):
             self._sock.close()
             self._sock = None
-            raise
+            raise UswapError(reply.get("error", "hello refused"))
         self.daemon_version = reply["version"]
 
     def _exchange(self, msg: dict, fds: list[int] | None = None) -> tuple[dict, list[int]]:
@@ -226,8 +270,14 @@ class Client:
         The caller holds _lock, or is the only thread (a fork hook)."""
         if self._sock is None:
             self._connect()  # a forked child's first request on a region-less client
-        protocol.send(self._sock, msg, fds)
-        reply, extra = protocol.recv(self._sock)
+        self._take_new_connection()
+        try:
+            protocol.send(self._sock, msg, fds)
+            reply, extra = protocol.recv(self._sock)
+        except (ConnectionError, EOFError) as e:
+            # The daemon's end went away (EPIPE, ECONNRESET, EOF); any other
+            # error is this request's own and no reconnect would mend it.
+            reply, extra = self._again_on_the_next_daemon(msg, fds, e)
         for fd in extra:
             # Received fds are inheritable; ours must not leak into a program
             # another thread execs meanwhile (a keep-alive fd would hold a
@@ -238,6 +288,69 @@ class Client:
                 os.close(fd)
             raise UswapError(reply.get("error", "request refused"))
         return reply, extra
+
+    # ---------------------------------------------------------------- daemon restarts
+
+    def _again_on_the_next_daemon(self, msg: dict, fds: list[int] | None,
+                                  error: BaseException) -> tuple[dict, list[int]]:
+        """The daemon went away during `msg` (killed, crashed, handed over),
+        perhaps before the keeper noticed: wait for the keeper's connection
+        to the next daemon and send `msg` there. Only requests that are
+        right to repeat are: an alloc the dead daemon made but never answered
+        left a region waiting for adoption with this memfd, and the next
+        daemon answers the repeated alloc with that region (ops.py _alloc);
+        a free goes again marked "repeated", so the next daemon drops the
+        region if it waits there and is content when it is unknown (the
+        dead daemon freed it); status and discard are the same twice. Anything else (fork
+        requests: their snapshot died with the daemon) is an error naming
+        the request."""
+        op = msg.get("op")
+        if op not in REPEATABLE_OPS or not self._mine():
+            raise UswapError(f"{op}: the uswap daemon at {self.socket_path} went away before"
+                             f" answering ({error})") from None
+        fd = _klib.us_keeper_await_sock(self._keeper, RECONNECT_TIMEOUT)
+        if fd < 0:
+            raise UswapError(f"{op}: the uswap daemon at {self.socket_path} went away before answering"
+                             f" ({error}), and no daemon took this client's regions back") from None
+        old, self._sock = self._sock, socket.socket(fileno=fd)
+        old.close()
+        if op == "free":
+            msg = dict(msg, repeated=True)
+        protocol.send(self._sock, msg, fds)
+        return protocol.recv(self._sock)
+
+    def _mine(self) -> bool:
+        return self._keeper != _kffi.NULL and self._keeper_pid == os.getpid()
+
+    def _keep(self, region: Region) -> None:
+        """Have the keeper re-send `region` to a new daemon if this one goes."""
+        if not self._mine():
+            k = _klib.us_keeper_new(self.socket_path.encode(), self._sock.fileno(), RECONNECT_TIMEOUT)
+            if k == _kffi.NULL:
+                raise OSError("cannot start the uswap client's reconnect thread")
+            self._keeper, self._keeper_pid = k, os.getpid()
+        if _klib.us_keeper_add(self._keeper, region.id, region.addr, region._mapped, region._uffd,
+                               region._memfd) < 0:
+            raise MemoryError("uswap client: cannot record the region for reconnects")
+
+    def _unkeep(self, region: Region) -> None:
+        if self._mine():
+            _klib.us_keeper_remove(self._keeper, region.addr)
+
+    def _take_new_connection(self) -> None:
+        """The keeper's new connection, if it made one (waiting while it
+        reconnects): ours from now on; the dead one is closed."""
+        if not self._mine():
+            return
+        fd = _klib.us_keeper_take_sock(self._keeper, RECONNECT_TIMEOUT)
+        if fd >= 0:
+            old, self._sock = self._sock, socket.socket(fileno=fd)
+            old.close()
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the keeper connected again and re-sent the regions."""
+        return _klib.us_keeper_reconnects(self._keeper) if self._mine() else 0
 
     def _refusal_left_behind(self) -> str | None:
         """The error of a reply already in the socket, if there is one."""
@@ -297,6 +410,9 @@ class Client:
         state, self._fork_state = self._fork_state, None
         self._fork_locked = False
         self._lock = threading.Lock()
+        # The parent's keeper is not ours (its thread is not in this process,
+        # its mutex may be held): left alone; one of our own starts below.
+        self._keeper, self._keeper_pid = _kffi.NULL, 0
         if self._sock is not None:
             self._sock.close()  # our copy of the parent's connection; nothing is sent on it
             self._sock = None
@@ -319,6 +435,7 @@ class Client:
                     continue
                 try:
                     region._attach_in_child(self, token, prots.get(region.id, []))
+                    self._keep(region)
                 except Exception as e:  # a hook must not raise; the region is unusable, say why
                     region._lose(repr(e))
         except Exception as e:
@@ -361,10 +478,18 @@ class Client:
             raise
         region = Region(self, reply["region"], addr, nbytes, mapped, uffd_fd, memfd)
         self.regions.append(region)
+        with self._lock:
+            self._keep(region)
         return region
 
     def status(self) -> dict:
         return self._request({"op": "status"})["status"]
+
+    def set_budget(self, max_resident: int | str) -> dict:
+        """Change the running daemon's budget: a size (bytes, or "512M"), or
+        "auto" to follow the host again. Returns the reply (old_bytes,
+        max_resident_bytes, mode); UswapError names a refused value."""
+        return self._request({"op": "budget", "max_resident": max_resident})
 
     def inject(self, spec: dict) -> dict:
         """Change fault injection in a daemon started with USWAP_INJECT (tests only)."""
@@ -375,6 +500,11 @@ class Client:
             region.close()
         self.regions = []
         _clients.discard(self)
+        if self._mine():
+            # A deliberate close: the keeper ends first, so the connection
+            # closing below is not taken for the daemon going away.
+            _klib.us_keeper_stop(self._keeper)
+            self._keeper = _kffi.NULL
         if self._sock is not None:
             self._sock.close()
 
@@ -385,9 +515,10 @@ class Client:
         self.close()
 
 
-def connect(socket: str | None = None) -> Client:
-    """Connect to the daemon at `socket` (else $USWAP_SOCKET, else /run/uswap/uswap.sock)."""
-    return Client(socket)
+def connect(socket: str | None = None, name: str | None = None) -> Client:
+    """Connect to the daemon at `socket` (else $USWAP_SOCKET, else
+    /run/uswap/uswap.sock), as `name` (default: the process's name)."""
+    return Client(socket, name)
 
 
 def _before_fork() -> None:

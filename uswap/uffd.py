@@ -190,10 +190,21 @@ class EventReader:
         return [(b[i].kind, b[i].flags, b[i].addr, b[i].end) for i in range(n)]
 
 
-def verify_and_copy(buf: int, n: int, expected, found, fd: int, dst: int, mode: int) -> int:
-    """Checksum n pages at buf against `expected` (uint32 numpy arrays) and map
-    them at dst only if all match. Bytes mapped, -EBADMSG (nothing mapped),
-    or -errno. `found` gets every page's checksum in either case, so on
-    -EBADMSG the caller can map the pages that passed (found == expected)."""
-    return lib.us_verify_and_copy(buf, n, ffi.cast("uint32_t *", expected.ctypes.data),
-                                  ffi.cast("uint32_t *", found.ctypes.data), fd, dst, mode)
+NO_WRITE_PAGE = lib.US_NO_WRITE_PAGE
+
+
+def verify_map(fd: int, dst: int, buf: int, n: int, mode: int, write_page: int, expected, sums,
+               skip, present) -> int:
+    """The verify-and-map routine of every swap-in (native/readmap.h
+    us_verify_map), on n pages a store read put at buf: each page's checksum
+    into `sums`, and every run of pages matching `expected` (uint32 numpy
+    arrays) mapped at dst with `mode`, the page at index `write_page`
+    writable (NO_WRITE_PAGE: none); a page that fails its check, or is
+    marked in `skip` (a uint8 array, or None: none; pages a read-ahead window
+    reads through), is never mapped. Bytes mapped (the passing pages') or the -errno of a COPY;
+    present[0] (an int32 array of one) counts pages found present and kept.
+    Runs without the GIL."""
+    return lib.us_verify_map(fd, dst, buf, n, mode, write_page, ffi.cast("uint32_t *", expected.ctypes.data),
+                             ffi.cast("uint32_t *", sums.ctypes.data),
+                             ffi.NULL if skip is None else ffi.cast("uint8_t *", skip.ctypes.data),
+                             ffi.cast("int32_t *", present.ctypes.data))

@@ -1,6 +1,7 @@
 """What the kernel says about a client's mappings of its region, from
 /proc/PID/smaps: which parts are still mapped and registered with a
-userfaultfd, and which are mlocked.
+userfaultfd, and which are mlocked; and from /proc/PID/maps: where the
+client maps the memfd, and which pages a fork snapshots (fork.py).
 
 Why smaps: it is the one place that shows a VMA's flags (VmFlags: `um` =
 registered for MISSING faults, `lo` = mlocked). It is read rarely -- when an
@@ -125,24 +126,52 @@ def locked_kb(pid: int) -> int:
     return 0
 
 
-def memfd_layout(pid: int, inode: int) -> tuple[tuple[int, int], ...]:
-    """Where the client maps the file with this inode: its VMAs' (start,
-    end), from /proc/PID/maps (no walk of the pages, unlike smaps); () when
-    it cannot be read. An mlock or munlock of part of a VMA splits or merges
-    it, so this changes where VmLck alone may not."""
+def _memfd_maps(pid: int, inodes: set[int]) -> dict[int, list[tuple[int, int, int]]] | None:
+    """The client's mappings of the files with these inodes, each as
+    (start, end, file offset), from /proc/PID/maps (no walk of the pages,
+    unlike smaps; one read whatever the number of inodes); None when it
+    cannot be read."""
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
             text = f.read()
     except OSError:
-        return ()
-    tag = b" %d " % inode
-    out = []
+        return None
+    out: dict[int, list[tuple[int, int, int]]] = {inode: [] for inode in inodes}
     for line in text.split(b"\n"):
-        if tag in line:
-            m = _HEADER.match(line)
-            if m and int(m.group(7)) == inode:
-                out.append((int(m.group(1), 16), int(m.group(2), 16)))
-    return tuple(out)
+        m = _HEADER.match(line)
+        if m and int(m.group(7)) in out:
+            out[int(m.group(7))].append((int(m.group(1), 16), int(m.group(2), 16), int(m.group(4), 16)))
+    return out
+
+
+def memfd_layout(pid: int, inode: int) -> tuple[tuple[int, int], ...]:
+    """Where the client maps the file with this inode: its VMAs' (start,
+    end); () when it cannot be read. An mlock or munlock of part of a VMA
+    splits or merges it, so this changes where VmLck alone may not."""
+    maps = _memfd_maps(pid, {inode})
+    return tuple((start, end) for start, end, _ in maps[inode]) if maps is not None else ()
+
+
+def mapped_in_place(pid: int, regions: list[tuple[int, int, int]]) -> list[np.ndarray] | None:
+    """For each region given as (memfd inode, address, pages), the boolean
+    mask of its pages the client maps in place (the memfd at the offset of
+    their distance from the region's start, any protection); None when
+    /proc/PID/maps cannot be read. A page the client unmapped, or that a
+    foreign MAP_FIXED mapping took, is False."""
+    maps = _memfd_maps(pid, {inode for inode, _, _ in regions})
+    if maps is None:
+        return None
+    masks = []
+    for inode, region_addr, npages in regions:
+        mask = np.zeros(npages, bool)
+        for start, end, offset in maps[inode]:
+            if start - region_addr != offset:
+                continue  # a second mapping of the memfd elsewhere
+            first = max(0, (start - region_addr) // PAGE)
+            last = min(npages, (end - region_addr) // PAGE)
+            mask[first:last] = True
+        masks.append(mask)
+    return masks
 
 
 def inode_of(fd: int) -> int:

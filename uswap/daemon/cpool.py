@@ -1,15 +1,16 @@
-"""Python face of the C I/O pool (native/iopool.c), used for the file and
-nfs:// stores.
+"""Python face of the C I/O pool (native/iopool.c), used for the stores that
+declare native I/O (Store.native_io: the file and nfs:// stores).
 
 The engine queues jobs here exactly where it would queue them on the Python
 IoPool, and gets the same (result, error) callbacks from on_completions();
 only the executor differs: C threads that never take the GIL.
 
 For nfs:// each job borrows one of the store's lent libnfs contexts
-(NfsStore.lend/checkout/checkin) for its whole length, so a context is only
-ever used by one job at a time. When none is idle (all busy, or the server is
-unreachable and the store is still reconnecting) read_copy/sum_write queue
-nothing and return False, and the engine runs that job on the Python pool.
+(NativeIo.lender: NfsStore.lend/checkout/checkin) for its whole length, so a
+context is only ever used by one job at a time. When none is idle (all busy,
+or the server is unreachable and the store is still reconnecting)
+read_copy/sum_write queue nothing and return False, and the engine runs that
+job on the Python pool.
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ from typing import Callable
 import numpy as np
 
 from uswap._iopool_cffi import ffi, lib
-from uswap.store.nfs import NfsStore
+from uswap.daemon.readmap import log_present
+from uswap.store.base import NativeIo, Store, require_native_io
 
 log = logging.getLogger("uswap.cpool")
 
 
 class CPool:
-    def __init__(self, nthreads: int, eventfd: int, store) -> None:
-        self.store = store
-        self.nfs = type(store) is NfsStore
+    def __init__(self, nthreads: int, eventfd: int, store: Store) -> None:
+        native = require_native_io(store, "the C I/O pool")
+        self.fd = native.fd            # kind FD
+        self.lender = native.lender    # kind NFS
+        self.nfs = native.kind == NativeIo.NFS
         self.pool = lib.us_pool_new(nthreads, eventfd)
         if self.pool == ffi.NULL:
             raise OSError(errno.EAGAIN, "cannot start the C I/O pool")
@@ -39,7 +43,7 @@ class CPool:
         if self.nfs:
             # One context per worker: a job never waits for a worker behind
             # another job stalled on the server.
-            store.lend(nthreads)
+            self.lender.lend(nthreads)
 
     def _job(self, file_op: int, nfs_op: int):
         """A new job on the store's file or on a borrowed NFS context:
@@ -47,7 +51,7 @@ class CPool:
         job = ffi.new("struct us_job *")
         conn = None
         if self.nfs:
-            conn = self.store.checkout()
+            conn = self.lender.checkout()
             if conn is None:
                 return None, None
             job.op = nfs_op
@@ -55,7 +59,7 @@ class CPool:
             job.nfsfh = ffi.cast("struct nfsfh *", conn.fh)
         else:
             job.op = file_op
-            job.fd = self.store.fd
+            job.fd = self.fd
         return job, conn
 
     def _submit(self, job, conn, keep: tuple, on_done: Callable) -> None:
@@ -65,16 +69,22 @@ class CPool:
         self.pending[token] = (job, conn, keep, on_done)
         lib.us_pool_submit(self.pool, job)
 
-    def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int,
-                  expected: np.ndarray, sums: np.ndarray, on_done: Callable) -> bool:
-        """Queue a swap-in (read, verify, UFFDIO_COPY); False if not queued."""
+    def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int, write_page: int,
+                  expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None, on_done: Callable) -> bool:
+        """Queue a swap-in: one store read, then native/readmap.h's
+        us_verify_map (the page at index write_page writable, the others
+        with `mode`; uffd.NO_WRITE_PAGE: none; the pages marked in `skip`,
+        a uint8 array or None, never mapped). False if not queued."""
         job, conn = self._job(lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS)
         if job is None:
             return False
         job.uffd, job.buf, job.len, job.off, job.dst, job.mode = uffd_fd, buf, length, off, dst, mode
+        job.write_page = write_page
         job.expected = ffi.cast("uint32_t *", expected.ctypes.data)
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
-        self._submit(job, conn, (expected, sums, mode), on_done)
+        if skip is not None:
+            job.skip = ffi.cast("uint8_t *", skip.ctypes.data)
+        self._submit(job, conn, (expected, sums, skip, mode), on_done)
         return True
 
     def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, zero: np.ndarray,
@@ -101,12 +111,12 @@ class CPool:
         err = None
         if job.result < 0:
             if conn is not None:
-                err = self.store.io_error(conn, "read" if reading else "write", job.len, job.off, -job.result)
+                err = self.lender.io_error(conn, "read" if reading else "write", job.len, job.off, -job.result)
             else:
                 err = OSError(-job.result, f"{'pread' if reading else 'pwrite'}"
                               f" at store offset {job.off}: {os.strerror(-job.result)}")
         if conn is not None:
-            self.store.checkin(conn, err)
+            self.lender.checkin(conn, err)
         return err
 
     def completions(self) -> list:
@@ -118,10 +128,8 @@ class CPool:
                 job, conn, keep, on_done = self.pending.pop(self.reap_buf[i])
                 err = self._finish(job, conn)
                 if job.op in (lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS):
-                    result = (keep[1], job.copied, keep[2])
-                    if job.present:
-                        log.warning("%d page(s) of the run at %#x were present during swap-in; "
-                                    "keeping them", job.present, job.dst)
+                    result = (keep[1], job.copied, keep[3])
+                    log_present(job.present, job.dst)
                 else:
                     result = keep[0]
                 out.append((on_done, None if err else result, err))

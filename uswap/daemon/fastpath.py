@@ -1,7 +1,8 @@
 """Python face of the fault fast path (native/fastpath.c).
 
 The C threads read the userfaultfds of the regions given to them and serve
-random swap-ins of the file and nfs:// stores themselves; everything else
+random swap-ins themselves, from a store that declares native I/O
+(Store.native_io: the file and nfs:// stores); everything else
 comes back to the engine as records, in order. The engine holds the fast
 path's lock whenever it runs (Engine.lock/unlock around the server's epoll
 wait), so the page tables, `charged` and `tick` -- which live in C memory
@@ -14,9 +15,10 @@ import os
 import types
 
 from uswap._fastpath_cffi import ffi, lib
+from uswap.daemon import latency
+from uswap.daemon import pagetable as pt
 from uswap.daemon.region import ReadAhead
-from uswap.store.file import FileStore
-from uswap.store.nfs import NfsStore
+from uswap.store.base import NativeIo, Store, require_native_io
 
 FP_EVENT = lib.FP_EVENT
 FP_LOAD_FAILED = lib.FP_LOAD_FAILED
@@ -27,28 +29,28 @@ FP_DIRTIED = lib.FP_DIRTIED
 FP_FORGET = lib.FP_FORGET
 
 
-def supports(store) -> bool:
-    return type(store) in (FileStore, NfsStore)
-
-
 def plain_shared() -> types.SimpleNamespace:
     """The engine's shared counters when there is no fast path."""
     return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
-                                 faults=0, swapins=0, activations=0)
+                                 faults=0, swapins=0, activations=0, illegal_transitions=0,
+                                 swapin_latency=latency.new_shared(), fault_latency=latency.new_shared())
 
 
 class FastPath:
-    def __init__(self, nthreads: int, notify_fd: int, store) -> None:
-        self.store = store
-        self.nfs = type(store) is NfsStore
+    def __init__(self, nthreads: int, notify_fd: int, store: Store) -> None:
+        native = require_native_io(store, "the fault fast path")
+        self.lender = native.lender    # kind NFS: contexts for top_up()
+        self.nfs = native.kind == NativeIo.NFS
         self.nthreads = nthreads
-        self.e = lib.fp_new(nthreads, notify_fd, -1 if self.nfs else store.fd)
+        self.e = lib.fp_new(nthreads, notify_fd, native.fd)   # -1 for kind NFS
         if self.e == ffi.NULL:
             raise OSError(errno.EAGAIN, "cannot start the fault fast path threads")
         self.shared = self.e   # charged, tick, counters: fields of struct fp_engine
+        # The C threads' transition check is as strict as the engine's (pagetable.CHECK).
+        self.e.strict_transitions = int(pt.CHECK.strict)
         self.free_slots = list(range(lib.FP_MAX_REGIONS - 1, -1, -1))
         self.recs = ffi.new("struct fp_record[]", 256)
-        self.conns: dict[int, object] = {}   # id -> NfsStore conn lent to the C threads
+        self.conns: dict[int, object] = {}   # id -> connection lent to the C threads
         self.next_conn = 1
 
     # The lock: held by the engine thread whenever it runs.
@@ -58,10 +60,17 @@ class FastPath:
     def unlock(self) -> None:
         lib.fp_unlock(self.e)
 
-    def configure(self, max_pages: int, high_pages: int, ra_pages: int, fill_max_pages: int) -> None:
+    def configure(self, max_pages: int, high_pages: int, clean_pages: int, ra_pages: int,
+                  fill_max_pages: int) -> None:
         self.e.max_pages, self.e.high_pages, self.e.ra_pages = max_pages, high_pages, ra_pages
+        self.e.clean_pages = clean_pages
         if lib.fp_set_fill_max(self.e, fill_max_pages) < 0:
             raise OSError(errno.ENOMEM, "cannot allocate the fast path's zero page buffer")
+
+    def set_budget(self, max_pages: int, high_pages: int, clean_pages: int) -> None:
+        """A new budget (Engine.set_budget); the caller holds the page lock, under which
+        the C threads read them."""
+        self.e.max_pages, self.e.high_pages, self.e.clean_pages = max_pages, high_pages, clean_pages
 
     # ---------------------------------------------------------------- regions
 
@@ -99,6 +108,10 @@ class FastPath:
         the region's fds must stay open until this is 0."""
         return lib.fp_region_busy(self.e, region.fp_slot) if region.fp_slot >= 0 else 0
 
+    def region_faults(self, region) -> int:
+        """Faults of the region served by the C threads (lock held)."""
+        return int(self.e.regions[region.fp_slot].faults) if region.fp_slot >= 0 else 0
+
     def take_over(self, region) -> None:
         """The engine takes over a load that failed here."""
         self.e.regions[region.fp_slot].inflight -= 1
@@ -124,7 +137,7 @@ class FastPath:
     def records(self) -> list[tuple]:
         """Records since the last call, oldest first, as tuples
         (type, region id, conn, kind, flags, addr, end, page, slot, result,
-        copied, sum, started); conn is the NfsStore conn of a failed nfs://
+        copied, sum, started); conn is the lent connection of a failed nfs://
         read (the caller checks it in), else None."""
         out = []
         while True:
@@ -141,8 +154,8 @@ class FastPath:
         """The OSError of a failed store read of one page at `slot`."""
         off = slot * 4096
         if conn is not None:
-            err = self.store.io_error(conn, "read", 4096, off, -result)
-            self.store.checkin(conn, err)
+            err = self.lender.io_error(conn, "read", 4096, off, -result)
+            self.lender.checkin(conn, err)
             return err
         return OSError(-result, f"pread at store offset {off}: {os.strerror(-result)}")
 
@@ -151,7 +164,7 @@ class FastPath:
         if not self.nfs:
             return
         while self.e.nidle < self.nthreads:
-            conn = self.store.checkout()
+            conn = self.lender.checkout()
             if conn is None:
                 return
             cid = self.next_conn
@@ -171,5 +184,5 @@ class FastPath:
         self.e = ffi.NULL
         self.shared = plain_shared()
         for conn in self.conns.values():
-            self.store.checkin(conn, None)
+            self.lender.checkin(conn, None)
         self.conns.clear()

@@ -25,39 +25,31 @@ fork copies page tables and swap entries:
   EMPTY                                EMPTY
   POISONED                             POISONED
 
-Invariant (AT_PARENT): while a child page is AT_PARENT, the same page of its
-source region is resident (RESIDENT or WRITEBACK) and unchanged since the
-fork. It is enforced by four hooks, each called by the engine before the
-source page may change or leave memory:
-  - fork_begin write-protects the source's dirty pages (the rest are
-    write-protected already: clean and WRITEBACK pages always are), so the
-    source's next write faults. Dirty pages' write faults always reach the
-    engine (the fast path un-protects only clean pages), and the engine's
-    _make_dirty calls before_write_page, which copies the page into every
-    child still AT_PARENT there first.
-  - a write-back that fails un-protects its pages: before_write first.
-  - a write-back that succeeds makes the page a clean copy of slot S (or a
-    zero page), about to be dropped: parent_clean moves the children to
-    SWAPPED on S (or EMPTY) first.
-  - a source region that closes (its process exits): on_region_closing copies
-    every shared page into its children first.
-  A source page with children AT_PARENT is therefore never dropped (_drop
-  takes clean pages only), and the copy is read from the daemon's own
-  mapping of a resident page (invariant 8).
+The AT_PARENT pages (the invariant that keeps them right, the hooks that
+enforce it, the copies) are cow.py's; this module makes snapshots and
+serves the requests above.
 
-A child's own fault on an AT_PARENT page (fault_at_parent) maps a copy of the
-source page into the child; the child page is then RESIDENT and dirty (its
-only copy is in memory).
-
-Nested fork: a region that is itself a child copies its remaining AT_PARENT
-pages in (they become its own dirty pages) before it is snapshotted, so every
-child has exactly one source region.
+A region the client has mapped only in parts (a foreign MAP_FIXED mapping
+took some of its pages, as `uswap exec` lets a program map a file over part
+of a heap region) is snapshotted in those parts only: the kernel's view of
+the parent (/proc/PID/maps, read at fork_begin) says which pages are still
+the region's, and every other page is EMPTY in the child, shares no slot
+and reads nothing from the parent. The daemon forgets the taken pages when
+the UNMAP event of the foreign mapping is read, which may come after
+fork_begin: the kernel's view, not the page table, is what the snapshot
+follows, so snapshot and parent agree once the event is applied. The child
+maps the same parts (it inherited the foreign mapping in the rest), and
+fork_attach checks and write-unprotects those parts only.
 
 A snapshot lives until the child attaches it or the last copy of the
 keep-alive pipe's write end closes: the parent closes its copy once fork()
 returned, the child after attaching, and a child that dies or execs first
 closes it by exiting (the fd is close-on-exec). The daemon checks the pipes
 on a timer while snapshots are pending.
+
+Thread and lock: engine thread, page lock held (the fork requests of
+ops.py, and the engine's timers). Built on regionset.py, slots.py and
+cow.py; only the composition (engine.py) and ops.py sit above it.
 """
 from __future__ import annotations
 
@@ -67,19 +59,18 @@ import logging
 import os
 import secrets
 import select
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from uswap import native, uffd
+from uswap.daemon import clientmaps
 from uswap.daemon import pagetable as pt
+from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.region import Region, _fd_target
+from uswap.daemon.regionset import RegionSet
+from uswap.daemon.slots import SlotAllocator
 
-if TYPE_CHECKING:
-    from uswap.daemon.engine import Engine
 
 log = logging.getLogger("uswap.fork")
-PAGE = 4096
 SHIFT = 12
 PENDING_CHECK_S = 0.2  # how often pending snapshots' keep-alive pipes are checked
 
@@ -88,63 +79,70 @@ class ForkRefused(Exception):
     """A fork request that cannot be served; the message is for the client."""
 
 
-class Share:
-    """A source region's pages that children still read from it (AT_PARENT)."""
-
-    def __init__(self, npages: int) -> None:
-        self.counts = np.zeros(npages, np.uint16)  # children AT_PARENT at each page
-        self.total = 0                             # sum of counts
-        self.children: dict[Region, int] = {}      # child -> its AT_PARENT pages
-
-
 class Snapshot:
     """The child regions of one fork, until the child attaches them."""
 
-    def __init__(self, token: str, keep_fd: int) -> None:
+    def __init__(self, token: str, keep_fd: int, uid: int | None) -> None:
         self.token = token
         self.keep_fd = keep_fd                     # read end of the keep-alive pipe
+        self.uid = uid                             # the parent's (SO_PEERCRED): the child's regions are its
         self.regions: dict[int, Region] = {}       # parent region id -> child region
+        # parent region id -> its runs (first page, count) the parent mapped
+        # in place at fork_begin: the only parts of the child region.
+        self.runs: dict[int, list[tuple[int, int]]] = {}
 
 
 class ForkManager:
-    def __init__(self, engine: "Engine") -> None:
-        self.engine = engine
-        self.shares: dict[Region, Share] = {}      # source region -> its share
-        self.source: dict[Region, Region] = {}     # child region -> source region
+    """The fork requests and their snapshots, pending until the child attaches them."""
+
+    def __init__(self, regions: RegionSet, slots: SlotAllocator, cow: CopyOnWrite) -> None:
+        self.regions = regions  # ioctl outcomes, timers, `charged`, draining
+        self.slots = slots  # children share their parent's slots
+        self.cow = cow  # the pages children read from their source
         self.pending: dict[str, Snapshot] = {}
         self.checking = False
-        self.stats = {"forks_total": 0, "fork_copied_pages_total": 0, "fork_shared_slots_total": 0}
+        self.stats = {"forks_total": 0, "fork_shared_slots_total": 0}
 
     # ---------------------------------------------------------------- queries
 
-    def is_shared(self, region: Region, page: int) -> bool:
-        """True when a child still reads this page of `region` (it must stay write-protected)."""
-        share = self.shares.get(region)
-        return share is not None and share.counts[page] > 0
-
-    def pending_regions(self) -> list[Region]:
-        return [r for snap in self.pending.values() for r in snap.regions.values()]
+    def pending_regions(self, uid: int | None = None) -> list[Region]:
+        """Child regions not attached yet; with `uid`, only that user's forks',
+        those whose child gave up dropped first (a count of the uid's regions
+        must not wait PENDING_CHECK_S for them)."""
+        if uid is not None:
+            self._discard_abandoned([snap for snap in self.pending.values() if snap.uid == uid])
+        return [r for snap in self.pending.values() if uid is None or snap.uid == uid
+                for r in snap.regions.values()]
 
     def status(self) -> dict:
-        return dict(self.stats, fork_pending=len(self.pending))
+        return {"forks_total": self.stats["forks_total"],
+                "fork_copied_pages_total": self.cow.copied,
+                "fork_shared_slots_total": self.stats["fork_shared_slots_total"],
+                "fork_pending": len(self.pending)}
 
     # ---------------------------------------------------------------- fork_begin
 
-    def begin(self, regions: list[Region]) -> tuple[str, int, list[int]]:
-        """Snapshot `regions` (the parent's, live) for a child about to be
-        forked. Returns (token, write end of the keep-alive pipe, ids snapshotted)."""
-        engine = self.engine
-        if engine.draining:
+    def begin(self, regions: list[Region], uid: int | None = None) -> tuple[str, int, list[int]]:
+        """Snapshot `regions` (the parent's, live, of user `uid`) for a child
+        about to be forked. Returns (token, write end of the keep-alive pipe, ids snapshotted)."""
+        if self.regions.draining:
             raise ForkRefused("fork_begin: the daemon is draining; the child gets no regions")
+        in_place = self._in_place(regions)
+        regions = [region for region in regions if in_place[region].any()]
         for region in regions:
-            self._materialize(region)
+            self.cow.materialize(region)
         for region in regions:
-            self._protect(region)
+            self._protect(region, in_place[region])
         keep_r, keep_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        snap = Snapshot(secrets.token_hex(16), keep_r)
+        snap = Snapshot(secrets.token_hex(16), keep_r, uid)
         try:
             for region in regions:
-                snap.regions[region.id] = self._child_of(region)
+                snap.regions[region.id] = self._child_of(region, in_place[region])
+                snap.runs[region.id] = pt.runs(np.flatnonzero(in_place[region]), 1 << 30)
+                if len(snap.runs[region.id]) > 1 or not in_place[region].all():
+                    log.info("fork %s: region %d snapshotted in %d part(s), %d of its %d pages (the rest"
+                             " is not mapped in place)", snap.token[:8], region.id, len(snap.runs[region.id]),
+                             int(np.count_nonzero(in_place[region])), region.npages)
         except BaseException:
             self._discard(snap)
             os.close(keep_w)
@@ -154,9 +152,29 @@ class ForkManager:
         self._schedule_check()
         return snap.token, keep_w, list(snap.regions)
 
-    def _protect(self, region: Region) -> None:
-        """Write-protect the source's dirty and loading pages, one ioctl per
-        run (clean and WRITEBACK pages are write-protected already).
+    @staticmethod
+    def _in_place(regions: list[Region]) -> dict[Region, np.ndarray]:
+        """Mask of each region's pages its process maps in place now (the
+        kernel's view, one read of /proc/PID/maps a process; see the module
+        doc). The whole region when its process cannot be looked at (no
+        pid, /proc unreadable): a region whose process is gone is closing
+        anyway."""
+        by_pid: dict[int, list[Region]] = {}
+        for region in regions:
+            by_pid.setdefault(getattr(region.owner, "pid", 0), []).append(region)
+        out = {}
+        for pid, owned in by_pid.items():
+            masks = clientmaps.mapped_in_place(pid, [(clientmaps.inode_of(r.memfd), r.addr, r.npages)
+                                                     for r in owned]) if pid else None
+            for i, region in enumerate(owned):
+                out[region] = masks[i] if masks is not None else np.ones(region.npages, bool)
+        return out
+
+    def _protect(self, region: Region, in_place: np.ndarray) -> None:
+        """Write-protect the source's dirty and loading pages mapped in
+        place, one ioctl per run (clean and WRITEBACK pages are
+        write-protected already; a page a foreign mapping took is not the
+        region's and is not in the snapshot, and the ioctl would fail there).
 
         Loading pages: a load may have mapped its page already, writable (a
         write fault's load), and the process may have written it before the
@@ -166,17 +184,17 @@ class ForkManager:
         of a page not mapped yet is overwritten), which is right: the child
         takes the slot, and writes from then on are after the fork. A write
         parked meanwhile on a loading page is let through when the load
-        completes (engine._load_done, the fast path's FP_WAITERS)."""
+        completes (swapin.py's _load_done, the fast path's FP_WAITERS)."""
         table = region.table
         st = table.state
-        dirty = ((st == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0)) | (st == pt.LOADING)
+        dirty = (((st == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0)) | (st == pt.LOADING)) & in_place
         for first, n in pt.runs(np.flatnonzero(dirty), 1 << 30):
             ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT,
                                     protect=True, wake=False)
             if ret < 0:
                 # Runs protected already stay dirty; their next write faults
                 # and is un-protected as for any dirty page.
-                self.engine._ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
+                self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
                 raise ForkRefused(f"fork_begin: write-protecting region {region.id} failed"
                                   f" ({os.strerror(-ret)}); the child gets no regions")
 
@@ -192,8 +210,9 @@ class ForkManager:
                     raise
         return out
 
-    def _child_of(self, region: Region) -> Region:
-        """A pending child region of `region` (page table as in the module doc)."""
+    def _child_of(self, region: Region, in_place: np.ndarray) -> Region:
+        """A pending child region of `region` (page table as in the module
+        doc) for its pages `in_place`; the others are EMPTY in the child."""
         memfd = os.memfd_create("uswap-fork", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         child = Region(-1, memfd, region.addr, region.size, None)
         try:
@@ -206,44 +225,27 @@ class ForkManager:
         t, ct = region.table, child.table
         st, slot = t.state, t.slot
         clean = (t.flags & pt.F_DIRTY) == 0
-        loading = np.flatnonzero(st == pt.LOADING)
+        loading = np.flatnonzero((st == pt.LOADING) & in_place)
         loaded = loading[self._mapped(region, loading)]  # frozen by _protect: copied below
         by_slot = ((st == pt.SWAPPED) | (st == pt.LOADING) | (st == pt.PUNCHING)
-                   | ((st == pt.RESIDENT) & clean)) & (slot >= 0)
+                   | ((st == pt.RESIDENT) & clean)) & (slot >= 0) & in_place
         by_slot[loaded] = False
-        at_parent = ((st == pt.RESIDENT) & ~clean) | (st == pt.WRITEBACK)
-        ct.state[by_slot] = pt.SWAPPED
+        at_parent = (((st == pt.RESIDENT) & ~clean) | (st == pt.WRITEBACK)) & in_place
+        ct.move(by_slot, pt.SWAPPED)
         ct.slot[by_slot] = slot[by_slot]
         ct.sum[:] = t.sum
         ct.stamp[:] = t.stamp
-        ct.state[st == pt.POISONED] = pt.POISONED
-        ct.state[at_parent] = pt.AT_PARENT
+        ct.move((st == pt.POISONED) & in_place, pt.POISONED)
+        ct.move(at_parent, pt.AT_PARENT)
         try:
-            self.engine.slots.share(slot[by_slot])
+            self.slots.share(slot[by_slot])
         except OverflowError as e:
             child.release()
             raise ForkRefused(f"fork_begin: {e}") from None
         self.stats["fork_shared_slots_total"] += int(np.count_nonzero(by_slot))
-        self._copy_pages(child, region, loaded)
-        shared = int(np.count_nonzero(at_parent))
-        if shared:
-            share = self.shares.get(region)
-            if share is None:
-                share = self.shares[region] = Share(region.npages)
-            share.counts[at_parent] += 1
-            share.total += shared
-            share.children[child] = shared
-            self.source[child] = region
+        self.cow.copy_pages(child, region, loaded)
+        self.cow.link(child, region, at_parent)
         return child
-
-    def _materialize(self, region: Region) -> None:
-        """Nested fork: copy the pages `region` still reads from its own
-        source into it, so the new child has a single source."""
-        src = self.source.get(region)
-        if src is None:
-            return
-        pages = np.flatnonzero(region.table.state == pt.AT_PARENT)
-        self._copy_in(region, src, pages)
 
     # ---------------------------------------------------------------- child side
 
@@ -258,22 +260,32 @@ class ForkManager:
                               f" it holds {sorted(snap.regions)}")
         return region
 
+    def runs_for(self, token: object, parent_id: object) -> list[tuple[int, int]]:
+        """The parts (first page, count) of a pending child region the child
+        maps: those its parent mapped in place at fork_begin."""
+        self.memfd_for(token, parent_id)
+        return self.pending[token].runs[parent_id]
+
     def attach(self, token: object, parent_id: object, uffd_fd: int, owner: object) -> Region:
         """fork_attach: the child's uffd (registered MISSING|WP|MINOR over the
-        region's range) makes the pending region live. On success the region
-        owns uffd_fd; on failure the caller still owns it."""
+        region's runs, runs_for) makes the pending region live. On success the
+        region owns uffd_fd; on failure the caller still owns it."""
         region = self.memfd_for(token, parent_id)
+        runs = self.runs_for(token, parent_id)
         if _fd_target(uffd_fd) != "anon_inode:[userfaultfd]":
             raise ForkRefused("fork_attach: the fd is not a userfaultfd")
         fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
         if not fl & os.O_NONBLOCK:
             fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
-        ret = uffd.writeprotect(uffd_fd, region.addr, region.size, protect=False, wake=True)
-        if ret < 0:
-            raise ForkRefused(f"fork_attach: [{region.addr:#x}, +{region.size}) is not registered for"
-                              f" MISSING|WP|MINOR in the given userfaultfd ({os.strerror(-ret)})")
+        for first, n in runs:
+            at, length = region.addr + (first << SHIFT), n << SHIFT
+            ret = uffd.writeprotect(uffd_fd, at, length, protect=False, wake=True)
+            if ret < 0:
+                raise ForkRefused(f"fork_attach: [{at:#x}, +{length}) is not registered for"
+                                  f" MISSING|WP|MINOR in the given userfaultfd ({os.strerror(-ret)})")
         snap = self.pending[token]
         del snap.regions[parent_id]
+        del snap.runs[parent_id]
         if not snap.regions:
             self._forget(snap)
         region.uffd = uffd_fd
@@ -284,176 +296,44 @@ class ForkManager:
         """Pages the parent lost (read_failure: sigbus) give SIGBUS in the child too."""
         for first, n in pt.runs(np.flatnonzero(region.table.state == pt.POISONED), 1 << 30):
             ret = uffd.poison(region.uffd, region.addr + (first << SHIFT), n << SHIFT)
-            if self.engine._ioctl_failed(region, ret, "UFFDIO_POISON"):
+            if self.regions.ioctl_failed(region, ret, "UFFDIO_POISON"):
                 return
-
-    # ---------------------------------------------------------------- engine hooks
-
-    def fault_at_parent(self, region: Region, page: int) -> None:
-        """A child's fault on an AT_PARENT page (charged by the caller): map a
-        copy of the source page, writable; the page is RESIDENT and dirty."""
-        from uswap.daemon import engine as engine_mod  # engine imports this module
-        engine = self.engine
-        src = self.source[region]
-        off = page << SHIFT
-        ret = uffd.copy(region.uffd, region.addr + off, src.daddr + off, PAGE, 0)
-        outcome = engine._ioctl_result(region, ret, "UFFDIO_COPY")
-        if outcome != engine_mod.OK:  # the page stays AT_PARENT (or its region closed)
-            engine.charged -= 1
-            if outcome == engine_mod.AGAIN:  # fault again once the pending event is read
-                uffd.wake(region.uffd, region.addr + off, PAGE)
-            return
-        self._unlink(region, src, np.array([page]))
-        table = region.table
-        table.state[page] = pt.RESIDENT
-        table.flags[page] = pt.F_DIRTY
-        table.stamp[page] = engine._tick()
-        self.stats["fork_copied_pages_total"] += 1
-
-    def before_write_page(self, region: Region, page: int) -> None:
-        """The source page is about to be made writable: children still
-        reading it get their own copy first."""
-        share = self.shares.get(region)
-        if share is not None and share.counts[page]:
-            self.before_write(region, np.array([page]))
-
-    def before_write(self, region: Region, pages: np.ndarray) -> None:
-        share = self.shares.get(region)
-        if share is None:
-            return
-        hit = pages[share.counts[pages] > 0]
-        for child in list(share.children):
-            self._copy_in(child, region, hit[child.table.state[hit] == pt.AT_PARENT])
-
-    def before_forget(self, region: Region, pages: np.ndarray) -> None:
-        """`pages` of `region` are about to be forgotten (the client unmapped
-        them; Engine.forget_range): children still reading them from here get
-        their copies first (invariant AT_PARENT), and, if `region` is itself a
-        child, its AT_PARENT pages there stop reading from its source."""
-        self.before_write(region, pages)
-        src = self.source.get(region)
-        if src is not None:
-            self._unlink(region, src, pages[region.table.state[pages] == pt.AT_PARENT])
-
-    def parent_clean(self, region: Region, pages: np.ndarray) -> None:
-        """`pages` of the source are clean copies of their slots (or zero pages
-        without one) and about to be dropped: children AT_PARENT there now
-        share the slot (or read zeros)."""
-        share = self.shares.get(region)
-        if share is None:
-            return
-        hit = pages[share.counts[pages] > 0]
-        table = region.table
-        for child in list(share.children):
-            at = hit[child.table.state[hit] == pt.AT_PARENT]
-            if len(at) == 0:
-                continue
-            slots = table.slot[at]
-            self.engine.slots.share(slots)
-            ct = child.table
-            ct.state[at] = np.where(slots >= 0, pt.SWAPPED, pt.EMPTY)
-            ct.slot[at] = slots
-            ct.sum[at] = table.sum[at]
-            ct.stamp[at] = self.engine.tick
-            self._unlink(child, region, at)
-
-    def resolve_all(self) -> None:
-        """Drain: every child page still read from a source is copied in."""
-        for region in list(self.shares):
-            self._resolve_source(region)
-
-    def on_region_closing(self, region: Region) -> None:
-        """Before a region stops being served: its children get their copies,
-        and, if it is a child, its links to its source go."""
-        self._resolve_source(region)
-        src = self.source.get(region)
-        if src is not None:
-            table = region.table
-            at = np.flatnonzero(table.state == pt.AT_PARENT)
-            self._unlink(region, src, at)
-            table.state[at] = pt.EMPTY
-
-    # ---------------------------------------------------------------- internals
-
-    def _resolve_source(self, region: Region) -> None:
-        share = self.shares.get(region)
-        if share is None:
-            return
-        self.before_write(region, np.flatnonzero(share.counts))
-        self.shares.pop(region, None)
-
-    def _copy_in(self, child: Region, src: Region, pages: np.ndarray) -> None:
-        """Copy source pages into the child's memfd through the daemon's
-        mappings; the child pages become RESIDENT and dirty (charged, over
-        the budget if need be: reclaim evicts them), and its next access
-        maps them with a MINOR fault. The source pages are resident (the
-        AT_PARENT invariant), so reading them allocates nothing."""
-        self._copy_pages(child, src, pages)
-        self._unlink(child, src, pages)
-
-    def _copy_pages(self, child: Region, src: Region, pages: np.ndarray) -> None:
-        if len(pages) == 0:
-            return
-        ffi = native.ffi
-        for first, n in pt.runs(pages, 1 << 30):
-            off = first << SHIFT
-            ffi.memmove(ffi.cast("char *", child.daddr + off), ffi.cast("char *", src.daddr + off), n << SHIFT)
-        table = child.table
-        table.state[pages] = pt.RESIDENT
-        table.flags[pages] = pt.F_DIRTY
-        table.slot[pages] = pt.NO_SLOT
-        table.stamp[pages] = self.engine._tick(len(pages))
-        self.engine.charged += len(pages)
-        self.stats["fork_copied_pages_total"] += len(pages)
-
-    def _unlink(self, child: Region, src: Region, pages: np.ndarray) -> None:
-        """`pages` of `child` (AT_PARENT until now) no longer read from `src`."""
-        share = self.shares.get(src)
-        if share is None or len(pages) == 0:
-            return
-        share.counts[pages] -= 1
-        share.total -= len(pages)
-        left = share.children[child] - len(pages)
-        if left:
-            share.children[child] = left
-        else:
-            del share.children[child]
-            self.source.pop(child, None)
-        if share.total == 0:
-            self.shares.pop(src, None)
 
     # ---------------------------------------------------------------- pending snapshots
 
     def _schedule_check(self) -> None:
         if not self.checking:
             self.checking = True
-            self.engine._after(PENDING_CHECK_S, self._check_pending)
+            self.regions.after(PENDING_CHECK_S, self._check_pending)
 
     def _check_pending(self) -> None:
         """Discard snapshots whose keep-alive pipe has no writer left: the
         child died, exec'd or was never born before it attached them."""
         self.checking = False
-        for snap in list(self.pending.values()):
+        self._discard_abandoned(list(self.pending.values()))
+        if self.pending:
+            self._schedule_check()
+
+    def _discard_abandoned(self, snaps: list[Snapshot]) -> None:
+        """Discard those of `snaps` whose keep-alive pipe has no writer left."""
+        for snap in snaps:
             p = select.poll()
             p.register(snap.keep_fd, select.POLLIN)
             if any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0)):
                 log.info("fork %s: no child attached %d region(s); discarding them",
                          snap.token[:8], len(snap.regions))
                 self._discard(snap)
-        if self.pending:
-            self._schedule_check()
 
     def _discard(self, snap: Snapshot) -> None:
         """Release the child regions nobody attached: slot references,
         pages copied in, links to the source."""
-        engine = self.engine
         for region in snap.regions.values():
-            self.on_region_closing(region)
+            self.cow.on_region_closing(region)
             table = region.table
-            engine.slots.free_many(table.slot[table.slot >= 0])
+            self.slots.free_many(table.slot[table.slot >= 0])
             table.slot[:] = pt.NO_SLOT
-            engine.charged -= table.count(pt.RESIDENT)
-            table.state[:] = pt.EMPTY
+            self.regions.charged -= table.count(pt.RESIDENT)
+            table.move(slice(None), pt.EMPTY)
             region.release()
         snap.regions.clear()
         self._forget(snap)
@@ -464,4 +344,3 @@ class ForkManager:
             os.close(snap.keep_fd)
         except OSError:
             pass
-

@@ -1,9 +1,17 @@
-"""Threads that run blocking store I/O and hand results back to the engine.
+"""Python threads that run the engine's blocking jobs and hand the results back.
 
-The engine thread owns all page state; I/O threads only call the store and
-compute checksums (both release the GIL), then queue a completion and poke an
-eventfd that the engine's epoll watches. So the fault loop never blocks on
-I/O (invariant 4).
+A job is a callable with a completion callback: a thread runs it, queues
+(result, error) and pokes an eventfd that the engine's epoll watches, and the
+engine applies the completion on its own thread, under the page lock. Jobs
+change no page state; they move bytes (store reads and writes, checksums,
+UFFDIO_COPY of verified swap-ins) or punch evicted pages out of memfds, all of
+which release the GIL. So the engine thread never blocks on I/O (invariant 4).
+
+Since the C I/O pool (cpool.py) took the data path of the stores that declare
+native I/O, store jobs come here only from a store that declares none (the
+fault injector), for an nfs:// job while no lent libnfs context is idle, and
+for the write probe after failed writes. The engine's punches run on a second
+pool of their own that pokes this pool's eventfd.
 """
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ class ReadAhead:
 
 class Region:
     def __init__(self, uffd_fd: int, memfd: int, addr: int, size: int, owner: object) -> None:
+        self.table = PageTable(size // PAGE)
         self.id = 0
         self.uffd = uffd_fd
         self.memfd = memfd
@@ -47,7 +48,6 @@ class Region:
         self.npages = size // PAGE
         self.owner = owner        # the client session
         self.daddr = 0            # the daemon's own mapping, used only to read resident pages
-        self.table = PageTable(self.npages)
         self.closing = False
         self.inflight = 0         # I/O jobs of this region not yet completed
         self.read_failures = 0
@@ -56,6 +56,21 @@ class Region:
         self.ra = ReadAhead()
         self.fp_slot = -1         # the fast path's slot for this region, or -1
         self.write_stream = False # the last sequential swap-in stream was continued by a write
+        self.streaming = False    # the last swap-in fault continued a sequential stream (swapin.py)
+        self.faults = 0           # page faults of this region the engine served (the fast path counts its own)
+        # page -> when the engine took a fault now waiting for the page's
+        # store read (faults.py); swapin.py times the fault when it maps the page.
+        self.fault_started: dict[int, float] = {}
+
+    @property
+    def id(self) -> int:
+        """The engine's id of the region; kept in its page table, which names
+        the region when it logs an illegal transition."""
+        return self.table.region_id
+
+    @id.setter
+    def id(self, value: int) -> None:
+        self.table.region_id = value
 
     def release(self) -> None:
         """Unmap and close; only once no I/O is in flight (engine checks)."""
@@ -84,9 +99,12 @@ def _fd_target(fd: int) -> str:
 REQUIRED_UFFD_MODES = (("MISSING", "um"), ("WP", "uw"), ("MINOR", "ui"))
 
 
-def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_result) -> None:
+def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_result,
+                       region_addr: int | None = None) -> None:
     """Refuse unless every page of [addr, addr+size) in process `pid` is a
-    MAP_SHARED mapping of the region's memfd (memfd offset 0 at addr) and is
+    MAP_SHARED mapping of the region's memfd (memfd offset 0 at
+    `region_addr`, by default addr: [addr, +size) may be one run of a
+    region mapped in parts) and is
     registered MISSING|WP|MINOR. The WP ioctl alone cannot tell: a range
     registered WP without MISSING passes it, and its evicted pages would then
     read as zeros instead of faulting to the daemon."""
@@ -117,9 +135,10 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
             raise RegionRefused(f"alloc: {where}: {vma.start:#x}-{vma.end:#x} in process {pid} is not a"
                                 " MAP_SHARED mapping of the memfd sent")
         first = max(vma.start, addr)
-        if vma.offset + (first - vma.start) != first - addr:
+        base = addr if region_addr is None else region_addr
+        if vma.offset + (first - vma.start) != first - base:
             raise RegionRefused(f"alloc: {where}: {first:#x} maps memfd offset"
-                                f" {vma.offset + first - vma.start:#x}, not {first - addr:#x}")
+                                f" {vma.offset + first - vma.start:#x}, not {first - base:#x}")
 
 
 def check_same_uffd(uffd_fd: int, addr: int, size: int) -> None:
@@ -154,6 +173,20 @@ def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str
     return vmas
 
 
+def check_region_fds(uffd_fd: int, memfd: int, op: str) -> os.stat_result:
+    """Refuse unless the fds are a userfaultfd and a memfd (the `op`'s, for
+    the message); the memfd's stat. The uffd is made non-blocking: the
+    daemon never waits on it."""
+    if _fd_target(uffd_fd) != "anon_inode:[userfaultfd]":
+        raise RegionRefused(f"{op}: the first fd is not a userfaultfd")
+    if not _fd_target(memfd).startswith("/memfd:"):
+        raise RegionRefused(f"{op}: the second fd is not a memfd")
+    fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
+    if not fl & os.O_NONBLOCK:
+        fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    return os.fstat(memfd)
+
+
 def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
                       in_use: set[tuple[int, int]] = frozenset(), peer_pid: int = 0,
                       registration_check: Callable[[int, int, int, os.stat_result], None] = check_registration,
@@ -175,11 +208,7 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
         raise RegionRefused(f"alloc: [{addr:#x}, +{size}) is beyond the 64-bit address space")
     if size % PAGE or addr % PAGE:
         raise RegionRefused(f"alloc: size {size} and addr {addr:#x} must be multiples of {PAGE}")
-    if _fd_target(uffd_fd) != "anon_inode:[userfaultfd]":
-        raise RegionRefused("alloc: the first fd is not a userfaultfd")
-    if not _fd_target(memfd).startswith("/memfd:"):
-        raise RegionRefused("alloc: the second fd is not a memfd")
-    st = os.fstat(memfd)
+    st = check_region_fds(uffd_fd, memfd, "alloc")
     if (st.st_dev, st.st_ino) in in_use:
         raise RegionRefused("alloc: this memfd is already a region")
     if not stat.S_ISREG(st.st_mode) or st.st_size != size:
@@ -196,9 +225,6 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
     except OSError as e:
         if e.errno != errno.ENXIO:
             raise RegionRefused(f"alloc: cannot inspect memfd: {e.strerror}") from None
-    fl = fcntl.fcntl(uffd_fd, fcntl.F_GETFL)
-    if not fl & os.O_NONBLOCK:
-        fcntl.fcntl(uffd_fd, fcntl.F_SETFL, fl | os.O_NONBLOCK)
     registration_check(peer_pid, addr, size, st)
     check_same_uffd(uffd_fd, addr, size)
     region = Region(uffd_fd, memfd, addr, size, owner)

@@ -33,6 +33,10 @@ class SlotAllocator:
         self.used = 0        # slots with at least one reference
         self.references = 0  # sum of refs: what the engine's audit recounts
         self.cursor = RESERVED
+        # writing[s]: a store write to slot s is in flight (set and cleared by
+        # writeback.py): a read-ahead window never reads through such a slot
+        # (swapin.py _window; invariant 3: no read of a slot being written).
+        self.writing = np.zeros(nslots, bool)
 
     @property
     def capacity(self) -> int:
@@ -110,3 +114,39 @@ class SlotAllocator:
         self.free_map[released] = True
         self.used -= len(released)
         self.references -= len(slots)
+
+    def free_slots(self, slots: list[int]) -> None:
+        """Drop one reference per entry of `slots`, which may repeat (pages of
+        forked children's tables sharing one slot). A few at a time (the
+        fast path's dirtied pages, engine.py): scalar steps, as numpy's
+        per-call cost was most of the time for one slot."""
+        if len(slots) > 16 and len(set(slots)) == len(slots):
+            self.free_many(np.asarray(slots, dtype=np.int64))
+            return
+        refs = self.refs
+        for slot in slots:
+            held = int(refs[slot])
+            if held == 0:
+                raise AssertionError(f"double free of slot {slot}")
+            refs[slot] = held - 1
+            self.references -= 1
+            if held == 1:
+                self.free_map[slot] = True
+                self.used -= 1
+
+    def claim(self, slots: np.ndarray) -> None:
+        """Adoption (adoption.py): one reference to each slot a dead daemon's
+        page table names (`slots`: one table's entries, negatives ignored; a
+        slot named by several tables, as after a fork, is claimed once by
+        each). Raises ValueError for a slot outside the store."""
+        slots = slots[slots >= 0]
+        if len(slots) == 0:
+            return
+        if int(slots.min()) < RESERVED or int(slots.max()) >= self.nslots:
+            raise ValueError(f"a page table names slots {int(slots.min())}..{int(slots.max())}, outside"
+                             f" the store's {RESERVED}..{self.nslots - 1}")
+        was_free = self.refs[slots] == 0
+        np.add.at(self.refs, slots, 1)
+        self.free_map[slots] = False
+        self.used += len(np.unique(slots[was_free]))
+        self.references += len(slots)

@@ -1,7 +1,13 @@
 """Victim choice for reclaim: two lists, like the kernel's inactive/active LRU.
 
 The daemon sees a page's use only when it faults (first touch, swap-in, the
-first write after write-protection), so a page's stamp is its last fault.
+first write after write-protection), so a page's stamp is its last fault --
+or its last use seen by sampling: before the oldest pages are evicted they
+are sampled (sampling.py: taken out of the client's page tables, so their
+next touch is a MINOR fault that stamps them), and only those still unused
+a scan later are victims (VictimQueue._refill). A page read often without
+faulting is kept, as exact LRU would keep it; a page nobody touches waits
+one scan longer than it would without sampling.
 Pages that refault soon after eviction come back ACTIVE (the engine measures
 the refault distance, as Linux's workingset code does). Victims are the oldest
 inactive pages; active pages are taken only when too few inactive ones are
@@ -24,6 +30,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from uswap.daemon import pagetable as pt
+from uswap.daemon.sampling import AccessSampler
 
 ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
 
@@ -92,6 +99,29 @@ def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = F
     return out
 
 
+def _split_oldest(groups: list[tuple[object, np.ndarray]], k: int,
+                  tick: int) -> tuple[list[tuple[object, np.ndarray]], list[tuple[object, np.ndarray]]]:
+    """The k oldest pages of [(region, sorted pages)], and the rest, both
+    in the same form."""
+    total = sum(len(p) for _, p in groups)
+    if total <= k:
+        return [g for g in groups if len(g[1])], []
+    if k <= 0:
+        return [], [g for g in groups if len(g[1])]
+    ages = np.concatenate([(np.uint32(tick) - r.table.stamp[p]).astype(np.uint32) for r, p in groups])
+    mask = _oldest(ages, k)
+    oldest, rest = [], []
+    pos = 0
+    for region, pages in groups:
+        m = mask[pos:pos + len(pages)]
+        pos += len(pages)
+        if m.any():
+            oldest.append((region, pages[m]))
+        if not m.all():
+            rest.append((region, pages[~m]))
+    return oldest, rest
+
+
 class VictimQueue:
     """Victims chosen ahead, a batch at a time, so that one scan of the page
     tables serves several reclaim steps.
@@ -104,10 +134,12 @@ class VictimQueue:
     all of them, so taking the batch in any order before scanning again
     keeps the policy's order up to the batch's granularity.
 
-    A queued page is handed out only if, now, it is still RESIDENT and
-    carries the stamp it was queued with (no fault since, so it was not used
-    and did not change hands), is clean when only clean pages may go, and is
-    not in a range the client has mlocked.
+    A queued page is handed out only if, now, it is still RESIDENT (or being
+    written ahead by cleaner.py: WRITEBACK without F_EVICT) and carries the
+    stamp it was queued with (no fault since, so it was not used and did not
+    change hands), is clean when only clean pages may go, and is not in a
+    range the client has mlocked. `peek` shows the next ones by the same
+    test without taking them: the pages background writeback cleans ahead.
 
     Locked ranges: lock_key(region) is cheap and changes when the client's
     locked ranges do (its VmLck with the region's VMA boundaries, as an
@@ -121,15 +153,22 @@ class VictimQueue:
     """
 
     def __init__(self, batch: int, lock_key: Callable[[object], object] | None = None,
-                 read_locked: Callable[[object], np.ndarray | None] | None = None) -> None:
+                 read_locked: Callable[[object], np.ndarray | None] | None = None,
+                 sampler: AccessSampler | None = None) -> None:
         self.batch = batch
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
         self.lock_key = lock_key
         self.read_locked = read_locked
         self.locked: dict[int, tuple[object, np.ndarray | None]] = {}  # region id -> (key, mask)
+        self.sampler = sampler
+        # Pages on probation (sampled, see the class docstring): region id ->
+        # (sorted pages, their stamps when sampled).
+        self.probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.scan_tick = -1  # the clock at the last scan
 
     def clear(self) -> None:
         self.pending = []
+        self.probation = {}
 
     def _read(self, region, key: object) -> np.ndarray | None:
         mask = self.read_locked(region) if key else None
@@ -143,7 +182,9 @@ class VictimQueue:
             return {}
         return {r.id: self._read(r, self.lock_key(r)) for r in regions if not r.closing}
 
-    def _locked_now(self, region) -> np.ndarray | None:
+    def locked_now(self, region) -> np.ndarray | None:
+        """The region's mlocked pages now (a mask, or None): cached while its
+        lock key stays the same."""
         if self.lock_key is None:
             return None
         key = self.lock_key(region)
@@ -151,6 +192,63 @@ class VictimQueue:
         if cached is not None and cached[0] == key:
             return cached[1]
         return self._read(region, key)
+
+    def _refill(self, regions: list, want: int, tick: int, clean_only: bool) -> None:
+        """Queue the next batch of victims (at least `want` when there are
+        that many candidates).
+
+        Without sampling: the `batch` oldest pages. With it: the 2 x `batch`
+        oldest are looked at; those on probation and untouched since (their
+        stamp is the one they were sampled with) are the victims, oldest
+        first, up to `batch` (fewer than `want` is progress: reclaim asks
+        again); the others are sampled now and go on probation, except the
+        `want` oldest when none could be judged (a fault may be waiting for
+        room: it is not kept waiting for a judgement), and except pages the
+        sampler cannot reach, which are judged by their stamp alone, as
+        without sampling."""
+        locked = self._refresh_locked(regions)
+        n = max(want, self.batch)
+        if self.sampler is None:
+            self.probation = {}
+            self.pending = [(region, pages, region.table.stamp[pages].copy())
+                            for region, pages in choose_victims(regions, n, tick, clean_only, locked)]
+            return
+        judged: list[tuple[object, np.ndarray]] = []
+        fresh: list[tuple[object, np.ndarray]] = []
+        for region, pages in choose_victims(regions, 2 * n, tick, clean_only, locked):
+            untouched = self._on_probation(region, pages)
+            judged.append((region, pages[untouched]))
+            fresh.append((region, pages[~untouched]))
+        victims, kept = _split_oldest(judged, n, tick)
+        if not victims:
+            # Nothing judged yet (the first refill, or every page on
+            # probation was used): the oldest go, as without sampling.
+            victims, fresh = _split_oldest(fresh, want, tick)
+        probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for region, pages in kept:
+            probation[region.id] = (pages, region.table.stamp[pages].copy())
+        for region, pages in fresh:
+            if not len(pages):
+                continue
+            if not self.sampler.sample(region, pages):
+                victims.append((region, pages))   # unreachable: judged by its stamps
+                continue
+            old = probation.get(region.id)
+            merged = pages if old is None else np.union1d(old[0], pages)
+            probation[region.id] = (merged, region.table.stamp[merged].copy())
+        self.probation = probation
+        self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
+
+    def _on_probation(self, region, pages: np.ndarray) -> np.ndarray:
+        """Mask of `pages` (sorted) sampled earlier and not used since:
+        an unchanged stamp (a use after sampling is a MINOR fault, which
+        stamps the page; so does every other way back into memory)."""
+        held = self.probation.get(region.id)
+        if held is None or not len(held[0]):
+            return np.zeros(len(pages), bool)
+        sampled, stamps = held
+        pos = np.minimum(np.searchsorted(sampled, pages), len(sampled) - 1)
+        return (sampled[pos] == pages) & (stamps[pos] == region.table.stamp[pages])
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
@@ -164,11 +262,7 @@ class VictimQueue:
                     # resident and hand them out twice: the caller asks again.
                     break
                 scanned = True
-                regions = list(regions)
-                locked = self._refresh_locked(regions)
-                self.pending = [(region, pages, region.table.stamp[pages].copy())
-                                for region, pages in choose_victims(regions, max(want - got, self.batch),
-                                                                    tick, clean_only, locked)]
+                self._scan(list(regions), want - got, tick, clean_only)
                 continue
             region, pages, stamps = self.pending[0]
             if region.closing:
@@ -180,15 +274,49 @@ class VictimQueue:
                 self.pending.pop(0)
             else:
                 self.pending[0] = (region, pages[n:], stamps[n:])
-            table = region.table
-            ok = (table.state[head] == pt.RESIDENT) & (table.stamp[head] == head_stamps)
-            if clean_only:
-                ok &= (table.flags[head] & pt.F_DIRTY) == 0
-            never = self._locked_now(region)
-            if never is not None:
-                ok &= ~never[head]
-            sel = head[ok]
+            sel = head[self._usable(region, head, head_stamps, clean_only)]
             if len(sel):
                 out.append((region, sel))
                 got += len(sel)
         return out
+
+    def _usable(self, region, pages: np.ndarray, stamps: np.ndarray, clean_only: bool) -> np.ndarray:
+        """Mask of the queued `pages` still victims now (see the class docstring)."""
+        table = region.table
+        state = table.state[pages]
+        ahead = (state == pt.WRITEBACK) & ((table.flags[pages] & pt.F_EVICT) == 0)
+        ok = ((state == pt.RESIDENT) | ahead) & (table.stamp[pages] == stamps)
+        if clean_only:
+            ok &= (table.flags[pages] & pt.F_DIRTY) == 0
+        never = self.locked_now(region)
+        if never is not None:
+            ok &= ~never[pages]
+        return ok
+
+    def peek(self, regions: Iterable, want: int, tick: int) -> list[tuple[object, np.ndarray]]:
+        """The next `want` victims, as take would hand them out, left in the
+        queue (cleaner.py writes the dirty ones ahead). When fewer than
+        `want` are queued the queue is filled again by a new scan (the
+        oldest pages now, in place of what was queued; twice `want`, so that
+        the next peeks find enough without a scan each), unless nothing was
+        faulted in since the last scan (`tick` unchanged: the same pages)."""
+        if sum(len(pages) for _, pages, _ in self.pending) < want and tick != self.scan_tick:
+            self._scan(list(regions), 2 * want, tick, False)
+        out: list[tuple[object, np.ndarray]] = []
+        got = 0
+        for region, pages, stamps in self.pending:
+            if got >= want:
+                break
+            if region.closing:
+                continue
+            sel = pages[self._usable(region, pages, stamps, False)][:want - got]
+            if len(sel):
+                out.append((region, sel))
+                got += len(sel)
+        return out
+
+    def _scan(self, regions: list, want: int, tick: int, clean_only: bool) -> None:
+        """Queue the next victims of `regions` (_refill: the oldest, judged
+        by sampling), replacing the queue; the clock of the scan noted."""
+        self.scan_tick = tick
+        self._refill(regions, want, tick, clean_only)

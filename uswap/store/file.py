@@ -9,8 +9,8 @@ import stat
 
 from uswap import native
 from uswap._dio_cffi import lib
-from uswap.store import header
-from uswap.store.base import Store
+from uswap.store import header, lock
+from uswap.store.base import NativeIo, Store, does_own_io
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
@@ -47,6 +47,7 @@ class FileStore(Store):
         self.path = path
         self.fd = fd
         self.size_bytes = size_bytes
+        self.store_lock: lock.FlockLock | None = None  # set by open(); released by close()
 
     @classmethod
     def open(cls, path: str, size_bytes: int) -> "FileStore":
@@ -54,7 +55,8 @@ class FileStore(Store):
 
         Raises ValueError with a clear message for anything unusable; never
         truncates or overwrites an existing file (the header check in
-        uswap.store.header refuses foreign files before any write).
+        uswap.store.header refuses foreign files before any write), and
+        removes the file again if it created it. The lock file stays (lock.py).
         """
         if not os.path.isabs(path):
             raise ValueError(f"backing: {path!r} is not an absolute path; use /path/to/swapfile or nfs://host/export/file")
@@ -64,6 +66,20 @@ class FileStore(Store):
                 os.makedirs(parent, mode=0o700, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"backing: cannot create directory {parent!r}: {e.strerror}") from None
+        # One daemon per store (uswap/store/lock.py), taken before the file is
+        # touched: a second daemon never resizes or reads a store in use.
+        store_lock = lock.lock_file(path)
+        try:
+            return cls._open_locked(path, size_bytes, store_lock)
+        except BaseException:
+            store_lock.release()
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: str, size_bytes: int, store_lock: lock.FlockLock) -> "FileStore":
+        # Under the store lock, so no other daemon creates it meanwhile: a
+        # file this call creates is removed again if the store is refused.
+        created = not os.path.lexists(path)
         fd = lib.us_open_direct(path.encode(), os.O_RDWR | os.O_CREAT, 0o600)
         if fd < 0:
             err = -fd
@@ -84,6 +100,7 @@ class FileStore(Store):
             if st.st_size > 0:
                 header.check_existing(_first_page(path), path)
             store = cls(path, fd, size_bytes)
+            store.store_lock = store_lock
             # A kernel NFS (or other network) mount: a failed write's slots
             # are quarantined (Store.late_writes_possible).
             store.late_writes_possible = late_writes_possible_on(fstype)
@@ -97,6 +114,8 @@ class FileStore(Store):
             return store
         except BaseException:
             os.close(fd)
+            if created:
+                os.unlink(path)
             raise
 
     def _check_really_direct(self) -> None:
@@ -129,10 +148,22 @@ class FileStore(Store):
         if r < 0:
             raise OSError(-r, f"pread {self.path} at {offset}: {os.strerror(-r)}")
 
+    def native_io(self) -> NativeIo | None:
+        """pread/pwrite of whole pages on the O_DIRECT fd, which is all that
+        read and write do; None once closed, or for a subclass that replaced
+        read or write (its I/O is no longer just that)."""
+        if self.fd < 0 or not does_own_io(self, FileStore):
+            return None
+        return NativeIo.on_fd(self.fd)
+
     def close(self) -> None:
+        """Close the file, then release the store lock. Idempotent."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.store_lock is not None:
+            self.store_lock.release()
+            self.store_lock = None
 
 
 def _first_page(path: str) -> bytes:

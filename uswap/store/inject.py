@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from uswap.store.base import Store
+from uswap.store.base import NativeIo, Store
 
 log = logging.getLogger("uswap.inject")
 PAGE = 4096
@@ -107,6 +107,12 @@ class InjectingStore(Store):
             from uswap import native
             view = native.buffer_at(addr, length)
             view[0] ^= 0xFF
+
+    def native_io(self) -> NativeIo | None:
+        """None, whatever the inner store declares: the delays, failures and
+        invariant checks happen here, in Python, and native code that went
+        to the inner store directly would skip them."""
+        return None
 
     def close(self) -> None:
         self.inner.close()

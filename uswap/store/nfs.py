@@ -46,8 +46,9 @@ import weakref
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from uswap._nfs_cffi import ffi, lib
-from uswap.store.base import Store
+from uswap.store.libnfs import errtext, ffi, lib
+from uswap.store import lock, nfslock
+from uswap.store.base import NativeIo, Store, does_own_io
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,6 @@ class _ThreadSlot:
             store._release(self.conn)
 
 
-def _errtext(ctx) -> str:
-    return ffi.string(lib.us_nfs_error(ctx)).decode("utf-8", "replace").strip()
-
-
 class NfsStore(Store):
     """A fixed-size swap file on an NFSv3 server, reached with libnfs.
 
@@ -193,6 +190,9 @@ class NfsStore(Store):
         self._out: set[_Conn] = set()
         self._dead: list[_Conn] = []  # checked in after a failure: the helper destroys them
         self._lender: threading.Thread | None = None
+        # The store lock (set by open()): released by close().
+        self._host_lock: lock.FlockLock | None = None
+        self._lock_path: str | None = None
 
     # ----- opening -------------------------------------------------------
 
@@ -210,15 +210,24 @@ class NfsStore(Store):
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
             raise ValueError(f"NFS store {url}: timeout_ms {timeout_ms!r} must be a positive integer")
 
-        ctx, export, path = cls._mount_longest(u, timeout_ms)
-        fh = None
+        # One daemon per store (uswap/store/lock.py): this host's daemons are
+        # ordered first, then the lock file in the export orders the hosts.
+        host_lock = lock.host_lock(u.url)
         try:
+            ctx, export, path = cls._mount_longest(u, timeout_ms)
+        except BaseException:
+            host_lock.release()
+            raise
+        fh = None
+        lock_path = None
+        try:
+            lock_path = nfslock.take(u.url, export, ctx, path)
             fh, created = cls._open_or_create(u, ctx, path)
             st = ffi.new("struct nfs_stat_64 *")
             r = lib.us_nfs_fstat(ctx, fh, st)
             if r < 0:
                 raise ValueError(f"NFS store {url}: cannot stat {path} in export {export}: "
-                                 f"{os.strerror(-r)} ({_errtext(ctx)})")
+                                 f"{os.strerror(-r)} ({errtext(ctx)})")
             if not stat.S_ISREG(st.nfs_mode):
                 raise ValueError(f"NFS store {url}: {path} in export {export} is not a regular file")
             if not created and st.nfs_size > 0:
@@ -241,7 +250,7 @@ class NfsStore(Store):
                     what = "new file" if created else f"existing file has size {st.nfs_size} and"
                     raise ValueError(
                         f"NFS store {url}: {what} cannot be resized to {size_bytes} bytes: "
-                        f"{os.strerror(-r)} ({_errtext(ctx)})")
+                        f"{os.strerror(-r)} ({errtext(ctx)})")
                 if not created:
                     log.warning("NFS store %s: resized existing file from %d to %d bytes",
                                 url, st.nfs_size, size_bytes)
@@ -249,8 +258,12 @@ class NfsStore(Store):
                 log.info("NFS store %s: created %s (%d bytes) in export %s",
                          url, path, size_bytes, export)
             store = cls(u, export, path, size_bytes, timeout_ms, int(st.nfs_ino))
+            store._host_lock, store._lock_path = host_lock, lock_path
         except BaseException:
+            if lock_path is not None:
+                nfslock.release(ctx, lock_path)
             lib.us_nfs_destroy(ctx)  # no nfs_close: see _Conn.destroy
+            host_lock.release()
             raise
         # The opening context becomes the calling thread's.
         store._adopt(_Conn(ctx, fh))
@@ -274,7 +287,7 @@ class NfsStore(Store):
             r = lib.us_nfs_mount(ctx, u.host.encode(), export.encode())
             if r == 0:
                 return ctx, export, "/" + "/".join(u.parts[k:])
-            err, text = -r, _errtext(ctx)
+            err, text = -r, errtext(ctx)
             lib.us_nfs_destroy(ctx)
             if err not in _NOT_AN_EXPORT:
                 raise ValueError(f"NFS store {u.url}: cannot reach NFS server {u.host} "
@@ -302,7 +315,7 @@ class NfsStore(Store):
                 break
         hint = " (does its directory exist?)" if r == -errno.ENOENT else ""
         raise ValueError(f"NFS store {u.url}: cannot open or create {path}{hint}: "
-                         f"{os.strerror(-r)} ({_errtext(ctx)})")
+                         f"{os.strerror(-r)} ({errtext(ctx)})")
 
     # ----- per-thread contexts --------------------------------------------
 
@@ -335,7 +348,7 @@ class NfsStore(Store):
                                   f"replaced on the server (inode {self._ino} -> {st.nfs_ino})")
             if r < 0:
                 raise OSError(-r, f"NFS store {self.url}: reconnect failed to {what}: "
-                                  f"{os.strerror(-r)} ({_errtext(ctx)})")
+                                  f"{os.strerror(-r)} ({errtext(ctx)})")
         except BaseException:
             lib.us_nfs_destroy(ctx)
             raise
@@ -485,7 +498,7 @@ class NfsStore(Store):
         """The OSError for a failed `op` ("read"/"write") on conn, naming the
         offset and libnfs's error text (call it before conn is reused)."""
         return OSError(err, f"NFS store {self.url}: {op} of {length} bytes at offset {offset} "
-                            f"failed: {os.strerror(err)} ({_errtext(conn.ctx)})")
+                            f"failed: {os.strerror(err)} ({errtext(conn.ctx)})")
 
     def write(self, addr: int, length: int, offset: int) -> None:
         """Write `length` bytes at `addr` to `offset`; returns once the server
@@ -498,9 +511,19 @@ class NfsStore(Store):
             raise OSError(errno.EIO, f"NFS store {self.url}: short read at offset {offset}: "
                                      f"{n} of {length} bytes (file shrunk on the server?)")
 
+    def native_io(self) -> NativeIo | None:
+        """Lent libnfs contexts (lend/checkout/checkin), on which the C
+        threads make the same pread/pwrite calls as read and write; None for
+        a subclass that replaced read or write."""
+        if not does_own_io(self, NfsStore):
+            return None
+        return NativeIo.on_nfs(self)
+
     def close(self) -> None:
         """Destroy every thread's context (waiting for calls in progress).
-        Idempotent; I/O afterwards raises OSError(EBADF)."""
+        Idempotent; I/O afterwards raises OSError(EBADF). Releases the store
+        lock: the lock file first, then this host's lock."""
+        self._release_store_lock()
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns) + self._idle + self._dead, set()
@@ -510,6 +533,25 @@ class NfsStore(Store):
         for conn in conns:
             with conn.lock:
                 conn.destroy()
+
+    def _release_store_lock(self) -> None:
+        lock_path, self._lock_path = self._lock_path, None
+        if lock_path is not None:
+            # Only on this thread's own context, and only while it is healthy:
+            # a new mount, or a call on a context that just failed, could each
+            # wait out the RPC timeout on a server that is down. A lock file
+            # left behind names this host, whose next daemon takes it over.
+            slot = getattr(self._local, "slot", None)
+            conn = slot.conn if slot is not None else None
+            if conn is not None and conn.ctx is not None and conn.healthy:
+                with conn.lock:
+                    nfslock.release(conn.ctx, lock_path)
+            else:
+                log.info("NFS store %s: lock file %s left for this host's next daemon "
+                         "(no healthy connection to remove it)", self.url, lock_path)
+        host_lock, self._host_lock = self._host_lock, None
+        if host_lock is not None:
+            host_lock.release()
 
     def describe(self) -> dict:
         d = super().describe()

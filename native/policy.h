@@ -1,0 +1,105 @@
+/* The paging policy rules, each once, as pure functions: arguments in,
+ * result out -- no I/O, no lock, no globals. The fast path's threads
+ * (fastpath.c) call them directly; the Python engine calls the same
+ * functions through the cffi module (uswap/daemon/policy.py), so the two
+ * cannot drift apart.
+ */
+#ifndef USWAP_POLICY_H
+#define USWAP_POLICY_H
+
+#include <stdint.h>
+
+/* cdef: begin */
+/* What a swap-in fault at a page is to the region's read-ahead. */
+enum us_locality {
+    US_RA_RANDOM = 0,  /* no locality with the last swap-in: read the page alone */
+    US_RA_NEAR = 1,    /* within ra_pages of the last swap-in fault: read its aligned window */
+    US_RA_STREAM = 2   /* where the last window ended (or inside it, or a little past):
+                        * a sequential stream, whose window doubles */
+};
+
+static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_expect, int64_t ra_window,
+                                 int64_t ra_pages);
+static inline int us_refault_active(uint32_t tick, uint32_t stamp, int64_t max_pages);
+static inline int64_t us_fill_window(int64_t page, int64_t fill_expect, int64_t window, int64_t fill_max);
+static inline int64_t us_admit(int64_t charged, int64_t max_pages, int64_t n, int draining);
+static inline int us_must_overcommit(int64_t writes_inflight, int64_t loads_inflight, int64_t loads_queued,
+                                     int64_t fast_loads_inflight, int64_t young_punches);
+static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages, int64_t clean_pages);
+/* cdef: end */
+
+/* Read-ahead locality. A stream's next fault lands where its windows ended:
+ * inside the last window when the budget cut that window short, or a little
+ * past its end when pages there were still resident (a window stops at
+ * them). Otherwise a fault within ra_pages of the last one is near; anything
+ * else is random (it gains nothing from neighbours and would pay for their
+ * transfer). ra_expect <= 0: no stream yet. */
+static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_expect, int64_t ra_window,
+                                 int64_t ra_pages)
+{
+    if (ra_expect > 0 && ra_expect - ra_window <= page && page <= ra_expect + ra_pages)
+        return US_RA_STREAM;
+    int64_t dist = page - last_fault;
+    if (dist >= -ra_pages && dist <= ra_pages)
+        return US_RA_NEAR;
+    return US_RA_RANDOM;
+}
+
+/* Refault distance (as Linux's workingset detection): a page swapped in
+ * within a budget's worth of faults after its eviction belongs to the
+ * working set and returns active (F_ACTIVE). `tick` is the fault clock now,
+ * `stamp` the page's eviction tick; the clock wraps at 2^32. */
+static inline int us_refault_active(uint32_t tick, uint32_t stamp, int64_t max_pages)
+{
+    return (uint64_t)(uint32_t)(tick - stamp) <= (uint64_t)max_pages;
+}
+
+/* The zero-fill window of a first touch at `page`: a fault where the
+ * region's last fill ended (fill_expect) continues a first-touch stream and
+ * doubles the window up to fill_max; any other starts again at 1. The fill
+ * then covers the window's EMPTY pages from `page` on, within the region
+ * and as far as the budget admits (us_admit). */
+static inline int64_t us_fill_window(int64_t page, int64_t fill_expect, int64_t window, int64_t fill_max)
+{
+    if (page != fill_expect)
+        return 1;
+    return window * 2 < fill_max ? window * 2 : fill_max;
+}
+
+/* Admission to the budget: how many of n pages may be charged now, charged
+ * pages of max_pages being in use. While draining every page is admitted
+ * (drain brings every page home whatever the budget). A fault is admitted
+ * when this is n; a window takes the pages admitted. */
+static inline int64_t us_admit(int64_t charged, int64_t max_pages, int64_t n, int draining)
+{
+    if (draining)
+        return n;
+    int64_t room = max_pages - charged;
+    return room <= 0 ? 0 : room < n ? room : n;
+}
+
+/* A fault the budget does not admit waits for reclaim -- unless reclaim
+ * cannot make room: nothing is being written or read that would free or
+ * settle memory, and no punch young enough to be counted on is in flight.
+ * That is the store-unavailable case (full, or failing writes in backoff):
+ * the page is charged over budget rather than stall the client for ever. */
+static inline int us_must_overcommit(int64_t writes_inflight, int64_t loads_inflight, int64_t loads_queued,
+                                     int64_t fast_loads_inflight, int64_t young_punches)
+{
+    return writes_inflight == 0 && loads_inflight == 0 && loads_queued == 0 && fast_loads_inflight == 0
+           && young_punches == 0;
+}
+
+/* A fault thread that charged pages (from `before` to `after` charged)
+ * wakes the engine when reclaim is due (past the high watermark), and when
+ * the charge first passes clean_pages: background writeback (cleaner.py)
+ * must start writing ahead then, not at the high watermark, or the first
+ * victims reclaim meets are still dirty. Above clean_pages the engine runs
+ * it whenever it runs anyway (reclaim, records), so one wake at the
+ * crossing is enough and a read-only load costs no wake per fault. */
+static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages, int64_t clean_pages)
+{
+    return after > high_pages || (before <= clean_pages && after > clean_pages);
+}
+
+#endif

@@ -1,0 +1,156 @@
+"""The parts adoption is built from, each against the real thing: page
+tables kept in state files (pagetable.py), the state directory's rules
+(statedir.py), slots claimed from tables (slots.py), and which pages a
+memfd really holds (adoption.memfd_pages)."""
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+import pytest
+
+from uswap import native
+from uswap.daemon import pagetable as pt
+from uswap.daemon.adoption import Adoption, memfd_pages
+from uswap.daemon.cow import CopyOnWrite
+from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.statedir import StateBusy, StateDir, StateRefused
+
+PAGE = 4096
+STORE = {"url": "/srv/swapfile", "size_bytes": 1 << 26, "id": "a1"}
+
+
+def test_a_persisted_table_is_the_file(tmp_path):
+    """Every store to the arrays is in the file at once: what a daemon
+    killed right after it leaves for its successor."""
+    t = pt.PageTable(100)
+    t.move(np.arange(10), pt.RESIDENT)
+    t.slot[:10] = np.arange(5, 15)
+    path = str(tmp_path / "region-1.table")
+    t.persist(path)
+    t.move(np.arange(5), pt.WRITEBACK)  # after persist: in the file too
+    t.sum[3] = 0xDEADBEEF
+    again = pt.PageTable.load(path, 100)
+    assert again.state[:5].tolist() == [pt.WRITEBACK] * 5 and again.state[5:10].tolist() == [pt.RESIDENT] * 5
+    assert again.slot[:10].tolist() == list(range(5, 15)) and again.slot[10] == pt.NO_SLOT
+    assert again.sum[3] == 0xDEADBEEF
+    with pytest.raises(ValueError, match="a table of 99 pages"):
+        pt.PageTable.load(path, 99)
+
+
+def region(rid: int, memfd: int, npages: int = 4) -> types.SimpleNamespace:
+    return types.SimpleNamespace(id=rid, addr=0x10000 * rid, size=npages * PAGE, npages=npages,
+                                 memfd=memfd, table=pt.PageTable(npages))
+
+
+def test_state_dir_keeps_regions_and_refuses_another_store(tmp_path):
+    path = str(tmp_path / "state")
+    sd = StateDir(path, STORE)
+    memfd = os.memfd_create("t")
+    try:
+        r = region(3, memfd)
+        sd.record(r, pid=42, uid=1000)
+        with pytest.raises(StateBusy, match="in use by another running daemon"):
+            StateDir(path, STORE)
+        os.close(sd.lock_fd)  # the daemon is gone
+        with pytest.raises(StateRefused, match="holds the regions of a daemon of another store"):
+            StateDir(path, dict(STORE, id="b2"))
+        sd = StateDir(path, STORE)
+        (meta,) = sd.orphans()
+        st = os.fstat(memfd)
+        assert meta == {"id": 3, "addr": 0x30000, "size": 4 * PAGE, "npages": 4, "pid": 42, "uid": 1000,
+                        "memfd": [st.st_dev, st.st_ino]}
+        # A table whose metadata is gone (forget stopped half-way) is a leftover.
+        os.unlink(sd.meta_path(3))
+        assert sd.orphans() == [] and not os.path.exists(sd.table_path(3))
+        # With no region left, another store may use the directory.
+        os.close(sd.lock_fd)
+        StateDir(path, dict(STORE, id="b2"))
+    finally:
+        os.close(memfd)
+
+
+def test_slots_claimed_from_tables_count_references():
+    slots = SlotAllocator(64)
+    parent = np.array([5, 6, 7, -1], np.int32)
+    child = np.array([5, -1, 7, -1], np.int32)  # a fork shares two of them
+    slots.claim(parent)
+    slots.claim(child)
+    assert (slots.used, slots.references) == (3, 5)
+    assert slots.refs[[5, 6, 7]].tolist() == [2, 1, 2]
+    first, n = slots.alloc(8)
+    assert not {5, 6, 7} & set(range(first, first + n))
+    slots.free_many(child)
+    slots.free_many(parent)
+    assert (slots.used, slots.references) == (n, n)
+    with pytest.raises(ValueError, match="outside the store's 1..63"):
+        slots.claim(np.array([64], np.int32))
+
+
+def test_memfd_pages_are_the_pages_it_holds():
+    fd = os.memfd_create("t")
+    try:
+        os.ftruncate(fd, 16 * PAGE)
+        for page in (2, 3, 9, 15):
+            os.pwrite(fd, b"x", page * PAGE + 100)
+        assert np.flatnonzero(memfd_pages(fd, 16)).tolist() == [2, 3, 9, 15]
+        native.punch_hole(fd, 3 * PAGE, PAGE)  # a punched page is gone
+        assert np.flatnonzero(memfd_pages(fd, 16)).tolist() == [2, 9, 15]
+    finally:
+        os.close(fd)
+
+
+class _Region:
+    """What CopyOnWrite keys its maps by and reads of a region: its pages and table."""
+
+    def __init__(self, table: pt.PageTable) -> None:
+        self.npages = table.npages
+        self.table = table
+
+
+class _KilledAfterEachMove(pt.PageTable):
+    """A page table that keeps, after every state change, what a daemon
+    SIGKILLed right then leaves in its file: the state just stored, and the
+    other arrays as the stores before it left them."""
+
+    def __init__(self, npages: int) -> None:
+        super().__init__(npages)
+        self.left: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def move(self, pages, to) -> None:
+        super().move(pages, to)
+        self.left.append((self.state.copy(), self.slot.copy(), self.flags.copy()))
+
+
+def test_a_child_moved_to_its_parents_slot_is_never_adopted_empty():
+    """cow.parent_clean moves a forked child's AT_PARENT pages to the slot
+    their parent's page was just written to. Killed between its stores, the
+    child's page must come back from that slot, or as AT_PARENT (POISONED:
+    SIGBUS), never as EMPTY (zeros: silently wrong data). It came back EMPTY:
+    the state (SWAPPED) was stored before the slot, and a SWAPPED page naming
+    no slot is taken by adoption for a forget under way."""
+    n = 4
+    slots = SlotAllocator(64)
+    parent = _Region(pt.PageTable(n))
+    child = _Region(_KilledAfterEachMove(n))
+    parent.table.move(np.arange(n), pt.RESIDENT)  # clean copies of their slots, just written back
+    first, _ = slots.alloc(n)
+    parent.table.slot[:] = np.arange(first, first + n)
+    child.table.move(np.arange(n), pt.AT_PARENT)
+    cow = CopyOnWrite(types.SimpleNamespace(tick=7), None, slots)
+    cow.link(child, parent, np.ones(n, bool))
+    child.table.left.clear()
+
+    cow.parent_clean(parent, np.arange(n))
+
+    assert child.table.state.tolist() == [pt.SWAPPED] * n
+    assert child.table.left, "parent_clean changed no state"
+    for state, slot, flags in child.table.left:
+        left = pt.PageTable(n)
+        left.state[:], left.slot[:], left.flags[:] = state, slot, flags
+        Adoption._keep_only_copies(left)
+        for page in range(n):
+            assert (left.state[page] == pt.AT_PARENT
+                    or (left.state[page] == pt.SWAPPED and left.slot[page] == first + page)), \
+                (page, left.state[page], left.slot[page])

@@ -1,0 +1,85 @@
+"""The policy rules of native/policy.h, through uswap/daemon/policy.py: the
+functions the engine and the fast path's threads both call."""
+from __future__ import annotations
+
+import pytest
+
+from uswap.daemon import policy
+
+
+@pytest.mark.parametrize("page, last_fault, ra_expect, ra_window, expected", [
+    (100, 50, -1, 1, policy.RANDOM),     # no stream, far from the last fault
+    (58, 50, -1, 1, policy.NEAR),        # exactly ra_pages after the last fault
+    (42, 50, -1, 1, policy.NEAR),        # exactly ra_pages before it
+    (59, 50, -1, 1, policy.RANDOM),      # one past
+    (41, 50, -1, 1, policy.RANDOM),
+    (3, -1, -1, 1, policy.NEAR),         # a region's first faults are near the "last" one at -1
+    (200, 10, 200, 16, policy.STREAM),   # where the last window ended
+    (184, 10, 200, 16, policy.STREAM),   # inside the last window (the budget cut it short)
+    (183, 10, 200, 16, policy.RANDOM),   # before the window
+    (208, 10, 200, 16, policy.STREAM),   # a little past its end (resident pages stopped it)
+    (209, 10, 200, 16, policy.RANDOM),
+    (0, 100, 0, 1, policy.RANDOM),       # ra_expect 0: no stream yet
+])
+def test_ra_locality(page, last_fault, ra_expect, ra_window, expected):
+    assert policy.ra_locality(page, last_fault, ra_expect, ra_window, 8) == expected
+
+
+@pytest.mark.parametrize("tick, stamp, expected", [
+    (1000, 1000, True),                  # refault at once
+    (1100, 1000, True),                  # exactly a budget's worth later
+    (1101, 1000, False),                 # one more
+    (40, (1 << 32) - 50, True),          # the clock wrapped: 90 faults apart
+    (60, (1 << 32) - 50, False),         # 110 apart
+    (1000, 1001, False),                 # stamp ahead of the clock: a full lap apart
+])
+def test_refault_active(tick, stamp, expected):
+    assert policy.refault_active(tick, stamp, 100) is expected
+
+
+@pytest.mark.parametrize("page, fill_expect, window, expected", [
+    (10, 11, 8, 1),                      # not where the last fill ended: start again
+    (10, -1, 1, 1),                      # no stream yet
+    (10, 10, 1, 2),                      # the stream goes on: doubles
+    (10, 10, 16, 32),
+    (10, 10, 32, 32),                    # 64 would pass fill_max
+    (10, 10, 20, 32),                    # capped, not doubled to 40
+])
+def test_fill_window(page, fill_expect, window, expected):
+    assert policy.fill_window(page, fill_expect, window, 32) == expected
+
+
+@pytest.mark.parametrize("charged, n, draining, expected", [
+    (90, 5, False, 5),                   # room for all
+    (95, 5, False, 5),                   # exactly to the budget
+    (96, 5, False, 4),                   # a window takes what is admitted
+    (100, 1, False, 0),                  # full
+    (120, 3, False, 0),                  # over budget (overcommitted)
+    (120, 3, True, 3),                   # draining: everything comes home
+])
+def test_admit(charged, n, draining, expected):
+    assert policy.admit(charged, 100, n, draining) == expected
+
+
+def test_must_overcommit():
+    assert policy.must_overcommit(0, 0, 0, 0, 0)
+    for busy in range(5):
+        counts = [0] * 5
+        counts[busy] = 1   # anything in flight that frees or settles memory: wait for it
+        assert not policy.must_overcommit(*counts)
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (10, 11, False),    # far under both: no wake
+    (90, 91, True),     # first past clean_pages (90): background writeback starts
+    (85, 95, True),     # a fill window across it
+    (91, 92, False),    # already past it: the engine runs the cleaner when it runs anyway
+    (98, 99, False),    # at the high watermark (99), not past it
+    (99, 100, True),    # past it: reclaim is due
+    (100, 101, True),   # and every charge after
+])
+def test_kick_due(before, after, expected):
+    """When a fault thread's charge wakes the engine (fastpath.c; the engine
+    itself never needs waking, so there is no policy.py wrapper)."""
+    from uswap._fastpath_cffi import lib
+    assert bool(lib.us_kick_due(before, after, 99, 90)) == expected

@@ -1,0 +1,71 @@
+"""Access sampling (sampling.py, victims.py): a resident page used only by
+reads, which never fault, must count as used.
+
+A client keeps a hot set of pages that it reads over and over, while a
+stream of fresh pages passes through the rest of its region, three budgets'
+worth. The hot pages take no fault after they are filled: judged by fault
+stamps alone they are the oldest pages once the stream has gone a budget
+past them, and are evicted (and swapped in again at their next read).
+Sampled, each read after the sampler took them out of the page tables is a
+minor fault that marks them used, and the stream's pages go instead. The
+stream is written once and never read again, so every swap-in during it is
+a hot page coming back.
+"""
+from __future__ import annotations
+
+import textwrap
+
+from tests.harness import Workload, assert_audit, finish_clean, status
+
+BUDGET_PAGES = 2048
+HOT_PAGES = 64
+
+CLIENT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import uswap
+
+    sock, npages, warm, hot_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    c = uswap.connect(sock)
+    r = c.alloc(npages * 4096)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    for p in range(warm):                  # reclaim is running before the hot set comes
+        a[p, 0] = p
+    hot = np.arange(warm, warm + hot_n)
+    a[hot, 0] = hot                        # filled once: its last fault
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()
+    bad = 0
+    for p in range(warm + hot_n, npages):
+        a[p, 0] = p                        # the stream: each page written once
+        if p % 8 == 0:
+            bad += int(np.count_nonzero(a[hot, 0] != hot))   # the hot set: reads only
+    print(json.dumps({"bad": bad}), flush=True)
+    del a
+    r.close()
+    c.close()
+    print(json.dumps({"done": True}), flush=True)
+""")
+
+
+def test_a_hot_set_touched_only_by_reads_stays_resident(file_backing, start_daemon):
+    warm = BUDGET_PAGES + BUDGET_PAGES // 2
+    npages = warm + HOT_PAGES + 3 * BUDGET_PAGES
+    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
+    c = Workload.script(CLIENT, d.socket, npages, warm, HOT_PAGES)
+    try:
+        assert c.next(60) == {"ready": True}
+        before = status(d)
+        c.send()
+        assert c.next(120) == {"bad": 0}
+        after = status(d)
+        c.finish_done(timeout=30, daemon=d)
+    finally:
+        c.kill()
+    assert after["swapouts_total"] - before["swapouts_total"] > 2 * BUDGET_PAGES, after  # the stream went through
+    # Not one hot page left memory: nothing was swapped in.
+    assert after["swapins_total"] - before["swapins_total"] == 0, (before, after)
+    assert after["sampled_pages_total"] > before["sampled_pages_total"], after
+    assert after["minor_faults_total"] > before["minor_faults_total"], after   # the reads were seen
+    assert_audit(after)
+    finish_clean(d)

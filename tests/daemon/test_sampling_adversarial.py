@@ -1,0 +1,247 @@
+"""Access sampling (sampling.py) against the kernel, by experiment: what
+MADV_PAGEOUT on the client's shared memfd mapping really does to pages the
+client keeps writing, to a forked child's snapshot, with kernel swap on,
+and to the daemon's fds when clients die while they are being sampled.
+
+Every client here writes each page's value into its first and last word
+and keeps a copy of what it wrote; a page that comes back with anything
+else was lost or served stale (design.md invariants). A hot set is
+rewritten all the time (dirty in a writable PTE when it is sampled, and
+written again right after), while a stream of writes three budgets long
+keeps reclaim, and so sampling, running.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+import termios
+import textwrap
+
+import pytest
+
+from tests.harness import Workload, assert_audit, finish_clean, status, wait_for
+
+BUDGET_PAGES = 1024
+HOT_PAGES = 256
+
+CLIENT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import uswap
+
+    sock, npages, hot_n, rounds, forks = sys.argv[1], *map(int, sys.argv[2:6])
+    c = uswap.connect(sock)
+    r = c.alloc(npages * 4096)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    expect = np.arange(1, npages + 1, dtype=np.uint64)
+    for p in range(npages):
+        a[p, 0] = a[p, 511] = expect[p]
+    print(json.dumps({"addr": r.addr}), flush=True)
+    sys.stdin.readline()
+
+    def bad_pages():
+        return int(np.count_nonzero((a[:, 0] != expect) | (a[:, 511] != expect)))
+
+    bad_now = 0      # a hot page read back right after its write
+    children = []
+    for rnd in range(rounds):
+        for p in range(hot_n, npages):
+            expect[p] += np.uint64(npages)
+            a[p, 0] = a[p, 511] = expect[p]
+            h = p % hot_n
+            expect[h] += np.uint64(npages)
+            a[h, 0] = a[h, 511] = expect[h]
+            bad_now += int(a[h, 0] != expect[h])
+        if rnd < forks:
+            # The child checks its snapshot (every page as at fork) while the
+            # parent goes on writing and being sampled.
+            pid = os.fork()
+            if pid == 0:
+                os._exit(1 if bad_pages() else 0)
+            children.append(pid)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    print(json.dumps({"bad_now": bad_now, "bad_end": bad_pages(), "children": codes}), flush=True)
+    del a
+    r.close()
+    c.close()
+    print(json.dumps({"done": True}), flush=True)
+""")
+
+
+def _mapping_swap_kb(pid: int, addr: int) -> int:
+    """Swap: of the client's VMA at `addr` (/proc/PID/smaps; for a shared
+    memfd mapping it counts the file's pages in kernel swap)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                inside = int(head.split("-")[0], 16) == addr
+            elif inside and line.startswith("Swap:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping at {addr:#x} in pid {pid}")
+
+
+def _all_swap_kb(pid: int) -> int:
+    """Swap: of all the VMAs of `pid` (its own memory in kernel swap)."""
+    with open(f"/proc/{pid}/smaps") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("Swap:"))
+
+
+@pytest.fixture
+def kernel_swap(tmp_path):
+    """A swap file of this test's own, on for the test and removed after."""
+    path = tmp_path / "kswap"
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", "count=256", "status=none"], check=True)
+    os.chmod(path, 0o600)
+    subprocess.run(["mkswap", str(path)], check=True, capture_output=True)
+    subprocess.run(["swapon", str(path)], check=True)
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["swapoff", str(path)], check=True)
+
+
+def _run(d, npages: int, rounds: int, forks: int, watch_swap: bool = False) -> tuple[dict, dict, int]:
+    c = Workload.script(CLIENT, d.socket, npages, HOT_PAGES, rounds, forks)
+    swap_kb = 0
+    try:
+        addr = c.next(60)["addr"]
+        before = status(d)
+        c.send()
+        if watch_swap:
+            # Looked at all along while the client runs: the mapping's pages
+            # never in kernel swap at any point.
+            def exited() -> bool:
+                nonlocal swap_kb
+                try:
+                    swap_kb = max(swap_kb, _mapping_swap_kb(c.pid, addr))
+                except (OSError, AssertionError):
+                    pass    # the client unmapped its region or exited
+                for who in (c.pid, d.proc.pid):
+                    try:
+                        swap_any = _all_swap_kb(who)
+                    except OSError:
+                        continue    # exited
+                    swap_kb = max(swap_kb, swap_any)
+                return c.poll() is not None
+            wait_for("the client's end", exited, timeout=240, interval=0.05)
+        res = c.next(240)
+        after = status(d)
+        c.finish_done(timeout=60, daemon=d)
+    finally:
+        c.kill()
+    return before, after | {"result": res}, swap_kb
+
+
+def test_writes_around_sampling_are_never_lost(file_backing, start_daemon):
+    """Hot pages written in a writable PTE right before and right after
+    they are sampled, evicted and read back, and two forked children's
+    snapshots checked while the parent goes on: every write comes back."""
+    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
+    npages = 4 * BUDGET_PAGES
+    before, after, _ = _run(d, npages, rounds=3, forks=2)
+    res = after["result"]
+    assert res == {"bad_now": 0, "bad_end": 0, "children": [0, 0]}, (res, after)
+    assert after["sampled_pages_total"] - before["sampled_pages_total"] > BUDGET_PAGES, after
+    assert after["minor_faults_total"] > before["minor_faults_total"], after
+    assert after["swapins_total"] > before["swapins_total"], after   # sampled pages were evicted and came back
+    assert_audit(after)
+    finish_clean(d)
+
+
+def test_sampled_pages_never_reach_kernel_swap(file_backing, start_daemon, kernel_swap):
+    """With kernel swap on, MADV_PAGEOUT of a shared memfd page would write
+    it to kernel swap if nothing else held it: the daemon's pipe must keep
+    every sampled page out of it, and the data must stay right."""
+    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
+    npages = 4 * BUDGET_PAGES
+    before, after, swap_kb = _run(d, npages, rounds=2, forks=0, watch_swap=True)
+    res = after["result"]
+    assert res == {"bad_now": 0, "bad_end": 0, "children": []}, (res, after)
+    assert after["sampled_pages_total"] - before["sampled_pages_total"] > BUDGET_PAGES, after
+    # Neither the region nor any other memory of the client or the daemon.
+    assert swap_kb == 0, f"{swap_kb} kB of the client's or the daemon's memory went to kernel swap"
+    assert_audit(after)
+    finish_clean(d)
+
+
+KILLED = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import uswap
+
+    sock, npages = sys.argv[1], int(sys.argv[2])
+    c = uswap.connect(sock)
+    r = c.alloc(npages * 4096)
+    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+    while True:
+        for p in range(npages):
+            a[p, 0] = p
+            if p % 4 == 0:
+                a[p % 128, 1] += 1
+        print(json.dumps({"round": True}), flush=True)
+""")
+
+
+def _fds(pid: int) -> list[str]:
+    """What the daemon's fds are, but its sockets (the status request's own
+    connection closes on the daemon's side after the reply reaches us)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if not target.startswith("socket:"):
+            out.append(target)
+    return sorted(out)
+
+
+def _pipe_bytes(pid: int) -> int:
+    """Bytes waiting in all of the daemon's pipes (FIONREAD through
+    /proc/PID/fd: a second open of the same pipe, nothing is read)."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if not os.readlink(path).startswith("pipe:"):
+                continue
+            own = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            total += struct.unpack("i", fcntl.ioctl(own, termios.FIONREAD, b"\0" * 4))[0]
+        finally:
+            os.close(own)
+    return total
+
+
+def test_clients_killed_while_sampled_leak_nothing(file_backing, start_daemon):
+    """Clients SIGKILLed while reclaim samples their pages: the daemon's
+    fds are the same after each (the sampler's one pipe, no pidfd of a
+    client left open, no memfd or uffd kept), no page stays charged, the
+    audit is exact."""
+    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
+    dpid = d.proc.pid
+    counts = []
+    for _ in range(4):
+        c = Workload.script(KILLED, d.socket, 3 * BUDGET_PAGES)
+        try:
+            c.next(60)
+            c.next(60)      # a whole round: reclaim and sampling were running
+        finally:
+            c.kill()
+        wait_for("the client's regions released",
+                 lambda: status(d)["resident_bytes"] == 0 and not status(d)["clients"], timeout=30)
+        counts.append(_fds(dpid))
+    st = status(d)
+    assert st["sampled_pages_total"] > 0, st
+    assert counts[1:] == counts[:1] * 3, counts
+    assert sum(t == "anon_inode:[pidfd]" for t in counts[0]) == 1, counts[0]   # the daemon's own
+    assert _pipe_bytes(dpid) == 0       # no page left held in the sampler's pipe
+    assert_audit(st)
+    assert st["store"]["used_bytes"] == 0, st
+    finish_clean(d)

@@ -1,0 +1,90 @@
+"""Victim choice (a pure function of page tables) and run splitting."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from uswap.daemon import pagetable as pt
+from uswap.daemon.victims import ACTIVE_SHARE, VictimQueue, choose_victims
+
+
+def region(npages: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(table=pt.PageTable(npages), closing=False)
+
+
+def test_oldest_inactive_pages_go_first():
+    r = region(100)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(100)          # page 0 faulted longest ago
+    r.table.flags[:10] = pt.F_ACTIVE            # ... but the first ten are active
+    (got_region, pages), = choose_victims([r], 5, tick=1000)
+    assert got_region is r
+    assert list(pages) == [10, 11, 12, 13, 14]
+
+
+def test_active_pages_are_taken_when_inactive_run_out():
+    r = region(20)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(20)
+    r.table.flags[:] = pt.F_ACTIVE
+    r.table.flags[15:] = 0
+    (_, pages), = choose_victims([r], 8, tick=1000)
+    assert set(pages) >= {15, 16, 17, 18, 19} and len(pages) == 8
+
+
+def test_active_share_is_capped_by_demoting_the_oldest():
+    r = region(100)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(100)
+    r.table.flags[:] = pt.F_ACTIVE
+    choose_victims([r], 1, tick=1000)
+    active = np.flatnonzero(r.table.flags & pt.F_ACTIVE)
+    assert len(active) <= int(100 * ACTIVE_SHARE)
+    assert active.min() >= 100 - int(100 * ACTIVE_SHARE)  # the youngest stayed active
+
+
+def test_clean_only_and_state_filters():
+    r = region(10)
+    r.table.state[:] = pt.RESIDENT
+    r.table.state[0] = pt.WRITEBACK
+    r.table.state[1] = pt.SWAPPED
+    r.table.flags[2:6] = pt.F_DIRTY
+    (_, pages), = choose_victims([r], 10, tick=5, clean_only=True)
+    assert list(pages) == [6, 7, 8, 9]
+
+
+def test_stamp_wraparound_counts_as_old():
+    r = region(2)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[0] = 0xFFFFFFF0   # stamped just before the 32-bit wrap: older
+    r.table.stamp[1] = 5
+    (_, pages), = choose_victims([r], 1, tick=10)
+    assert list(pages) == [0]
+
+
+def test_runs_split_on_gaps_and_length():
+    assert pt.runs(np.array([1, 2, 3, 7, 8, 20]), 2) == [(1, 2), (3, 1), (7, 2), (20, 1)]
+    assert pt.runs(np.array([], dtype=np.int64), 4) == []
+
+
+def test_peek_shows_the_next_victims_without_taking_them():
+    """Background writeback (cleaner.py) looks at what reclaim takes next:
+    peek hands out what take then hands out, in the same order, and a page
+    being written ahead (WRITEBACK without F_EVICT) stays a victim, while one
+    written to be evicted, or used since it was queued, does not."""
+    r = region(64)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(64)
+    q = VictimQueue(batch=16)
+    (_, first), = q.peek([r], 8, tick=100)
+    assert list(first) == list(range(8))
+    assert [list(p) for _, p in q.peek([r], 8, tick=100)] == [list(first)]  # nothing taken
+    r.table.state[2] = pt.WRITEBACK               # written ahead: still reclaim's to take
+    r.table.state[3] = pt.WRITEBACK
+    r.table.flags[3] = pt.F_EVICT                  # already on its way out
+    r.table.stamp[4] = 101                         # used since the scan
+    (_, pages), = q.peek([r], 8, tick=101)
+    assert list(pages) == [0, 1, 2, 5, 6, 7, 8, 9]
+    taken = q.take([r], 8, tick=101)
+    assert [int(p) for _, run in taken for p in run] == list(pages)

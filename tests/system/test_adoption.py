@@ -1,0 +1,403 @@
+"""Adoption (uswap/daemon/adoption.py) and handover, against the real
+daemon: a client whose daemon is SIGKILLed, or hands over, is served by the
+next daemon on the same state directory with every page intact; a state
+directory of another store is refused."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.daemon_proc import REPO, DaemonProc
+from tests.harness import Workload, assert_audit, wait_for
+from uswap.daemon import pagetable as pt
+
+MIB = 1 << 20
+
+# A client that stamps every page of a region (page i holds i and a
+# version), says "stamped", waits for "go", reads every page back (each
+# touch of a swapped page is a fault the daemon serves), prints how many
+# were wrong, and stamps again on "go" until "stop". Reads go through
+# numpy with the GIL held: the client's reconnect must not need it.
+STAMPER = r"""
+import json, sys
+import numpy as np
+import uswap
+sock, mib = sys.argv[1], int(sys.argv[2])
+c = uswap.connect(sock)
+r = c.alloc(mib << 20)
+a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+ids = np.arange(len(a), dtype=np.uint64)
+def stamp(v):
+    a[:, 0] = ids
+    a[:, 1:] = (ids * 7919 + v)[:, None]
+def bad(v):
+    return int(np.count_nonzero((a[:, 0] != ids) | (a[:, 1:] != (ids * 7919 + v)[:, None]).any(axis=1)))
+stamp(1)
+print(json.dumps({"stamped": True, "region": r.id}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "stop":
+        break
+    print(json.dumps({"bad": bad(1), "reconnects": c.reconnects}), flush=True)
+c.close()
+print(json.dumps({"done": True}), flush=True)
+"""
+
+
+def swapped(d: DaemonProc) -> int:
+    return d.status()["swapped_bytes"]
+
+
+@contextlib.contextmanager
+def stamped_client(d: DaemonProc, mib: int, swapped_mib: int = 0):
+    """A STAMPER client of `mib` MiB, once at least `swapped_mib` of it is
+    swapped out; told to stop and checked to end well on leaving."""
+    w = Workload.script(STAMPER, d.socket, mib)
+    try:
+        w.wait_line(lambda l: l.get("stamped"), 60)
+        wait_for("pages swapped out", lambda: swapped(d) >= swapped_mib * MIB, 60)
+        yield w
+    finally:
+        if w.poll() is None:
+            w.send("stop\n")
+        w.finish_done(60, d)
+
+
+def check_all(w: Workload) -> dict:
+    w.send("check\n")
+    line = w.wait_line(lambda l: "bad" in l, 120)
+    assert line["bad"] == 0, line
+    return line
+
+
+def test_swapped_pages_survive_sigkill_and_restart(backing, start_daemon):
+    d = start_daemon(backing, store_size="128M", max_resident="4M")
+    with stamped_client(d, 16, 8) as w:
+        assert d.kill() == -signal.SIGKILL
+        d.restart()
+        assert "adoption: 1 regions" in d.log_text()
+        line = check_all(w)  # every page, most of them swapped: served by the new daemon
+        assert line["reconnects"] == 1
+        st = d.status()
+        assert st["adopted_regions_total"] == 1 and st["adoption_waiting"] == 0
+        assert st["adoption_seconds"] is not None
+        assert "adoption: done in" in d.log_text()
+        assert_audit(st)
+        out = subprocess.run([sys.executable, "-m", "uswap.cli", "status", "--socket", d.socket],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert "adoption   1 regions adopted, 0 waiting, 0 dropped; done in" in out.stdout, out
+        check_all(w)  # and again, after the budget swapped them out again
+    assert d.stop() == 0
+
+
+BLOCKED = r"""
+import json, sys, threading
+import numpy as np
+import uswap
+sock = sys.argv[1]
+c = uswap.connect(sock)
+r = c.alloc(8 << 20)
+a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+a[:] = 5
+print(json.dumps({"stamped": True}), flush=True)
+sys.stdin.readline()
+# Touch page 0, swapped: the daemon's read of it is held up by injection.
+print(json.dumps({"touching": True}), flush=True)
+value = int(a[0, 7])
+print(json.dumps({"value": value, "reconnects": c.reconnects}), flush=True)
+c.close()
+print(json.dumps({"done": True}), flush=True)
+"""
+
+
+def test_thread_blocked_on_a_fault_is_served_by_the_successor(file_backing, start_daemon):
+    """The old daemon read the fault and started the page's read (slow by
+    injection), then died: the successor finds the page LOADING, not in the
+    memfd, takes it as SWAPPED, wakes the thread, and serves its new fault."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="2M", inject={"read_delay": 30})
+    w = Workload.script(BLOCKED, d.socket)
+    try:
+        w.wait_line(lambda l: l.get("stamped"), 60)
+        wait_for("page 0 swapped", lambda: swapped(d) >= 4 * MIB, 60)
+        w.send("go\n")
+        w.wait_line(lambda l: l.get("touching"), 30)
+        wait_for("the read in flight", lambda: d.status()["reads_inflight"] > 0, 30)
+        d.kill()
+        d.restart()
+        line = w.wait_line(lambda l: "value" in l, 60)
+        assert line == {"value": 5, "reconnects": 1}
+        assert "reads_undone" in d.log_text()
+    finally:
+        w.finish_done(60, d)
+    assert d.stop() == 0
+
+
+def test_handover_keeps_pages_swapped_and_the_successor_serves_them(backing, start_daemon):
+    d = start_daemon(backing, store_size="128M", max_resident="4M")
+    with stamped_client(d, 16, 8) as w:
+        d.proc.send_signal(signal.SIGUSR2)
+        assert d.proc.wait(60) == 0
+        log = d.log_text()
+        assert "SIGUSR2: handing over" in log and "handover: done" in log
+        assert "draining" not in log and "drained:" not in log  # nothing came home
+        d.restart()
+        # Adopted with its pages still on the store.
+        wait_for("region reclaimed", lambda: d.status()["adopted_regions_total"] == 1, 60)
+        assert d.status()["swapped_bytes"] >= 8 * MIB
+        check_all(w)
+        assert_audit(d.status())
+    assert d.stop() == 0
+
+
+def test_handover_op_from_the_command_line(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8) as w:
+        out = subprocess.run([sys.executable, "-m", "uswap.cli", "handover", "--socket", d.socket],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert d.proc.wait(60) == 0
+        d.restart()
+        check_all(w)
+    assert d.stop() == 0
+
+
+def test_state_dir_of_another_store_is_refused(tmp_path, start_daemon):
+    d = start_daemon(str(tmp_path / "store-a"), store_size="64M", max_resident="4M")
+    with stamped_client(d, 8) as w:
+        d.kill()
+        out = subprocess.run([sys.executable, "-m", "uswap.cli", "run", "--backing", str(tmp_path / "store-b"),
+                              "--store-size", "64M", "--max-resident", "4M", "--socket", str(tmp_path / "b.sock"),
+                              "--state-dir", d.state_dir], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 2
+        assert f"state_dir: {d.state_dir} holds the regions of a daemon of another store" in out.stderr
+        assert "store-a" in out.stderr and "store-b" in out.stderr
+        # Still adoptable by its own store's daemon.
+        d.restart()
+        check_all(w)
+    assert d.stop() == 0
+
+
+def test_a_drained_daemon_leaves_nothing_to_adopt(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8) as w:
+        assert d.stop() == 0
+        assert sorted(os.listdir(d.state_dir)) == ["lock"]
+        check_all(w)  # handed back: plain memory, no daemon needed
+
+
+def test_region_not_reclaimed_in_time_is_dropped(file_backing, start_daemon, tmp_path):
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"adopt_timeout": "1s"})
+    w = Workload.script(STAMPER, d.socket, 8)
+    w.wait_line(lambda l: l.get("stamped"), 60)
+    d.kill()
+    w.kill()  # dies while no daemon runs: nobody reclaims its region
+    d.restart()
+    assert d.status()["adoption_waiting"] == 1
+    wait_for("region dropped", lambda: d.status()["adoption_dropped_total"] == 1, 30)
+    st = d.status()
+    # Every slot is free but those of writes the dead daemon had in flight,
+    # quarantined (one may still land: docs/design.md section 9).
+    assert st["store"]["used_bytes"] == st["store"]["quarantined_bytes"] and st["adoption_waiting"] == 0, st["store"]
+    assert_audit(st)
+    assert "was not reclaimed within adopt_timeout" in d.log_text()
+    assert json.loads(json.dumps(st))["adopted_regions_total"] == 0
+    assert d.stop() == 0
+
+
+def test_run_handover_takes_over_from_the_running_daemon(file_backing, start_daemon):
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8, 4) as w:
+        assert d.handover() == 0
+        wait_for("region reclaimed", lambda: d.status()["adopted_regions_total"] == 1, 60)
+        assert d.status()["swapped_bytes"] >= 4 * MIB
+        check_all(w)
+    assert d.stop() == 0
+
+
+def test_writes_in_flight_at_death_are_redone(file_backing, start_daemon):
+    """Killed with store writes in flight (slow by injection): the successor
+    finds those pages WRITEBACK, keeps them resident and dirty (the slot copy
+    may be torn), quarantines the slots, and writes them again."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", inject={"write_delay": 30})
+    w = Workload.script(STAMPER, d.socket, 8)  # its stamping waits for room the slow writes make
+    try:
+        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
+        d.kill()
+        d.restart()
+        w.wait_line(lambda l: l.get("stamped"), 60)
+        check_all(w)
+        assert "torn_writes" in d.log_text()
+        st = d.status()
+        assert st["store"]["quarantined_bytes"] > 0 or st["pages_written_total"] > 0
+        assert_audit(st)
+        check_all(w)
+        w.send("stop\n")
+        w.finish_done(60, d)
+    finally:
+        w.kill()
+    assert d.stop() == 0
+
+
+def test_adopt_refuses_what_is_not_the_region(file_backing, start_daemon):
+    """An orphan is served again only on its own memfd, range and owner; a
+    refusal is an entry of the reply, and the orphan goes on waiting."""
+    import socket
+
+    from uswap import native, protocol, uffd
+
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    w = Workload.script(STAMPER, d.socket, 8)
+    w.wait_line(lambda l: l.get("stamped"), 60)
+    region_id = w.lines[-1]["region"]
+    d.kill()
+    w.kill()  # its orphan waits for a client that will not come
+    d.restart()
+    memfd = os.memfd_create("not-the-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, 8 * MIB)
+    addr = native.mmap_shared(memfd, 8 * MIB)
+    ufd = uffd.open_uffd()
+    uffd.register(ufd, addr, 8 * MIB, uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR)
+    try:
+        meta = json.load(open(os.path.join(d.state_dir, f"region-{region_id}.json")))
+        asks = [({"id": 99, "addr": addr, "size": 8 * MIB}, "no region 99 waits for adoption here"),
+                ({"id": region_id, "addr": addr + 4096, "size": 8 * MIB}, "addr"),
+                ({"id": region_id, "addr": meta["addr"], "size": 8 * MIB}, "the memfd sent is not the region's memfd")]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(d.socket)
+            protocol.send(s, {"op": "hello", "version": protocol.VERSION})
+            protocol.recv(s)
+            for entry, why in asks:
+                protocol.send(s, {"op": "adopt", "regions": [entry]}, [ufd, memfd])
+                reply, _ = protocol.recv(s)
+                (got,) = reply["regions"]
+                assert got["ok"] is False and why in got["error"], (entry, reply)
+        st = d.status()
+        assert st["adoption_waiting"] == 1 and st["adopted_regions_total"] == 0
+    finally:
+        uffd.unregister(ufd, addr, 8 * MIB)  # else munmap waits for someone to read its UNMAP event
+        native.munmap(addr, 8 * MIB)
+        os.close(ufd)
+        os.close(memfd)
+    assert d.stop() == 0
+
+
+def test_writeback_begun_but_no_slot_recorded_at_death(file_backing, start_daemon):
+    """Killed between the two stores that start a write-back
+    (Writeback.start_writeback: the page's state WRITEBACK, then its slot):
+    the table holds a WRITEBACK page that names no slot, and no write was
+    queued. The successor makes it RESIDENT dirty, and has no slot to
+    quarantine for it (a slot -1 was quarantined: the slot references no
+    longer added up, and freeing it when the quarantine ended dropped a
+    reference nothing held)."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8, 2) as w:
+        # No write of its own in flight: the only WRITEBACK pages are the test's.
+        wait_for("writes ended", lambda: d.status()["writeback_inflight"] == 0, 60)
+        assert d.kill() == -signal.SIGKILL
+        (meta_path,) = [os.path.join(d.state_dir, f) for f in os.listdir(d.state_dir)
+                        if f.startswith("region-") and f.endswith(".json")]
+        with open(meta_path) as f:
+            meta = json.load(f)
+        table = pt.PageTable.load(meta_path[:-len(".json")] + ".table", meta["npages"])
+        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0) & (table.slot < 0))
+        assert len(dirty), "no dirty resident page to start a write-back of"
+        half_made = dirty[:4]
+        table.state[half_made] = pt.WRITEBACK  # the first store made, the slot's not
+        table.flags[half_made] = pt.F_EVICT  # (either order of the two: same outcome)
+        del table
+        d.restart()
+        check_all(w)
+        assert "torn_writes 4" in d.log_text()
+        st = d.status()
+        assert st["store"]["quarantined_bytes"] == 0, st["store"]
+        assert_audit(st)
+    assert d.stop() == 0
+
+
+def test_writes_of_a_freed_region_in_flight_at_death_keep_their_slots_quarantined(file_backing, start_daemon):
+    """A region freed while its store writes are in flight (slow by
+    injection), then the daemon killed: nobody adopts the region (its free
+    was answered), but a write of the dead daemon may still land in those
+    slots (nfs://: a request in the server's queue), so the successor
+    quarantines them as it does an adopted region's. They were free at
+    once: the region's metadata went when it started closing, and its table
+    was removed unread."""
+    import uswap
+    # Evicted for a per-uid share with the budget's room to spare: this
+    # process's own writes never wait for the slow store writes (a fault
+    # waiting for room would stall it with the GIL held).
+    d = start_daemon(file_backing, store_size="64M", max_resident="64M", inject={"write_delay": 30},
+                     config={"max_resident_per_uid": "4M"})
+    with uswap.connect(d.socket) as c:
+        r = c.alloc(8 << 20)
+        r.buf[:] = b"\x5a" * r.size  # past the share: writes start, each held 30 s
+        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
+        r.close()  # answered: the region is closing
+        st = d.status()
+        assert st["writeback_inflight"] > 0 and st["audit"] is None, st  # (no audit while one closes)
+        assert d.kill() == -signal.SIGKILL
+        d.restart()
+        st = d.status()
+        assert st["adoption_waiting"] == 0 and st["adopted_regions_total"] == 0, st
+        assert st["store"]["quarantined_bytes"] > 0, st["store"]
+        assert_audit(st)
+    assert d.stop() == 0
+
+
+def test_region_dropped_unclaimed_keeps_the_slots_of_its_dead_writes_quarantined(file_backing, start_daemon):
+    """An orphan whose client never comes back, left with store writes in
+    flight (slow by injection): dropped at adopt_timeout, but those slots
+    stay quarantined, as an adopted region's would (a write of the dead
+    daemon may still land: nfs://). They were freed with the rest."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", inject={"write_delay": 30},
+                     config={"adopt_timeout": "1s"})
+    w = Workload.script(STAMPER, d.socket, 8)  # its stamping waits for room the slow writes make
+    try:
+        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
+        d.kill()
+    finally:
+        w.kill()  # dies while no daemon runs: nobody reclaims its region
+    d.restart()
+    wait_for("region dropped", lambda: d.status()["adoption_dropped_total"] == 1, 30)
+    st = d.status()
+    assert st["store"]["quarantined_bytes"] > 0, st["store"]
+    assert_audit(st)
+    assert d.stop() == 0
+
+
+def test_a_repeated_free_from_another_process_leaves_the_orphan(file_backing, start_daemon):
+    """A free marked repeated (client.py _again_on_the_next_daemon) drops
+    the orphan it names only for the process that made it: another process
+    of the same uid, sending it with the id of a region whose client has
+    not reconnected yet (here: stopped), dropped that live region, and its
+    client lost every page when it came back."""
+    import socket
+
+    from uswap import protocol
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8, 2) as w:
+        rid = next(line["region"] for line in w.lines if line.get("stamped"))
+        os.kill(w.pid, signal.SIGSTOP)  # its keeper cannot reconnect for now
+        try:
+            assert d.kill() == -signal.SIGKILL
+            d.restart()
+            assert d.status()["adoption_waiting"] == 1
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(d.socket)
+                protocol.send(s, {"op": "hello", "version": protocol.VERSION})
+                protocol.recv(s)
+                protocol.send(s, {"op": "free", "region": rid, "repeated": True})
+                protocol.recv(s)
+            assert d.status()["adoption_waiting"] == 1
+        finally:
+            os.kill(w.pid, signal.SIGCONT)
+        check_all(w)
+        assert_audit(d.status())
+    assert d.stop() == 0

@@ -1,0 +1,403 @@
+"""Adoption: a daemon started on the state directory (statedir.py) of one that
+died (crash, SIGKILL) or handed over takes its regions on (docs/design.md
+section 9).
+
+At start (`load`, before the daemon is ready) every region the directory
+holds becomes an *orphan*: its page table is mapped again, and the slots it
+names are claimed, so slot ownership is what the tables say. An orphan waits
+up to `adopt_timeout` for its client, whose connection broke when the old
+daemon died, to reconnect and send the region's uffd and memfd again (the
+`adopt` op, ops.py; uswap/client.py does it by itself). Then `reclaim`
+checks that the fds are the region's, resolves every page the old daemon
+left in a transient state from what is really in the memfd (`resolve`), and
+the region goes live as under its old id; threads parked in the old daemon
+are woken to fault again. An orphan not reclaimed in time is dropped: its
+slots are freed and its files removed, logged.
+
+Thread and lock: engine thread, page lock held.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import numpy as np
+
+from uswap import native, uffd
+from uswap.config import Config
+from uswap.daemon import pagetable as pt
+from uswap.daemon.dirtying import Dirtying
+from uswap.daemon.punch import Puncher
+from uswap.daemon.region import Region, RegionRefused, check_region_fds, check_same_uffd
+from uswap.daemon.regionset import PAGE, SHIFT, RegionSet
+from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.statedir import StateDir
+from uswap.daemon.writeback import Writeback
+
+log = logging.getLogger("uswap.engine")
+
+# Flags of the dead daemon's life that mean nothing to its successor: no
+# write of it is parked here (the threads are woken, they fault again), no
+# eviction of it is pending, no I/O of it will return.
+STALE_FLAGS = pt.F_WAITERS | pt.F_EVICT | pt.F_DISCARD
+
+
+class Orphan:
+    """A region of a dead daemon waiting for its client."""
+    __slots__ = ("meta", "table")
+
+    def __init__(self, meta: dict, table: pt.PageTable) -> None:
+        self.meta = meta
+        self.table = table
+
+
+def memfd_pages(fd: int, npages: int) -> np.ndarray:
+    """Which pages of the memfd hold data (are in its page cache, or in the
+    kernel's swap): SEEK_DATA/SEEK_HOLE, one pair of calls per extent. The
+    daemon's own mapping is never touched for this (invariant 8)."""
+    present = np.zeros(npages, bool)
+    pos, end = 0, npages * PAGE
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        present[data // PAGE:(hole + PAGE - 1) // PAGE] = True
+        pos = hole
+    return present
+
+
+class Adoption:
+    def __init__(self, cfg: Config, regions: RegionSet, slots: SlotAllocator, dirtying: Dirtying,
+                 writeback: Writeback, puncher: Puncher, statedir: StateDir | None) -> None:
+        self.cfg = cfg
+        self.regions = regions
+        self.slots = slots
+        self.dirtying = dirtying  # un-protecting pages resolved dirty
+        self.writeback = writeback  # quarantine of slots a dead write may still reach
+        self.puncher = puncher  # punches the dead daemon did not make, made again
+        self.statedir = statedir
+        # Pages of a region whose punch is made again once it is live (resolve -> after_live).
+        self.repunch: dict[int, np.ndarray] = {}
+        self.orphans: dict[int, Orphan] = {}
+        self.found = 0  # regions the state directory held at start
+        self.adopted = 0  # reclaimed by their clients: adopted_regions_total
+        self.dropped = 0  # not reclaimed in time, or unusable
+        self.ready_at: float | None = None
+        self.seconds: float | None = None  # ready -> the last orphan reclaimed (or dropped)
+
+    # ---------------------------------------------------------------- at start
+
+    def load(self) -> None:
+        """Take on every region the state directory holds, as orphans."""
+        if self.statedir is None:
+            return
+        for meta in self.statedir.orphans():
+            rid = meta["id"]
+            try:
+                table = pt.PageTable.load(self.statedir.table_path(rid), int(meta["npages"]))
+                table.region_id = rid
+                self._keep_only_copies(table)
+                if meta.get("closing"):
+                    # Freed (its client was answered) and not adoptable, but
+                    # a write it had in flight may still land: quarantined.
+                    self.slots.claim(table.slot[table.state == pt.WRITEBACK])
+                    self._quarantine_writes(table)
+                    self._remove_files(rid)
+                    continue
+                self.slots.claim(table.slot)
+            except (OSError, ValueError, KeyError) as e:
+                log.error("adoption: region %d of the previous daemon cannot be adopted: %s; its pages are lost",
+                          rid, e)
+                self._remove_files(rid)
+                self.dropped += 1
+                continue
+            self.orphans[rid] = Orphan(meta, table)
+            self.regions.next_region_id = max(self.regions.next_region_id, rid + 1)
+            if table.npages:
+                # The clock goes on from the dead daemon's: stamps stay comparable.
+                self.regions.tick = max(self.regions.tick, int(table.stamp.max()) + 1)
+        self.found = len(self.orphans)
+
+    @staticmethod
+    def _keep_only_copies(table: pt.PageTable) -> None:
+        """Invariant 9 (docs/design.md), second half, enforced here before
+        any slot is claimed. A slot stays named only where it holds the page's copy: SWAPPED,
+        LOADING and PUNCHING pages, clean RESIDENT ones, and WRITEBACK ones
+        (whose slot is quarantined, then freed, by resolve). Anywhere else a
+        slot is the trace of a transition the dead daemon did not finish (a
+        slot about to be freed by a first write, by a forget): it is dropped
+        before the slots are claimed, so it is free again. A SWAPPED page
+        with no slot has nothing to come back from: EMPTY (its forget was
+        under way)."""
+        st, slot = table.state, table.slot
+        clean_resident = (st == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) == 0)
+        keeps = (st == pt.SWAPPED) | (st == pt.LOADING) | (st == pt.PUNCHING) | (st == pt.WRITEBACK) | clean_resident
+        slot[~keeps] = pt.NO_SLOT
+        lost = np.flatnonzero((st == pt.SWAPPED) & (slot < 0))
+        if len(lost):
+            table.move(lost, pt.EMPTY)
+
+    def start(self) -> None:
+        """The daemon is ready: the orphans' clock starts."""
+        self.ready_at = time.monotonic()
+        if not self.orphans:
+            return
+        pages = sum(o.table.npages for o in self.orphans.values())
+        log.info("adoption: %d regions (%d pages) of the previous daemon wait for their clients"
+                 " (adopt_timeout %gs)", len(self.orphans), pages, self.cfg.adopt_timeout)
+        self.regions.after(self.cfg.adopt_timeout, self._expire)
+
+    def _expire(self) -> None:
+        for rid in list(self.orphans):
+            orphan = self._drop(rid)
+            log.warning("adoption: region %d (pid %s, %d bytes) was not reclaimed within adopt_timeout"
+                        " %gs: dropped, its slots freed", rid, orphan.meta.get("pid"), orphan.meta.get("size"),
+                        self.cfg.adopt_timeout)
+        self._maybe_done()
+
+    def _quarantine_writes(self, table: pt.PageTable) -> None:
+        """Each slot of a WRITEBACK page of `table` (a write of the dead
+        daemon may still land in it: nfs://) is held from new data by the
+        quarantine: the table's reference (claimed) goes to it, and the
+        table names the slot no more."""
+        wb = np.flatnonzero((table.state == pt.WRITEBACK) & (table.slot >= 0))
+        for s in table.slot[wb].tolist():
+            self.writeback.quarantine_run(s, 1)
+        table.slot[wb] = pt.NO_SLOT
+
+    def _drop(self, rid: int) -> Orphan:
+        orphan = self.orphans.pop(rid)
+        self._quarantine_writes(orphan.table)  # its WRITEBACK slots: a dead write may still land
+        self.slots.free_many(orphan.table.slot)
+        self._remove_files(rid)
+        self.dropped += 1
+        return orphan
+
+    def drop_freed(self, rid: int, pid: int) -> None:
+        """A free the dead daemon never saw, sent again by its client: the
+        orphan `rid`, if it waits here and process `pid` made it, is dropped
+        now, its slots freed. Only its own process: another (even of its
+        uid, or root) would drop a live region whose client has not
+        reconnected yet."""
+        orphan = self.orphans.get(rid)
+        if orphan is None or orphan.meta["pid"] != pid:
+            return
+        self._drop(rid)
+        log.info("adoption: region %d freed by its client while no daemon ran: dropped, its slots freed", rid)
+        self._maybe_done()
+
+    def _remove_files(self, rid: int) -> None:
+        for path in (self.statedir.meta_path(rid), self.statedir.table_path(rid)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _maybe_done(self) -> None:
+        if self.orphans or self.seconds is not None or not self.found:
+            return
+        self.seconds = time.monotonic() - (self.ready_at or time.monotonic())
+        log.info("adoption: done in %.3fs (ready -> last region): %d of %d regions reclaimed, %d dropped",
+                 self.seconds, self.adopted, self.found, self.dropped)
+
+    # ---------------------------------------------------------------- reclaim
+
+    def waiting(self) -> list[int]:
+        return sorted(self.orphans)
+
+    def orphan_of_memfd(self, memfd: int) -> Orphan | None:
+        """The orphan whose memfd `memfd` is (same inode), if any: an alloc
+        the dead daemon made but never answered, which the client repeats
+        (client.py _again_on_the_next_daemon)."""
+        try:
+            st = os.fstat(memfd)
+        except OSError:
+            return None
+        for orphan in self.orphans.values():
+            if orphan.meta["memfd"] == [st.st_dev, st.st_ino]:
+                return orphan
+        return None
+
+    def check(self, entry: object, uffd_fd: int, memfd: int, uid: int) -> Orphan:
+        """The orphan `entry` ({"id", "addr", "size"}) names, if the fds and
+        the sender are the region's; else RegionRefused naming what differs."""
+        if not isinstance(entry, dict):
+            raise RegionRefused(f"adopt: region {entry!r} is not an object with id, addr and size")
+        rid = entry.get("id")
+        orphan = self.orphans.get(rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
+        if orphan is None:
+            raise RegionRefused(f"adopt: no region {rid!r} waits for adoption here (waiting: {self.waiting()})")
+        meta = orphan.meta
+        for key in ("addr", "size"):
+            if entry.get(key) != meta[key]:
+                raise RegionRefused(f"adopt: region {rid}: {key} {entry.get(key)!r} is not the region's {meta[key]}")
+        if uid != meta["uid"] and uid != 0:
+            raise RegionRefused(f"adopt: region {rid} belongs to uid {meta['uid']}, not to uid {uid}")
+        st = check_region_fds(uffd_fd, memfd, "adopt")
+        if [st.st_dev, st.st_ino] != meta["memfd"]:
+            raise RegionRefused(f"adopt: region {rid}: the memfd sent is not the region's memfd")
+        return orphan
+
+    def reclaim(self, orphan: Orphan, uffd_fd: int, memfd: int, owner: object) -> Region:
+        """Make the orphan a live Region on the client's fds (checked by
+        `check` and the registration checks); the caller adds it to the
+        engine and then calls `wake`."""
+        meta = orphan.meta
+        check_same_uffd(uffd_fd, meta["addr"], meta["size"])
+        region = Region(uffd_fd, memfd, meta["addr"], meta["size"], owner)
+        region.table = orphan.table
+        region.id = meta["id"]
+        try:
+            region.daddr = native.mmap_shared(memfd, region.size)
+        except OSError as e:
+            raise RegionRefused(f"adopt: cannot map the memfd: {e.strerror}") from None
+        del self.orphans[region.id]
+        self.resolve(region)
+        self.adopted += 1
+        return region
+
+    def after_live(self, region: Region) -> None:
+        """The region is served: writes let through on its dirty pages, and
+        every thread the dead daemon left parked on it woken to fault again
+        (into this daemon)."""
+        table = region.table
+        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
+        if len(dirty):
+            self.dirtying.unprotect_runs(region, dirty)
+        again = self.repunch.pop(region.id, None)
+        if again is not None and len(again):
+            self.puncher.punch(region, again, evicted=True)
+        uffd.wake(region.uffd, region.addr, region.size)
+        self._maybe_done()
+
+    # ---------------------------------------------------------------- transient states
+
+    def resolve(self, region: Region) -> dict:
+        """Every page the dead daemon left between two states is settled from
+        what the memfd holds (docs/design.md section 9 has the table):
+
+        - WRITEBACK: its write may be torn: RESIDENT dirty, the slot
+          quarantined (a write to it may still land) then freed;
+        - LOADING, PUNCHING: the read or punch may or may not have happened:
+          not in the memfd -> SWAPPED on its slot (the read is redone at the
+          next fault), EMPTY without one; in the memfd: a read -> RESIDENT
+          (verified below), a punch -> made again (SWAPPED, then PUNCHING
+          once live; a zero page stays RESIDENT dirty);
+        - RESIDENT gone from the memfd (the client punched it): clean with a
+          slot -> SWAPPED, else EMPTY, as Faults._vanished does;
+        - RESIDENT with a slot and not dirty (also from the two above): it is
+          write-protected, then its checksum compared with the slot copy's:
+          equal -> clean; different (a write got through before the dead
+          daemon recorded it) -> dirty, slot freed;
+        - AT_PARENT: the dead daemon's link to the parent page is not kept:
+          POISONED (the client gets SIGBUS there, never stale data);
+        - flags of pages parked or evicting in the dead daemon are cleared.
+        Charged: every RESIDENT page. Returns counts by case, logged."""
+        started = time.monotonic()
+        t = region.table
+        st, fl, slot = t.state, t.flags, t.slot
+        present = memfd_pages(region.memfd, region.npages)
+        fl &= ~np.uint8(STALE_FLAGS)
+        counts = {}
+
+        def count(name: str, pages: np.ndarray) -> np.ndarray:
+            if len(pages):
+                counts[name] = counts.get(name, 0) + len(pages)
+            return pages
+
+        writeback = count("torn_writes", np.flatnonzero(st == pt.WRITEBACK))
+        # (A WRITEBACK page with no slot: the daemon died between the two
+        # stores of start_writeback, state then slot; no write was queued.)
+        self._quarantine_writes(t)
+        t.move(writeback, pt.RESIDENT)
+        fl[writeback] |= pt.F_DIRTY
+
+        for state, name in ((pt.LOADING, "reads"), (pt.PUNCHING, "punches")):
+            pages = np.flatnonzero(st == state)
+            undone = count(f"{name}_undone", pages[~present[pages]])
+            t.move(undone[slot[undone] >= 0], pt.SWAPPED)
+            t.move(undone[slot[undone] < 0], pt.EMPTY)
+            done = count(f"{name}_done", pages[present[pages]])
+            if state == pt.LOADING:
+                t.move(done, pt.RESIDENT)  # verified as clean below when it has a slot
+                fl[done[slot[done] < 0]] |= pt.F_DIRTY  # a zero fill: no copy anywhere
+                continue
+            # A punch not made yet: the page is clean (write-protected since
+            # its copy was taken: invariant 1), so it is made again, after
+            # the region is live (after_live), from SWAPPED as for a stray
+            # page; it is charged until that punch returns. A zero page
+            # (no slot) whose drop did not happen stays: RESIDENT dirty.
+            again = done[slot[done] >= 0]
+            t.move(again, pt.SWAPPED)
+            self.repunch[region.id] = again
+            self.regions.charged += len(again)
+            zero = done[slot[done] < 0]
+            t.move(zero, pt.EMPTY)
+            t.move(zero, pt.RESIDENT)
+            fl[zero] |= pt.F_DIRTY
+
+        resident = np.flatnonzero(st == pt.RESIDENT)
+        gone = count("vanished", resident[~present[resident]])
+        clean_gone = gone[(slot[gone] >= 0) & ((fl[gone] & pt.F_DIRTY) == 0)]
+        t.move(clean_gone, pt.SWAPPED)
+        lost = gone[(slot[gone] < 0) | ((fl[gone] & pt.F_DIRTY) != 0)]
+        self.slots.free_many(slot[lost])
+        slot[lost] = pt.NO_SLOT
+        t.move(lost, pt.EMPTY)
+
+        self._verify_clean(region, counts)
+        # A dirty page's slot copy is stale (section 4): any slot still named
+        # by one (a load mapped writable for a write, not yet recorded) is freed.
+        stale = np.flatnonzero((st == pt.RESIDENT) & ((fl & pt.F_DIRTY) != 0) & (slot >= 0))
+        self.slots.free_many(slot[stale])
+        slot[stale] = pt.NO_SLOT
+
+        at_parent = count("at_parent_poisoned", np.flatnonzero(st == pt.AT_PARENT))
+        if len(at_parent):
+            t.move(at_parent, pt.POISONED)
+            for first, n in pt.runs(at_parent, 1 << 30):
+                uffd.poison(region.uffd, region.addr + (first << SHIFT), n << SHIFT)
+        self.regions.charged += t.count(pt.RESIDENT)
+        log.info("adoption: region %d reclaimed (%d pages: %d resident, %d swapped; resolved in %.1f ms)%s",
+                 region.id, region.npages, t.count(pt.RESIDENT), t.count(pt.SWAPPED),
+                 (time.monotonic() - started) * 1000,
+                 "; resolved " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "")
+        return counts
+
+    def _verify_clean(self, region: Region, counts: dict) -> None:
+        """RESIDENT pages that claim a current slot copy: write-protect them
+        (so nothing changes them from here), then compare their checksum with
+        the copy's. The dead daemon may have let a write through before it
+        recorded the page dirty; such a page is dirty, its slot freed.
+        A run the kernel will not protect is taken as dirty too (safe: it is
+        written back again)."""
+        t = region.table
+        clean = np.flatnonzero((t.state == pt.RESIDENT) & ((t.flags & pt.F_DIRTY) == 0) & (t.slot >= 0))
+        dirty = []
+        for first, n in pt.runs(clean, 1 << 16):
+            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=True)
+            if ret < 0:
+                dirty.extend(range(first, first + n))
+                continue
+            # Invariant 8: these pages are in the memfd (resolve checked), so
+            # reading them through the daemon's mapping allocates nothing.
+            sums, _ = native.page_sums(region.daddr + (first << SHIFT), n)
+            changed = np.flatnonzero(np.array(sums, np.uint32) != t.sum[first:first + n])
+            dirty.extend((first + changed).tolist())
+        if dirty:
+            pages = np.array(dirty, np.int64)
+            counts["written_unrecorded"] = len(pages)
+            self.slots.free_many(t.slot[pages])
+            t.slot[pages] = pt.NO_SLOT
+            t.flags[pages] |= pt.F_DIRTY
+
+    def status(self) -> dict:
+        return {"adopted_regions_total": self.adopted, "adoption_waiting": len(self.orphans),
+                "adoption_dropped_total": self.dropped,
+                "adoption_seconds": None if self.seconds is None else round(self.seconds, 3)}

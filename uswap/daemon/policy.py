@@ -1,0 +1,43 @@
+"""The paging policy rules, each written once, in C (native/policy.h), and
+called from here by the engine and directly by the fast path's threads, so
+the two cannot drift apart. Pure functions: no I/O, no lock, no state.
+"""
+from __future__ import annotations
+
+from uswap._fastpath_cffi import lib
+
+# What a swap-in fault is to the region's read-ahead (ra_locality).
+RANDOM = lib.US_RA_RANDOM   # no locality with the last swap-in: read the page alone
+NEAR = lib.US_RA_NEAR       # near the last swap-in fault: read its aligned window
+STREAM = lib.US_RA_STREAM   # where the last window ended: a sequential stream, its window doubles
+
+
+def ra_locality(page: int, last_fault: int, ra_expect: int, ra_window: int, ra_pages: int) -> int:
+    """RANDOM, NEAR or STREAM: a swap-in fault at `page` against the region's
+    read-ahead state (region.ReadAhead's fields)."""
+    return lib.us_ra_locality(page, last_fault, ra_expect, ra_window, ra_pages)
+
+
+def refault_active(tick: int, stamp: int, max_pages: int) -> bool:
+    """A page swapped in at fault clock `tick`, evicted at `stamp`, returns
+    active (F_ACTIVE): it came back within a budget's worth of faults."""
+    return bool(lib.us_refault_active(tick & 0xFFFFFFFF, stamp & 0xFFFFFFFF, max_pages))
+
+
+def fill_window(page: int, fill_expect: int, window: int, fill_max: int) -> int:
+    """The zero-fill window of a first touch at `page`: doubled up to
+    fill_max where the last fill ended, else 1."""
+    return lib.us_fill_window(page, fill_expect, window, fill_max)
+
+
+def admit(charged: int, max_pages: int, n: int, draining: bool) -> int:
+    """How many of n pages the budget admits now (all of them while draining)."""
+    return lib.us_admit(charged, max_pages, n, draining)
+
+
+def must_overcommit(writes_inflight: int, loads_inflight: int, loads_queued: int,
+                    fast_loads_inflight: int, young_punches: int) -> bool:
+    """A fault the budget refuses is charged anyway: nothing in flight would
+    free or settle memory (the store cannot take writes)."""
+    return bool(lib.us_must_overcommit(writes_inflight, loads_inflight, loads_queued, fast_loads_inflight,
+                                       young_punches))

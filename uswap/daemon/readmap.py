@@ -1,0 +1,45 @@
+"""The I/O thread's half of a swap-in on the Python pool: read a run of
+slots with the store's own read, then verify and map it with the routine
+every swap-in path shares (native/readmap.h us_verify_map, through the uffd
+cffi module): only the pages whose checksum matches are mapped (invariant
+6, page by page). The C I/O pool's READ_COPY jobs (native/iopool.c) and the
+fast path's one-page loads (native/fastpath.c) call the same routine after
+their store reads.
+
+Thread: an I/O thread, no lock: it changes no page state. The pages stay
+LOADING until swapin.py applies the result on the engine thread.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from uswap import uffd
+from uswap.store.base import Store
+
+log = logging.getLogger("uswap.engine")
+PAGE = 4096
+
+
+def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst: int, mode: int,
+                    write_page: int, expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None) -> int:
+    """Swap-in on an I/O thread: read n pages from `slot` on into `buf`
+    (one store read), checksum each into `sums`, and map into the client
+    at `dst` only the pages whose checksum matches `expected`: with `mode`,
+    the page at index `write_page` (a write fault's; uffd.NO_WRITE_PAGE for
+    none) writable, and never a page marked in `skip` (read through: not
+    the load's; None: none). Bytes mapped, or -errno of a COPY; a failed read
+    raises."""
+    store.read(buf, n * PAGE, slot * PAGE)
+    present = np.zeros(1, np.int32)
+    ret = uffd.verify_map(uffd_fd, dst, buf, n, mode, write_page, expected, sums, skip, present)
+    log_present(int(present[0]), dst)
+    return ret
+
+
+def log_present(present: int, dst: int) -> None:
+    """Log the pages of a swap-in at dst that us_verify_map found present
+    (written through the memfd while they loaded) and kept; on either pool."""
+    if present:
+        log.warning("%d page(s) of the run at %#x were present during swap-in; keeping them", present, dst)

@@ -1,0 +1,174 @@
+"""The state directory: what a successor daemon needs to adopt the regions of
+one that died or handed over (docs/design.md section 9), kept where it
+outlives the daemon process -- on tmpfs (`state_dir`, default
+`$RUNTIME_DIRECTORY/state` or /run/uswap/state), which lives as long as the
+clients can.
+
+    DIR/store.json        the store this state belongs to: url, size, the
+                          store header's id (header.claim)
+    DIR/region-ID.table   a region's page table: PageTable's arrays,
+                          memory-mapped, so every transition made in memory
+                          (Python or the fast path's C threads) is in the file
+    DIR/region-ID.json    the region's metadata: id, addr, size, pages, the
+                          owner's pid and uid, the memfd's (dev, inode)
+
+Order (invariant 9, docs/design.md): a region's table file is made before its
+metadata, and its metadata removed before its table file, so a metadata file
+always names a complete table; a table file without metadata is a leftover
+and is removed. Slot ownership is not stored: it is derived from the tables
+(the slots every table names), so it cannot disagree with them.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+
+log = logging.getLogger("uswap.engine")
+
+STORE_FILE = "store.json"
+LOCK_FILE = "lock"
+META = re.compile(r"region-(\d+)\.json$")
+
+
+class StateRefused(ValueError):
+    """The state directory cannot be used for this store."""
+
+
+class StateBusy(StateRefused):
+    """Another running daemon holds the state directory."""
+
+
+def _write_atomic(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+class StateDir:
+    def __init__(self, path: str, store: dict) -> None:
+        """Open (or make) the state directory for `store` ({url, size_bytes,
+        id}). Raises StateRefused when it holds the state of another store:
+        adopting it would hand out that store's slots."""
+        self.path = path
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise StateRefused(f"state_dir: {path}: cannot create it: {e.strerror}") from None
+        # One daemon per state directory, for its whole life (the store lock
+        # keeps one per store; this keeps two daemons of two stores from
+        # writing their regions into one directory).
+        self.lock_fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.lock_fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.lock_fd)
+            raise StateBusy(f"state_dir: {path} is in use by another running daemon (pid {holder or '?'});"
+                               " give each daemon its own --state-dir") from None
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        store_file = os.path.join(path, STORE_FILE)
+        try:
+            with open(store_file) as f:
+                held = json.load(f)
+        except FileNotFoundError:
+            held = None
+        except (OSError, ValueError) as e:
+            os.close(self.lock_fd)
+            raise StateRefused(f"state_dir: {store_file} cannot be read ({e}); remove the directory"
+                               " if no client of a dead daemon needs it") from None
+        if held is not None and self.orphan_ids() and held != store:
+            os.close(self.lock_fd)
+            raise StateRefused(
+                f"state_dir: {path} holds the regions of a daemon of another store"
+                f" ({held.get('url')}, {held.get('size_bytes')} bytes, id {held.get('id')}), not of"
+                f" {store['url']} ({store['size_bytes']} bytes, id {store['id']}); start that store's"
+                " daemon on it, or use another --state-dir (removing it strands those clients)")
+        _write_atomic(store_file, store)
+
+    def meta_path(self, rid: int) -> str:
+        return os.path.join(self.path, f"region-{rid}.json")
+
+    def table_path(self, rid: int) -> str:
+        return os.path.join(self.path, f"region-{rid}.table")
+
+    def orphan_ids(self) -> list[int]:
+        """Ids of the regions whose metadata is here, in order."""
+        return sorted(int(m.group(1)) for m in map(META.match, os.listdir(self.path)) if m)
+
+    def orphans(self) -> list[dict]:
+        """The metadata of every region a previous daemon left; table files
+        with no metadata (a region made or removed half-way) are removed."""
+        out = []
+        for rid in self.orphan_ids():
+            try:
+                with open(self.meta_path(rid)) as f:
+                    meta = json.load(f)
+            except (OSError, ValueError) as e:
+                log.error("adoption: %s cannot be read (%s); region %d is not adopted", self.meta_path(rid), e, rid)
+                continue
+            out.append(meta)
+        named = {f"region-{m['id']}.table" for m in out}
+        for name in os.listdir(self.path):
+            if name.endswith(".table") and name not in named:
+                os.unlink(os.path.join(self.path, name))
+        return out
+
+    def record(self, region, pid: int, uid: int) -> None:
+        """Keep `region` here: its table in a file (made first, unless it is
+        one already), then its metadata. Invariant 9, first half: a metadata
+        file is written (atomically, by rename) only once its table is
+        complete, and removed (forget) before the table, so the metadata a
+        successor finds always names a whole table."""
+        if region.table.path is None:
+            try:
+                region.table.persist(self.table_path(region.id))
+            except OSError:
+                # EMFILE from the mapping: no half-made table is left behind.
+                try:
+                    os.unlink(self.table_path(region.id))
+                except FileNotFoundError:
+                    pass
+                raise
+        st = os.fstat(region.memfd)
+        _write_atomic(self.meta_path(region.id), {
+            "id": region.id, "addr": region.addr, "size": region.size, "npages": region.npages,
+            "pid": pid, "uid": uid, "memfd": [st.st_dev, st.st_ino]})
+
+    def closing(self, region) -> None:
+        """The region is closing (freed, its client gone): no successor may
+        adopt it, even if this daemon dies before its I/O in flight ends and
+        `forget` runs. Its metadata is marked closing now (atomically); its
+        table stays mapped (and on disk) until `forget`. A free the client
+        saw answered must never come back as a region waiting for adoption;
+        but a write the dead daemon left in flight for it may still land, so
+        the successor quarantines those slots (Adoption.load)."""
+        path = self.meta_path(region.id)
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            return  # never recorded, or already forgotten
+        if not meta.get("closing"):
+            _write_atomic(path, dict(meta, closing=True))
+
+    def forget(self, region) -> None:
+        """The region is gone for good: metadata first, then its table (invariant 9)."""
+        try:
+            os.unlink(self.meta_path(region.id))
+        except FileNotFoundError:
+            pass
+        region.table.unlink()
+
+    def clear(self) -> None:
+        """After a drain: nothing is left to adopt; the directory may serve any store next."""
+        for name in os.listdir(self.path):
+            if META.match(name) or name.endswith(".table") or name == STORE_FILE:
+                try:
+                    os.unlink(os.path.join(self.path, name))
+                except FileNotFoundError:
+                    pass

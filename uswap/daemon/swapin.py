@@ -1,0 +1,553 @@
+"""Swap-in: reading swapped pages back, with read-ahead, and applying the
+reads' completions: verified pages become RESIDENT; a page that failed its
+checksum or a failed read is read again after a backoff, or past
+read_deadline (read_failure: sigbus) poisoned (invariant 6).
+
+Swapped-in pages are mapped write-protected, clean copies of their slots
+(swap cache), except where a write is known to come: the page of a write
+fault (as the fast path maps it; its read-ahead neighbours come in the same
+store read, write-protected), the windows of a stream that writes continue,
+and every page during drain are mapped writable and dirty.
+
+Threads and lock: the engine thread decides and queues loads and applies
+their completions (_mapped), page lock held. The I/O threads (C: cpool.py;
+Python: iopool.py running readmap.read_verify_map) read, then verify each
+page's checksum and map the verified pages into the client themselves with
+the one routine of every swap-in (native/readmap.h us_verify_map), and
+change no page state: the pages stay LOADING until
+_load_done runs on the engine thread. The fast path's C
+threads load random single pages of their own; one that fails is taken over
+here (take_over_fast_load).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from uswap import native, uffd
+from uswap.config import Config
+from uswap.daemon import pagetable as pt
+from uswap.daemon import policy
+from uswap.daemon.budget import Budget
+from uswap.daemon.cpool import CPool
+from uswap.daemon.dirtying import Dirtying
+from uswap.daemon.forget import Forget
+from uswap.daemon.iopool import IoPool
+from uswap.daemon.ratelimit import RateLimitedLog
+from uswap.daemon.readmap import read_verify_map
+from uswap.daemon.region import Region
+from uswap.daemon.regionset import AGAIN, GONE_, NO_WRITE, PAGE, SHIFT, RegionSet
+from uswap.daemon.slots import SlotAllocator
+from uswap.store.base import Store
+
+log = logging.getLogger("uswap.engine")
+
+# Windows a sequential stream keeps read ahead of its latest fault. Their
+# reads are in flight together, so the store's latency is paid about once
+# per STREAM_DEPTH windows instead of once per window, and a store that
+# serves requests in parallel (an NFS server, an SSD) is kept busy.
+STREAM_DEPTH = 4
+
+
+class SwapIn:
+    def __init__(self, cfg: Config, store: Store, regions: RegionSet, slots: SlotAllocator, budget: Budget,
+                 forget: Forget, dirtying: Dirtying, io: IoPool, cpool: CPool | None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.regions = regions
+        self.slots = slots
+        self.budget = budget
+        self.forget = forget  # pages unmapped while they loaded
+        self.dirtying = dirtying  # writes parked while they loaded
+        self.io = io
+        self.cpool = cpool  # the C data path, or None (see engine.py)
+        self.ra_pages = max(1, cfg.readahead // PAGE)
+        self.ra_max_pages = max(self.ra_pages, cfg.readahead_max // PAGE)
+        # Swap-in bounce buffers, preallocated and touched (invariant 8).
+        self.free_buffers = [native.AlignedBuffer(self.ra_max_pages * PAGE)
+                             for _ in range(max(8, cfg.io_threads * 4))]
+        # Poisoned pages are lost data: their lines have a limiter of their
+        # own, so retry chatter on errlog cannot hide them.
+        self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
+
+    def start_load(self, region: Region, page: int, write: bool = False) -> None:
+        """Read a swapped page back with its neighbours in adjacent slots,
+        budget permitting. The faulting page is already charged.
+
+        Read-ahead: a fault away from the last window reads the aligned
+        `readahead` window around the page (like kernel swap's cluster). A fault
+        where the last window ended is a sequential stream: the window doubles
+        up to `readahead_max`, and windows are queued until STREAM_DEPTH of them
+        lie ahead of the fault (asynchronous read-ahead, _read_ahead); a fault
+        on a page of theirs still loading keeps them that far ahead
+        (stream_caught_up). A stream's windows read through pages that are not
+        swapped (_window): pages left resident by random access do not cut
+        them short.
+
+        A write fault's page is mapped writable and dirty, its read-ahead
+        neighbours write-protected, all from one store read (the load's
+        write_page); a stream that writes continue has its windows mapped
+        writable."""
+        table = region.table
+        ra = region.ra
+        slot = int(table.slot[page])
+        # Stream, near or random (policy.h us_ra_locality; the fast path
+        # serves the random ones it can before they get here).
+        locality = policy.ra_locality(page, ra.last_fault, ra.ra_expect, ra.ra_window, self.ra_pages)
+        sequential = locality == policy.STREAM
+        skip = None
+        if sequential:
+            ra.ra_window = self._grown(ra.ra_window)
+            first = page
+            last, skip = self._window(table, page, slot, page + ra.ra_window)
+        elif locality == policy.RANDOM:
+            # No locality with the previous fault: read just this page (random
+            # access gains nothing from neighbours and pays for their transfer).
+            ra.ra_window = 1
+            first = last = page
+        else:
+            ra.ra_window = self.ra_pages
+            lo = page - page % self.ra_pages
+            first = page
+            while (first > lo and table.state[first - 1] == pt.SWAPPED
+                   and table.slot[first - 1] == slot - (page - first + 1)
+                   and self.budget.charge(1)):
+                first -= 1
+            last = self._extend_forward(table, page, slot, lo + self.ra_pages)
+        ra.last_fault = page
+        region.streaming = sequential
+        # A sequential stream that a write continues is being rewritten: its
+        # windows are mapped writable (dirty), not write-protected, so each
+        # page does not take a second fault for its first write.
+        region.write_stream = write and sequential
+        loaded = self._queue_load(region, first, last - first + 1, slot - (page - first),
+                                  page if write else NO_WRITE, skip)
+        self.regions.stats["readahead_pages"] += loaded - 1
+        ra.ra_expect = last + 1
+        if sequential:
+            self._read_ahead(region, page)
+        self.pump_loads()
+
+    def stream_caught_up(self, region: Region, page: int) -> None:
+        """A fault on a LOADING page (faults.py). Inside a sequential
+        stream's read-ahead (past its latest fault, before where its windows
+        end) it means the client caught up with the reads: the stream moves
+        on to `page` and its windows are topped up to STREAM_DEPTH ahead of
+        it -- the trigger kernel swap's asynchronous read-ahead gets from its
+        marked page, which a userfaultfd client cannot give (a mapped page
+        raises no event)."""
+        ra = region.ra
+        if region.streaming and ra.last_fault < page < ra.ra_expect:
+            ra.last_fault = page
+            ra.ra_window = self._grown(ra.ra_window)
+            self._read_ahead(region, page)
+            self.pump_loads()
+
+    def _grown(self, window: int) -> int:
+        """A stream's next window: double the last, at least the `readahead`
+        window (a stream found after a random one-page load starts there),
+        at most `readahead_max`."""
+        return min(max(window * 2, self.ra_pages), self.ra_max_pages)
+
+    def _read_ahead(self, region: Region, page: int) -> None:
+        """Queue a stream's windows, from where its last one ended (ra_expect)
+        and each from the next SWAPPED page, until they reach STREAM_DEPTH
+        windows past `page` (its latest fault), the region's end, or the
+        budget. Read-ahead past the faulting window stays within an eighth
+        of the budget: on a small budget, pages read much further ahead
+        would be reclaimed before the stream reaches them, and the windows
+        in flight would keep other faults waiting for room."""
+        table, ra = region.table, region.ra
+        depth = min(STREAM_DEPTH * ra.ra_window, max(ra.ra_window, self.budget.max_pages // 8))
+        horizon = min(region.npages, page + depth)
+        while ra.ra_expect < horizon:
+            ahead = np.flatnonzero(table.state[ra.ra_expect:horizon] == pt.SWAPPED)
+            if not len(ahead):
+                ra.ra_expect = horizon  # nothing swapped up to there: the stream's next fault is past it
+                return
+            nxt = ra.ra_expect + int(ahead[0])
+            if not self.budget.charge(1):
+                return
+            nslot = int(table.slot[nxt])
+            end, skip = self._window(table, nxt, nslot, nxt + ra.ra_window)
+            self.regions.stats["readahead_pages"] += self._queue_load(region, nxt, end - nxt + 1, nslot,
+                                                                      NO_WRITE, skip)
+            ra.ra_expect = end + 1
+
+    def _window(self, table: pt.PageTable, page: int, slot: int, limit: int) -> tuple[int, np.ndarray | None]:
+        """A stream's window from `page` (SWAPPED, charged, in `slot`) to
+        below `limit`: one store read of the slots from `slot` on. It loads
+        the SWAPPED pages whose slots are adjacent, and reads through every
+        page that is not SWAPPED (resident, loading already...) without
+        touching it (see _queue_load). A SWAPPED page in another slot ends the
+        window (its data is elsewhere), and so does the budget; each page
+        loaded is charged. Returns the window's last page and its skip mask
+        (uint8 per page of the window, 1: read through), or None when every
+        page is loaded."""
+        end = min(limit, table.npages)
+        if end <= page + 1:
+            return page, None
+        seg = slice(page + 1, end)
+        swapped = table.state[seg] == pt.SWAPPED
+        elsewhere = np.flatnonzero(swapped & (table.slot[seg] != np.arange(slot + 1, slot + end - page)))
+        own = swapped[:elsewhere[0]] if len(elsewhere) else swapped
+        # Invariant 3 (no read of a slot while a write to it is in flight):
+        # a page read through sits in a slot that may have gone to another
+        # page since, being written now: the window ends before it.
+        writing = self.slots.writing[slot + 1:slot + 1 + len(own)]
+        busy = np.flatnonzero(~own[:len(writing)] & writing)
+        own = own[:busy[0] if len(busy) else len(writing)]
+        want = np.flatnonzero(own)
+        # As many of them as the budget admits, in order (charge_leading on
+        # an all-True run: the budget's rule for a window).
+        admitted = self.budget.charge_leading(np.ones(len(want), bool))
+        if admitted == 0:
+            return page, None
+        own = own[:int(want[admitted - 1]) + 1]
+        if own.all():
+            return page + len(own), None
+        return page + len(own), np.concatenate(([0], ~own)).astype(np.uint8)
+
+    def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
+        """Last page of the run from `page` (charged) onwards, below `limit`,
+        of SWAPPED pages in slots adjacent to `slot`; charges each page added.
+        (Vectorised: a per-page loop here was 15% of the engine's time on a
+        sequential stream, py-spy.)"""
+        end = min(limit, table.npages)
+        if end <= page + 1:
+            return page
+        nxt = slice(page + 1, end)
+        ok = (table.state[nxt] == pt.SWAPPED) & (table.slot[nxt] == np.arange(slot + 1, slot + end - page))
+        return page + self.budget.charge_leading(ok)
+
+    def _queue_load(self, region: Region, first: int, n: int, slot: int, write_page: int = NO_WRITE,
+                    skip: np.ndarray | None = None) -> int:
+        """Queue the load of pages first..first+n (charged) from slots slot..;
+        write_page: the page of a write fault among them, mapped writable
+        (NO_WRITE: none); skip: the pages the read goes through that are not
+        the load's (_window; None: none). Returns how many pages it loads.
+
+        Invariant (read-through): a page marked in skip is never moved,
+        charged or mapped by this load -- it may be resident, dirty and newer
+        than the bytes read for it. Only the load's own pages go LOADING here,
+        us_verify_map (native/readmap.h) never maps a skipped page, and
+        _load_done settles the own pages only."""
+        own = slice(first, first + n) if skip is None else first + np.flatnonzero(skip == 0)
+        if region.fault_started:
+            # Left by a load that ended without mapping its page (or one the
+            # fast path mapped): stale. The fault that starts this load, if
+            # any, is recorded after (faults.py _time_fault).
+            for page in range(first, first + n) if skip is None else own.tolist():
+                region.fault_started.pop(page, None)
+        region.table.move(own, pt.LOADING)
+        self.regions.load_queue.append((region.id, first, n, slot, time.monotonic(), write_page, skip))
+        region.inflight += 1
+        return n if skip is None else len(own)
+
+    def pump_loads(self) -> None:
+        while self.regions.load_queue and self.free_buffers:
+            load = self.regions.load_queue.popleft()
+            rid, first, n, slot, started, write_page, skip = load
+            region = self.regions.by_id.get(rid)
+            if region is None:
+                continue
+            buf = self.free_buffers.pop()
+            # With reads in flight, a load the C pool cannot take now (every
+            # nfs:// context busy) waits for one of them to finish (its
+            # _finish_load pumps again) rather than go to the slower Python
+            # pool: a stream keeps several windows queued.
+            if not self._submit_read(region, first, n, slot, buf, started, write_page, skip,
+                                     may_wait=self.regions.loads_inflight > 0):
+                self.free_buffers.append(buf)
+                self.regions.load_queue.appendleft(load)
+                return
+            self.regions.loads_inflight += 1
+            stats = self.regions.stats
+            stats["swapin_reads"] += 1
+            stats["swapin_read_pages"] += n
+            stats["readthrough_pages"] += 0 if skip is None else int(np.count_nonzero(skip))
+            stats["swapin_reads_peak"] = max(stats["swapin_reads_peak"], self.regions.loads_inflight)
+
+    def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float,
+                     write_page: int, skip: np.ndarray | None, may_wait: bool) -> bool:
+        """Queue a swap-in read: on the C pool, else (the C pool cannot take
+        it) on the Python pool -- or, with `may_wait`, not at all (False).
+        The I/O thread reads, verifies each page's
+        checksum and maps the pages that pass into the client itself (one
+        UFFDIO_COPY per run of them; one for the whole window when every page
+        passes), saving the hop back to this thread before the client resumes.
+        A page that fails its check is not mapped, and does not hold back the
+        rest of its window: _load_done retries it alone. The page state stays
+        LOADING until _load_done runs here; faults meanwhile park (see
+        faults.py's fault_wp). The uffd stays open meanwhile: region.release() waits for
+        region.inflight to drop to 0."""
+        store = self.store
+        sums = np.zeros(n, np.uint32)
+        expected = region.table.sum[first:first + n].copy()
+        uffd_fd = region.uffd
+        dst = region.addr + (first << SHIFT)
+        # Swap cache: mapped write-protected so the pages stay clean copies of
+        # their slots; during drain they come home for good, writable, and so
+        # do the windows of a stream being rewritten and the page of a write
+        # fault (start_load), in the same read as its neighbours. _load_done
+        # goes by the mode used: writable pages are dirty, their slots freed.
+        mode = 0 if self.regions.draining or region.write_stream else uffd.COPY_MODE_WP
+        wp = write_page - first if first <= write_page < first + n else uffd.NO_WRITE_PAGE
+
+        def on_done(res, err):
+            self._load_done(region, first, n, slot, buf, started, write_page, skip, res, err)
+
+        if self.cpool is not None:
+            if self.cpool.read_copy(buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst, mode, wp, expected, sums,
+                                    skip, on_done):
+                return True
+            if may_wait:
+                return False
+
+        def work():
+            return sums, read_verify_map(store, buf.addr, n, slot, uffd_fd, dst, mode, wp, expected, sums,
+                                         skip), mode
+
+        self.io.submit(work, on_done)
+        return True
+
+    def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float, write_page: int,
+                   skip: np.ndarray | None, result: tuple | None, err: OSError | None) -> None:
+        """Apply a load's outcome. A window that read through pages not its
+        own (skip) settles its own pages only (see _queue_load), and on an
+        error is read again as loads of its own runs."""
+        self.regions.loads_inflight -= 1
+        table = region.table
+        own = None if skip is None else np.flatnonzero(skip == 0)  # indices of its own pages
+        n_own = n if own is None else len(own)
+        if region.closing:
+            self.regions.charged -= n_own
+            self._finish_load(region, buf)
+            return
+        if (table.flags[first:first + n] & pt.F_DISCARD)[slice(None) if own is None else own].any():
+            mode = result[2] if result else uffd.COPY_MODE_WP
+            for a, k in [(0, n)] if own is None else pt.runs(own, n):
+                self._settle_discarded_load(region, first + a, k, mode, write_page)
+            self._finish_load(region, buf)
+            return
+        bad = np.zeros(0, np.intp)
+        if err is None:
+            sums, ret, mode = result
+            # Invariant 6, page by page: the I/O thread mapped only the pages
+            # whose checksum matched. The others stay LOADING and are read
+            # again one by one, so a damaged slot costs its own page only.
+            mismatch = sums != table.sum[first:first + n]
+            if own is not None:
+                mismatch &= skip == 0  # pages read through: not this load's, never checked
+            bad = np.flatnonzero(mismatch)
+            if len(bad):
+                self._retry_bad_pages(region, first, n, slot, bad, started, write_page)
+                if len(bad) == n_own:
+                    self._finish_load(region, buf)
+                    return
+                if region.closing:  # a poison found the client gone
+                    self.regions.charged -= n_own - len(bad)
+                    self._finish_load(region, buf)
+                    return
+        if err is not None:
+            # Invariant 6: a failed read is retried; nothing is mapped from it.
+            self.regions.stats["read_errors"] += 1
+            self.regions.errlog.error("read error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
+            region.read_failures += 1
+            elapsed = time.monotonic() - started
+            if self.cfg.read_failure == "sigbus" and elapsed > self.cfg.read_deadline:
+                for a, k in [(0, n)] if own is None else pt.runs(own, n):
+                    self._poison(region, first + a, k)
+                self._finish_load(region, buf)
+                return
+            if own is None:
+                self._reload_later(region, first, n, slot, buf, started, write_page,
+                                   self._read_retry_delay(region))
+            else:
+                self._reload_runs(region, first, slot, own, started, write_page, self._read_retry_delay(region), n)
+                self._finish_load(region, buf)
+            return
+        if not len(bad):
+            region.read_failures = 0
+        if own is None:
+            good = np.setdiff1d(np.arange(n), bad) if len(bad) else None
+        else:
+            good = np.setdiff1d(own, bad)
+        outcome = self.regions.ioctl_result(region, ret, "UFFDIO_COPY")
+        if outcome == GONE_:
+            self.regions.charged -= n_own - len(bad)  # close_region did not count LOADING pages
+            self._finish_load(region, buf)
+            return
+        if outcome == AGAIN:
+            # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
+            if good is None:
+                self._reload_later(region, first, n, slot, buf, started, write_page, 0.001)
+            else:
+                self._reload_runs(region, first, slot, good, started, write_page, 0.001, n)
+                self._finish_load(region, buf)
+            return
+        pages = np.arange(first, first + n) if good is None else first + good
+        self.regions.swapin_latency.observe(time.monotonic() - started)
+        waiters = self._mapped(region, pages, mode, write_page)
+        for i in np.flatnonzero(waiters):
+            # A write faulted between the COPY and now: it is the page's first
+            # write, or (loaded writable, then write-protected by a fork) a
+            # write to let through; make_dirty (dirtying.py) does both.
+            self.dirtying.make_dirty(region, int(pages[i]))
+        self._finish_load(region, buf)
+
+    def _read_retry_delay(self, region: Region) -> float:
+        return min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
+
+    def _retry_bad_pages(self, region: Region, first: int, n: int, slot: int, bad: np.ndarray,
+                         started: float, write_page: int) -> None:
+        """Pages `bad` (indices into the window first..first+n, in slots
+        slot..) failed their checksum and were not mapped: each is read again
+        on its own after a backoff, or past read_deadline (read_failure:
+        sigbus) poisoned -- the damaged pages only, never their window."""
+        self.regions.stats["read_errors"] += len(bad)
+        offsets = ", ".join(str((slot + int(i)) * PAGE) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        self.regions.errlog.error("read error on swap store (offset %d, %d pages): checksum mismatch in %d"
+                                  " page(s) at store offset(s) %s; retrying those pages alone",
+                                  slot * PAGE, n, len(bad), offsets)
+        region.read_failures += 1
+        if self.cfg.read_failure == "sigbus" and time.monotonic() - started > self.cfg.read_deadline:
+            for a, k in pt.runs(first + bad, n):
+                self._poison(region, a, k)
+            return
+        self._reload_runs(region, first, slot, bad, started, write_page, self._read_retry_delay(region), 1)
+
+    def _reload_runs(self, region: Region, first: int, slot: int, idx: np.ndarray, started: float,
+                     write_page: int, delay: float, max_len: int) -> None:
+        """Read pages first + idx (LOADING, charged; slots slot + idx) again
+        after `delay`, as loads of up to max_len adjacent pages, apart from
+        the window they came in."""
+        for a, k in pt.runs(np.asarray(idx), max_len):
+            region.inflight += 1  # handed to _reload_later, which counts it out until the retry
+            self._reload_later(region, first + a, k, slot + a, None, started, write_page, delay)
+
+    def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
+                      write_page: int, delay: float) -> None:
+        """Read a LOADING run again after `delay`. Its buffer goes back now; the
+        region's in-flight count drops until the retry is queued, so a region
+        closed meanwhile is released (and the run uncharged) instead."""
+        if buf is not None:  # None: a load the fast path started
+            self.free_buffers.append(buf)
+        region.inflight -= 1
+
+        def retry() -> None:
+            if region.closing:
+                self.regions.charged -= n
+                self.regions.maybe_release(region)
+                return
+            if (region.table.flags[first:first + n] & pt.F_DISCARD).any():
+                # Unmapped meanwhile: mapping it again would fail for ever.
+                self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP, write_page)
+                return
+            region.inflight += 1
+            self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None))
+            self.pump_loads()
+        self.regions.after(delay, retry)
+
+    def _settle_discarded_load(self, region: Region, first: int, n: int, mode: int, write_page: int) -> None:
+        """A LOADING run (its I/O over) with pages the client unmapped
+        meanwhile (F_DISCARD): those are forgotten; the others are settled
+        by what the memfd holds, whatever the read or COPY did -- present
+        means the COPY mapped it (RESIDENT, clean if mapped write-protected,
+        as `mode` and write_page say),
+        absent means it was not (SWAPPED again, uncharged; its threads are
+        woken to fault again)."""
+        table = region.table
+        seg = slice(first, first + n)
+        discard = (table.flags[seg] & pt.F_DISCARD) != 0
+        present = (np.frombuffer(uffd.resident(region.daddr + (first << SHIFT), n << SHIFT), np.uint8) & 1) != 0
+        # Each page moves once: the unmapped ones to RESIDENT for forget_pages
+        # to take from there, the absent ones back to SWAPPED, the mapped ones
+        # by _mapped below (a second move of those would be RESIDENT ->
+        # RESIDENT, which the transition check rejects).
+        gone = first + np.flatnonzero(discard)
+        table.move(gone, pt.RESIDENT)
+        self.forget.forget_pages(region, gone)
+        back = first + np.flatnonzero(~discard & ~present)
+        table.move(back, pt.SWAPPED)
+        self.regions.charged -= len(back)
+        table.flags[back] &= pt.F_ACTIVE
+        for run_first, k in pt.runs(back, n):
+            uffd.wake(region.uffd, region.addr + (run_first << SHIFT), k << SHIFT)
+        mapped = first + np.flatnonzero(~discard & present)
+        if len(mapped) == 0:
+            return
+        waiters = self._mapped(region, mapped, mode, write_page)
+        for page in mapped[waiters].tolist():
+            if table.flags[page] & pt.F_DIRTY == 0:
+                self.dirtying.make_dirty(region, page)
+
+    def _mapped(self, region: Region, pages: np.ndarray, mode: int, write_page: int) -> np.ndarray:
+        """Pages a load mapped (us_verify_map, native/readmap.h) with `mode`,
+        and `write_page` among them writable, become RESIDENT: clean copies
+        of their slots when mapped write-protected; mapped writable (drain, a
+        stream being rewritten, a write fault's page), dirty, their slots
+        freed as by any first write (dirtying.py). Returns which of them had
+        a write parked (F_WAITERS), for the caller to let through."""
+        table = region.table
+        waiters = (table.flags[pages] & pt.F_WAITERS) != 0
+        table.move(pages, pt.RESIDENT)
+        table.flags[pages] &= pt.F_ACTIVE
+        table.stamp[pages] = self.budget.advance_clock(len(pages))
+        self.regions.stats["swapins"] += len(pages)
+        if region.fault_started:  # faults waiting for these pages (faults.py _time_fault)
+            now = time.monotonic()
+            for page in pages.tolist():
+                taken = region.fault_started.pop(page, None)
+                if taken is not None:
+                    self.regions.fault_latency.observe(now - taken)
+        writable = pages if not mode & uffd.COPY_MODE_WP else pages[pages == write_page]
+        if len(writable):
+            table.flags[writable] |= pt.F_DIRTY
+            self.slots.free_many(table.slot[writable].copy())
+            table.slot[writable] = pt.NO_SLOT
+        return waiters
+
+    def _finish_load(self, region: Region, buf) -> None:
+        if buf is not None:  # None: a load the fast path started
+            self.free_buffers.append(buf)
+        region.inflight -= 1
+        self.regions.maybe_release(region)
+        self.pump_loads()
+
+    def _poison(self, region: Region, first: int, n: int) -> None:
+        """read_failure: sigbus — after read_deadline the client gets SIGBUS on
+        these pages rather than zeros (invariant 6). The pages are a run in
+        adjacent slots (a load's), named by store offset in the log line,
+        which is rate-limited like every store error line."""
+        self.poisonlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
+                          "deadline: poisoning (SIGBUS)", region.id, first, first + n - 1,
+                          int(region.table.slot[first]) * PAGE, n, self.cfg.read_deadline)
+        addr = region.addr + (first << SHIFT)
+        # An evicted page's PTE is not empty: it holds the uffd-wp marker left
+        # by write-protect-then-punch (start_writeback, Puncher.drop), and
+        # UFFDIO_POISON refuses any non-empty PTE with EEXIST -- installing no
+        # poison and waking nobody, so the faulting threads slept for ever.
+        # Clear the markers first (nothing is mapped there; no wake-up yet).
+        uffd.writeprotect(region.uffd, addr, n * PAGE, protect=False, wake=False)
+        self.regions.ioctl_failed(region, uffd.poison(region.uffd, addr, n * PAGE), "UFFDIO_POISON")
+        table = region.table
+        self.slots.free_many(table.slot[first:first + n].copy())
+        table.slot[first:first + n] = pt.NO_SLOT
+        table.move(slice(first, first + n), pt.POISONED)
+        self.regions.charged -= n
+        self.regions.stats["poisoned_pages"] += n
+
+    def take_over_fast_load(self, region: Region, page: int, slot: int, err: OSError | None,
+                            copied: int, psum: int, started: float) -> None:
+        """A one-page load of the fast path failed (the store read, the
+        checksum or the COPY): the page is LOADING and charged, as for a load
+        of the engine's own, so _load_done's error handling takes it over."""
+        self.regions.fp.take_over(region)
+        region.inflight += 1
+        self.regions.loads_inflight += 1
+        sums = np.array([psum], np.uint32)
+        self._load_done(region, page, 1, slot, None, started, NO_WRITE, None,
+                        None if err else (sums, copied, uffd.COPY_MODE_WP), err)
