@@ -122,9 +122,63 @@ def test_a_drain_says_stopping_and_extends_the_stop_timeout(file_backing, start_
         extend = wait_for("EXTEND_TIMEOUT_USEC", lambda: notify.lines("EXTEND_TIMEOUT_USEC"), 30)
         assert int(extend[0][1]) >= 10_000_000, extend  # well beyond one renewal interval
         assert d.proc.wait(120) == 0
-    msgs = [m for _, m in notify.poll()]
-    stopping = [i for i, m in enumerate(msgs) if "STOPPING=1" in m]
-    first_extend = next(i for i, m in enumerate(msgs) if "EXTEND_TIMEOUT_USEC=" in m)
-    assert stopping and stopping[0] < first_extend, msgs
-    assert "STATUS=draining: 1 region," in msgs[stopping[0]], msgs[stopping[0]]
+    # Lines in the order sent: the test read nothing while the daemon
+    # drained, so what found the queue full came later, merged into one
+    # datagram (notify.py), in the order it was said.
+    lines = [line for _, m in notify.poll() for line in m.split("\n")]
+    stopping = lines.index("STOPPING=1")
+    first_extend = next(i for i, line in enumerate(lines) if line.startswith("EXTEND_TIMEOUT_USEC="))
+    assert stopping < first_extend, lines
+    assert lines[stopping + 1].startswith("STATUS=draining: 1 region,"), lines[stopping:stopping + 2]
     assert not os.path.exists(d.socket)
+
+
+def fill_queue(path: str) -> socket.socket:
+    """Datagrams from another sender until the reader's queue at `path` is
+    full (net.unix.max_dgram_qlen), as when systemd is slow to read; the
+    sender is returned so its datagrams can be told apart by content."""
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    sent = 0
+    while True:
+        try:
+            filler.sendto(b"FILLER=1", path)
+        except BlockingIOError:
+            break
+        sent += 1
+    assert sent > 0
+    return filler
+
+
+def test_a_reader_that_does_not_read_never_stops_the_daemon(file_backing, start_daemon, tmp_path):
+    """The notify socket's queue is full before the daemon starts and nobody
+    reads it: READY=1, WATCHDOG=1 and STATUS= find no room. The engine must
+    go on serving (a blocking send would stop it at READY=1, before its
+    first fault: this is how CI once hung for 90 minutes), keep what it had
+    to say, and say it once the reader reads again."""
+    notify = NotifySocket(str(tmp_path / "notify.sock"))
+    filler = fill_queue(notify.path)
+    d = start_daemon(file_backing, max_resident="4M", store_size="64M",
+                     extra_env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)})
+    size = 16 * MIB
+    # ctl has a deadline: a daemon stuck in its notify send fails here.
+    ctl(d, {"op": "status"}, timeout=20)
+    with uswap.connect(d.socket) as c:
+        region = c.alloc(size)
+        for i in range(size // PAGE):
+            region.buf[i * PAGE:i * PAGE + 8] = i.to_bytes(8, "little")
+        for i in range(size // PAGE):
+            assert region.buf[i * PAGE:i * PAGE + 8] == i.to_bytes(8, "little"), i
+        assert d.status()["swapped_bytes"] > 0  # the engine worked through the full queue
+        # Now the reader reads: READY=1 was kept, and the pings resume.
+        wait_for("READY=1", lambda: [m for _, m in notify.poll() if "READY=1" in m], 20)
+        before = len(notify.lines("WATCHDOG"))
+        wait_for("pings after the reader came back", lambda: len(notify.lines("WATCHDOG")) >= before + 3, 20)
+        # The queue full again and never read from here on: a stop still ends.
+        fill_queue(notify.path).close()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(60) == 0
+    # close() gave the reader a moment, then said what it could not deliver.
+    assert "sd_notify: " in d.log_text() and "never taken by" in d.log_text(), d.log_text()[-2000:]
+    filler.close()
+    notify.close()

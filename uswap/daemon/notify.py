@@ -9,6 +9,14 @@ to epoll), and systemd would never restart the daemon. Every message here is
 sent on the engine thread, from Server.run's loop, so a hung engine misses
 its watchdog and systemd acts (WatchdogSec= in config/uswap.service).
 
+Never blocking: a datagram socket whose reader is slow (PID 1 busy, or any
+reader that stops reading) fills after net.unix.max_dgram_qlen datagrams,
+and a blocking send would then stop the engine thread, and every fault with
+it, until the reader came back. So each send is MSG_DONTWAIT; what does not
+fit waits in `unsent`, merged line by line (a later STATUS= replaces an
+earlier one, READY=1 and STOPPING=1 are kept), and goes out at the next turn
+of the loop, which `tick` asks for within RETRY_S.
+
 Without NOTIFY_SOCKET (not started by systemd) every call is a no-op."""
 from __future__ import annotations
 
@@ -26,6 +34,11 @@ STATUS_INTERVAL_S = 5.0
 #: Each EXTEND_TIMEOUT_USEC= grants this many intervals, so one late turn of
 #: the loop does not let the stop timeout expire.
 EXTEND_INTERVALS = 3
+#: How soon the loop turns again to retry messages the reader had no room for.
+RETRY_S = 0.05
+#: How long close() may wait for a reader to take the last messages (the
+#: daemon is stopping: a short block no longer holds up any fault).
+CLOSE_FLUSH_S = 1.0
 
 
 def _watchdog_interval() -> float | None:
@@ -63,17 +76,38 @@ class Notifier:
         self.last_status: str | None = None
         self.last_shape: object = None
         self.failed = False
+        #: Lines the reader had no room for yet, key -> value, in the order said.
+        self.unsent: dict[str, str] = {}
+        #: Sends put off because the reader's queue was full (for the log and tests).
+        self.deferred = 0
 
     def send(self, state: str) -> None:
-        """One datagram; a failure is logged once and never stops the daemon."""
+        """Queue `state`'s lines and send everything unsent as one datagram,
+        without blocking. A full reader leaves the lines in `unsent` for the
+        next try; any other failure is logged once, drops them and never
+        stops the daemon."""
         if self.sock is None:
             return
+        for line in state.split("\n"):
+            key, _, value = line.partition("=")
+            self.unsent.pop(key, None)  # re-inserted last: lines keep the order they were said in
+            self.unsent[key] = value
+        self._flush(socket.MSG_DONTWAIT)
+
+    def _flush(self, flags: int) -> None:
+        if not self.unsent or self.sock is None:
+            return
+        datagram = "\n".join(f"{k}={v}" for k, v in self.unsent.items())
         try:
-            self.sock.sendto(state.encode(), self.addr)
+            self.sock.sendto(datagram.encode(), flags, self.addr)
+        except (BlockingIOError, TimeoutError):
+            self.deferred += 1  # the reader's queue is full: kept for the next turn
+            return
         except OSError as e:
             if not self.failed:
                 log.warning("sd_notify to %s failed: %s", self.addr.replace("\0", "@"), e)
             self.failed = True
+        self.unsent.clear()
 
     def ready(self, status: str) -> None:
         self.last_status = status
@@ -94,6 +128,7 @@ class Notifier:
         if self.sock is None:
             return None
         now = time.monotonic()
+        self._flush(socket.MSG_DONTWAIT)  # what found the reader full last turn goes first
         if shape != self.last_shape:
             self.last_shape = shape
             self.next_status = 0.0
@@ -116,9 +151,19 @@ class Notifier:
         due = [self.next_status] + ([self.next_watchdog] if self.watchdog_s is not None else [])
         if draining:
             due.append(self.next_extend)
+        if self.unsent:
+            due.append(now + RETRY_S)
         return max(0.0, min(due) - now)
 
     def close(self) -> None:
+        """Give the reader up to CLOSE_FLUSH_S to take what is still unsent
+        (STOPPING=1 above all), then close."""
         if self.sock is not None:
+            if self.unsent:
+                self.sock.settimeout(CLOSE_FLUSH_S)
+                self._flush(0)
+                if self.unsent:
+                    log.warning("sd_notify: %s never taken by %s", ", ".join(self.unsent),
+                                self.addr.replace("\0", "@"))
             self.sock.close()
             self.sock = None
