@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from tests import deadline
 from tests.daemon_proc import REPO, DaemonProc
 from tests.nfs_fixture import instance
 
@@ -52,6 +53,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "soak" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Every test, with its fixtures, runs under a deadline (tests/deadline.py)."""
+    marker = item.get_closest_marker("deadline")
+    guard = deadline.Deadline(item.nodeid, float(marker.args[0]) if marker else deadline.DEFAULT_S)
+    try:
+        yield
+    finally:
+        guard.done()
 
 
 @pytest.fixture(scope="session")

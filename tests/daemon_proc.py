@@ -10,6 +10,7 @@ import sys
 import time
 
 import uswap
+from tests import deadline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the daemon logs for each illegal page transition (pagetable.TransitionCheck,
@@ -63,6 +64,7 @@ class DaemonProc:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.args + (extra or []), stdout=self.log, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=self.cwd, preexec_fn=self.limit)
+        deadline.register(self)  # killed, its log shown, if the test overruns its deadline
 
     def restart(self, wait: bool = True, inject: dict | None = None, extra: list[str] | None = None) -> None:
         """Start a new daemon with the same arguments, socket and state dir

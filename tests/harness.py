@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+from tests import deadline
 from tests.daemon_proc import REPO
 from uswap import protocol
 
@@ -39,6 +40,7 @@ class Workload:
         """Start the client process and the thread that reads its output."""
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=REPO)
+        deadline.register(self)  # killed if the test overruns its deadline
         self.pid = self.proc.pid
         self.lines: list[dict] = []
         self._q: queue.Queue = queue.Queue()
