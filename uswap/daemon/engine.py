@@ -369,6 +369,8 @@ class Engine:
             "swapin_reads_peak": self.region_set.stats["swapin_reads_peak"],
             "zero_drops_total": self.region_set.stats["zero_drops"],
             "writeback_inflight": self.region_set.writes_inflight,
+            # Pages whose eviction punch is in flight (punch.py): still charged.
+            "punching_pages": self.puncher.punching,
             "reads_inflight": self.region_set.loads_inflight + self.region_set.shared.inflight,
             "write_errors_total": self.region_set.stats["write_errors"],
             "read_errors_total": self.region_set.stats["read_errors"],
