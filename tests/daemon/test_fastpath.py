@@ -26,7 +26,7 @@ import uuid
 
 import pytest
 
-from tests.harness import Workload, assert_audit, finish_clean, status, wait_clean, wait_for
+from tests.harness import Workload, assert_audit, finish_clean, freeze, status, wait_clean, wait_for
 from tests.nfs_fixture import (
     instance,
     nfs_server_status,
@@ -262,7 +262,7 @@ def ganesha_stopped(server):
     """`server` (this module's ganesha) frozen by SIGSTOP: every NFS call in
     flight stays in flight until the block ends."""
     pid = nfs_server_status(FP_NFS)["ganesha_pid"]  # not server's: a test restarts it
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)  # every thread stopped, not just signalled
     try:
         yield
     finally:
@@ -645,15 +645,6 @@ def page_20_read_held(own_nfs, d, a: FpClient):
         yield fp0
 
 
-OPEN_BUG_PAGE_20 = pytest.mark.xfail(strict=False, reason=(
-    "open bug, under investigation: since access sampling and background writeback landed together"
-    " (7e4e24b), about 1 run in 4 the swapped page 20 comes back on the fast path with no store read"
-    " visible while ganesha is frozen (fast_path_swapins_total 1, reads_inflight 0, swapped_bytes 0,"
-    " minor_faults_total 128, sampled_pages_total 245), or the region is released at once when its"
-    " client is killed with the read supposedly held; 1 in 6 was seen before sampling"))
-
-
-@OPEN_BUG_PAGE_20
 def test_fast_path_load_in_flight_when_client_is_killed(own_nfs, start_daemon):
     """nfs: a fast-path read held in flight (ganesha frozen) when its client is
     SIGKILLed. The region must stay charged while the read is out, then be
@@ -684,7 +675,6 @@ def test_fast_path_load_in_flight_when_client_is_killed(own_nfs, start_daemon):
     finish_without_fatal_errors(d)
 
 
-@OPEN_BUG_PAGE_20
 def test_drain_waits_for_a_fast_path_load(own_nfs, start_daemon):
     """nfs: SIGTERM while a fast-path read is the only I/O in flight (ganesha
     frozen). Drain has nothing of its own to read, and must finish as soon as

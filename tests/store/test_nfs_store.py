@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from tests.harness import freeze  # noqa: E402
 from tests.nfs_fixture import (  # noqa: E402
     instance,
     nfs_server_status,
@@ -74,7 +75,7 @@ def ganesha_stopped(nfs_server):
         def __enter__(self):
             self.pid = nfs_server_status(SERVER)["ganesha_pid"]
             assert self.pid, "ganesha is not running"
-            os.kill(self.pid, signal.SIGSTOP)
+            freeze(self.pid)  # every thread stopped, not just signalled
             return self
 
         def __exit__(self, *exc):

@@ -21,7 +21,7 @@ import pytest
 
 from tests.daemon_proc import REPO
 from tests.nfs_fixture import instance, start_nfs_server, stop_nfs_server
-from tests.harness import Workload, assert_no_io_overlap, finish_clean, inject, status, wait_clean, wait_for
+from tests.harness import Workload, assert_no_io_overlap, finish_clean, freeze, inject, status, wait_clean, wait_for
 
 
 def client_pids(st: dict) -> set[int]:
@@ -172,7 +172,7 @@ def test_client_killed_while_its_nfs_writes_time_out(own_nfs_server, start_daemo
     try:
         a.next(20)
         wait_for("writes in flight", lambda: status(d)["writeback_inflight"] > 0, timeout=30, interval=0.002)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)  # every thread stopped, not just signalled
         t_stop = time.monotonic()
         stopped = True
         inject(d, {"write_delay": 0})

@@ -53,7 +53,7 @@ from tests.daemon_proc import REPO
 from tests.nfs_fixture import instance, nfs_server_status, restart_ganesha, start_nfs_server, stop_nfs_server
 from uswap import native
 from uswap.store.nfs import NfsStore
-from tests.harness import assert_no_io_overlap, wait_for
+from tests.harness import assert_no_io_overlap, freeze, wait_for
 
 NAME = instance("uswap-fail")          # instance for a, b, c (and the xfail below)
 FULL_NAME = instance("uswap-full")     # instance for d, exporting a small loop-mounted ext4
@@ -368,7 +368,7 @@ def test_frozen_server(server, start_daemon, workloads):
 
     def freeze():
         t0 = time.monotonic()
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)  # every thread stopped, not just signalled
         try:
             # The server is frozen: RPCs in flight and new ones (a reconnect's
             # MOUNT included) hang until libnfs's timeout cancels them.
@@ -584,7 +584,7 @@ def test_quarantine_after_timeouts_is_released_once_the_server_is_back(server, s
     d = start_swapping(start_daemon, server["url"], store_size="32M", max_resident="8M",
                        config=dict(CFG, slot_quarantine="2s"))
     pid = server["ganesha_pid"]
-    os.kill(pid, signal.SIGSTOP)
+    freeze(pid)  # every thread stopped, not just signalled
     try:
         w = workloads(d.socket, "--size", "32M", "--passes", "1", "--hold")
         precondition("writes to time out into quarantine",
