@@ -13,9 +13,11 @@ a hot page coming back.
 """
 from __future__ import annotations
 
+import os
 import textwrap
 
 from tests.harness import Workload, assert_audit, finish_clean, status
+from uswap.daemon.sampling import AccessSampler
 
 BUDGET_PAGES = 2048
 HOT_PAGES = 64
@@ -69,3 +71,21 @@ def test_a_hot_set_touched_only_by_reads_stays_resident(file_backing, start_daem
     assert after["minor_faults_total"] > before["minor_faults_total"], after   # the reads were seen
     assert_audit(after)
     finish_clean(d)
+
+
+def test_a_dropped_hold_pipe_leaks_no_fd():
+    """A hold pipe that cannot be emptied is dropped (its page references
+    with it) and a new one made at the next sample: that must cost no fd
+    (each new pipe once opened /dev/null again, leaking the last one: over
+    a long run the daemon would run out of fds)."""
+    sampler = AccessSampler()
+    sampler._hold_pipe()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        r, w = sampler._pipe
+        for fd in (r, w):  # what _sample_chunk does with a pipe it cannot empty
+            os.close(fd)
+        sampler._pipe = None
+        sampler._hold_pipe()
+    assert len(os.listdir("/proc/self/fd")) == before
+

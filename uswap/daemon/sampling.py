@@ -113,7 +113,8 @@ class AccessSampler:
                 pass    # refused (the user's pipe limits): a smaller pipe, smaller chunks
             self._pipe = (r, w)
             self._pipe_pages = max(1, min(CHUNK_PAGES, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // PAGE))
-            self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            if self._devnull < 0:  # kept across pipes: a dropped pipe (below) must not leak one each time
+                self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         return self._pipe
 
     def sample(self, region, pages: np.ndarray) -> bool:
