@@ -366,7 +366,7 @@ def test_frozen_server(server, start_daemon, workloads):
     w, ticker = outage_workload(workloads, d)
     pid = server["ganesha_pid"]
 
-    def freeze():
+    def freeze_server():
         t0 = time.monotonic()
         freeze(pid)  # every thread stopped, not just signalled
         try:
@@ -380,7 +380,7 @@ def test_frozen_server(server, start_daemon, workloads):
         finally:
             os.kill(pid, signal.SIGCONT)
 
-    facts = run_outage(d, w, ticker, freeze, lambda: None, "frozen")
+    facts = run_outage(d, w, ticker, freeze_server, lambda: None, "frozen")
     final = facts["final"]
     assert final["write_errors_total"] > 0, final
     # Status showed the writes stuck in flight while the server was frozen.
