@@ -18,7 +18,6 @@ import random
 import signal
 import textwrap
 
-import pytest
 
 from tests.harness import Workload, assert_audit, ctl, finish_clean, inject, status, wait_for
 
@@ -416,11 +415,6 @@ def test_reserve_grown_by_feedback_stays_within_half_a_cut_budget(file_backing, 
     finish_clean(d)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug, under investigation: 2 runs in about 6 at load 8-12 (2026-12-01) the client's sequential"
-    " check never ended within 60 s on the full store after the budget cut (charged climbs to 1956 pages"
-    " of 1280 by counted overcommit; 100+ writes of 0.5 s in flight); 34 runs in a row at load 2-6 passed;"
-    " a hang needs a waiting fault and something that looks in flight for ever, not yet caught"))
 def test_stream_window_never_reads_a_slot_being_written(file_backing, start_daemon):
     """A window reads through pages that are not its own, and so the slots
     between its own -- which may no longer be theirs: a discarded page's

@@ -82,7 +82,7 @@ class Engine:
         # Punches (punch.py) have threads of their own: one may wait for a
         # client's memfd inode lock while that client's fault waits for a
         # store job, which must never queue behind it on the same threads.
-        self.punch_io = IoPool(PUNCH_THREADS, self.io.eventfd, "punch")
+        self.punch_io = IoPool(PUNCH_THREADS, self.io, "punch")
         # The store's data path, chosen here once for every stage: a store
         # that declares native I/O (Store.native_io: the file and nfs://
         # stores) has its data path run on C threads that never take the GIL
@@ -225,7 +225,10 @@ class Engine:
     # ------------------------------------------------------------------ loop glue
 
     def on_completions(self) -> None:
-        done = self.io.completions() + self.puncher.io.completions()
+        # The shared eventfd is read once, first (iopool.py: no lost
+        # wake-up): io.completions() reads it, then drains the punch pool
+        # with its own; the C pool is reaped after it.
+        done = self.io.completions()
         if self.cpool is not None:
             done += self.cpool.completions()
         for on_done, result, error in done:

@@ -11,7 +11,18 @@ Since the C I/O pool (cpool.py) took the data path of the stores that declare
 native I/O, store jobs come here only from a store that declares none (the
 fault injector), for an nfs:// job while no lent libnfs context is idle, and
 for the write probe after failed writes. The engine's punches run on a second
-pool of their own that pokes this pool's eventfd.
+pool of their own that pokes this pool's eventfd, and so do the C I/O pool's
+threads (cpool.py).
+
+Invariant (no lost wake-up): the shared eventfd is read once per turn, by the
+pool that owns it, before any queue that pokes it is drained; a poke after
+that read stays counted and wakes the loop again. So only the owner's
+completions() reads it, and it drains the pools that share it (`followers`)
+itself, after the read; the engine reaps the C pool after it. A second read
+between two drains -- each pool once read it in its own completions() --
+swallowed the poke of a job that finished in between, and its completion
+waited in the deque, uncounted by epoll, until some other event: a stream
+swap-in on the fault injector's Python pool hung for good that way.
 """
 from __future__ import annotations
 
@@ -23,13 +34,17 @@ from typing import Any, Callable
 
 
 class IoPool:
-    def __init__(self, nthreads: int, eventfd: int | None = None, name: str = "io") -> None:
-        """`eventfd`: poke this one (owned by another pool, which closes it)
-        instead of a new one of this pool's own."""
+    def __init__(self, nthreads: int, share: "IoPool | None" = None, name: str = "io") -> None:
+        """`share`: poke that pool's eventfd (it owns and closes it, and
+        drains this pool's completions with its own) instead of one of this
+        pool's own."""
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.done: collections.deque = collections.deque()
-        self.owns_eventfd = eventfd is None
-        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if eventfd is None else eventfd
+        self.owns_eventfd = share is None
+        self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if share is None else share.eventfd
+        self.followers: list[IoPool] = []  # pools poking our eventfd: drained by our completions()
+        if share is not None:
+            share.followers.append(self)
         self.threads = [threading.Thread(target=self._run, name=f"uswap-{name}-{i}", daemon=True)
                         for i in range(nthreads)]
         for t in self.threads:
@@ -55,14 +70,18 @@ class IoPool:
             os.eventfd_write(self.eventfd, 1)
 
     def completions(self) -> list:
-        """Drain finished jobs (engine thread only)."""
-        try:
-            os.eventfd_read(self.eventfd)
-        except BlockingIOError:
-            pass
+        """Drain finished jobs (engine thread only): the owner of the eventfd
+        reads it first, then drains itself and its followers (module
+        docstring); a follower drains only itself and never reads it."""
+        if self.owns_eventfd:
+            try:
+                os.eventfd_read(self.eventfd)
+            except BlockingIOError:
+                pass
         out = []
-        while self.done:
-            out.append(self.done.popleft())
+        for pool in [self] + (self.followers if self.owns_eventfd else []):
+            while pool.done:
+                out.append(pool.done.popleft())
         return out
 
     def stop(self) -> None:
