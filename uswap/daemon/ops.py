@@ -222,7 +222,7 @@ class Ops:
                 memfd_stat = os.fstat(pending.memfd)
                 for first, n in fork.runs_for(msg.get("token"), msg.get("region")):
                     self._check_registration_unlocked(sender_pid, pending.addr + first * PAGE, n * PAGE,
-                                                      memfd_stat, pending.addr)
+                                                      memfd_stat, pending.addr, "fork_attach")
                 region = fork.attach(msg.get("token"), msg.get("region"), fds[0], session)
                 fds.clear()  # the region owns the uffd now
                 self._adopt(session, region)
@@ -279,7 +279,7 @@ class Ops:
         adoption = self.engine.adoption
         orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
         self._check_registration_unlocked(sender_pid, orphan.meta["addr"], orphan.meta["size"],
-                                          os.fstat(memfd))
+                                          os.fstat(memfd), op="adopt")
         # Looked up again: the page lock was let go for the smaps read.
         orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
         region = adoption.reclaim(orphan, uffd_fd, memfd, session)
@@ -308,7 +308,7 @@ class Ops:
         return None
 
     def _check_registration_unlocked(self, pid: int, addr: int, size: int, memfd_stat: os.stat_result,
-                                     region_addr: int | None = None) -> None:
+                                     region_addr: int | None = None, op: str = "alloc") -> None:
         """check_registration without the page lock: reading /proc/PID/smaps
         walks the page tables of every mapping of the client (~150 ms for 2 GiB
         resident), and the fast path's threads must not wait for that. Safe:
@@ -316,7 +316,7 @@ class Ops:
         is between two events here, as consistent as when it sleeps in epoll."""
         self.engine.unlock()
         try:
-            check_registration(pid, addr, size, memfd_stat, region_addr)
+            check_registration(pid, addr, size, memfd_stat, region_addr, op)
         finally:
             self.engine.lock()
 

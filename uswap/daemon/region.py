@@ -100,17 +100,18 @@ REQUIRED_UFFD_MODES = (("MISSING", "um"), ("WP", "uw"), ("MINOR", "ui"))
 
 
 def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_result,
-                       region_addr: int | None = None) -> None:
+                       region_addr: int | None = None, op: str = "alloc") -> None:
     """Refuse unless every page of [addr, addr+size) in process `pid` is a
     MAP_SHARED mapping of the region's memfd (memfd offset 0 at
     `region_addr`, by default addr: [addr, +size) may be one run of a
     region mapped in parts) and is
     registered MISSING|WP|MINOR. The WP ioctl alone cannot tell: a range
     registered WP without MISSING passes it, and its evicted pages would then
-    read as zeros instead of faulting to the daemon."""
+    read as zeros instead of faulting to the daemon. A refusal's text begins
+    with `op`, the request checked (alloc, adopt, fork_attach)."""
     where = f"[{addr:#x}, +{size})"
     if pid <= 0:
-        raise RegionRefused("alloc: the client's pid is unknown to the daemon (another pid namespace?);"
+        raise RegionRefused(f"{op}: the client's pid is unknown to the daemon (another pid namespace?);"
                             " cannot check how the range is registered")
     try:
         vmas = clientmaps.vmas(pid, lambda vma: vma.start < addr + size and addr < vma.end)
@@ -119,25 +120,25 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
             raise
-        raise RegionRefused(f"alloc: cannot read /proc/{pid}/smaps to check how {where} is registered:"
+        raise RegionRefused(f"{op}: cannot read /proc/{pid}/smaps to check how {where} is registered:"
                             f" {e.strerror}") from None
-    covering = _covering(vmas, addr, addr + size, pid, where)
+    covering = _covering(vmas, addr, addr + size, pid, where, op)
     # Registration first: that is what a client most often gets wrong.
     for vma in covering:
         missing = [mode for mode, code in REQUIRED_UFFD_MODES if code.encode() not in vma.flags]
         if missing:
-            raise RegionRefused(f"alloc: {where} is not registered for {'|'.join(missing)}"
+            raise RegionRefused(f"{op}: {where} is not registered for {'|'.join(missing)}"
                                 f" (VmFlags of {vma.start:#x}-{vma.end:#x} in process {pid}:"
                                 f" {b' '.join(sorted(vma.flags)).decode()}); register it MISSING|WP|MINOR")
     memfd_dev = (os.major(memfd_stat.st_dev), os.minor(memfd_stat.st_dev))
     for vma in covering:
         if not vma.shared or vma.dev != memfd_dev or vma.inode != memfd_stat.st_ino:
-            raise RegionRefused(f"alloc: {where}: {vma.start:#x}-{vma.end:#x} in process {pid} is not a"
+            raise RegionRefused(f"{op}: {where}: {vma.start:#x}-{vma.end:#x} in process {pid} is not a"
                                 " MAP_SHARED mapping of the memfd sent")
         first = max(vma.start, addr)
         base = addr if region_addr is None else region_addr
         if vma.offset + (first - vma.start) != first - base:
-            raise RegionRefused(f"alloc: {where}: {first:#x} maps memfd offset"
+            raise RegionRefused(f"{op}: {where}: {first:#x} maps memfd offset"
                                 f" {vma.offset + first - vma.start:#x}, not {first - base:#x}")
 
 
@@ -160,7 +161,8 @@ def check_same_uffd(uffd_fd: int, addr: int, size: int) -> None:
                             f" ({e.strerror or e})") from None
 
 
-def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str) -> list[clientmaps.Vma]:
+def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str,
+              op: str) -> list[clientmaps.Vma]:
     """`vmas` if they cover [lo, hi) without a gap; else refuse."""
     cursor = lo
     for vma in vmas:
@@ -168,7 +170,7 @@ def _covering(vmas: list[clientmaps.Vma], lo: int, hi: int, pid: int, where: str
             break
         cursor = vma.end
     if cursor < hi:
-        raise RegionRefused(f"alloc: {where} is not registered: nothing is mapped at {cursor:#x}"
+        raise RegionRefused(f"{op}: {where} is not registered: nothing is mapped at {cursor:#x}"
                             f" in process {pid}")
     return vmas
 
