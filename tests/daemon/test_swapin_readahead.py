@@ -111,7 +111,13 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
 
         _cmd(c, f"seq 0 {PASS}", "seq")
         st1 = _settled(d)
-        faults = st1["faults_total"] - st0["faults_total"]
+        # Minor faults are not the windows': on a loaded machine reclaim runs
+        # during the pass, and the sampler takes pages out of the page tables
+        # -- the random pass's, and windows' pages read ahead but not yet
+        # reached -- whose next touch is a minor fault (403 of 413 faults in
+        # one run beside another test suite; a CI run failed on 281).
+        faults = ((st1["faults_total"] - st0["faults_total"])
+                  - (st1["minor_faults_total"] - st0["minor_faults_total"]))
         runs = PASS // EVERY  # runs of non-resident pages between the resident ones
         # Windows doubling up to RA_MAX pages: about PASS / RA_MAX of them,
         # each taking at most its own fault and one where the client caught
@@ -128,9 +134,11 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
         read_pages = st1["swapin_read_pages_total"] - st0["swapin_read_pages_total"]
         counts = dict(faults=faults, reads=reads, through=through, read_pages=read_pages)
         assert reads <= bound, counts
-        # The windows read through resident pages, no more of them than the
-        # random pass left in the way, and covered the pass.
-        assert 0 < through <= len(scattered), counts
+        # The windows read through resident pages and covered the pass. Those
+        # passed over are the random pass's, and a few more where a window
+        # cut short by a non-adjacent slot leaves pages of its own that a
+        # later aligned window passes over again (137 seen under load).
+        assert 0 < through <= len(scattered) + RA_MAX // 4, counts
         assert read_pages >= PASS - len(scattered) - RA_MAX // 8, counts
         # Several windows of the stream in flight at once (it was two).
         assert st1["swapin_reads_peak"] > 2, st1
