@@ -32,6 +32,12 @@
  *   clean swap-cache copy, as the engine does); a write fault maps it
  *   writable and dirty at once, saving the write-protect fault that would
  *   follow, and the engine frees the stale slot (FP_DIRTIED);
+ * - a MINOR fault on a clean RESIDENT page (mapped again after the access
+ *   sampler or the client's MADV_DONTNEED took it out of the page tables):
+ *   it is mapped again write-protected, stamped and made active
+ *   (fp_take_minor, us_minor_use in policy.h); a dirty page's MINOR fault
+ *   goes to the engine, which alone knows whether a forked child still
+ *   reads it (cow.py) and so whether it may be mapped writable;
  * - a write-protect fault on a clean RESIDENT page (its first write since
  *   its slot copy was taken): it is un-protected (fp_take_wp). A dirty page is never
  * un-protected here: a dirty page is write-protected only by a fork
@@ -303,6 +309,44 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
     return 1;
 }
 
+/* Lock held. A MINOR fault on a clean RESIDENT page: the page is in the
+ * memfd (RESIDENT says so, and only a transition under this lock -- to
+ * PUNCHING, reclaim's punch -- starts taking it out), so it is mapped
+ * again write-protected with a CONTINUE (a clean page's first write must
+ * reach fp_take_wp or the engine, which free its slot), stamped with the
+ * fault clock and made active (us_minor_use), as Faults.fault_minor does
+ * for the pages it keeps. Returns 1 when served here. Anything else -- a
+ * dirty page, any other state, or a CONTINUE that failed (EEXIST: mapped
+ * already; EFAULT: the page left the memfd behind the daemon's back) -- is
+ * passed to the engine untouched, which serves it as before: the CONTINUE
+ * is made again there, and a repeated one only fails EEXIST. */
+static int fp_take_minor(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
+{
+    if (!e->enabled || r->unmaps_pending || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR))
+        return 0;
+    uint64_t addr = m->arg.pagefault.address;
+    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
+        return 0;
+    int64_t page = (int64_t)((addr - r->addr) >> 12);
+    if (r->state[page] != US_RESIDENT || (r->flags[page] & US_F_DIRTY))
+        return 0;
+    struct uffdio_continue c = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
+                                 .mode = UFFDIO_CONTINUE_MODE_WP };
+    double started = fp_now();
+    if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0)
+        return 0;
+    fp_hist_observe(&e->fault_latency, fp_now() - started);
+    e->faults++;   /* counted as the engine counts its own (Faults.on_events) */
+    r->faults++;
+    e->minor_faults++;
+    /* The clock moves on, as in fp_take_wp: a stamp with an unchanged clock
+     * would not show the use to the sampler (victims.py _on_probation). */
+    e->tick++;
+    r->stamp[page] = e->tick;
+    r->flags[page] = us_minor_use(r->flags[page]);
+    return 1;
+}
+
 /* No lock. Read, check and map the job's page; the read's result and the
  * bytes mapped (0 for a page that failed its check, or -errno of the COPY). */
 static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t *result, int64_t *copied,
@@ -492,7 +536,7 @@ static void fp_rearm(struct fp_engine *e, struct fp_region *r, uint32_t idx)
  * for this thread (1, job filled), or a record for the engine (0). */
 static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m, struct fp_job *job)
 {
-    if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_wp(e, r, m))
+    if (m->event == UFFD_EVENT_PAGEFAULT && (fp_take_wp(e, r, m) || fp_take_minor(e, r, m)))
         return 0;
     if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, m, job))
         return 1;
@@ -570,8 +614,9 @@ static void fp_reader_leave(struct fp_engine *e, struct fp_region *r)
  *     (closing its fds) only once readers and inflight are both 0
  *     (fp_region_busy); the last reader to leave a closing region pushes
  *     FP_RELEASABLE so the engine looks again.
- * Calls still made here under the lock: UFFDIO_WRITEPROTECT (fp_take_wp)
- * and UFFDIO_WAKE (fp_finish_fill), as the engine makes COPY, CONTINUE,
+ * Calls still made here under the lock: UFFDIO_WRITEPROTECT (fp_take_wp),
+ * UFFDIO_CONTINUE (fp_take_minor) and UFFDIO_WAKE (fp_finish_fill), as the
+ * engine makes COPY, CONTINUE,
  * WRITEPROTECT, WAKE and POISON under it. These never wait for the client:
  * they do not read or wait on the fault queue, they take the client's mm
  * lock only for reading, and no client holds that lock while it waits for
