@@ -210,18 +210,30 @@ static int fp_take_fill(struct fp_engine *e, struct fp_region *r, int64_t page, 
     return 1;
 }
 
+/* Lock held. The page of a fault of kind `kind` (0: MISSING, or
+ * UFFD_PAGEFAULT_FLAG_WP or _MINOR) that these threads may consider, or -1:
+ * nothing is served here while the engine drains (`enabled` 0) or has an
+ * UNMAP/REMOVE of the region yet to apply (`unmaps_pending`), and a fault
+ * outside the region is the engine's to wake. */
+static int64_t fp_fault_page(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m, uint64_t kind)
+{
+    uint64_t flags = m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR);
+    if (!e->enabled || r->unmaps_pending || flags != kind)
+        return -1;
+    uint64_t addr = m->arg.pagefault.address;
+    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
+        return -1;
+    return (int64_t)((addr - r->addr) >> 12);
+}
+
 /* Lock held. Start serving this fault here if it is ours (see the top of
  * the file); returns 1 and fills job when it is. */
 static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m,
                          struct fp_job *job)
 {
-    if (!e->enabled || r->unmaps_pending
-        || (m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)))
+    int64_t page = fp_fault_page(e, r, m, 0);
+    if (page < 0)
         return 0;
-    uint64_t addr = m->arg.pagefault.address;
-    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
-        return 0;
-    int64_t page = (int64_t)((addr - r->addr) >> 12);
     if (r->state[page] == US_EMPTY)
         return fp_take_fill(e, r, page, m, job);
     if (r->state[page] != US_SWAPPED)
@@ -281,12 +293,9 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
  * (WRITEBACK and LOADING pages park in the engine, invariant 4) is passed on. */
 static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
 {
-    if (!e->enabled || r->unmaps_pending || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP))
+    int64_t page = fp_fault_page(e, r, m, UFFD_PAGEFAULT_FLAG_WP);
+    if (page < 0)
         return 0;
-    uint64_t addr = m->arg.pagefault.address;
-    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
-        return 0;
-    int64_t page = (int64_t)((addr - r->addr) >> 12);
     uint8_t fl = r->flags[page];
     if (r->state[page] != US_RESIDENT || (fl & US_F_DIRTY))
         return 0;
@@ -322,12 +331,9 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
  * is made again there, and a repeated one only fails EEXIST. */
 static int fp_take_minor(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
 {
-    if (!e->enabled || r->unmaps_pending || !(m->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR))
+    int64_t page = fp_fault_page(e, r, m, UFFD_PAGEFAULT_FLAG_MINOR);
+    if (page < 0)
         return 0;
-    uint64_t addr = m->arg.pagefault.address;
-    if (addr < r->addr || addr >= r->addr + r->npages * 4096)
-        return 0;
-    int64_t page = (int64_t)((addr - r->addr) >> 12);
     if (r->state[page] != US_RESIDENT || (r->flags[page] & US_F_DIRTY))
         return 0;
     struct uffdio_continue c = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
