@@ -1,5 +1,6 @@
 /* The fault fast path: C threads that read the regions' userfaultfds and
- * serve random swap-ins, zero fills and first writes entirely themselves.
+ * serve random swap-ins, zero fills, first writes and clean pages' MINOR
+ * faults entirely themselves.
  *
  * Why it exists: with the engine's Python thread reading the events, a
  * random 4 KiB swap-in cost ~80 us against ~30 us for the O_DIRECT read
@@ -320,15 +321,17 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
 
 /* Lock held. A MINOR fault on a clean RESIDENT page: the page is in the
  * memfd (RESIDENT says so, and only a transition under this lock -- to
- * PUNCHING, reclaim's punch -- starts taking it out), so it is mapped
+ * PUNCHING: reclaim's, a discard's or a stray page's punch -- starts taking
+ * it out), so it is mapped
  * again write-protected with a CONTINUE (a clean page's first write must
  * reach fp_take_wp or the engine, which free its slot), stamped with the
  * fault clock and made active (us_minor_use), as Faults.fault_minor does
  * for the pages it keeps. Returns 1 when served here. Anything else -- a
  * dirty page, any other state, or a CONTINUE that failed (EEXIST: mapped
  * already; EFAULT: the page left the memfd behind the daemon's back) -- is
- * passed to the engine untouched, which serves it as before: the CONTINUE
- * is made again there, and a repeated one only fails EEXIST. */
+ * passed to the engine untouched, which serves it as before: it makes the
+ * CONTINUE again and acts on its result (EEXIST: wake; EFAULT: the page
+ * vanished, Faults._vanished), counting the fault once. */
 static int fp_take_minor(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
 {
     int64_t page = fp_fault_page(e, r, m, UFFD_PAGEFAULT_FLAG_MINOR);

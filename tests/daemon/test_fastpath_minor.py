@@ -155,6 +155,10 @@ FORKER = COMMON + textwrap.dedent("""
         bad["parent_before"] += bad_of(a, gen, ids, pages)
         dontneed(r, lo, len(pages))
         bad["parent_before"] += bad_of(a, gen, ids, pages)
+    # The last chunk written now: dirty and resident at the fork (AT_PARENT in
+    # the child), and the parent's first rewrite below, so that it is copied
+    # into the child while still in memory -- not left to chance.
+    write(a, gen, ids, everything[npages - chunk:])
     rd, wr = os.pipe()
     snap = gen.copy()
     pid = os.fork()
