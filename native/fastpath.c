@@ -302,13 +302,22 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
         return 0;
     struct uffdio_writeprotect wp = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
                                       .mode = 0 };
+    /* Dirty is recorded before the write is let through, as make_dirty
+     * (dirtying.py) does: the page table outlives a daemon killed in
+     * between (the state directory), and a successor must never adopt as
+     * clean a page the client may already have written. Adoption checks only
+     * the clean pages that have a slot (Adoption._verify_clean): a clean
+     * zero page has none, and written unrecorded it would later be dropped
+     * as zeros. Undone if the un-protect fails: the page stays protected. */
+    r->flags[page] = (fl & US_F_ACTIVE) | US_F_DIRTY;
     double started = fp_now();
-    if (ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+    if (ioctl(r->uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+        r->flags[page] = fl;
         return 0;   /* the engine retries or closes the region (RegionSet.ioctl_result) */
+    }
     fp_hist_observe(&e->fault_latency, fp_now() - started);
     e->faults++;
     r->faults++;
-    r->flags[page] = (fl & US_F_ACTIVE) | US_F_DIRTY;
     e->tick++;
     r->stamp[page] = e->tick;
     if (r->slot[page] >= 0) {
