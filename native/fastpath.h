@@ -99,6 +99,7 @@ struct fp_engine {
     int32_t kicked;       /* eventfd poked since the engine last took records */
     int32_t reading;      /* threads inside a store read */
     uint64_t faults, swapins, activations;
+    uint64_t minor_faults;  /* MINOR faults served here (fp_take_minor) */
     int64_t fill_max;     /* largest zero-fill window, pages */
     uint64_t zero;        /* fill_max zeroed pages, the source of every zero fill */
     int32_t fd;           /* the file store's O_DIRECT fd, or -1 (nfs://) */
@@ -107,7 +108,7 @@ struct fp_engine {
      * counted, logged, and fatal (abort) when strict_transitions is set. */
     uint64_t illegal_transitions;
     int32_t strict_transitions;
-    /* Under the lock, filled by fp_finish and fp_take_wp: a swap-in from
+    /* Under the lock, filled by fp_finish, fp_take_wp and fp_take_minor: a swap-in from
      * fault to mapped; a fault served here from taken to resolved. */
     struct fp_hist swapin_latency;
     struct fp_hist fault_latency;

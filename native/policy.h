@@ -8,6 +8,7 @@
 #define USWAP_POLICY_H
 
 #include <stdint.h>
+#include "pagestate.h"
 
 /* cdef: begin */
 /* What a swap-in fault at a page is to the region's read-ahead. */
@@ -26,6 +27,7 @@ static inline int64_t us_admit(int64_t charged, int64_t max_pages, int64_t n, in
 static inline int us_must_overcommit(int64_t writes_inflight, int64_t loads_inflight, int64_t loads_queued,
                                      int64_t fast_loads_inflight, int64_t young_punches);
 static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages, int64_t clean_pages);
+static inline uint8_t us_minor_use(uint8_t flags);
 /* cdef: end */
 
 /* Read-ahead locality. A stream's next fault lands where its windows ended:
@@ -100,6 +102,19 @@ static inline int us_must_overcommit(int64_t writes_inflight, int64_t loads_infl
 static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages, int64_t clean_pages)
 {
     return after > high_pages || (before <= clean_pages && after > clean_pages);
+}
+
+/* A MINOR fault on a page in memory (mapped again after the access
+ * sampler, or the client's MADV_DONTNEED, took it out of the page tables)
+ * is its first use since: its flags afterwards. It is made active, as the
+ * kernel activates a page found referenced at the tail of its inactive
+ * list, so it stays out of the sampler's way until the active share
+ * demotes it (fewer minor faults). The caller advances the fault clock and
+ * stamps it, as for a first write (victims.py reads a changed stamp as a
+ * use). */
+static inline uint8_t us_minor_use(uint8_t flags)
+{
+    return (uint8_t)(flags | US_F_ACTIVE);
 }
 
 #endif

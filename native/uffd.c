@@ -33,9 +33,6 @@ struct uffdio_poison {
 };
 #define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
 #endif
-#ifndef UFFDIO_CONTINUE_MODE_WP
-#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
-#endif
 
 /* Open a userfaultfd: the syscall first, then /dev/userfaultfd (which lets a
  * non-root user with access to the device handle kernel-mode faults). */

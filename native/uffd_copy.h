@@ -15,6 +15,9 @@
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
 #endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
+#endif
 
 /* One COPY of len bytes, retrying EAGAIN (a racing mapping change) for the
  * part not yet copied while it makes progress. Returns bytes copied (len, or

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from uswap.daemon import pagetable as pt
 from uswap.daemon import policy
 
 
@@ -83,3 +84,10 @@ def test_kick_due(before, after, expected):
     itself never needs waking, so there is no policy.py wrapper)."""
     from uswap._fastpath_cffi import lib
     assert bool(lib.us_kick_due(before, after, 99, 90)) == expected
+
+
+@pytest.mark.parametrize("flags", [0, pt.F_DIRTY, pt.F_ACTIVE, pt.F_DIRTY | pt.F_ACTIVE, pt.F_WAITERS])
+def test_minor_use_activates_and_keeps_every_other_flag(flags):
+    """A MINOR fault on a page in memory is a use: F_ACTIVE is set, and no
+    other flag -- dirtiness above all -- is touched."""
+    assert policy.minor_use(flags) == flags | pt.F_ACTIVE

@@ -1,7 +1,10 @@
 """The memory budget: which pages may be charged, and the clock.
 
 `charged` counts pages holding memory or about to (RESIDENT, WRITEBACK,
-LOADING, PUNCHING); `tick` is the clock in pages brought in. Both are fields
+LOADING, PUNCHING); `tick` is the clock: pages brought in, plus one for each
+first use of a page in memory (a first write, a MINOR fault), so that every
+use changes the stamp it leaves (victims.py reads a changed stamp as a use).
+Both are fields
 of the fast path's shared struct (regionset.py), which the C fault threads
 charge by the same rule: admission and overcommit are native/policy.h's
 functions (uswap/daemon/policy.py), called from both sides. A fault that
@@ -48,8 +51,10 @@ class Budget:
         self.clean_pages = int(self.max_pages * cfg.clean_watermark)
 
     def advance_clock(self, pages: int = 1) -> int:
-        """Advance the clock by the pages just brought in: stamps and refault
-        distances are measured in pages, as the kernel's workingset code does."""
+        """Advance the clock by the pages just brought in (or by one for a use
+        of a page in memory): stamps and refault distances are measured in
+        pages, as the kernel's workingset code does, the uses of resident
+        pages counting one each."""
         self.regions.tick = (self.regions.tick + pages) & 0xFFFFFFFF
         return self.regions.tick
 

@@ -216,7 +216,8 @@ class Engine:
         if self.fp is not None:
             sh = self.region_set.shared
             self.region_set.shared = fastpath.plain_shared()
-            for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "illegal_transitions"):
+            for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "minor_faults",
+                         "illegal_transitions"):
                 setattr(self.region_set.shared, name, getattr(sh, name))
             for name in ("swapin_latency", "fault_latency"):
                 setattr(self.region_set.shared, name, latency.copy_of(getattr(sh, name)))
@@ -358,7 +359,11 @@ class Engine:
             "dirty_waits_total": self.region_set.stats["dirty_waits"],
             "faults_total": self.region_set.stats["faults"] + self.region_set.shared.faults,
             "fast_path_faults_total": self.region_set.shared.faults,
-            "minor_faults_total": self.region_set.stats["minor_faults"],
+            # MINOR faults: a page in the memfd mapped again (sampling.py),
+            # by the engine (a dirty page, any page without a fast path) and
+            # by the fast path's threads (a clean RESIDENT page, fp_take_minor).
+            "minor_faults_total": self.region_set.stats["minor_faults"] + self.region_set.shared.minor_faults,
+            "fast_path_minor_faults_total": self.region_set.shared.minor_faults,
             "sampled_pages_total": self.reclaimer.sampler.sampled,
             "fast_path_swapins_total": self.region_set.shared.swapins,
             "readahead_pages_total": self.region_set.stats["readahead_pages"],

@@ -262,12 +262,16 @@ class Faults:
             # by the access sampler, sampling.py, or by the client's own
             # MADV_DONTNEED), so this touch is the first since; it is stamped
             # as a fault is (victims.py reads stamps as last use) and made
-            # active, as the kernel activates a page found referenced at the
-            # tail of its inactive list: it stays out of the sampler's way
-            # until the active share demotes it (fewer minor faults).
+            # active (policy.minor_use, the rule the fault threads' own
+            # fp_take_minor follows for a clean RESIDENT page's MINOR fault:
+            # a dirty one, or one with no fast path, comes here).
             self.regions.stats["minor_faults"] += 1
-            table.stamp[page] = self.regions.tick
-            table.flags[page] |= pt.F_ACTIVE
+            # The clock moves on, as for a first write (dirtying.py): a use
+            # stamped with an unchanged clock -- no page brought in since the
+            # page was sampled -- would look like no use at all, and the
+            # sampler would evict a page in use (victims.py _on_probation).
+            table.stamp[page] = self.budget.advance_clock()
+            table.flags[page] = policy.minor_use(int(table.flags[page]))
             # A dirty page a forked child still reads stays write-protected (cow.py).
             dirty = (state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
                      and not self.cow.is_shared(region, page))

@@ -41,3 +41,9 @@ def must_overcommit(writes_inflight: int, loads_inflight: int, loads_queued: int
     free or settle memory (the store cannot take writes)."""
     return bool(lib.us_must_overcommit(writes_inflight, loads_inflight, loads_queued, fast_loads_inflight,
                                        young_punches))
+
+
+def minor_use(flags: int) -> int:
+    """A page's flags after a MINOR fault on it while in memory (its first
+    use since it left the client's page tables): made active."""
+    return lib.us_minor_use(flags)

@@ -4,8 +4,9 @@ The daemon sees a page's use only when it faults, so a resident page that
 is read often but never faults again looks as old as one nobody touches.
 Sampling takes the page out of the client's page tables and leaves it in
 the memfd: the client's next touch is then a MINOR fault (the region is
-registered MINOR), which the engine answers with UFFDIO_CONTINUE and
-stamps as a use (faults.py). Which pages to sample, and what an untouched
+registered MINOR), answered with UFFDIO_CONTINUE and stamped as a use:
+by a fault thread for a clean page (fp_take_minor, native/fastpath.c), by
+the engine otherwise (faults.py). Which pages to sample, and what an untouched
 sampled page means, is victims.py's policy; this module is the mechanism.
 
 How: `process_madvise(pidfd, MADV_PAGEOUT)` on the client's mapping. It is
@@ -31,7 +32,7 @@ the sampled pages show in the mapping's Swap, with it none does.)
 
 Invariants kept: the page's state does not change (RESIDENT, same slot,
 same flags); a clean page's client mapping was write-protected and is
-mapped again write-protected by the MINOR fault's CONTINUE (faults.py), so
+mapped again write-protected by the MINOR fault's CONTINUE (fp_take_minor, faults.py), so
 no write escapes the dirty tracking (invariant 1). Only RESIDENT pages are
 sampled, under the page lock, so no write or punch of them is in flight.
 
