@@ -48,6 +48,14 @@ COMMON = textwrap.dedent("""
         t = tags(gen, ids, pages)
         a[pages, 0] = t
         a[pages, 511] = t
+
+    # A connection, a region of npages, its pages as rows of words, each
+    # page's id and the generation written last (0: nothing yet).
+    def region_of(sock, npages):
+        c = uswap.connect(sock)
+        r = c.alloc(npages * 4096)
+        a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+        return c, r, a, np.arange(npages, dtype=np.uint64), np.zeros(npages, np.uint64)
 """)
 
 # (a) argv: SOCKET NPAGES ROUNDS CHUNK. Each round walks the region chunk by
@@ -59,11 +67,7 @@ COMMON = textwrap.dedent("""
 # after every round: by then every page went to the store and came back.
 DONTNEED_WRITER = COMMON + textwrap.dedent("""
     sock, npages, rounds, chunk = sys.argv[1], *map(int, sys.argv[2:5])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    ids = np.arange(npages, dtype=np.uint64)
-    gen = np.zeros(npages, np.uint64)
+    c, r, a, ids, gen = region_of(sock, npages)
     everything = np.arange(npages)
     write(a, gen, ids, everything)
     out(filled=npages)
@@ -138,11 +142,7 @@ def test_a_write_after_a_fast_minor_fault_reaches_the_store(backing, start_daemo
 # writes and checks them; the parent checks its own region at the end.
 FORKER = COMMON + textwrap.dedent("""
     sock, npages, chunk = sys.argv[1], *map(int, sys.argv[2:4])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    ids = np.arange(npages, dtype=np.uint64)
-    gen = np.zeros(npages, np.uint64)
+    c, r, a, ids, gen = region_of(sock, npages)
     everything = np.arange(npages)
     write(a, gen, ids, everything)
     out(filled=npages)
@@ -222,11 +222,7 @@ def test_b_fork_snapshot_survives_fast_minor_faults(backing, start_daemon):
 # rest of the region (reclaim, and so sampling, runs all the time).
 THREADED = COMMON + textwrap.dedent("""
     sock, npages, hot, nthreads, steps = sys.argv[1], *map(int, sys.argv[2:6])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    ids = np.arange(npages, dtype=np.uint64)
-    gen = np.zeros(npages, np.uint64)
+    c, r, a, ids, gen = region_of(sock, npages)
     everything = np.arange(npages)
     write(a, gen, ids, everything)
     shared = everything[:hot]
@@ -294,11 +290,7 @@ def test_c_sampled_hot_set_under_a_tiny_budget_with_threads(file_backing, start_
 # checks pages of its own beyond the range, which keeps reclaim evicting.
 DISCARDER = COMMON + textwrap.dedent("""
     sock, npages, dlen, rounds = sys.argv[1], *map(int, sys.argv[2:5])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    ids = np.arange(npages, dtype=np.uint64)
-    gen = np.zeros(npages, np.uint64)
+    c, r, a, ids, gen = region_of(sock, npages)
     everything = np.arange(npages)
     write(a, gen, ids, everything[dlen:])
     out(filled=npages)
