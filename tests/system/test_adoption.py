@@ -137,6 +137,62 @@ def test_thread_blocked_on_a_fault_is_served_by_the_successor(file_backing, star
     assert d.stop() == 0
 
 
+# A client whose zero pages were let through for writing by a daemon that
+# died before it recorded them dirty (fastpath.c fp_take_wp once
+# un-protected first and recorded after; a SIGKILL in between left this):
+# it reads N pages (zero fills: clean, no slot, write-protected), then --
+# no daemon running -- un-protects them through its own copy of the uffd, as
+# the dead daemon's ioctl did, and writes them (no fault: nobody records
+# it). Once the successor adopted the region, it writes every other page,
+# four budgets' worth, so the first ones are evicted, and reads them back.
+UNRECORDED = r"""
+import json, sys
+import numpy as np
+import uswap
+from uswap import uffd
+sock, n = sys.argv[1], int(sys.argv[2])
+c = uswap.connect(sock)
+r = c.alloc(8 << 20)
+a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+print(json.dumps({"zeros": int(np.count_nonzero(a[:n, 0] == 0))}), flush=True)
+sys.stdin.readline()
+assert uffd.writeprotect(r._uffd, r.addr, n * 4096, protect=False) == 0
+want = np.arange(1, n + 1, dtype=np.uint64)
+a[:n, 0] = want
+print(json.dumps({"written": True}), flush=True)
+sys.stdin.readline()
+a[n:, 0] = 7
+print(json.dumps({"bad": int(np.count_nonzero(a[:n, 0] != want)), "reconnects": c.reconnects}), flush=True)
+c.close()
+print(json.dumps({"done": True}), flush=True)
+"""
+
+
+def test_zero_pages_written_before_the_daemon_recorded_them_are_adopted_dirty(file_backing, start_daemon):
+    n = 16
+    d = start_daemon(file_backing, store_size="64M", max_resident="2M")
+    w = Workload.script(UNRECORDED, d.socket, n)
+    try:
+        assert w.wait_line(lambda l: "zeros" in l, 60) == {"zeros": n}
+        assert d.kill() == -signal.SIGKILL
+        w.send("go\n")
+        w.wait_line(lambda l: l.get("written"), 60)
+        d.restart()
+        wait_for("region adopted", lambda: d.status()["adopted_regions_total"] == 1, 60)
+        w.send("go\n")
+        line = w.wait_line(lambda l: "bad" in l, 120)
+        # Taken as clean zero pages, they were dropped at eviction and read
+        # back as zeros: all n lost (16 of 16 before adoption checked them).
+        assert line == {"bad": 0, "reconnects": 1}, line
+        assert f"written_unrecorded {n}" in d.log_text()   # adoption found them written
+        st = d.status()
+        assert st["swapouts_total"] > 0, st
+        assert_audit(st)
+    finally:
+        w.finish_done(60, d)
+    assert d.stop() == 0
+
+
 def test_handover_keeps_pages_swapped_and_the_successor_serves_them(backing, start_daemon):
     d = start_daemon(backing, store_size="128M", max_resident="4M")
     with stamped_client(d, 16, 8) as w:

@@ -371,14 +371,16 @@ class Adoption:
         return counts
 
     def _verify_clean(self, region: Region, counts: dict) -> None:
-        """RESIDENT pages that claim a current slot copy: write-protect them
-        (so nothing changes them from here), then compare their checksum with
-        the copy's. The dead daemon may have let a write through before it
-        recorded the page dirty; such a page is dirty, its slot freed.
-        A run the kernel will not protect is taken as dirty too (safe: it is
-        written back again)."""
+        """Clean RESIDENT pages: write-protect them (so nothing changes them
+        from here), then check them against what clean claims -- a page
+        with a slot against its copy's checksum, a zero page (no slot) for
+        zeros. The dead daemon may have let a write through before it
+        recorded the page dirty; such a page is dirty, its slot freed. A
+        zero page written so and taken as clean would later be dropped as
+        zeros. A run the kernel will not protect is taken as dirty too (safe:
+        it is written back again)."""
         t = region.table
-        clean = np.flatnonzero((t.state == pt.RESIDENT) & ((t.flags & pt.F_DIRTY) == 0) & (t.slot >= 0))
+        clean = np.flatnonzero((t.state == pt.RESIDENT) & ((t.flags & pt.F_DIRTY) == 0))
         dirty = []
         for first, n in pt.runs(clean, 1 << 16):
             ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=True)
@@ -387,9 +389,11 @@ class Adoption:
                 continue
             # Invariant 8: these pages are in the memfd (resolve checked), so
             # reading them through the daemon's mapping allocates nothing.
-            sums, _ = native.page_sums(region.daddr + (first << SHIFT), n)
-            changed = np.flatnonzero(np.array(sums, np.uint32) != t.sum[first:first + n])
-            dirty.extend((first + changed).tolist())
+            sums, zero = native.page_sums(region.daddr + (first << SHIFT), n)
+            has_slot = t.slot[first:first + n] >= 0
+            changed = np.where(has_slot, np.array(sums, np.uint32) != t.sum[first:first + n],
+                               ~np.array(zero, bool))
+            dirty.extend((first + np.flatnonzero(changed)).tolist())
         if dirty:
             pages = np.array(dirty, np.int64)
             counts["written_unrecorded"] = len(pages)
