@@ -203,6 +203,14 @@ def test_pages_written_ahead_raced_by_writes_forks_discards_failures_and_budget_
             elif gen == 5:
                 inject(d, {"write_delay": 0.1, "fail_writes": ["EIO"]})
                 _cmd(c, f"dirtyall {gen}", "dirtied")
+                # The cleaner looks again only after CLEAN_STEP (64) pages
+                # came in since its last look, and that look may have come
+                # while dirtyall was still under way, its victims clean
+                # (it once waited here 30 s). Discarding 128 pages and
+                # writing them again (zero fills) moves the clock past a
+                # look with every victim dirty.
+                _cmd(c, "discard 0 128", "discarded")
+                _cmd(c, f"dirty {gen} " + " ".join(map(str, range(128))), "dirtied")
                 wait_for("a failed write", lambda: status(d)["write_errors_total"] > 0, timeout=30)
                 inject(d, {"write_delay": 0.1, "fail_writes": []})
             else:
@@ -225,7 +233,7 @@ PASS = 1024
 
 
 def _stream_daemon(backing: str, start_daemon, inject_spec: dict):
-    # Room for the windows (as test_swapin_readahead): the budget does not cut them.
+    # Room for the windows (as test_readahead): the budget does not cut them.
     d = start_daemon(backing, store_size="64M", max_resident="8M", inject=inject_spec,
                      config={"high_watermark": 0.8, "low_watermark": 0.75})
     c = Workload.script(CLIENT, d.socket, NPAGES_ST)

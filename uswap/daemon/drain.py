@@ -9,7 +9,6 @@ Thread and lock: engine thread, page lock held; the fast path is turned off
 from __future__ import annotations
 
 import logging
-import time
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from uswap.daemon import pagetable as pt
 from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region
-from uswap.daemon.regionset import NO_WRITE, RegionSet
+from uswap.daemon.regionset import RegionSet
 from uswap.daemon.swapin import SwapIn
 
 log = logging.getLogger("uswap.engine")
@@ -53,10 +52,7 @@ class Drain:
             starts = [0] + [int(b) for b in breaks] + [n]
             for a, b in zip(starts, starts[1:]):
                 self.regions.charged += b - a
-                table.move(slice(first + a, first + b), pt.LOADING)
-                region.inflight += 1
-                self.regions.load_queue.append((region.id, first + a, b - a, int(slots[a]), time.monotonic(),
-                                                NO_WRITE, None))
+                self.swapin.queue_load(region, first + a, b - a, int(slots[a]))
         self.swapin.pump_loads()
 
     def drain_done(self) -> bool:

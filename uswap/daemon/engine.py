@@ -11,8 +11,9 @@ stages it calls; none imports one above it):
   forget     pages the client unmapped
   discard    pages the client discards (MADV_DONTNEED): forgotten, answered once gone
   dirtying   letting writes through (first write, un-protect)
-  swapin     reads back with read-ahead; completions, retries, poison
-  faults     what each fault event means; calls swapin, dirtying, forget
+  swapin     loads: reads back, their completions, retries, poison
+  readahead  which pages a swap-in fault's load covers; a stream's windows ahead
+  faults     what each fault event means; calls readahead, dirtying, forget
   writeback  dirty pages to the store, failures, quarantine
   reclaim    victims to punch or write back, under the watermarks
   cleaner    background writeback: reclaim's next victims written ahead, kept clean
@@ -58,6 +59,7 @@ from uswap.daemon.forget import Forget
 from uswap.daemon.fork import ForkManager
 from uswap.daemon.iopool import IoPool
 from uswap.daemon.punch import Puncher
+from uswap.daemon.readahead import ReadAhead
 from uswap.daemon.reclaim import Reclaim
 from uswap.daemon.shares import Shares
 from uswap.daemon.region import Region
@@ -117,8 +119,9 @@ class Engine:
         self.dirtying = Dirtying(rs, self.slots, self.budget, self.cow)
         self.swapin = SwapIn(cfg, store, rs, self.slots, self.budget, self.forget, self.dirtying,
                              self.io, self.cpool)
+        self.readahead = ReadAhead(rs, self.slots, self.budget, self.swapin)
         self.faults = Faults(rs, self.slots, self.budget, self.cow, self.puncher, self.forget,
-                             self.dirtying, self.swapin)
+                             self.dirtying, self.readahead)
         self.writeback = Writeback(cfg, store, rs, self.slots, self.cow, self.puncher, self.forget,
                                    self.dirtying, self.io, self.cpool)
         self.reclaimer = Reclaim(cfg, rs, self.budget, self.puncher, self.writeback)
@@ -369,7 +372,7 @@ class Engine:
             "readahead_pages_total": self.region_set.stats["readahead_pages"],
             # The engine's swap-in store reads: how many, the pages they
             # covered (pages read through included: a stream's window reads
-            # over resident pages, swapin.py _window), those read through,
+            # over resident pages, readahead.py _window), those read through,
             # and the most in flight at once since start.
             "swapin_reads_total": self.region_set.stats["swapin_reads"],
             "swapin_read_pages_total": self.region_set.stats["swapin_read_pages"],

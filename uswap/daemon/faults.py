@@ -1,5 +1,5 @@
 """Faults: what each userfaultfd event of a region the engine reads means
-for its pages. A MISSING fault fills zeros, starts a swap-in (swapin.py),
+for its pages. A MISSING fault fills zeros, starts a swap-in (readahead.py),
 copies a forked child's page from its parent (cow.py) or parks (for budget,
 or on a page being punched); a write-protect fault lets the write through
 (dirtying.py) or parks it on a page with I/O in flight (invariant 4); a
@@ -30,12 +30,12 @@ from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region
 from uswap.daemon.regionset import AGAIN, GONE_, PAGE, SHIFT, RegionSet
 from uswap.daemon.slots import SlotAllocator
-from uswap.daemon.swapin import SwapIn
+from uswap.daemon.readahead import ReadAhead
 
 
 class Faults:
     def __init__(self, regions: RegionSet, slots: SlotAllocator, budget: Budget, cow: CopyOnWrite,
-                 puncher: Puncher, forget: Forget, dirtying: Dirtying, swapin: SwapIn) -> None:
+                 puncher: Puncher, forget: Forget, dirtying: Dirtying, readahead: ReadAhead) -> None:
         self.regions = regions
         self.slots = slots
         self.budget = budget
@@ -43,9 +43,9 @@ class Faults:
         self.puncher = puncher  # a page that appeared while swapped is punched
         self.forget = forget
         self.dirtying = dirtying
-        self.swapin = swapin
+        self.readahead = readahead  # starts swap-ins
         # The zeros a fill copies from: one read-ahead window's worth.
-        self.zero_fill = native.AlignedBuffer(swapin.ra_max_pages * PAGE)
+        self.zero_fill = native.AlignedBuffer(readahead.ra_max_pages * PAGE)
 
     def on_events(self, region: Region, events: list) -> None:
         for kind, flags, addr, end in events:
@@ -116,11 +116,11 @@ class Faults:
             if policy.refault_active(self.regions.tick, int(table.stamp[page]), self.budget.max_pages):
                 table.flags[page] |= pt.F_ACTIVE
                 self.regions.stats["activations"] += 1
-            self.swapin.start_load(region, page, write)
+            self.readahead.start_load(region, page, write)
         elif state == pt.LOADING:
             # The read in flight ends with a COPY, which wakes this fault too;
             # in a stream's read-ahead the client caught up with its reads.
-            self.swapin.stream_caught_up(region, page)
+            self.readahead.stream_caught_up(region, page)
         elif state == pt.PUNCHING:
             # Punched, its completion not applied yet: _punch_done wakes it and
             # the retry is served from the slot (or zeros). The punch's
@@ -154,7 +154,7 @@ class Faults:
         table = region.table
         n = 1
         ra = region.ra
-        ra.fill_window = policy.fill_window(page, ra.fill_expect, ra.fill_window, self.swapin.ra_max_pages)
+        ra.fill_window = policy.fill_window(page, ra.fill_expect, ra.fill_window, self.readahead.ra_max_pages)
         if ra.fill_window > 1:
             # The window's EMPTY pages from `page` on, as far as the budget
             # allows (vectorised: a per-page loop here was 12% of the engine's

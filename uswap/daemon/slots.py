@@ -35,7 +35,7 @@ class SlotAllocator:
         self.cursor = RESERVED
         # writing[s]: a store write to slot s is in flight (set and cleared by
         # writeback.py): a read-ahead window never reads through such a slot
-        # (swapin.py _window; invariant 3: no read of a slot being written).
+        # (readahead.py _window; invariant 3: no read of a slot being written).
         self.writing = np.zeros(nslots, bool)
 
     @property

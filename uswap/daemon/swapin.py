@@ -1,12 +1,14 @@
-"""Swap-in: reading swapped pages back, with read-ahead, and applying the
-reads' completions: verified pages become RESIDENT; a page that failed its
+"""Swap-in: the loads that read swapped pages back (which pages each one
+covers is readahead.py's, and drain.py's), and applying the reads'
+completions: verified pages become RESIDENT; a page that failed its
 checksum or a failed read is read again after a backoff, or past
 read_deadline (read_failure: sigbus) poisoned (invariant 6).
 
 Swapped-in pages are mapped write-protected, clean copies of their slots
 (swap cache), except where a write is known to come: the page of a write
 fault (as the fast path maps it; its read-ahead neighbours come in the same
-store read, write-protected), the windows of a stream that writes continue,
+store read, write-protected), the windows of a stream that writes continue
+(readahead.py),
 and every page during drain are mapped writable and dirty.
 
 Threads and lock: the engine thread decides and queues loads and applies
@@ -29,7 +31,6 @@ import numpy as np
 from uswap import native, uffd
 from uswap.config import Config
 from uswap.daemon import pagetable as pt
-from uswap.daemon import policy
 from uswap.daemon.budget import Budget
 from uswap.daemon.cpool import CPool
 from uswap.daemon.dirtying import Dirtying
@@ -43,13 +44,6 @@ from uswap.daemon.slots import SlotAllocator
 from uswap.store.base import Store
 
 log = logging.getLogger("uswap.engine")
-
-# Windows a sequential stream keeps read ahead of its latest fault. Their
-# reads are in flight together, so the store's latency is paid about once
-# per STREAM_DEPTH windows instead of once per window, and a store that
-# serves requests in parallel (an NFS server, an SSD) is kept busy.
-STREAM_DEPTH = 4
-
 
 class SwapIn:
     def __init__(self, cfg: Config, store: Store, regions: RegionSet, slots: SlotAllocator, budget: Budget,
@@ -72,162 +66,12 @@ class SwapIn:
         # own, so retry chatter on errlog cannot hide them.
         self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
 
-    def start_load(self, region: Region, page: int, write: bool = False) -> None:
-        """Read a swapped page back with its neighbours in adjacent slots,
-        budget permitting. The faulting page is already charged.
-
-        Read-ahead: a fault away from the last window reads the aligned
-        `readahead` window around the page (like kernel swap's cluster). A fault
-        where the last window ended is a sequential stream: the window doubles
-        up to `readahead_max`, and windows are queued until STREAM_DEPTH of them
-        lie ahead of the fault (asynchronous read-ahead, _read_ahead); a fault
-        on a page of theirs still loading keeps them that far ahead
-        (stream_caught_up). A stream's windows read through pages that are not
-        swapped (_window): pages left resident by random access do not cut
-        them short.
-
-        A write fault's page is mapped writable and dirty, its read-ahead
-        neighbours write-protected, all from one store read (the load's
-        write_page); a stream that writes continue has its windows mapped
-        writable."""
-        table = region.table
-        ra = region.ra
-        slot = int(table.slot[page])
-        # Stream, near or random (policy.h us_ra_locality; the fast path
-        # serves the random ones it can before they get here).
-        locality = policy.ra_locality(page, ra.last_fault, ra.ra_expect, ra.ra_window, self.ra_pages)
-        sequential = locality == policy.STREAM
-        skip = None
-        if sequential:
-            ra.ra_window = self._grown(ra.ra_window)
-            first = page
-            last, skip = self._window(table, page, slot, page + ra.ra_window)
-        elif locality == policy.RANDOM:
-            # No locality with the previous fault: read just this page (random
-            # access gains nothing from neighbours and pays for their transfer).
-            ra.ra_window = 1
-            first = last = page
-        else:
-            ra.ra_window = self.ra_pages
-            lo = page - page % self.ra_pages
-            first = page
-            while (first > lo and table.state[first - 1] == pt.SWAPPED
-                   and table.slot[first - 1] == slot - (page - first + 1)
-                   and self.budget.charge(1)):
-                first -= 1
-            last = self._extend_forward(table, page, slot, lo + self.ra_pages)
-        ra.last_fault = page
-        region.streaming = sequential
-        # A sequential stream that a write continues is being rewritten: its
-        # windows are mapped writable (dirty), not write-protected, so each
-        # page does not take a second fault for its first write.
-        region.write_stream = write and sequential
-        loaded = self._queue_load(region, first, last - first + 1, slot - (page - first),
-                                  page if write else NO_WRITE, skip)
-        self.regions.stats["readahead_pages"] += loaded - 1
-        ra.ra_expect = last + 1
-        if sequential:
-            self._read_ahead(region, page)
-        self.pump_loads()
-
-    def stream_caught_up(self, region: Region, page: int) -> None:
-        """A fault on a LOADING page (faults.py). Inside a sequential
-        stream's read-ahead (past its latest fault, before where its windows
-        end) it means the client caught up with the reads: the stream moves
-        on to `page` and its windows are topped up to STREAM_DEPTH ahead of
-        it -- the trigger kernel swap's asynchronous read-ahead gets from its
-        marked page, which a userfaultfd client cannot give (a mapped page
-        raises no event)."""
-        ra = region.ra
-        if region.streaming and ra.last_fault < page < ra.ra_expect:
-            ra.last_fault = page
-            ra.ra_window = self._grown(ra.ra_window)
-            self._read_ahead(region, page)
-            self.pump_loads()
-
-    def _grown(self, window: int) -> int:
-        """A stream's next window: double the last, at least the `readahead`
-        window (a stream found after a random one-page load starts there),
-        at most `readahead_max`."""
-        return min(max(window * 2, self.ra_pages), self.ra_max_pages)
-
-    def _read_ahead(self, region: Region, page: int) -> None:
-        """Queue a stream's windows, from where its last one ended (ra_expect)
-        and each from the next SWAPPED page, until they reach STREAM_DEPTH
-        windows past `page` (its latest fault), the region's end, or the
-        budget. Read-ahead past the faulting window stays within an eighth
-        of the budget: on a small budget, pages read much further ahead
-        would be reclaimed before the stream reaches them, and the windows
-        in flight would keep other faults waiting for room."""
-        table, ra = region.table, region.ra
-        depth = min(STREAM_DEPTH * ra.ra_window, max(ra.ra_window, self.budget.max_pages // 8))
-        horizon = min(region.npages, page + depth)
-        while ra.ra_expect < horizon:
-            ahead = np.flatnonzero(table.state[ra.ra_expect:horizon] == pt.SWAPPED)
-            if not len(ahead):
-                ra.ra_expect = horizon  # nothing swapped up to there: the stream's next fault is past it
-                return
-            nxt = ra.ra_expect + int(ahead[0])
-            if not self.budget.charge(1):
-                return
-            nslot = int(table.slot[nxt])
-            end, skip = self._window(table, nxt, nslot, nxt + ra.ra_window)
-            self.regions.stats["readahead_pages"] += self._queue_load(region, nxt, end - nxt + 1, nslot,
-                                                                      NO_WRITE, skip)
-            ra.ra_expect = end + 1
-
-    def _window(self, table: pt.PageTable, page: int, slot: int, limit: int) -> tuple[int, np.ndarray | None]:
-        """A stream's window from `page` (SWAPPED, charged, in `slot`) to
-        below `limit`: one store read of the slots from `slot` on. It loads
-        the SWAPPED pages whose slots are adjacent, and reads through every
-        page that is not SWAPPED (resident, loading already...) without
-        touching it (see _queue_load). A SWAPPED page in another slot ends the
-        window (its data is elsewhere), and so does the budget; each page
-        loaded is charged. Returns the window's last page and its skip mask
-        (uint8 per page of the window, 1: read through), or None when every
-        page is loaded."""
-        end = min(limit, table.npages)
-        if end <= page + 1:
-            return page, None
-        seg = slice(page + 1, end)
-        swapped = table.state[seg] == pt.SWAPPED
-        elsewhere = np.flatnonzero(swapped & (table.slot[seg] != np.arange(slot + 1, slot + end - page)))
-        own = swapped[:elsewhere[0]] if len(elsewhere) else swapped
-        # Invariant 3 (no read of a slot while a write to it is in flight):
-        # a page read through sits in a slot that may have gone to another
-        # page since, being written now: the window ends before it.
-        writing = self.slots.writing[slot + 1:slot + 1 + len(own)]
-        busy = np.flatnonzero(~own[:len(writing)] & writing)
-        own = own[:busy[0] if len(busy) else len(writing)]
-        want = np.flatnonzero(own)
-        # As many of them as the budget admits, in order (charge_leading on
-        # an all-True run: the budget's rule for a window).
-        admitted = self.budget.charge_leading(np.ones(len(want), bool))
-        if admitted == 0:
-            return page, None
-        own = own[:int(want[admitted - 1]) + 1]
-        if own.all():
-            return page + len(own), None
-        return page + len(own), np.concatenate(([0], ~own)).astype(np.uint8)
-
-    def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
-        """Last page of the run from `page` (charged) onwards, below `limit`,
-        of SWAPPED pages in slots adjacent to `slot`; charges each page added.
-        (Vectorised: a per-page loop here was 15% of the engine's time on a
-        sequential stream, py-spy.)"""
-        end = min(limit, table.npages)
-        if end <= page + 1:
-            return page
-        nxt = slice(page + 1, end)
-        ok = (table.state[nxt] == pt.SWAPPED) & (table.slot[nxt] == np.arange(slot + 1, slot + end - page))
-        return page + self.budget.charge_leading(ok)
-
-    def _queue_load(self, region: Region, first: int, n: int, slot: int, write_page: int = NO_WRITE,
-                    skip: np.ndarray | None = None) -> int:
+    def queue_load(self, region: Region, first: int, n: int, slot: int, write_page: int = NO_WRITE,
+                   skip: np.ndarray | None = None) -> int:
         """Queue the load of pages first..first+n (charged) from slots slot..;
         write_page: the page of a write fault among them, mapped writable
         (NO_WRITE: none); skip: the pages the read goes through that are not
-        the load's (_window; None: none). Returns how many pages it loads.
+        the load's (readahead.py _window; None: none). Returns how many pages it loads.
 
         Invariant (read-through): a page marked in skip is never moved,
         charged or mapped by this load -- it may be resident, dirty and newer
@@ -291,7 +135,7 @@ class SwapIn:
         # Swap cache: mapped write-protected so the pages stay clean copies of
         # their slots; during drain they come home for good, writable, and so
         # do the windows of a stream being rewritten and the page of a write
-        # fault (start_load), in the same read as its neighbours. _load_done
+        # fault (readahead.py start_load), in the same read as its neighbours. _load_done
         # goes by the mode used: writable pages are dirty, their slots freed.
         mode = 0 if self.regions.draining or region.write_stream else uffd.COPY_MODE_WP
         wp = write_page - first if first <= write_page < first + n else uffd.NO_WRITE_PAGE
@@ -316,7 +160,7 @@ class SwapIn:
     def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float, write_page: int,
                    skip: np.ndarray | None, result: tuple | None, err: OSError | None) -> None:
         """Apply a load's outcome. A window that read through pages not its
-        own (skip) settles its own pages only (see _queue_load), and on an
+        own (skip) settles its own pages only (see queue_load), and on an
         error is read again as loads of its own runs."""
         self.regions.loads_inflight -= 1
         table = region.table

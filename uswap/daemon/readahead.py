@@ -1,0 +1,191 @@
+"""Read-ahead: which pages a swap-in fault's store read covers, and a
+sequential stream's windows queued ahead of it. The loads themselves (the
+reads, their completions, retries and poison) are swapin.py's.
+
+A fault away from the last window reads just its page or the aligned
+`readahead` window around it (the locality rule is native/policy.h
+us_ra_locality); a fault where the last window ended is a stream, whose
+windows double up to `readahead_max`, read through pages that are not
+swapped, and are kept STREAM_DEPTH ahead of the stream's latest fault.
+
+Threads and lock: the engine thread, page lock held (faults.py calls in).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from uswap.daemon import pagetable as pt
+from uswap.daemon import policy
+from uswap.daemon.budget import Budget
+from uswap.daemon.region import Region
+from uswap.daemon.regionset import NO_WRITE, RegionSet
+from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.swapin import SwapIn
+
+# Windows a sequential stream keeps read ahead of its latest fault. Their
+# reads are in flight together, so the store's latency is paid about once
+# per STREAM_DEPTH windows instead of once per window, and a store that
+# serves requests in parallel (an NFS server, an SSD) is kept busy.
+STREAM_DEPTH = 4
+
+
+class ReadAhead:
+    def __init__(self, regions: RegionSet, slots: SlotAllocator, budget: Budget, swapin: SwapIn) -> None:
+        self.regions = regions
+        self.slots = slots  # which slots have a write in flight (_window)
+        self.budget = budget  # every page a window loads is charged
+        self.swapin = swapin  # queues and runs the loads
+        # Window sizes, in pages: the loads' own (SwapIn sizes its bounce
+        # buffers by the largest), read here, not computed twice.
+        self.ra_pages = swapin.ra_pages
+        self.ra_max_pages = swapin.ra_max_pages
+
+    def start_load(self, region: Region, page: int, write: bool = False) -> None:
+        """Read a swapped page back with its neighbours in adjacent slots,
+        budget permitting. The faulting page is already charged.
+
+        Read-ahead: a fault away from the last window reads the aligned
+        `readahead` window around the page (like kernel swap's cluster). A fault
+        where the last window ended is a sequential stream: the window doubles
+        up to `readahead_max`, and windows are queued until STREAM_DEPTH of them
+        lie ahead of the fault (asynchronous read-ahead, _read_ahead); a fault
+        on a page of theirs still loading keeps them that far ahead
+        (stream_caught_up). A stream's windows read through pages that are not
+        swapped (_window): pages left resident by random access do not cut
+        them short.
+
+        A write fault's page is mapped writable and dirty, its read-ahead
+        neighbours write-protected, all from one store read (the load's
+        write_page); a stream that writes continue has its windows mapped
+        writable."""
+        table = region.table
+        ra = region.ra
+        slot = int(table.slot[page])
+        # Stream, near or random (policy.h us_ra_locality; the fast path
+        # serves the random ones it can before they get here).
+        locality = policy.ra_locality(page, ra.last_fault, ra.ra_expect, ra.ra_window, self.ra_pages)
+        sequential = locality == policy.STREAM
+        skip = None
+        if sequential:
+            ra.ra_window = self._grown(ra.ra_window)
+            first = page
+            last, skip = self._window(table, page, slot, page + ra.ra_window)
+        elif locality == policy.RANDOM:
+            # No locality with the previous fault: read just this page (random
+            # access gains nothing from neighbours and pays for their transfer).
+            ra.ra_window = 1
+            first = last = page
+        else:
+            ra.ra_window = self.ra_pages
+            lo = page - page % self.ra_pages
+            first = page
+            while (first > lo and table.state[first - 1] == pt.SWAPPED
+                   and table.slot[first - 1] == slot - (page - first + 1)
+                   and self.budget.charge(1)):
+                first -= 1
+            last = self._extend_forward(table, page, slot, lo + self.ra_pages)
+        ra.last_fault = page
+        region.streaming = sequential
+        # A sequential stream that a write continues is being rewritten: its
+        # windows are mapped writable (dirty), not write-protected, so each
+        # page does not take a second fault for its first write.
+        region.write_stream = write and sequential
+        loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
+                                  page if write else NO_WRITE, skip)
+        self.regions.stats["readahead_pages"] += loaded - 1
+        ra.ra_expect = last + 1
+        if sequential:
+            self._read_ahead(region, page)
+        self.swapin.pump_loads()
+
+    def stream_caught_up(self, region: Region, page: int) -> None:
+        """A fault on a LOADING page (faults.py). Inside a sequential
+        stream's read-ahead (past its latest fault, before where its windows
+        end) it means the client caught up with the reads: the stream moves
+        on to `page` and its windows are topped up to STREAM_DEPTH ahead of
+        it -- the trigger kernel swap's asynchronous read-ahead gets from its
+        marked page, which a userfaultfd client cannot give (a mapped page
+        raises no event)."""
+        ra = region.ra
+        if region.streaming and ra.last_fault < page < ra.ra_expect:
+            ra.last_fault = page
+            ra.ra_window = self._grown(ra.ra_window)
+            self._read_ahead(region, page)
+            self.swapin.pump_loads()
+
+    def _grown(self, window: int) -> int:
+        """A stream's next window: double the last, at least the `readahead`
+        window (a stream found after a random one-page load starts there),
+        at most `readahead_max`."""
+        return min(max(window * 2, self.ra_pages), self.ra_max_pages)
+
+    def _read_ahead(self, region: Region, page: int) -> None:
+        """Queue a stream's windows, from where its last one ended (ra_expect)
+        and each from the next SWAPPED page, until they reach STREAM_DEPTH
+        windows past `page` (its latest fault), the region's end, or the
+        budget. Read-ahead past the faulting window stays within an eighth
+        of the budget: on a small budget, pages read much further ahead
+        would be reclaimed before the stream reaches them, and the windows
+        in flight would keep other faults waiting for room."""
+        table, ra = region.table, region.ra
+        depth = min(STREAM_DEPTH * ra.ra_window, max(ra.ra_window, self.budget.max_pages // 8))
+        horizon = min(region.npages, page + depth)
+        while ra.ra_expect < horizon:
+            ahead = np.flatnonzero(table.state[ra.ra_expect:horizon] == pt.SWAPPED)
+            if not len(ahead):
+                ra.ra_expect = horizon  # nothing swapped up to there: the stream's next fault is past it
+                return
+            nxt = ra.ra_expect + int(ahead[0])
+            if not self.budget.charge(1):
+                return
+            nslot = int(table.slot[nxt])
+            end, skip = self._window(table, nxt, nslot, nxt + ra.ra_window)
+            self.regions.stats["readahead_pages"] += self.swapin.queue_load(region, nxt, end - nxt + 1, nslot,
+                                                                      NO_WRITE, skip)
+            ra.ra_expect = end + 1
+
+    def _window(self, table: pt.PageTable, page: int, slot: int, limit: int) -> tuple[int, np.ndarray | None]:
+        """A stream's window from `page` (SWAPPED, charged, in `slot`) to
+        below `limit`: one store read of the slots from `slot` on. It loads
+        the SWAPPED pages whose slots are adjacent, and reads through every
+        page that is not SWAPPED (resident, loading already...) without
+        touching it (see SwapIn.queue_load). A SWAPPED page in another slot ends the
+        window (its data is elsewhere), and so does the budget; each page
+        loaded is charged. Returns the window's last page and its skip mask
+        (uint8 per page of the window, 1: read through), or None when every
+        page is loaded."""
+        end = min(limit, table.npages)
+        if end <= page + 1:
+            return page, None
+        seg = slice(page + 1, end)
+        swapped = table.state[seg] == pt.SWAPPED
+        elsewhere = np.flatnonzero(swapped & (table.slot[seg] != np.arange(slot + 1, slot + end - page)))
+        own = swapped[:elsewhere[0]] if len(elsewhere) else swapped
+        # Invariant 3 (no read of a slot while a write to it is in flight):
+        # a page read through sits in a slot that may have gone to another
+        # page since, being written now: the window ends before it.
+        writing = self.slots.writing[slot + 1:slot + 1 + len(own)]
+        busy = np.flatnonzero(~own[:len(writing)] & writing)
+        own = own[:busy[0] if len(busy) else len(writing)]
+        want = np.flatnonzero(own)
+        # As many of them as the budget admits, in order (charge_leading on
+        # an all-True run: the budget's rule for a window).
+        admitted = self.budget.charge_leading(np.ones(len(want), bool))
+        if admitted == 0:
+            return page, None
+        own = own[:int(want[admitted - 1]) + 1]
+        if own.all():
+            return page + len(own), None
+        return page + len(own), np.concatenate(([0], ~own)).astype(np.uint8)
+
+    def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
+        """Last page of the run from `page` (charged) onwards, below `limit`,
+        of SWAPPED pages in slots adjacent to `slot`; charges each page added.
+        (Vectorised: a per-page loop here was 15% of the engine's time on a
+        sequential stream, py-spy.)"""
+        end = min(limit, table.npages)
+        if end <= page + 1:
+            return page
+        nxt = slice(page + 1, end)
+        ok = (table.state[nxt] == pt.SWAPPED) & (table.slot[nxt] == np.arange(slot + 1, slot + end - page))
+        return page + self.budget.charge_leading(ok)
