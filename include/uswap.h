@@ -69,7 +69,8 @@ USWAP_API int uswap_alloc_at(uswap_conn *c, void *addr, size_t size, uswap_regio
  * left memory. */
 USWAP_API int uswap_discard(uswap_conn *c, const uswap_region *r, size_t offset, size_t length);
 
-/* Give the region back: unregistered, unmapped, freed, its fds closed. */
+/* Give the region back: unregistered, kept reserved (PROT_NONE) while the
+ * daemon frees it, then unmapped; its fds closed. */
 USWAP_API int uswap_free(uswap_conn *c, uswap_region *r);
 
 /* The daemon's status (the `uswap status --json` object) as a JSON text in

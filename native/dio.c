@@ -56,6 +56,15 @@ static int us_munmap(uint64_t addr, uint64_t len)
     return munmap((void *)addr, len) < 0 ? -errno : 0;
 }
 
+/* Replace whatever is mapped at addr..addr+len with an inaccessible,
+ * never-populated reservation (one mmap: no moment where the range is free
+ * for another mapping to take). */
+static int us_reserve(uint64_t addr, uint64_t len)
+{
+    void *p = mmap((void *)addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? -errno : 0;
+}
+
 static int us_mlockall(int flags)
 {
     return mlockall(flags) < 0 ? -errno : 0;

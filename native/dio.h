@@ -15,6 +15,7 @@ static int us_fallocate(int fd, int mode, int64_t off, int64_t len);
 static int us_punch_hole(int fd, int64_t off, int64_t len);
 static int64_t us_mmap(uint64_t len, int prot, int flags, int fd, int64_t off);
 static int us_munmap(uint64_t addr, uint64_t len);
+static int us_reserve(uint64_t addr, uint64_t len);
 static int us_mlockall(int flags);
 static int64_t us_aligned_alloc(uint64_t align, uint64_t size);
 static void us_free(uint64_t addr);

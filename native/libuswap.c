@@ -69,6 +69,10 @@ static void *raw_mmap(void *addr, size_t len, int prot, int flags, int fd)
 }
 
 static int raw_munmap(void *addr, size_t len) { return (int)syscall(SYS_munmap, addr, len); }
+static void raw_reserve(void *addr, size_t len)
+{
+    raw_mmap(addr, len, PROT_NONE, MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1);
+}
 static int raw_madvise(void *addr, size_t len, int advice) { return (int)syscall(SYS_madvise, addr, len, advice); }
 
 /* ------------------------------------------------------------------ formatting
@@ -666,15 +670,23 @@ int uswap_discard(uswap_conn *c, const uswap_region *r, size_t offset, size_t le
 int uswap_free(uswap_conn *c, uswap_region *r)
 {
     /* The order of uswap/client.py's Region.close: unregister (no unmap
-     * event nobody reads), unmap, tell the daemon, close the fds. */
+     * event nobody reads), replace the mapping with a PROT_NONE
+     * reservation, tell the daemon, unmap, close the fds. Until the daemon
+     * has dropped the region its access sampler may still advise the
+     * range (MADV_PAGEOUT): reserved, it cannot meanwhile hold new memory
+     * of the program's that the advice would push to kernel swap. */
     struct uffdio_range range = { (uintptr_t)r->addr, r->size };
-    ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
-    raw_munmap(r->addr, r->size);
+    if (r->addr) {
+        ioctl(r->uffd, UFFDIO_UNREGISTER, &range);
+        raw_reserve(r->addr, r->size);
+    }
     char msg[64];
     uswap__format(msg, sizeof msg, "{\"op\":\"free\",\"region\":%ld}", r->id);
     pthread_mutex_lock(&c->lock);
     int code = c->sock >= 0 ? exchange(c, "free", msg, NULL, 0) : 0;
     pthread_mutex_unlock(&c->lock);
+    if (r->addr)
+        raw_munmap(r->addr, r->size);
     close(r->uffd);
     close(r->memfd);
     r->uffd = r->memfd = -1;

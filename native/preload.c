@@ -200,17 +200,29 @@ static void release(struct xregion *x)
         drop(x);
         return;
     }
-    for (size_t p = 0, q; p < pages_of(x->r.size); p = q) {
+    /* As uswap_free does for a whole region: each part ours is kept
+     * reserved (PROT_NONE) until the daemon has dropped the region, and
+     * unmapped after. */
+    char *base = x->r.addr;
+    size_t size = x->r.size;
+    for (size_t p = 0, q; p < pages_of(size); p = q) {
         q = run_end(x, p);
         if (!is_set(x->taken, p)) {
-            struct uffdio_range range = { (uintptr_t)x->r.addr + p * PAGE, (q - p) * PAGE };
+            struct uffdio_range range = { (uintptr_t)base + p * PAGE, (q - p) * PAGE };
             ioctl(x->r.uffd, UFFDIO_UNREGISTER, &range);
-            sys_munmap((void *)range.start, range.len);
+            sys_mmap((void *)range.start, range.len, PROT_NONE,
+                     MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         }
     }
-    x->r.addr = NULL;   /* uswap_free: nothing left to unmap; tell the daemon, close the fds */
+    x->r.addr = NULL;   /* uswap_free: the parts are ours to unmap (below); tell the daemon, close the fds */
     x->r.size = 0;
     uswap_free(conn, &x->r);
+    x->r.size = size;   /* run_end reads it */
+    for (size_t p = 0, q; p < pages_of(size); p = q) {
+        q = run_end(x, p);
+        if (!is_set(x->taken, p))
+            sys_munmap(base + p * PAGE, (q - p) * PAGE);
+    }
     drop(x);
 }
 

@@ -185,7 +185,12 @@ class Region:
         """Give the memory back. The region's contents are gone afterwards.
 
         Order matters: unregister first, so unmapping raises no event that
-        nobody would read, then unmap, then tell the daemon, then close fds.
+        nobody would read; then the mapping is replaced by an inaccessible
+        reservation, the daemon told, and only then the range unmapped and
+        the fds closed. Until the daemon has dropped the region it may still
+        act on the range (the access sampler's MADV_PAGEOUT, sampling.py):
+        kept reserved, the range cannot meanwhile hold new memory of ours
+        that the advice would push to kernel swap.
         """
         if self.closed:
             return
@@ -196,11 +201,12 @@ class Region:
             uffd.unregister(self._uffd, self.addr, self._mapped)
         except OSError:
             pass
-        native.munmap(self.addr, self._mapped)
+        native.reserve(self.addr, self._mapped)
         try:
             self._client._request({"op": "free", "region": self.id})
         except (UswapError, OSError, EOFError):
             pass  # daemon gone: it frees the region when it sees our socket close
+        native.munmap(self.addr, self._mapped)
         os.close(self._uffd)
         os.close(self._memfd)
 

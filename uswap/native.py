@@ -26,6 +26,13 @@ def munmap(addr: int, length: int) -> None:
     _check(lib.us_munmap(addr, length), "munmap")
 
 
+def reserve(addr: int, length: int) -> None:
+    """Replace the mapping at addr..addr+length with an inaccessible reservation
+    (PROT_NONE, never populated), atomically: the range cannot be taken by
+    another mapping until it is munmapped."""
+    _check(lib.us_reserve(addr, length), "mmap(PROT_NONE, MAP_FIXED)")
+
+
 def punch_hole(fd: int, offset: int, length: int) -> None:
     _check(lib.us_punch_hole(fd, offset, length), "fallocate(PUNCH_HOLE)")
 

@@ -168,6 +168,58 @@ def test_sampled_pages_never_reach_kernel_swap(file_backing, start_daemon, kerne
     finish_clean(d)
 
 
+# A client whose `free` request looks, before it is sent, whether the
+# region's range could be taken by a new mapping (MAP_FIXED_NOREPLACE
+# succeeds only on a free range), and again once close() returned.
+RESERVED_CLIENT = textwrap.dedent("""
+    import ctypes, json, mmap, sys
+    import uswap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    MAP_FIXED_NOREPLACE = 0x100000
+
+    def free_now(addr):
+        got = libc.mmap(addr, 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0)
+        if got == addr:
+            libc.munmap(got, 4096)
+        return got == addr
+
+    c = uswap.connect(sys.argv[1])
+    r = c.alloc(64 * 4096)
+    r.buf[:] = b"x" * len(r.buf)
+    addr, seen = r.addr, {}
+    real = c._request
+    def request(msg, fds=None):
+        if msg.get("op") == "free":
+            seen["free_during_free"] = free_now(addr)
+        return real(msg, fds)
+    c._request = request
+    r.close()
+    print(json.dumps({"free_during_free": seen["free_during_free"], "free_after": free_now(addr)}), flush=True)
+    c.close()
+""")
+
+
+def test_a_closed_regions_range_stays_reserved_until_the_daemon_freed_it(file_backing, start_daemon):
+    """Until the daemon has the `free`, its sampler may still advise the
+    range (MADV_PAGEOUT): the client keeps it reserved, so no new memory of
+    its own can be there to be pushed to kernel swap (CI once saw 12 kB of
+    a closing client's memory in kernel swap). Unreserved once freed."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    c = Workload.script(RESERVED_CLIENT, d.socket)
+    try:
+        line = c.next(60)
+    finally:
+        c.kill()
+    assert line == {"free_during_free": False, "free_after": True}, line
+    finish_clean(d)
+
+
 KILLED = textwrap.dedent("""
     import json, sys
     import numpy as np
