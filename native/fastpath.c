@@ -645,6 +645,7 @@ static void fp_reader_leave(struct fp_engine *e, struct fp_region *r)
 static void *fp_thread(void *arg)
 {
     struct fp_engine *e = arg;
+    pthread_setname_np(pthread_self(), "uswap-fault");   /* as top -H and /proc show it */
     uint64_t buf = 0;
     if (posix_memalign((void **)&buf, 4096, 4096) != 0)
         abort();

@@ -100,6 +100,7 @@ static void run_job(struct us_job *j)
 static void *worker(void *arg)
 {
     struct us_pool *p = arg;
+    pthread_setname_np(pthread_self(), "uswap-io");   /* as top -H and /proc show it */
     for (;;) {
         pthread_mutex_lock(&p->lock);
         while (!p->head && !p->stopping)

@@ -293,6 +293,7 @@ static int reconnect(struct us_keeper *k)
 static void *keeper_main(void *arg)
 {
     struct us_keeper *k = arg;
+    pthread_setname_np(pthread_self(), "uswap-keeper");   /* in the client: as top -H shows it */
     for (;;) {
         struct pollfd p[2] = { { k->stop_r, POLLIN, 0 }, { k->sock, POLLRDHUP, 0 } };
         if (poll(p, 2, -1) < 0) {
