@@ -27,10 +27,10 @@ from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.dirtying import Dirtying
 from uswap.daemon.forget import Forget
 from uswap.daemon.punch import Puncher
+from uswap.daemon.readahead import ReadAhead
 from uswap.daemon.region import Region
 from uswap.daemon.regionset import AGAIN, GONE_, PAGE, SHIFT, RegionSet
 from uswap.daemon.slots import SlotAllocator
-from uswap.daemon.readahead import ReadAhead
 
 
 class Faults:
