@@ -44,9 +44,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ------------------------------------------------------------------ counters
 
-def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def proc_cpu_s(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (all its threads), or of its thread `tid`, seconds."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 

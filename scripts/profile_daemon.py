@@ -43,6 +43,9 @@ import uswap  # noqa: E402
 from uswap.sizes import parse_size  # noqa: E402
 from tests.daemon_proc import DaemonProc  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_child import proc_cpu_s  # noqa: E402
+
 PYSPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
 if not os.path.exists(PYSPY):
     sys.exit(f"profile_daemon.py: {PYSPY} not found: run scripts/setup (it installs py-spy with the bench extras)")
@@ -65,17 +68,14 @@ def hottest(raw_path: str, top: int) -> list[tuple[float, str]]:
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) of each thread of `pid`, with its name."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            out[tid] = (name, proc_cpu_s(pid, tid))
         except OSError:
             continue  # the thread ended
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return out
 
 
