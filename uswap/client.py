@@ -201,7 +201,10 @@ class Region:
             uffd.unregister(self._uffd, self.addr, self._mapped)
         except OSError:
             pass
-        native.reserve(self.addr, self._mapped)
+        try:
+            native.reserve(self.addr, self._mapped)
+        except OSError:
+            pass  # as libuswap: the (unregistered) mapping stays until the munmap below
         try:
             self._client._request({"op": "free", "region": self.id})
         except (UswapError, OSError, EOFError):
