@@ -103,15 +103,17 @@ def backing(request, tmp_path):
     yield from _store_location(request, tmp_path, request.param)
 
 
-# The longest tests whose subject is the engine's logic, not the store's I/O
-# path, run on the file store in CI (the 30-minute budget) and on both
-# stores in the soak (USWAP_SOAK=N, as tests/system/test_survival.py).
-HEAVY_BACKINGS = ["file", "nfs"] if os.environ.get("USWAP_SOAK") else ["file"]
+# Tests whose subject is the daemon's logic (the engine, the protocol, a
+# client's misbehaviour), not the store's I/O path, run on the file store in
+# CI (the 30-minute budget) and on both stores in the soak (USWAP_SOAK=N, as
+# tests/system/test_survival.py). What each store does under the engine is
+# the subject of the tests on `backing` and of tests/store.
+ENGINE_BACKINGS = ["file", "nfs"] if os.environ.get("USWAP_SOAK") else ["file"]
 
 
-@pytest.fixture(params=HEAVY_BACKINGS)
-def heavy_backing(request, tmp_path):
-    """`backing`, on the stores HEAVY_BACKINGS names."""
+@pytest.fixture(params=ENGINE_BACKINGS)
+def engine_backing(request, tmp_path):
+    """`backing`, on the stores ENGINE_BACKINGS names (only the file store in CI)."""
     yield from _store_location(request, tmp_path, request.param)
 
 

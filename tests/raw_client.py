@@ -24,7 +24,7 @@ class GoodClient:
 
     def __init__(self, d) -> None:
         self.d = d
-        self.w = Workload(d.socket, "--size", "4M", "--passes", "2", "--hold")
+        self.w = Workload(d.socket, "--size", "4M", "--passes", "1", "--hold")
         try:
             self.w.wait_line(lambda x: x.get("holding"), timeout=40)
         except BaseException:

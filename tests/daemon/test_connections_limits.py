@@ -94,11 +94,11 @@ def closed_or_refused(s: socket.socket) -> None:
 # ----------------------------------------------------------------- item 1: fds
 
 
-def test_fds_of_bad_messages_are_closed(backing, start_daemon):
+def test_fds_of_bad_messages_are_closed(engine_backing, start_daemon):
     """Ten rounds of every kind of bad message, each carrying fds: the daemon
     ends up with exactly the fds it had before (on cf2b06a: +2 per alloc
     before hello and per undecodable frame)."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     status(d)
     baseline = daemon_fds(d)
     hello = frame(json.dumps({"op": "hello", "version": protocol.VERSION}).encode())
@@ -180,14 +180,14 @@ class Filler(Workload):
         self._spawn([sys.executable, "-c", FILLER, socket_path, str(most)])
 
 
-def test_out_of_fds_is_a_refusal(backing, start_daemon):
+def test_out_of_fds_is_a_refusal(engine_backing, start_daemon):
     """A daemon held to 160 open files: a client that allocates until the fd
     table is full gets a clear EMFILE refusal and keeps its connection and
     every region; new connections get the same answer; the daemon lives and
     another client's swapped-out region stays intact. On cf2b06a the client is
     told "more than 4 file descriptors" and dropped with all its regions, and
     idle connections end the daemon (accept() EMFILE, exit 70)."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M", nofile=(160, 160),
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", nofile=(160, 160),
                      config={"max_region_size": 4 << 20, "handshake_timeout": "2s"})
     good = GoodClient(d)
     filler = None
@@ -270,10 +270,10 @@ def test_open_file_limit_is_raised_at_start(file_backing, start_daemon):
 # ----------------------------------------------------------------- item 2: connections
 
 
-def test_silent_connection_is_closed_after_the_handshake_timeout(backing, start_daemon):
+def test_silent_connection_is_closed_after_the_handshake_timeout(engine_backing, start_daemon):
     """cf2b06a kept a connection that never said hello for ever, holding a
     max_clients slot."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M",
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M",
                      config={"handshake_timeout": "1s", "max_clients": 3, "control_connections": 0})
     greeted = connect(d)  # quiet, but greeted: never timed out
     silent = connect(d, greet=False)
@@ -294,12 +294,12 @@ def test_silent_connection_is_closed_after_the_handshake_timeout(backing, start_
         s.close()
 
 
-def test_greeted_connection_stuck_mid_message_is_closed(backing, start_daemon):
+def test_greeted_connection_stuck_mid_message_is_closed(engine_backing, start_daemon):
     """A greeted client that sends part of a message and then nothing held its
     slot, its buffered bytes and any fds on them for ever (the fuzz test's
     "truncated then silent" connections); a quiet greeted client between
     messages is left alone."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M",
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M",
                      config={"handshake_timeout": "1s", "max_clients": 2, "control_connections": 0})
     quiet = connect(d)
     stuck = connect(d)
@@ -327,11 +327,11 @@ def uswap_status(d) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30, cwd=REPO)
 
 
-def test_busy_at_max_clients(backing, start_daemon):
+def test_busy_at_max_clients(engine_backing, start_daemon):
     """At max_clients `uswap status` still works (a control connection), an
     alloc there is refused as busy, and past the control connections too a
     newcomer gets a "busy" answer and `uswap status` one line, no traceback."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M",
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M",
                      config={"max_clients": 2, "control_connections": 1, "handshake_timeout": "20s"})
     held = [connect(d), connect(d)]
     try:
@@ -440,8 +440,8 @@ def test_hello_version_must_be_the_integer(served_limits, version):
 
 
 @pytest.fixture
-def served_limits(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"max_region_size": 4 << 20})
+def served_limits(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", config={"max_region_size": 4 << 20})
     good = GoodClient(d)
     try:
         yield d, good

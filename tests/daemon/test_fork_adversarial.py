@@ -369,21 +369,21 @@ def _assert_storm(result: dict) -> None:
     assert result["writes"] > 0 and result["status_requests"] > 0, result
 
 
-def test_fork_storm_under_reclaim(heavy_backing, start_daemon):
+def test_fork_storm_under_reclaim(engine_backing, start_daemon):
     """20 forks while 3 threads rewrite pages under heavy reclaim and a 4th
     sends requests; children check their snapshot word by word, write, nest
     3 deep, or are killed at once or after their check."""
-    d = start_daemon(heavy_backing, store_size="64M", max_resident="1M")
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     result = run_scenario(__name__, d, "storm", 384, timeout=120)
     _assert_storm(result)
     wait_forks_released(d)
 
 
-def test_fork_storm_while_store_fails_writes(heavy_backing, start_daemon):
+def test_fork_storm_while_store_fails_writes(engine_backing, start_daemon):
     """The same with the store failing every write for the first half of the forks.
     (The failures are the injector's, whose store I/O is the same Python
     path on both stores: the file store in CI, both with USWAP_SOAK.)"""
-    d = start_daemon(heavy_backing, store_size="64M", max_resident="1M", inject={"fail_writes": ["EIO"]})
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={"fail_writes": ["EIO"]})
     result = run_scenario(__name__, d, "storm_inject", 512, timeout=120)
     _assert_storm(result)
     assert result["write_errors_while_failing"] > 0, result  # the forks did meet failing writes

@@ -33,9 +33,9 @@ MAX_REGION = 4 << 20  # max_region_size of the daemons below (the good client us
 # ----------------------------------------------------------------- the daemon under test
 
 @pytest.fixture
-def served(backing, start_daemon):
+def served(engine_backing, start_daemon):
     """A daemon (max_region_size 4 MiB) with a good client holding a region."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M",
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M",
                      config={"max_region_size": MAX_REGION})
     good = GoodClient(d)
     try:
@@ -422,8 +422,8 @@ except uswap.UswapError as e:
 """ + REWRITE_AND_COUNT
 
 
-def test_same_region_sent_twice(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+def test_same_region_sent_twice(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     try:
         res = subprocess.run([sys.executable, "-c", TWICE, d.socket], capture_output=True, text=True,
                              cwd=REPO, timeout=60)
@@ -458,8 +458,8 @@ except uswap.UswapError as e:
 
 
 @pytest.mark.parametrize("offset,size", [(0, 4 << 20), (1 << 20, 1 << 20)], ids=["same-range", "sub-range"])
-def test_region_range_sent_again_with_another_memfd(backing, start_daemon, offset, size):
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+def test_region_range_sent_again_with_another_memfd(engine_backing, start_daemon, offset, size):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     proc = subprocess.Popen([sys.executable, "-c", TWICE_OTHER_MEMFD, d.socket, str(offset), str(size)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -496,8 +496,8 @@ print("bad pages", int(np.count_nonzero(a[:, 0] != ids + 1)), flush=True)
 """
 
 
-def test_refused_alloc_keeps_the_clients_other_regions(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"max_region_size": MAX_REGION})
+def test_refused_alloc_keeps_the_clients_other_regions(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", config={"max_region_size": MAX_REGION})
     proc = subprocess.Popen([sys.executable, "-c", REFUSED_THEN_USE, d.socket, str(4 * MAX_REGION)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -512,9 +512,9 @@ def test_refused_alloc_keeps_the_clients_other_regions(backing, start_daemon):
     assert d.proc.poll() is None
 
 
-def test_inject_with_malformed_spec(backing, start_daemon):
+def test_inject_with_malformed_spec(engine_backing, start_daemon):
     """The (test-only) inject op: a malformed spec is refused, not fatal."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={},
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={},
                      config={"max_region_size": MAX_REGION})
     good = GoodClient(d)
     try:

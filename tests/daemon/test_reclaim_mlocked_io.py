@@ -94,10 +94,10 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def test_mlocked_buffer_under_o_direct_reads_is_never_evicted(heavy_backing, start_daemon, tmp_path):
+def test_mlocked_buffer_under_o_direct_reads_is_never_evicted(engine_backing, start_daemon, tmp_path):
     datafile = tmp_path / "data"
     datafile.write_bytes(os.urandom(CHUNKS * LOCKED_PAGES * 4096))   # on the root fs: O_DIRECT is real
-    d = start_daemon(heavy_backing, store_size="64M", max_resident="1M")
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     c = Workload.script(CLIENT, d.socket, datafile, 1024, LOCKED_PAGES, CHUNKS, 90)
     try:
         assert c.next(30) == {"ready": True}

@@ -256,7 +256,7 @@ def _scatter_dirty(c: Workload, gen: int, lo: int, hi: int) -> list[int]:
     return scattered
 
 
-def test_stream_windows_over_dirty_pages_with_corrupt_reads_fork_and_discard(heavy_backing, start_daemon):
+def test_stream_windows_over_dirty_pages_with_corrupt_reads_fork_and_discard(engine_backing, start_daemon):
     """Slow reads keep several windows in flight over dirty resident pages
     (read through, never mapped over). Round 1: every store read is
     corrupted while the stream runs (each window's own pages fail their
@@ -264,7 +264,7 @@ def test_stream_windows_over_dirty_pages_with_corrupt_reads_fork_and_discard(hea
     touched), then reads heal. Round 2: the client forks while its stream's
     windows are in flight and the child checks every page. Round 3: a range
     in the middle of the windows in flight is discarded."""
-    d, c = _stream_daemon(heavy_backing, start_daemon, {"read_delay": 0.02})
+    d, c = _stream_daemon(engine_backing, start_daemon, {"read_delay": 0.02})
     try:
         _scatter_dirty(c, 1, 0, PASS)
         _quiet(d)

@@ -58,12 +58,12 @@ def test_shared_pages_race_with_slow_writeback(backing, start_daemon):
     assert "invariant 3 broken" not in text
 
 
-def test_partitioned_random_passes_over_8x_budget(heavy_backing, start_daemon):
+def test_partitioned_random_passes_over_8x_budget(engine_backing, start_daemon):
     """4 threads, each its own pages, in random order, 3 passes over a region
     8x the budget, with slightly slow writes: each pass verifies the previous
     one's stamps. (Delayed by the injector, whose store I/O is the same
     Python path on both stores: the file store in CI, both with USWAP_SOAK.)"""
-    d = start_daemon(heavy_backing, store_size="64M", max_resident="1M", inject={"write_delay": 0.002})
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={"write_delay": 0.002})
     lines, samples = run_sampled(d, "--size", "8M", "--threads", "4", "--order", "random", "--passes", "3",
                                  timeout=90)
     assert [x["errors"] for x in lines if "pass" in x] == [0, 0, 0], lines

@@ -232,12 +232,12 @@ ROGUE = textwrap.dedent("""
 """)
 
 
-def test_client_unmapping_its_region_under_faults(heavy_backing, start_daemon):
+def test_client_unmapping_its_region_under_faults(engine_backing, start_daemon):
     """A client that munmaps its region while its threads fault on it must not
     take the daemon down (the kernel answers the daemon's ioctls on that range
     with EAGAIN while the unmap is in progress, then ENOENT): the daemon keeps
     serving another client, whose stamps all verify."""
-    d = start_daemon(heavy_backing, store_size="64M", max_resident="1M", inject={})
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={})
     b = Workload(d.socket, "--size", "2M", "--passes", "30", "--threads", "2")
     outcomes = []
     try:
