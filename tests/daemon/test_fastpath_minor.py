@@ -195,13 +195,13 @@ FORKER = COMMON + textwrap.dedent("""
 
 
 @pytest.mark.deadline(300)
-def test_b_fork_snapshot_survives_fast_minor_faults(backing, start_daemon):
+def test_b_fork_snapshot_survives_fast_minor_faults(engine_backing, start_daemon):
     """(b) A dirty parent page a child still reads must stay write-protected
     after a MINOR fault: the parent's write then copies it into the child
     first. A clean one the child shares by slot must be write-protected too,
     or the parent's write never reaches the store."""
     npages, chunk = 4 * BUDGET_PAGES, 32
-    d = start_daemon(backing, store_size="64M", max_resident=BUDGET)
+    d = start_daemon(engine_backing, store_size="64M", max_resident=BUDGET)
     before, after, res = _run_script(d, FORKER, npages, chunk)
     assert res["bad"] == {"parent_before": 0, "parent_pass": 0, "parent_end": 0} and res["child"] == 0, \
         (res, after)
@@ -358,12 +358,12 @@ DISCARDER = COMMON + textwrap.dedent("""
 
 
 @pytest.mark.deadline(300)
-def test_d_discard_racing_fast_minor_faults(backing, start_daemon):
+def test_d_discard_racing_fast_minor_faults(engine_backing, start_daemon):
     """(d) Discards of a range while other threads drop and read its pages:
     a fast-path MINOR fault never maps a page being discarded or punched
     over the zeros, nor an older generation over the newest write."""
     npages, dlen, rounds = 4 * BUDGET_PAGES, 64, 150
-    d = start_daemon(backing, store_size="64M", max_resident=BUDGET)
+    d = start_daemon(engine_backing, store_size="64M", max_resident=BUDGET)
     before, after, res = _run_script(d, DISCARDER, npages, dlen, rounds)
     assert res["bad"] == {"discarder": 0, "readers": 0, "writer": 0, "end": 0}, (res, after)
     assert res["reads"] > 1000, res

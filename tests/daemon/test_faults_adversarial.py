@@ -113,12 +113,12 @@ def _good_client(d) -> Workload:
 
 @pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
 @pytest.mark.parametrize("mode", ["vma", "mlock"])
-def test_churning_client_keeps_its_data_and_stalls_nobody(backing, start_daemon, mode, fault_threads):
+def test_churning_client_keeps_its_data_and_stalls_nobody(engine_backing, start_daemon, mode, fault_threads):
     """Four threads write and verify a region under heavy reclaim while a
     fifth splits and merges its VMAs; a well-behaved client runs alongside
     and must finish. Both stores: the loads' timing against the churn
     differs."""
-    _churn(start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads}), mode)
+    _churn(start_daemon(engine_backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads}), mode)
 
 
 @pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
@@ -187,10 +187,10 @@ HOG = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("how", ["drop", "own"])
-def test_client_unregistering_its_region_stalls_nobody(backing, start_daemon, how):
+def test_client_unregistering_its_region_stalls_nobody(engine_backing, start_daemon, how):
     """The hog's pages fill the budget; a well-behaved client can only run
     if reclaim gets past pages it can no longer write-protect."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     hog = Workload.script(HOG, d.socket, how, 256)
     good = None
     try:

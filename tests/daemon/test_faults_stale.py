@@ -80,8 +80,8 @@ DROPPER = textwrap.dedent("""
 """)
 
 
-def test_minor_fault_on_a_page_punched_meanwhile(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+def test_minor_fault_on_a_page_punched_meanwhile(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     c = Workload.script(DROPPER, d.socket, 2048, 12)
     try:
         c.next(30)
@@ -124,8 +124,8 @@ INTRUDER = textwrap.dedent("""
 """)
 
 
-def test_page_written_into_the_memfd_never_beats_the_slot_copy(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+def test_page_written_into_the_memfd_never_beats_the_slot_copy(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     c = Workload.script(INTRUDER, d.socket, 1024, 700)
     try:
         c.next(30)

@@ -68,8 +68,8 @@ SPLITTER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
-def test_split_region_is_served_across_vma_boundaries(backing, start_daemon, fault_threads):
-    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
+def test_split_region_is_served_across_vma_boundaries(engine_backing, start_daemon, fault_threads):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
     c = Workload.script(SPLITTER, d.socket, 2048)
     try:
         first = c.next(30)
@@ -161,13 +161,13 @@ def _settled(d):
 
 
 @pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
-def test_unmapping_part_forgets_only_that_part(backing, start_daemon, fault_threads):
+def test_unmapping_part_forgets_only_that_part(engine_backing, start_daemon, fault_threads):
     """munmap of a middle part under reclaim: the region stays served (the
     daemon used to close it, and the client hung on its evicted pages), the
     unmapped pages' slots are freed, accounting stays exact, and a mapping
     grown back in place over the hole reads zeros, then holds new writes."""
     npages, lo, hi = 2048, 512, 1536
-    d = start_daemon(backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", config={"fault_threads": fault_threads})
     c = Workload.script(UNMAPPER, d.socket, npages, lo, hi)
     try:
         c.next(60)
