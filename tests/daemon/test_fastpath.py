@@ -372,7 +372,7 @@ def finish_without_fatal_errors(d) -> None:
 
 # --------------------------------------------------------------- a. stress
 
-def test_fast_path_stress_with_client_death(backing, start_daemon):
+def test_fast_path_stress_with_client_death(engine_backing, start_daemon):
     """Three clients, 6x the budget between them, four threads each, random
     reads and writes of stamped pages (one client in lockstep pairs on the
     same pages), so fast-path swap-ins, the engine's faults, reclaim,
@@ -380,7 +380,7 @@ def test_fast_path_stress_with_client_death(backing, start_daemon):
     SIGKILLed while one of its threads sleeps in a fault. Every read is
     checked as it happens and every page at the end; status samples all
     through must audit exactly and stay within the budget."""
-    d = start_daemon(backing, store_size="128M", max_resident="4M", config={"fault_threads": 2})
+    d = start_daemon(engine_backing, store_size="128M", max_resident="4M", config={"fault_threads": 2})
     clients: list[FpClient] = []
     sampler = None
     try:
@@ -439,14 +439,14 @@ def test_fast_path_stress_with_client_death(backing, start_daemon):
     finish_without_fatal_errors(d)
 
 
-def test_fast_path_region_unmapped_under_faults(backing, start_daemon):
+def test_fast_path_region_unmapped_under_faults(engine_backing, start_daemon):
     """Clients whose four threads fault at random on swapped pages (fast-path
     swap-ins) munmap their region without closing it: UFFD_EVENT_UNMAP comes
     through the fast path's threads while its loads for the range are in
     flight, and those loads' COPYs fail. Each region must be released
     completely, the daemon must stay up, and a client running all along must
     see every one of its values."""
-    d = start_daemon(backing, store_size="96M", max_resident="2M")
+    d = start_daemon(engine_backing, store_size="96M", max_resident="2M")
     survivor = FpClient(d.socket, 1024, threads=2, seed=11)
     outcomes = []
     try:

@@ -82,8 +82,8 @@ def read_int(path: str, name: str) -> int:
 
 
 @pytest.mark.parametrize("fault_threads", [0, 4], ids=["engine-only", "fast-path"])
-def test_zero_fill_cut_short_by_the_clients_memory_limit(backing, start_daemon, memcg, fault_threads):
-    d = start_daemon(backing, store_size="64M", max_resident="64M", config={"fault_threads": fault_threads})
+def test_zero_fill_cut_short_by_the_clients_memory_limit(engine_backing, start_daemon, memcg, fault_threads):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="64M", config={"fault_threads": fault_threads})
     c = Workload.script(CLIENT, d.socket, memcg, PAGES)
     try:
         assert c.next(30) == {"ready": True}

@@ -44,8 +44,8 @@ ROGUE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fault_threads", [4, 0], ids=["fast-path", "engine-only"])
-def test_client_clearing_o_nonblock_stalls_nobody(backing, start_daemon, fault_threads):
-    d = start_daemon(backing, store_size="64M", max_resident="2M", config={"fault_threads": fault_threads})
+def test_client_clearing_o_nonblock_stalls_nobody(engine_backing, start_daemon, fault_threads):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="2M", config={"fault_threads": fault_threads})
     rogue = Workload.script(ROGUE, d.socket)
     good = None
     try:

@@ -417,16 +417,16 @@ def run_fork_scenario(d, name: str, size: int, timeout: float = 300) -> dict:
     return result
 
 
-def test_child_reading_every_8th_page_leaves_parent_intact(backing, start_daemon):
-    d = start_daemon(backing, store_size="256M", max_resident="16M")
+def test_child_reading_every_8th_page_leaves_parent_intact(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="256M", max_resident="16M")
     result = run_fork_scenario(d, "issue", 64 << 20)
     assert result["child"] == 0, result
     assert result["parent_bad"] == 0, result
     wait_forks_released(d)
 
 
-def test_writes_after_fork_stay_on_their_side(backing, start_daemon):
-    d = start_daemon(backing, store_size="256M", max_resident="16M")
+def test_writes_after_fork_stay_on_their_side(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="256M", max_resident="16M")
     result = run_fork_scenario(d, "private", 48 << 20)
     assert result["parent_bad_after_child_write"] == 0, result
     assert result["child"] == 0, result
@@ -434,8 +434,8 @@ def test_writes_after_fork_stay_on_their_side(backing, start_daemon):
     wait_forks_released(d)
 
 
-def test_child_killed_mid_write_changes_nothing(backing, start_daemon):
-    d = start_daemon(backing, store_size="256M", max_resident="16M")
+def test_child_killed_mid_write_changes_nothing(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="256M", max_resident="16M")
     result = run_fork_scenario(d, "killed", 32 << 20)
     assert result["child"] == -signal.SIGKILL, result
     assert result["parent_bad"] == 0, result
@@ -524,8 +524,8 @@ def test_bad_fork_requests_get_clear_errors(file_backing, start_daemon):
     wait_forks_released(d)
 
 
-def test_child_reads_after_parent_closed(backing, start_daemon):
-    d = start_daemon(backing, store_size="256M", max_resident="16M")
+def test_child_reads_after_parent_closed(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="256M", max_resident="16M")
     result = run_fork_scenario(d, "parent_closes", 32 << 20)
     assert result["child"] == 0, result
     assert result["copied"] > 0, result  # the parent's dirty resident pages went to the child

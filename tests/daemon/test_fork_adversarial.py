@@ -390,12 +390,12 @@ def test_fork_storm_while_store_fails_writes(engine_backing, start_daemon):
     wait_forks_released(d)
 
 
-def test_child_touching_pages_copied_at_fork_under_reclaim(backing, start_daemon):
+def test_child_touching_pages_copied_at_fork_under_reclaim(engine_backing, start_daemon):
     """The child's first touch of a page copied in for it, racing reclaim of
     that page: every child reads its snapshot and exits (before the fix, a
     stale MINOR fault on the dropped page closed the child's region and the
     child hung)."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M")
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M")
     result = run_scenario(__name__, d, "copied_then_reclaimed", 1000, timeout=120)
     assert result["children"] == [0] * 8, (result, d.log_text()[-2000:])
     assert result["audit"]["charged_ok"] and result["audit"]["slots_ok"], result

@@ -32,8 +32,8 @@ def logged(d, text: str):
     return lambda: text in d.log_text()
 
 
-def test_sighup_lowers_the_budget_and_the_pages_stay_right(backing, start_daemon):
-    d = start_daemon(backing, store_size="128M", max_resident=None,
+def test_sighup_lowers_the_budget_and_the_pages_stay_right(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="128M", max_resident=None,
                      config={"max_resident": "32M"})
     with uswap.connect(d.socket) as c:
         region = c.alloc(24 * MIB)

@@ -61,7 +61,7 @@ def test_a_share_is_kept_while_the_engine_is_idle(file_backing, start_daemon):
     assert d.stop() == 0
 
 
-def test_shares_under_reclaim_two_uids_mlock_and_fork(backing, open_dir):
+def test_shares_under_reclaim_two_uids_mlock_and_fork(engine_backing, open_dir):
     """Two uids past their shares and the budget at once: uid A (another
     user, two connections) allocating, verifying and freeing regions while
     root rewrites random pages of a region with an mlocked range and a
@@ -70,7 +70,7 @@ def test_shares_under_reclaim_two_uids_mlock_and_fork(backing, open_dir):
     page of every region reads back what was written, the engine's audit of
     charged pages and slots is exact and no transition is illegal."""
     path, daemons = open_dir
-    d = DaemonProc(path, backing, store_size="256M", max_resident="24M",
+    d = DaemonProc(path, engine_backing, store_size="256M", max_resident="24M",
                    config={"socket_mode": "0666", "max_resident_per_uid": "8M"})
     daemons.append(d)
     a = UidClient(d.socket, UID_A)

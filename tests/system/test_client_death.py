@@ -68,12 +68,12 @@ def test_sigkill_with_writes_in_flight_frees_slots_after_they_return(backing, st
     assert "invariant 3 broken" not in text
 
 
-def test_sigkill_with_many_reads_queued(backing, start_daemon):
+def test_sigkill_with_many_reads_queued(engine_backing, start_daemon):
     """24 threads fault on swapped pages at once while every read takes 0.3 s:
     more reads than the daemon has buffers, so some wait in its queue. Killing
     the client must uncharge all of them and release the region, and the
     daemon must still drain and exit on SIGTERM."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={})
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={})
     a = Workload(d.socket, "--size", "8M", "--passes", "2", "--threads", "24", "--order", "random")
     try:
         info = a.next(20)
@@ -103,11 +103,11 @@ def test_sigkill_with_many_reads_queued(backing, start_daemon):
     assert "Traceback" not in d.log_text(), d.log_text()[-5000:]
 
 
-def test_clients_killed_while_the_store_fails(backing, start_daemon):
+def test_clients_killed_while_the_store_fails(engine_backing, start_daemon):
     """A client stalled on failing reads, and another whose writes fail, are
     killed: their regions are still released completely (the read retry and
     the failed writes find the region closed), and the daemon goes on."""
-    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={},
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={},
                      config={"read_retry_min": "10ms", "read_retry_max": "100ms",
                              "write_retry_min": "10ms", "write_retry_max": "100ms",
                              "slot_quarantine": "0.5s"})
@@ -307,8 +307,8 @@ PARKED = textwrap.dedent("""
 """)
 
 
-def test_fault_parked_on_an_unmapped_region_is_woken(backing, start_daemon):
-    d = start_daemon(backing, store_size="64M", max_resident="1M", inject={})
+def test_fault_parked_on_an_unmapped_region_is_woken(engine_backing, start_daemon):
+    d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={})
     rogue = subprocess.Popen([sys.executable, "-c", PARKED, d.socket], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
