@@ -1,12 +1,15 @@
 """A stamping client for integration tests, run as its own process:
 
     python -m tests.workload --socket S --size 256M --passes 3 [--threads 4] [--shared]
+                             [--until-told] [--hold]
 
 Every page carries (page number, version, check word) in words [0..2] for
 the writer of the page (partitioned mode), or in word 8*t for thread t of
 --shared mode, where all threads write the same pages. Each pass verifies
-what the previous pass wrote, then writes the next version. Exits 0 when
-every check passed; prints one JSON line per pass and a final JSON summary.
+what the previous pass wrote, then writes the next version. With
+--until-told the passes end early, with the one under way, once a line
+comes on stdin. Exits 0 when every check passed; prints one JSON line per
+pass and a final JSON summary.
 """
 from __future__ import annotations
 
@@ -29,11 +32,24 @@ def stamp(page_ids: np.ndarray, version: int) -> np.ndarray:
     return (page_ids.astype(np.uint64) * np.uint64(1_000_003)) ^ MAGIC ^ np.uint64(version)
 
 
-def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: int, out) -> int:
+def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: int, out,
+                    told: threading.Event | None = None) -> tuple[int, int]:
+    """Up to `passes` passes (fewer once `told` is set: the passes end with
+    the one under way); the errors and the passes made."""
     npages = a.shape[0]
     errors = [0] * threads
     parts = np.array_split(np.arange(npages), threads)
-    barrier = threading.Barrier(threads)
+    # Whether to stop after this pass is decided once per pass, by the
+    # barrier's action while every thread waits in it: all threads read the
+    # same answer (each reading `told` itself could split them, one left
+    # waiting for ever at the next barrier).
+    done = [0, False]  # passes made, stop now
+
+    def end_of_pass() -> None:
+        done[0] += 1
+        done[1] = told is not None and told.is_set()
+    barrier = threading.Barrier(threads)  # every thread's part written and checked
+    pass_end = threading.Barrier(threads, action=end_of_pass)  # the pass line printed
 
     def worker(t: int) -> None:
         rng = np.random.default_rng(seed + t)
@@ -52,7 +68,9 @@ def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: 
             barrier.wait()
             if t == 0:
                 print(json.dumps({"pass": v, "errors": sum(errors), "t": time.time()}), file=out, flush=True)
-            barrier.wait()
+            pass_end.wait()
+            if done[1]:
+                break
 
     ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for th in ts:
@@ -60,9 +78,10 @@ def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: 
     for th in ts:
         th.join()
     # Final check of the last version everywhere.
+    made = done[0]
     ids = np.arange(npages)
-    ok = (a[:, 0] == ids) & (a[:, 1] == passes) & (a[:, 2] == stamp(ids, passes))
-    return sum(errors) + int(np.count_nonzero(~ok))
+    ok = (a[:, 0] == ids) & (a[:, 1] == made) & (a[:, 2] == stamp(ids, made))
+    return sum(errors) + int(np.count_nonzero(~ok)), made
 
 
 def run_shared(a: np.ndarray, seconds: float, threads: int, pages: int, seed: int, out) -> int:
@@ -107,6 +126,8 @@ def main() -> int:
     ap.add_argument("--shared", action="store_true")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--hold", action="store_true", help="after the run, wait for a line on stdin, verify again")
+    ap.add_argument("--until-told", action="store_true",
+                    help="partitioned mode: end with the pass under way once a line comes on stdin (at most --passes)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", help="the client's name in the daemon's status (default: the process's)")
     args = ap.parse_args()
@@ -118,13 +139,17 @@ def main() -> int:
         if args.shared:
             errors = run_shared(a, args.seconds, args.threads, a.shape[0], args.seed, sys.stdout)
         else:
-            errors = run_partitioned(a, args.passes, args.threads, args.order, args.seed, sys.stdout)
+            told = None
+            if args.until_told:
+                told = threading.Event()
+                threading.Thread(target=lambda: (sys.stdin.readline(), told.set()), daemon=True).start()
+            errors, made = run_partitioned(a, args.passes, args.threads, args.order, args.seed, sys.stdout, told)
         if args.hold:
             print(json.dumps({"holding": True}), flush=True)
             sys.stdin.readline()
             ids = np.arange(a.shape[0])
             if not args.shared:
-                ok = (a[:, 0] == ids) & (a[:, 1] == args.passes) & (a[:, 2] == stamp(ids, args.passes))
+                ok = (a[:, 0] == ids) & (a[:, 1] == made) & (a[:, 2] == stamp(ids, made))
                 errors += int(np.count_nonzero(~ok))
         print(json.dumps({"done": True, "errors": errors}), flush=True)
         del a

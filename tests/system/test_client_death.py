@@ -238,7 +238,9 @@ def test_client_unmapping_its_region_under_faults(engine_backing, start_daemon):
     with EAGAIN while the unmap is in progress, then ENOENT): the daemon keeps
     serving another client, whose stamps all verify."""
     d = start_daemon(engine_backing, store_size="64M", max_resident="1M", inject={})
-    b = Workload(d.socket, "--size", "2M", "--passes", "30", "--threads", "2")
+    # B goes on until told (its passes cost 1-2 s each here: a fixed count
+    # either outlasts the rogues by tens of seconds or risks ending first).
+    b = Workload(d.socket, "--size", "2M", "--passes", "1000", "--until-told", "--threads", "2")
     outcomes = []
     try:
         b.next(20)
@@ -258,7 +260,9 @@ def test_client_unmapping_its_region_under_faults(engine_backing, start_daemon):
             status(d)  # still answers
         assert b.poll() is None, "B finished before the rogue clients were done"
         inject(d, {})
-        b.finish_ok(timeout=120)
+        b.send("stop\n")
+        lines = b.finish_ok(timeout=120)
+        assert all(x["errors"] == 0 for x in lines if "pass" in x), lines
     finally:
         b.kill()
     assert sum("unmapped" in out for _, out in outcomes) >= 4, outcomes
