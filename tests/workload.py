@@ -7,8 +7,8 @@ Every page carries (page number, version, check word) in words [0..2] for
 the writer of the page (partitioned mode), or in word 8*t for thread t of
 --shared mode, where all threads write the same pages. Each pass verifies
 what the previous pass wrote, then writes the next version. With
---until-told the passes end early, with the one under way, once a line
-comes on stdin. Exits 0 when every check passed; prints one JSON line per
+--until-told the run ends early once a line comes on stdin (the passes
+with the one under way). Exits 0 when every check passed; prints one JSON line per
 pass and a final JSON summary.
 """
 from __future__ import annotations
@@ -84,11 +84,13 @@ def run_partitioned(a: np.ndarray, passes: int, threads: int, order: str, seed: 
     return sum(errors) + int(np.count_nonzero(~ok)), made
 
 
-def run_shared(a: np.ndarray, seconds: float, threads: int, pages: int, seed: int, out) -> int:
-    """All threads hammer the same `pages` pages; thread t owns word 8*t of each
-    page and remembers the last value it wrote there. At the end every last
-    write must be there (the seed's race: a write during writeback is lost if
-    the page is dropped after it)."""
+def run_shared(a: np.ndarray, seconds: float, threads: int, pages: int, seed: int, out,
+               told: threading.Event | None = None) -> int:
+    """All threads hammer the same `pages` pages for `seconds` (less once
+    `told` is set); thread t owns word 8*t of each page and remembers the
+    last value it wrote there. At the end every last write must be there
+    (the seed's race: a write during writeback is lost if the page is
+    dropped after it)."""
     last = np.zeros((threads, pages), np.uint64)
     stop = time.monotonic() + seconds
     counts = [0] * threads
@@ -97,7 +99,7 @@ def run_shared(a: np.ndarray, seconds: float, threads: int, pages: int, seed: in
         rng = np.random.default_rng(seed + t)
         col = 8 * t
         n = 0
-        while time.monotonic() < stop:
+        while time.monotonic() < stop and not (told is not None and told.is_set()):
             for p in rng.integers(0, pages, 64):
                 n += 1
                 a[p, col] = n
@@ -127,7 +129,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--hold", action="store_true", help="after the run, wait for a line on stdin, verify again")
     ap.add_argument("--until-told", action="store_true",
-                    help="partitioned mode: end with the pass under way once a line comes on stdin (at most --passes)")
+                    help="end once a line comes on stdin: with the pass under way (at most --passes), or --shared's writes")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", help="the client's name in the daemon's status (default: the process's)")
     args = ap.parse_args()
@@ -136,13 +138,13 @@ def main() -> int:
         region = client.alloc(size)
         a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, WORDS)
         print(json.dumps({"region": region.id, "pages": a.shape[0]}), flush=True)
+        told = None
+        if args.until_told:
+            told = threading.Event()
+            threading.Thread(target=lambda: (sys.stdin.readline(), told.set()), daemon=True).start()
         if args.shared:
-            errors = run_shared(a, args.seconds, args.threads, a.shape[0], args.seed, sys.stdout)
+            errors = run_shared(a, args.seconds, args.threads, a.shape[0], args.seed, sys.stdout, told)
         else:
-            told = None
-            if args.until_told:
-                told = threading.Event()
-                threading.Thread(target=lambda: (sys.stdin.readline(), told.set()), daemon=True).start()
             errors, made = run_partitioned(a, args.passes, args.threads, args.order, args.seed, sys.stdout, told)
         if args.hold:
             print(json.dumps({"holding": True}), flush=True)

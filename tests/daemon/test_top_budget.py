@@ -83,9 +83,10 @@ def test_top_refuses_bad_arguments_and_a_missing_daemon(tmp_path):
 
 def test_budget_cut_with_a_workload_running(start_daemon, file_backing):
     d = start_daemon(file_backing, store_size="256M", max_resident="64M")
-    # Random writes over 48 MiB for 20 s; each thread checks its last write
-    # to every page at the end.
-    w = Workload(d.socket, "--size", "48M", "--shared", "--seconds", "20", "--threads", "2")
+    # Random writes over 32 MiB until told (at most 120 s); each thread
+    # checks its last write to every page at the end (through the 16 MiB
+    # budget: most of those seconds are that check's swap-ins).
+    w = Workload(d.socket, "--size", "32M", "--shared", "--seconds", "120", "--until-told", "--threads", "2")
     try:
         w.wait_line(lambda x: "region" in x, timeout=60)
         wait_for(lambda: d.status()["resident_bytes"] > 24 * M, 30, "the workload never grew past 24M")
@@ -101,6 +102,7 @@ def test_budget_cut_with_a_workload_running(start_daemon, file_backing):
         assert st["swapouts_total"] > 0
         assert w.poll() is None, "the workload ended before the budget cut was seen: nothing was tested"
         assert "budget: max_resident 64.0 MiB -> 16.0 MiB (set by uswap budget)" in d.log_text()
+        w.send("stop\n")
         lines = w.finish(120)
         assert w.proc.returncode == 0 and lines[-1] == {"done": True, "errors": 0}, lines
         assert any(x.get("writes", 0) > 0 and x.get("errors") == 0 for x in lines), lines
