@@ -64,6 +64,15 @@ PASS_TIMEOUT_S = 120.0
 READ_DELAY_S = 0.02
 WRITE_DELAY_S = 0.3
 
+# The daemons' slot_quarantine (default 30s): after a SIGKILL with writes in
+# flight the next daemon quarantines their slots (a dead write may still
+# land) until this long after its first accepted write, and finish()'s
+# wait_clean (no slot in use) waits for that. Here a late write is one the
+# reaped daemon had already handed to the kernel or the local NFS server
+# (milliseconds); at 30s the quarantine, not the test, was the ~30s of the
+# slow runs. Short, slot reuse after it is exercised too.
+SLOT_QUARANTINE = "3s"
+
 # Three clients of two regions of 512 KiB each: 3 MiB touched against a 512 KiB
 # budget, so most pages are on the store at any time.
 CLIENTS, REGIONS, PAGES = 3, 2, 128
@@ -84,7 +93,8 @@ def lineage(request, tmp_path, backing):
     fault injector enabled (and nothing injected until it says so)."""
     inject = {} if getattr(request.function, "uses_injector", False) else None
     # adopt_timeout as the default; a test rewrites it for the next start.
-    lin = Lineage(str(tmp_path), backing, max_resident="512K", config={"adopt_timeout": "120s"}, inject=inject)
+    lin = Lineage(str(tmp_path), backing, max_resident="512K",
+                  config={"adopt_timeout": "120s", "slot_quarantine": SLOT_QUARANTINE}, inject=inject)
     lin.start()
     yield lin
     if lin.d is not None:
@@ -332,7 +342,7 @@ def test_clients_leave_while_no_daemon_runs(lineage, start_clients, seed):
     clients.free_one(freeing)
     clients.kill_one(dead)
     freeing -= freeing > dead  # its index once the dead one is gone
-    lineage.d.write_config({"adopt_timeout": "5s"})
+    lineage.d.write_config({**lineage.config, "adopt_timeout": "5s"})
     restart_and_check(lineage, clients, rec, unclaimed=REGIONS)
     clients.wait_freed(freeing, timeout=30)
     waiting = status(lineage.d)["adoption_waiting"]
