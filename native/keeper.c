@@ -267,6 +267,12 @@ static int reconnect(struct us_keeper *k)
             pthread_mutex_lock(&k->mu);
             int adopted = adopt_all(k, fd);
             if (adopted > 0) {
+                /* The timeout bounded the keeper's own exchange (dial): the
+                 * connection is the client's now, whose replies may take
+                 * as long as the daemon needs (a free behind a slow store),
+                 * as on the connection it made itself. */
+                struct timeval none = { 0, 0 };
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
                 k->sock = fd;
                 k->new_sock = fd;
                 k->reconnects++;

@@ -96,7 +96,7 @@ def test_swapped_pages_survive_sigkill_and_restart(backing, start_daemon):
 
 
 BLOCKED = r"""
-import json, sys, threading
+import json, socket, struct, sys, threading
 import numpy as np
 import uswap
 sock = sys.argv[1]
@@ -110,6 +110,9 @@ sys.stdin.readline()
 print(json.dumps({"touching": True}), flush=True)
 value = int(a[0, 7])
 print(json.dumps({"value": value, "reconnects": c.reconnects}), flush=True)
+c.status()  # a request: the client takes the keeper's new connection
+sec, usec = struct.unpack("ll", c._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+print(json.dumps({"rcvtimeo": sec + usec / 1e6}), flush=True)
 c.close()
 print(json.dumps({"done": True}), flush=True)
 """
@@ -131,6 +134,9 @@ def test_thread_blocked_on_a_fault_is_served_by_the_successor(file_backing, star
         d.restart()
         line = w.wait_line(lambda l: "value" in l, 60)
         assert line == {"value": 5, "reconnects": 1}
+        # The keeper's 30 s receive timeout for its own exchange is gone
+        # from the connection the client took over: a slow reply waits.
+        assert w.wait_line(lambda l: "rcvtimeo" in l, 30) == {"rcvtimeo": 0}
         assert "reads_undone" in d.log_text()
     finally:
         w.finish_done(60, d)
