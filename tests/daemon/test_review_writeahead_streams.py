@@ -310,9 +310,12 @@ def test_client_killed_with_stream_windows_in_flight(file_backing, start_daemon)
     in flight over dirty resident pages: every page is uncharged, every
     slot freed, the audit exact. (The file store only: the windows' release
     is the engine's, the same for both stores, and CI time is counted.)"""
-    d, c = _stream_daemon(file_backing, start_daemon, {"read_delay": 0.2})
+    # Reads slow from the stream on: the scatter's 128 single-page reads at
+    # 0.2 s each were 26 of the test's 27 s.
+    d, c = _stream_daemon(file_backing, start_daemon, {})
     try:
         _scatter_dirty(c, 1, 0, PASS)
+        inject(d, {"read_delay": 0.2})
         _cmd(c, f"seqbg 0 {PASS}", "started")
         wait_for("several windows in flight", lambda: status(d)["reads_inflight"] > 1, timeout=30)
         os.kill(c.pid, signal.SIGKILL)
@@ -431,8 +434,11 @@ def test_stream_window_never_reads_a_slot_being_written(file_backing, start_daem
     write. The store must never see a read of a slot while a write to it is
     in flight (InjectingStore's reads_during_write, invariant 3 seen from
     the store), read-through or not."""
-    d = start_daemon(file_backing, store_size="12M", max_resident="8M",
-                     inject={"write_delay": 0.5, "read_delay": 0.01},
+    # The delays begin where the race does (the budget cut below): the fill
+    # and the discards at full speed. Writes of 0.25 s keep reclaim's writes
+    # in flight through the whole stream (0.5 s took 24 s for it).
+    delays = {"write_delay": 0.25, "read_delay": 0.01}
+    d = start_daemon(file_backing, store_size="12M", max_resident="8M", inject={},
                      config={"high_watermark": 0.8, "low_watermark": 0.75})
     c = Workload.script(CLIENT, d.socket, NPAGES_ST)
     try:
@@ -446,6 +452,7 @@ def test_stream_window_never_reads_a_slot_being_written(file_backing, start_daem
         assert st["store"]["inject"]["reads_during_write"] == 0, st
         # Reclaim writes (slow) into whatever is free, the holes included,
         # while the stream's windows read over them.
+        inject(d, delays)
         _budget(d, "5M")
         wait_for("writes in flight", lambda: status(d)["writeback_inflight"] > 0, timeout=30)
         try:
