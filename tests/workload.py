@@ -8,8 +8,10 @@ the writer of the page (partitioned mode), or in word 8*t for thread t of
 --shared mode, where all threads write the same pages. Each pass verifies
 what the previous pass wrote, then writes the next version. With
 --until-told the run ends early once a line comes on stdin (the passes
-with the one under way). Exits 0 when every check passed; prints one JSON line per
-pass and a final JSON summary.
+with the one under way); with --hold it waits for a line after the run,
+then verifies again (one or the other: both would read stdin). Exits 0
+when every check passed; prints one JSON line per pass and a final JSON
+summary.
 """
 from __future__ import annotations
 
@@ -133,6 +135,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--name", help="the client's name in the daemon's status (default: the process's)")
     args = ap.parse_args()
+    if args.until_told and args.hold:
+        ap.error("--until-told and --hold both wait for a line on stdin: give one of them")
     size = parse_size(args.size)
     with uswap.connect(args.socket, name=args.name) as client:
         region = client.alloc(size)
