@@ -80,10 +80,13 @@ def nfs_url():
 
 
 def _store_location(request, tmp_path, kind: str):
-    """A fresh store location of `kind` ("file" or "nfs"); an NFS store file
-    is removed after the test (pytest cleans tmp_path itself)."""
+    """A fresh store location of `kind` ("file" or "nfs"), removed after the
+    test whatever its outcome: a store is allocated whole, and a failing
+    test's tmp_path (kept, pyproject.toml) must not keep its gigabyte."""
     if kind == "file":
-        yield str(tmp_path / "swapfile")
+        path = tmp_path / "swapfile"
+        yield str(path)
+        path.unlink(missing_ok=True)
         return
     url = request.getfixturevalue("nfs_url")
     name = f"swap-{uuid.uuid4().hex[:12]}"
@@ -119,7 +122,8 @@ def engine_backing(request, tmp_path):
 
 @pytest.fixture
 def file_backing(tmp_path):
-    return str(tmp_path / "swapfile")
+    """A file store location, removed after the test (as _store_location)."""
+    yield from _store_location(None, tmp_path, "file")
 
 
 @pytest.fixture
