@@ -9,8 +9,8 @@ from uswap.daemon import pagetable as pt
 from uswap.daemon.victims import ACTIVE_SHARE, VictimQueue, choose_victims
 
 
-def region(npages: int) -> types.SimpleNamespace:
-    return types.SimpleNamespace(table=pt.PageTable(npages), closing=False)
+def region(npages: int, rid: int = 1) -> types.SimpleNamespace:
+    return types.SimpleNamespace(id=rid, table=pt.PageTable(npages), closing=False)
 
 
 def test_oldest_inactive_pages_go_first():
@@ -88,3 +88,62 @@ def test_peek_shows_the_next_victims_without_taking_them():
     assert list(pages) == [0, 1, 2, 5, 6, 7, 8, 9]
     taken = q.take([r], 8, tick=101)
     assert [int(p) for _, run in taken for p in run] == list(pages)
+
+
+class CountingSampler:
+    """Stands in for AccessSampler in this unit test of the queue's policy
+    (the real one, process_madvise on a client, is tests/daemon/test_sampling*):
+    every page counts as sampled and reachable."""
+
+    def __init__(self) -> None:
+        self.sampled = 0
+
+    def sample(self, region, pages: np.ndarray) -> bool:
+        self.sampled += len(pages)
+        return True
+
+
+def test_peek_counts_untouched_probation_pages_before_scanning_again():
+    """Background writeback peeks every CLEAN_STEP pages brought in, often for
+    more pages than the queue holds; the pages on probation, untouched since
+    sampled, are reclaim's next victims too. A peek that rescanned whenever
+    the queue alone was short sampled about twice the pages reclaim evicted
+    (a third of the engine thread under random swap-in)."""
+    r = region(4096)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(4096)
+    sampler = CountingSampler()
+    q = VictimQueue(batch=64, sampler=sampler)
+    first = q.peek([r], 256, tick=5000)          # the first scan: the oldest go unjudged
+    assert sum(len(p) for _, p in first) == 256
+    sampled = sampler.sampled
+    assert sampled > 0
+    queue = sum(len(p) for _, p, _ in q.pending)
+    taken = q.take([r], queue - 100, tick=5001)   # reclaim takes most of the queue
+    assert sum(len(p) for _, p in taken) == queue - 100
+    on_probation = np.sort(np.concatenate([p for p, _ in q.probation.values()]))
+    r.table.stamp[on_probation[0]] = 5002         # used since it was sampled
+    nxt = q.peek([r], 256, tick=5064)
+    assert sampler.sampled == sampled, "a peek with enough untouched pages on probation scanned and sampled again"
+    pages = np.concatenate([p for _, p in nxt])
+    assert len(pages) == 256
+    assert on_probation[0] not in pages
+    queued = np.concatenate([p for _, p, _ in q.pending])
+    assert len(queued) == 100 and set(queued) <= set(pages)  # the queue first, then probation's oldest
+    rest = np.setdiff1d(pages, queued)
+    assert list(rest) == list(on_probation[1:1 + len(rest)])
+
+
+def test_peek_scans_when_queue_and_probation_fall_short():
+    """What counts is the pages still usable: a queue as long as the peek
+    wants but used since (the old rule counted its length) is no victim."""
+    r = region(1024)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(1024)
+    sampler = CountingSampler()
+    q = VictimQueue(batch=16, sampler=sampler)
+    q.peek([r], 32, tick=2000)
+    sampled = sampler.sampled
+    r.table.stamp[:] = 2001                       # every page used since
+    q.peek([r], 32, tick=2001)
+    assert sampler.sampled > sampled
