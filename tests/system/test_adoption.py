@@ -412,6 +412,40 @@ def test_writes_of_a_freed_region_in_flight_at_death_keep_their_slots_quarantine
     assert d.stop() == 0
 
 
+def test_quarantine_is_held_through_two_deaths_and_a_drain(file_backing, start_daemon):
+    """Quarantined slots are named by no page table, so a successor that
+    died in turn left nothing saying they were held: the third daemon handed
+    them out while a late write of the first (nfs://) could still land in
+    them. The quarantine is kept in the state directory (quarantine.json),
+    held again by every successor, and kept through a drain for this store's
+    next daemon."""
+    import uswap
+    # As the freed-region test above: writes of a freed region in flight at death.
+    d = start_daemon(file_backing, store_size="64M", max_resident="64M", inject={"write_delay": 30},
+                     config={"max_resident_per_uid": "4M"})
+    with uswap.connect(d.socket) as c:
+        r = c.alloc(8 << 20)
+        r.buf[:] = b"\x5a" * r.size
+        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
+        r.close()
+        assert d.kill() == -signal.SIGKILL
+    d.restart()
+    held = d.status()["store"]["quarantined_bytes"]
+    assert held > 0
+    assert d.kill() == -signal.SIGKILL  # the successor dies too, within slot_quarantine
+    d.restart()
+    st = d.status()
+    assert st["store"]["quarantined_bytes"] == held, st["store"]
+    assert st["store"]["used_bytes"] >= held, st["store"]
+    assert_audit(st)
+    assert d.stop() == 0  # drained: nothing left to adopt, the quarantine stays
+    d.restart()
+    st = d.status()
+    assert st["store"]["quarantined_bytes"] == held, st["store"]
+    assert_audit(st)
+    assert d.stop() == 0
+
+
 def test_region_dropped_unclaimed_keeps_the_slots_of_its_dead_writes_quarantined(file_backing, start_daemon):
     """An orphan whose client never comes back, left with store writes in
     flight (slow by injection): dropped at adopt_timeout, but those slots

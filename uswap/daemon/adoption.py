@@ -97,6 +97,16 @@ class Adoption:
         """Take on every region the state directory holds, as orphans."""
         if self.statedir is None:
             return
+        # Slots the previous daemon held in quarantine (a write of its, or
+        # of a daemon before it, may still land there): held again, their
+        # clock started anew (writeback.py _persist_quarantine).
+        for slot, n in self.statedir.quarantine():
+            try:
+                self.slots.claim(np.arange(slot, slot + n))
+            except ValueError as e:
+                log.error("adoption: quarantined slots %d..%d of the previous daemon: %s", slot, slot + n - 1, e)
+                continue
+            self.writeback.quarantine_run(slot, n)
         for meta in self.statedir.orphans():
             rid = meta["id"]
             try:

@@ -11,12 +11,19 @@ clients can.
                           (Python or the fast path's C threads) is in the file
     DIR/region-ID.json    the region's metadata: id, addr, size, pages, the
                           owner's pid and uid, the memfd's (dev, inode)
+    DIR/quarantine.json   the slot runs held in quarantine (a write that
+                          failed, or that a dead daemon left in flight, may
+                          still land in them: nfs://), with the store they
+                          belong to; rewritten whenever the quarantine changes
 
 Order (invariant 9, docs/design.md): a region's table file is made before its
 metadata, and its metadata removed before its table file, so a metadata file
 always names a complete table; a table file without metadata is a leftover
 and is removed. Slot ownership is not stored: it is derived from the tables
-(the slots every table names), so it cannot disagree with them.
+(the slots every table names), so it cannot disagree with them -- except the
+quarantined slots, which no table names: they are kept in their own file, or
+a successor (or the successor's successor, after two deaths in a row) would
+hand out a slot that a late write of a dead daemon can still overwrite.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import re
 log = logging.getLogger("uswap.engine")
 
 STORE_FILE = "store.json"
+QUARANTINE_FILE = "quarantine.json"
 LOCK_FILE = "lock"
 META = re.compile(r"region-(\d+)\.json$")
 
@@ -89,6 +97,7 @@ class StateDir:
                 f" {store['url']} ({store['size_bytes']} bytes, id {store['id']}); start that store's"
                 " daemon on it, or use another --state-dir (removing it strands those clients)")
         _write_atomic(store_file, store)
+        self.store = store
 
     def meta_path(self, rid: int) -> str:
         return os.path.join(self.path, f"region-{rid}.json")
@@ -164,8 +173,36 @@ class StateDir:
             pass
         region.table.unlink()
 
+    def save_quarantine(self, runs: list[tuple[int, int]]) -> None:
+        """The slot runs ((first slot, count)) held in quarantine now."""
+        _write_atomic(os.path.join(self.path, QUARANTINE_FILE),
+                      {"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]})
+
+    def quarantine(self) -> list[tuple[int, int]]:
+        """The slot runs a previous daemon of this store held in quarantine
+        ([] if none, or if they were another store's, by url and header id:
+        a drained directory may serve another store next, and its slots are
+        not this one's; a size changed since keeps them)."""
+        path = os.path.join(self.path, QUARANTINE_FILE)
+        try:
+            with open(path) as f:
+                held = json.load(f)
+            mine = {k: self.store.get(k) for k in ("url", "id")}
+            if {k: (held.get("store") or {}).get(k) for k in mine} != mine:
+                return []  # another store (or this path made anew): its slots are not these
+            return [(int(s), int(n)) for s, n in held["runs"]]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            # Written atomically, so this is damage from outside: say so loudly.
+            log.error("adoption: %s cannot be read (%s): slots a late write of the previous daemon may still"
+                      " reach are not known to be held back", path, e)
+            return []
+
     def clear(self) -> None:
-        """After a drain: nothing is left to adopt; the directory may serve any store next."""
+        """After a drain: nothing is left to adopt; the directory may serve any
+        store next. The quarantine stays (this store's next daemon honours it;
+        another store's ignores it, see quarantine)."""
         for name in os.listdir(self.path):
             if META.match(name) or name.endswith(".table") or name == STORE_FILE:
                 try:

@@ -295,6 +295,18 @@ class Writeback:
         a dead daemon left in flight)."""
         self.quarantine.append(([time.monotonic(), None], slot, n))
         self.regions.stats["quarantined_slots"] += n
+        self._persist_quarantine()
+
+    def _persist_quarantine(self) -> None:
+        """Invariant 9 (docs/design.md), the quarantine's part: no table
+        names a quarantined slot, so the runs held are written to the state
+        directory whenever they change (statedir.py, atomically), and a
+        successor -- after one death or several in a row -- holds them again
+        (Adoption.load) instead of handing out a slot a late write of a dead
+        daemon can still overwrite."""
+        statedir = self.regions.statedir
+        if statedir is not None:
+            statedir.save_quarantine([(slot, n) for _, slot, n in self.quarantine])
 
     def expire_quarantine(self) -> None:
         """A quarantined run's clock starts at the first write the store
@@ -318,7 +330,10 @@ class Writeback:
             else:
                 keep.append((clock, slot, n))
                 waiting = waiting or since is None
+        freed = len(keep) < len(self.quarantine)
         self.quarantine = keep
+        if freed:
+            self._persist_quarantine()
         if waiting:
             self._probe_store(now)
 
