@@ -100,13 +100,15 @@ class Adoption:
         # Slots the previous daemon held in quarantine (a write of its, or
         # of a daemon before it, may still land there): held again, their
         # clock started anew (writeback.py _persist_quarantine).
+        held = []
         for slot, n in self.statedir.quarantine():
             try:
                 self.slots.claim(np.arange(slot, slot + n))
             except ValueError as e:
                 log.error("adoption: quarantined slots %d..%d of the previous daemon: %s", slot, slot + n - 1, e)
                 continue
-            self.writeback.quarantine_run(slot, n)
+            held.append((slot, n))
+        self.writeback.quarantine_runs(held)
         for meta in self.statedir.orphans():
             rid = meta["id"]
             try:
@@ -177,8 +179,7 @@ class Adoption:
         quarantine: the table's reference (claimed) goes to it, and the
         table names the slot no more."""
         wb = np.flatnonzero((table.state == pt.WRITEBACK) & (table.slot >= 0))
-        for s in table.slot[wb].tolist():
-            self.writeback.quarantine_run(s, 1)
+        self.writeback.quarantine_runs([(s, 1) for s in table.slot[wb].tolist()])
         table.slot[wb] = pt.NO_SLOT
 
     def _drop(self, rid: int) -> Orphan:

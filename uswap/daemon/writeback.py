@@ -293,8 +293,17 @@ class Writeback:
         data until a write the store accepts after now, plus slot_quarantine:
         a write to it may still land (a failed NFS write; adoption.py: a write
         a dead daemon left in flight)."""
-        self.quarantine.append(([time.monotonic(), None], slot, n))
-        self.regions.stats["quarantined_slots"] += n
+        self.quarantine_runs([(slot, n)])
+
+    def quarantine_runs(self, runs: list[tuple[int, int]]) -> None:
+        """quarantine_run for each (first slot, count), the state directory
+        written once for all of them (adoption quarantines thousands)."""
+        if not runs:
+            return
+        now = time.monotonic()
+        for slot, n in runs:
+            self.quarantine.append(([now, None], slot, n))
+            self.regions.stats["quarantined_slots"] += n
         self._persist_quarantine()
 
     def _persist_quarantine(self) -> None:
