@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -268,6 +269,50 @@ def test_region_not_reclaimed_in_time_is_dropped(file_backing, start_daemon, tmp
     assert_audit(st)
     assert "was not reclaimed within adopt_timeout" in d.log_text()
     assert json.loads(json.dumps(st))["adopted_regions_total"] == 0
+    assert d.stop() == 0
+
+
+def test_adopt_timeout_runs_from_the_first_successor_not_each(file_backing, start_daemon):
+    """A daemon that dies again before adopt_timeout does not restart the
+    orphans' clock: a daemon crash-looping faster than adopt_timeout kept a
+    dead client's region (and its slots) for ever."""
+    timeout = 6.0
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"adopt_timeout": f"{timeout}s"})
+    w = Workload.script(STAMPER, d.socket, 8)
+    w.wait_line(lambda l: l.get("stamped"), 60)
+    d.kill()
+    w.kill()  # dies while no daemon runs: nobody reclaims its region
+    d.restart()
+    first = d.status()["adoption_deadline_s"]
+    assert 0 < first <= timeout
+    t_first = time.monotonic()
+    # Half the time gone, the successor dies; the next one goes on from there.
+    wait_for("half of adopt_timeout gone", lambda: d.status()["adoption_deadline_s"] <= timeout / 2, 30)
+    d.kill()
+    d.restart()
+    st = d.status()
+    assert st["adoption_waiting"] == 1 and st["adoption_deadline_s"] <= timeout / 2, st
+    wait_for("region dropped", lambda: d.status()["adoption_dropped_total"] == 1, 30, interval=0.05)
+    # Dropped adopt_timeout after the first successor found it, not after the second started.
+    assert time.monotonic() - t_first < first + 2.0
+    assert_audit(d.status())
+    assert d.stop() == 0
+
+
+def test_a_reclaimed_region_is_an_orphan_no_more(file_backing, start_daemon):
+    """Once its client is back, a region's orphan clock is gone from its
+    metadata: a later death starts it anew (a stale one would drop a live
+    client's region at once)."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    with stamped_client(d, 8, 4) as w:
+        d.kill()
+        d.restart()
+        wait_for("region reclaimed", lambda: d.status()["adopted_regions_total"] == 1, 60)
+        metas = [f for f in os.listdir(d.state_dir) if f.startswith("region-") and f.endswith(".json")]
+        assert len(metas) == 1, metas
+        with open(os.path.join(d.state_dir, metas[0])) as f:
+            assert "orphaned_at" not in json.load(f)
+        check_all(w)
     assert d.stop() == 0
 
 

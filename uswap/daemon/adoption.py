@@ -130,6 +130,7 @@ class Adoption:
                 self.dropped += 1
                 continue
             self.orphans[rid] = Orphan(meta, table)
+            self.statedir.mark_orphaned(meta)
             self.regions.next_region_id = max(self.regions.next_region_id, rid + 1)
             if table.npages:
                 # The clock goes on from the dead daemon's: stamps stay comparable.
@@ -156,21 +157,38 @@ class Adoption:
             table.move(lost, pt.EMPTY)
 
     def start(self) -> None:
-        """The daemon is ready: the orphans' clock starts."""
+        """The daemon is ready: each orphan is dropped adopt_timeout after it
+        became one (statedir.mark_orphaned: at the first successor's start,
+        not at this one's)."""
         self.ready_at = time.monotonic()
         if not self.orphans:
             return
         pages = sum(o.table.npages for o in self.orphans.values())
         log.info("adoption: %d regions (%d pages) of the previous daemon wait for their clients"
-                 " (adopt_timeout %gs)", len(self.orphans), pages, self.cfg.adopt_timeout)
-        self.regions.after(self.cfg.adopt_timeout, self._expire)
+                 " (adopt_timeout %gs, the first dropped in %.1fs)", len(self.orphans), pages,
+                 self.cfg.adopt_timeout, self.deadline_s())
+        self._expire()
+
+    def deadline_s(self) -> float | None:
+        """Seconds until the first orphan is dropped (None: none waits)."""
+        if not self.orphans:
+            return None
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        first = min(float(o.meta["orphaned_at"]) for o in self.orphans.values())
+        return max(0.0, first + self.cfg.adopt_timeout - now)
 
     def _expire(self) -> None:
-        for rid in list(self.orphans):
+        """Drop the orphans whose time is up; look again when the next one's is."""
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        for rid in [rid for rid, o in self.orphans.items()
+                    if float(o.meta["orphaned_at"]) + self.cfg.adopt_timeout <= now]:
             orphan = self._drop(rid)
             log.warning("adoption: region %d (pid %s, %d bytes) was not reclaimed within adopt_timeout"
                         " %gs: dropped, its slots freed", rid, orphan.meta.get("pid"), orphan.meta.get("size"),
                         self.cfg.adopt_timeout)
+        left = self.deadline_s()
+        if left is not None:
+            self.regions.after(left, self._expire)
         self._maybe_done()
 
     def _quarantine_writes(self, table: pt.PageTable) -> None:
@@ -268,6 +286,7 @@ class Adoption:
             region.daddr = native.mmap_shared(memfd, region.size)
         except OSError as e:
             raise RegionRefused(f"adopt: cannot map the memfd: {e.strerror}") from None
+        self.statedir.adopted(meta)
         del self.orphans[region.id]
         self.resolve(region)
         self.adopted += 1
@@ -415,4 +434,5 @@ class Adoption:
     def status(self) -> dict:
         return {"adopted_regions_total": self.adopted, "adoption_waiting": len(self.orphans),
                 "adoption_dropped_total": self.dropped,
+                "adoption_deadline_s": None if (left := self.deadline_s()) is None else round(left, 3),
                 "adoption_seconds": None if self.seconds is None else round(self.seconds, 3)}

@@ -10,7 +10,8 @@ clients can.
                           memory-mapped, so every transition made in memory
                           (Python or the fast path's C threads) is in the file
     DIR/region-ID.json    the region's metadata: id, addr, size, pages, the
-                          owner's pid and uid, the memfd's (dev, inode)
+                          owner's pid and uid, the memfd's (dev, inode); an
+                          orphan's also when it became one (orphaned_at)
     DIR/quarantine.json   the slot runs held in quarantine (a write that
                           failed, or that a dead daemon left in flight, may
                           still land in them: nfs://), with the store they
@@ -32,6 +33,7 @@ import json
 import logging
 import os
 import re
+import time
 
 log = logging.getLogger("uswap.engine")
 
@@ -172,6 +174,26 @@ class StateDir:
         except FileNotFoundError:
             pass
         region.table.unlink()
+
+    def mark_orphaned(self, meta: dict) -> float:
+        """When the region became an orphan, on CLOCK_BOOTTIME (the clock every
+        process of this boot shares; the directory does not outlive the
+        boot): the first successor to find it notes the time in its
+        metadata, and later ones keep it, so adopt_timeout runs from then
+        and not anew at each start of a daemon that crash-loops."""
+        since = meta.get("orphaned_at")
+        if not isinstance(since, (int, float)):
+            since = time.clock_gettime(time.CLOCK_BOOTTIME)
+            meta["orphaned_at"] = since
+            _write_atomic(self.meta_path(meta["id"]), meta)
+        return float(since)
+
+    def adopted(self, meta: dict) -> None:
+        """The orphan's client is back: it is an orphan no more (a later death
+        starts its clock anew). Written before the region goes live, so a
+        death in between leaves at worst a fresh clock, never a stale one."""
+        if meta.pop("orphaned_at", None) is not None:
+            _write_atomic(self.meta_path(meta["id"]), meta)
 
     def save_quarantine(self, runs: list[tuple[int, int]]) -> None:
         """The slot runs ((first slot, count)) held in quarantine now."""
