@@ -275,8 +275,9 @@ def test_region_not_reclaimed_in_time_is_dropped(file_backing, start_daemon, tmp
 def test_adopt_timeout_runs_from_the_first_successor_not_each(file_backing, start_daemon):
     """A daemon that dies again before adopt_timeout does not restart the
     orphans' clock: a daemon crash-looping faster than adopt_timeout kept a
-    dead client's region (and its slots) for ever."""
-    timeout = 6.0
+    dead client's region (and its slots) for ever. (Each start still gives
+    clients a grace of 5 s, half of adopt_timeout here, to come back.)"""
+    timeout = 10.0
     d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"adopt_timeout": f"{timeout}s"})
     w = Workload.script(STAMPER, d.socket, 8)
     w.wait_line(lambda l: l.get("stamped"), 60)
@@ -284,17 +285,20 @@ def test_adopt_timeout_runs_from_the_first_successor_not_each(file_backing, star
     w.kill()  # dies while no daemon runs: nobody reclaims its region
     d.restart()
     first = d.status()["adoption_deadline_s"]
-    assert 0 < first <= timeout
     t_first = time.monotonic()
-    # Half the time gone, the successor dies; the next one goes on from there.
-    wait_for("half of adopt_timeout gone", lambda: d.status()["adoption_deadline_s"] <= timeout / 2, 30)
+    assert 0 < first <= timeout
+    # Some of the time gone, the successor dies; the next one goes on from there.
+    wait_for("some of adopt_timeout gone", lambda: d.status()["adoption_deadline_s"] <= timeout - 3, 30)
     d.kill()
     d.restart()
     st = d.status()
-    assert st["adoption_waiting"] == 1 and st["adoption_deadline_s"] <= timeout / 2, st
+    gone = time.monotonic() - t_first
+    assert st["adoption_waiting"] == 1, st
+    assert st["adoption_deadline_s"] <= max(first - gone, 5.0) + 0.5, (first, gone, st["adoption_deadline_s"])
     wait_for("region dropped", lambda: d.status()["adoption_dropped_total"] == 1, 30, interval=0.05)
-    # Dropped adopt_timeout after the first successor found it, not after the second started.
-    assert time.monotonic() - t_first < first + 2.0
+    # Dropped on the first successor's clock (or at the end of the second's
+    # grace), not adopt_timeout after the second started.
+    assert time.monotonic() - t_first < max(first, gone + 5.0) + 2.0
     assert_audit(d.status())
     assert d.stop() == 0
 

@@ -43,6 +43,13 @@ log = logging.getLogger("uswap.engine")
 # eviction of it is pending, no I/O of it will return.
 STALE_FLAGS = pt.F_WAITERS | pt.F_EVICT | pt.F_DISCARD
 
+# Each daemon start gives the orphans' clients at least this long (or half
+# of adopt_timeout, if less) to come back, whatever their clock says: while
+# no daemon ran, a live client could not reconnect (its keeper retries every
+# second at most, for 600 s), and dropping its region at once would lose its
+# memory. Short, so a daemon crash-looping still drops dead clients' regions.
+ADOPT_GRACE = 5.0
+
 
 class Orphan:
     """A region of a dead daemon waiting for its client."""
@@ -89,6 +96,7 @@ class Adoption:
         self.adopted = 0  # reclaimed by their clients: adopted_regions_total
         self.dropped = 0  # not reclaimed in time, or unusable
         self.ready_at: float | None = None
+        self.grace_until = float("inf")  # set by start (no orphan is dropped before)
         self.seconds: float | None = None  # ready -> the last orphan reclaimed (or dropped)
 
     # ---------------------------------------------------------------- at start
@@ -161,6 +169,7 @@ class Adoption:
         became one (statedir.mark_orphaned: at the first successor's start,
         not at this one's)."""
         self.ready_at = time.monotonic()
+        self.grace_until = time.clock_gettime(time.CLOCK_BOOTTIME) + min(ADOPT_GRACE, self.cfg.adopt_timeout / 2)
         if not self.orphans:
             return
         pages = sum(o.table.npages for o in self.orphans.values())
@@ -169,19 +178,22 @@ class Adoption:
                  self.cfg.adopt_timeout, self.deadline_s())
         self._expire()
 
+    def _deadline(self, orphan: Orphan) -> float:
+        """When the orphan is dropped (CLOCK_BOOTTIME): adopt_timeout after it
+        became one, and not before this start's grace (ADOPT_GRACE) is over."""
+        return max(float(orphan.meta["orphaned_at"]) + self.cfg.adopt_timeout, self.grace_until)
+
     def deadline_s(self) -> float | None:
         """Seconds until the first orphan is dropped (None: none waits)."""
         if not self.orphans:
             return None
         now = time.clock_gettime(time.CLOCK_BOOTTIME)
-        first = min(float(o.meta["orphaned_at"]) for o in self.orphans.values())
-        return max(0.0, first + self.cfg.adopt_timeout - now)
+        return max(0.0, min(map(self._deadline, self.orphans.values())) - now)
 
     def _expire(self) -> None:
         """Drop the orphans whose time is up; look again when the next one's is."""
         now = time.clock_gettime(time.CLOCK_BOOTTIME)
-        for rid in [rid for rid, o in self.orphans.items()
-                    if float(o.meta["orphaned_at"]) + self.cfg.adopt_timeout <= now]:
+        for rid in [rid for rid, o in self.orphans.items() if self._deadline(o) <= now]:
             orphan = self._drop(rid)
             log.warning("adoption: region %d (pid %s, %d bytes) was not reclaimed within adopt_timeout"
                         " %gs: dropped, its slots freed", rid, orphan.meta.get("pid"), orphan.meta.get("size"),
