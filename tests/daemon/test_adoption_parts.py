@@ -71,6 +71,37 @@ def test_state_dir_keeps_regions_and_refuses_another_store(tmp_path):
         os.close(memfd)
 
 
+def test_state_dir_keeps_the_orphan_clock_and_the_quarantine(tmp_path):
+    """An orphan's clock is noted once and kept (a time ahead of now, from
+    another boot, starts again); the quarantine is this store's only."""
+    import time
+    path = str(tmp_path / "state")
+    sd = StateDir(path, STORE)
+    memfd = os.memfd_create("t")
+    try:
+        sd.record(region(3, memfd), pid=42, uid=1000)
+        (meta,) = sd.orphans()
+        since = sd.mark_orphaned(meta)
+        assert abs(since - time.clock_gettime(time.CLOCK_BOOTTIME)) < 5
+        (again,) = sd.orphans()
+        assert again["orphaned_at"] == since and sd.mark_orphaned(again) == since
+        again["orphaned_at"] = since + 10 ** 6  # another boot's
+        assert sd.mark_orphaned(again) < since + 10
+        sd.adopted(again)
+        (live,) = sd.orphans()
+        assert "orphaned_at" not in live
+        sd.save_quarantine([(70, 2), (90, 1)])
+        os.close(sd.lock_fd)  # the daemon is gone; its successor reads them
+        successor = StateDir(path, STORE)
+        assert successor.quarantine() == [(70, 2), (90, 1)]
+        os.close(successor.lock_fd)
+    finally:
+        os.close(memfd)
+    sd2 = StateDir(str(tmp_path / "other"), dict(STORE, id="b2"))
+    os.replace(os.path.join(path, "quarantine.json"), os.path.join(sd2.path, "quarantine.json"))
+    assert sd2.quarantine() == []  # another store's slots
+
+
 def test_slots_claimed_from_tables_count_references():
     slots = SlotAllocator(64)
     parent = np.array([5, 6, 7, -1], np.int32)

@@ -182,10 +182,12 @@ class StateDir:
         metadata, and later ones keep it, so adopt_timeout runs from then
         and not anew at each start of a daemon that crash-loops."""
         since = meta.get("orphaned_at")
-        if not isinstance(since, (int, float)):
-            since = time.clock_gettime(time.CLOCK_BOOTTIME)
-            meta["orphaned_at"] = since
-            _write_atomic(self.meta_path(meta["id"]), meta)
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+        # A time ahead of now is from another boot (a state_dir kept on
+        # disk against the advice): the clock starts now.
+        if not isinstance(since, (int, float)) or since > now:
+            since = meta["orphaned_at"] = now
+            self._rewrite(self.meta_path(meta["id"]), meta, "the time the region was orphaned")
         return float(since)
 
     def adopted(self, meta: dict) -> None:
@@ -193,12 +195,22 @@ class StateDir:
         starts its clock anew). Written before the region goes live, so a
         death in between leaves at worst a fresh clock, never a stale one."""
         if meta.pop("orphaned_at", None) is not None:
-            _write_atomic(self.meta_path(meta["id"]), meta)
+            self._rewrite(self.meta_path(meta["id"]), meta, "that the region is adopted")
 
     def save_quarantine(self, runs: list[tuple[int, int]]) -> None:
         """The slot runs ((first slot, count)) held in quarantine now."""
-        _write_atomic(os.path.join(self.path, QUARANTINE_FILE),
-                      {"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]})
+        self._rewrite(os.path.join(self.path, QUARANTINE_FILE),
+                      {"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]},
+                      "the quarantined slots (a successor would not hold them)")
+
+    @staticmethod
+    def _rewrite(path: str, data: dict, what: str) -> None:
+        """_write_atomic for state that the daemon's own work does not wait
+        on: a failure (tmpfs full) is logged, and the file keeps what it held."""
+        try:
+            _write_atomic(path, data)
+        except OSError as e:
+            log.error("state_dir: cannot record %s in %s: %s", what, path, e.strerror)
 
     def quarantine(self) -> list[tuple[int, int]]:
         """The slot runs a previous daemon of this store held in quarantine
