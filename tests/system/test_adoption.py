@@ -602,3 +602,84 @@ def test_a_region_mapped_in_parts_is_adopted_after_a_handover(file_backing, star
     finally:
         w.kill()
     assert d.stop() == 0
+
+
+def _only_table(d: DaemonProc) -> pt.PageTable:
+    (meta_path,) = [os.path.join(d.state_dir, f) for f in os.listdir(d.state_dir)
+                    if f.startswith("region-") and f.endswith(".json")]
+    with open(meta_path) as f:
+        meta = json.load(f)
+    return pt.PageTable.load(meta_path[:-len(".json")] + ".table", meta["npages"])
+
+
+def _write_quarantine(d: DaemonProc, slots: np.ndarray) -> None:
+    """quarantine.json as a dead daemon of this store would have left it."""
+    with open(os.path.join(d.state_dir, "store.json")) as f:
+        store = json.load(f)
+    with open(os.path.join(d.state_dir, "quarantine.json"), "w") as f:
+        json.dump({"store": store, "runs": [[int(s), 1] for s in slots]}, f)
+
+
+def test_a_quarantine_file_naming_slots_a_table_names_holds_one_reference_each(file_backing, start_daemon):
+    """quarantine.json may name a slot a page table names too: a daemon
+    killed after it freed an expired run but before the file was rewritten,
+    and the slot since given to a page. The successor claims both
+    references; the quarantine's end drops its own only, so the page's copy
+    is neither freed nor lost, and the file is rewritten without it."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"slot_quarantine": "1s"})
+    with stamped_client(d, 8, 2) as w:
+        wait_for("writes ended", lambda: d.status()["writeback_inflight"] == 0, 60)
+        assert d.kill() == -signal.SIGKILL
+        table = _only_table(d)
+        slots = table.slot[np.flatnonzero(table.state == pt.SWAPPED)[:16]].copy()
+        del table
+        assert len(slots) == 16
+        _write_quarantine(d, slots)
+        d.restart()
+        st = d.status()
+        assert st["store"]["quarantined_bytes"] == 16 * 4096, st["store"]
+        assert_audit(st)
+        check_all(w)
+        wait_for("quarantine ended", lambda: d.status()["store"]["quarantined_bytes"] == 0, 30)
+        assert_audit(d.status())
+        check_all(w)
+        with open(os.path.join(d.state_dir, "quarantine.json")) as f:
+            assert json.load(f)["runs"] == []
+    st = d.status()
+    assert st["store"]["used_bytes"] == 0, st["store"]  # every reference dropped once, none twice
+    assert d.stop() == 0
+
+
+def test_a_quarantine_file_naming_the_slots_of_writes_in_flight_quarantines_them_twice(file_backing,
+                                                                                       start_daemon):
+    """A daemon killed between the quarantine of a failed write's slots
+    (persisted first) and its table's update: the successor finds the
+    slots in quarantine.json and under WRITEBACK pages, and holds each
+    twice (two references, two runs), all dropped when they end."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", inject={"write_delay": 30},
+                     config={"slot_quarantine": "1s"})
+    w = Workload.script(STAMPER, d.socket, 8)
+    try:
+        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
+        assert d.kill() == -signal.SIGKILL
+        table = _only_table(d)
+        slots = table.slot[np.flatnonzero((table.state == pt.WRITEBACK) & (table.slot >= 0))].copy()
+        del table
+        assert len(slots)
+        _write_quarantine(d, slots)
+        d.restart()
+        w.wait_line(lambda l: l.get("stamped"), 60)
+        check_all(w)
+        st = d.status()
+        assert st["store"]["quarantined_bytes"] == 2 * len(slots) * 4096, st["store"]
+        assert_audit(st)
+        wait_for("quarantine ended", lambda: d.status()["store"]["quarantined_bytes"] == 0, 30)
+        assert_audit(d.status())
+        check_all(w)
+        w.send("stop\n")
+        w.finish_done(60, d)
+    finally:
+        w.kill()
+    st = d.status()
+    assert st["store"]["used_bytes"] == 0, st["store"]
+    assert d.stop() == 0
