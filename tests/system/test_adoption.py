@@ -683,3 +683,50 @@ def test_a_quarantine_file_naming_the_slots_of_writes_in_flight_quarantines_them
     st = d.status()
     assert st["store"]["used_bytes"] == 0, st["store"]
     assert d.stop() == 0
+
+
+@pytest.mark.xfail(strict=True, reason="review20: Writeback._persist_quarantine (statedir.save_quarantine) lets"
+                   " an OSError escape: with the daemon's fd table full, the end of a quarantine (or a failed"
+                   " nfs:// write) opens quarantine.json.tmp, gets EMFILE, and the daemon dies")
+def test_the_quarantine_ends_with_the_daemon_out_of_fds(file_backing, start_daemon):
+    """The daemon lives through a full fd table (test_connections_limits.py:
+    refusals, never a crash). The quarantine is rewritten in the state
+    directory whenever it changes, which takes an fd: with none left, the
+    rewrite cannot be made, and the daemon must go on (the file then names
+    slots no longer held: a successor holds them a while longer, which is
+    safe) instead of dying."""
+    import socket
+
+    from uswap import protocol
+    d = start_daemon(file_backing, store_size="64M", max_resident="64M", inject={"write_delay": 30},
+                     nofile=(160, 160), config={"max_resident_per_uid": "4M", "slot_quarantine": "10s",
+                                                 "max_clients": 1000, "handshake_timeout": "60s"})
+    _quarantine_a_freed_regions_writes(d)  # the successor holds them, its clock starting at its first write
+    held = []
+    try:
+        while True:  # connections until the daemon's fd table is full: an EMFILE refusal
+            assert len(held) < 400
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(15)
+            s.connect(d.socket)
+            protocol.send(s, {"op": "hello", "version": protocol.VERSION})
+            reply, _ = protocol.recv(s)
+            if "EMFILE" in str(reply.get("error")):
+                s.close()
+                break
+            assert reply.get("ok", True) is not False, reply
+            held.append(s)
+        path = os.path.join(d.state_dir, "quarantine.json")
+
+        def ended_or_dead():
+            if d.proc.poll() is not None:
+                return True
+            with open(path) as f:
+                return json.load(f)["runs"] == []
+        wait_for("the quarantine ended, or the daemon died", ended_or_dead, 60)
+        assert d.proc.poll() is None, d.log_text()[-2000:]
+    finally:
+        for s in held:
+            s.close()
+    assert_audit(d.status())
+    assert d.stop() == 0
