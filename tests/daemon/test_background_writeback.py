@@ -82,10 +82,6 @@ def test_without_writing_ahead_faults_wait_for_dirty_writes(start_daemon, file_b
     assert st["dirty_waits_total"] > st["faults_total"] // 400, st
 
 
-@pytest.mark.xfail(strict=True, reason="review20: since f4e5226 VictimQueue.peek hands background writeback the"
-                   " pages on probation, including those sampled in the same engine turn (never judged): the"
-                   " cleaner's writes go to pages reclaim then does not take, and reclaim writes 9-15% of the"
-                   " pages itself (0.7-1.4% before)")
 def test_reclaim_itself_meets_few_dirty_victims(start_daemon, file_backing):
     """What writing ahead is for (cleaner.py): the victims reclaim takes
     were written ahead, so reclaim punches them and seldom writes a dirty

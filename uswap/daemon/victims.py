@@ -294,59 +294,40 @@ class VictimQueue:
         return ok
 
     def peek(self, regions: Iterable, want: int, tick: int) -> list[tuple[object, np.ndarray]]:
-        """The next `want` victims, as reclaim would meet them, left where
-        they are (cleaner.py writes the dirty ones ahead): the queued ones
-        in take's order, then the pages on probation still untouched since
-        they were sampled, oldest first -- the victims of the next scan if
-        they stay untouched. Only when these are fewer than `want` is the
-        queue filled again by a new scan (the oldest pages now, in place of
-        what was queued; twice `want`, so that the next peeks find enough
-        without a scan each), unless nothing was faulted in since the last
-        scan (`tick` unchanged: the same pages).
+        """The next `want` victims, as take would hand them out, left in the
+        queue (cleaner.py writes the dirty ones ahead). When fewer than
+        `want` queued pages are still usable (a queue of the right length
+        whose pages were used since is no victim) the queue is filled again
+        by a new scan (the oldest pages now, in place of what was queued;
+        twice `want`, so that the next peeks find enough without a scan
+        each), unless nothing was faulted in since the last scan (`tick`
+        unchanged: the same pages).
 
-        Why probation counts: a scan samples every page it puts on
-        probation (sampling.py, a process_madvise each), so a peek that
-        rescanned whenever the queue alone was short -- every CLEAN_STEP
-        pages brought in, the queue being a batch and the reserve often
-        larger -- sampled about twice the pages reclaim evicted and was a
-        third of the engine thread under random swap-in (py-spy,
-        scripts/profile_daemon.py rread)."""
-        regions = list(regions)
-        out = self._next(regions, want, tick)
+        Only the queue counts, not the pages on probation: those were judged
+        by no scan yet (pages the scan of this very turn sampled could not
+        have been touched), and writing them ahead cleaned pages reclaim did
+        not take -- reclaim met dirty victims 10x as often (review test
+        test_reclaim_itself_meets_few_dirty_victims)."""
+        out = self._queued(want)
         if sum(len(pages) for _, pages in out) < want and tick != self.scan_tick:
-            self._scan(regions, 2 * want, tick, False)
-            out = self._next(regions, want, tick)
+            self._scan(list(regions), 2 * want, tick, False)
+            out = self._queued(want)
         return out
 
-    def _next(self, regions: list, want: int, tick: int) -> list[tuple[object, np.ndarray]]:
-        """Up to `want` of the queued victims still usable, in take's order,
-        then of the untouched pages on probation, oldest first. (A page is
-        never both queued and on probation: _refill puts each page it looks
-        at in one of the two, and take only removes from the queue.)"""
+    def _queued(self, want: int) -> list[tuple[object, np.ndarray]]:
+        """Up to `want` of the queued victims still usable, in take's order."""
         out: list[tuple[object, np.ndarray]] = []
         got = 0
         for region, pages, stamps in self.pending:
             if got >= want:
-                return out
+                break
             if region.closing:
                 continue
             sel = pages[self._usable(region, pages, stamps, False)][:want - got]
             if len(sel):
                 out.append((region, sel))
                 got += len(sel)
-        if got >= want or not self.probation:
-            return out
-        by_id = {region.id: region for region in regions}
-        untouched: list[tuple[object, np.ndarray]] = []
-        for rid, (pages, stamps) in self.probation.items():
-            region = by_id.get(rid)
-            if region is None or region.closing or not len(pages):
-                continue
-            sel = pages[self._usable(region, pages, stamps, False)]
-            if len(sel):
-                untouched.append((region, sel))
-        oldest, _ = _split_oldest(untouched, want - got, tick)
-        return out + oldest
+        return out
 
     def _scan(self, regions: list, want: int, tick: int, clean_only: bool) -> None:
         """Queue the next victims of `regions` (_refill: the oldest, judged
