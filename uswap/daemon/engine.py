@@ -294,7 +294,7 @@ class Engine:
     def settle(self) -> bool:
         """After any batch of events: reclaim, then admit faults waiting for room.
         Returns True when reclaim has more to do at once (poll, don't sleep)."""
-        if self.writeback.quarantine:
+        if self.writeback.quarantine or self.writeback.quarantine_unsaved:
             self.writeback.expire_quarantine()
         more = self.reclaimer.reclaim()
         self.cleaner.clean_ahead()  # after reclaim took its victims: the next ones

@@ -14,8 +14,9 @@ clients can.
                           orphan's also when it became one (orphaned_at)
     DIR/quarantine.json   the slot runs held in quarantine (a write that
                           failed, or that a dead daemon left in flight, may
-                          still land in them: nfs://), with the store they
-                          belong to; rewritten whenever the quarantine changes
+                          still land in them: nfs://), per store (url and
+                          header id); this store's entry rewritten whenever
+                          its quarantine changes
 
 Order (invariant 9, docs/design.md): a region's table file is made before its
 metadata, and its metadata removed before its table file, so a metadata file
@@ -197,41 +198,61 @@ class StateDir:
         if meta.pop("orphaned_at", None) is not None:
             self._rewrite(self.meta_path(meta["id"]), meta, "that the region is adopted")
 
-    def save_quarantine(self, runs: list[tuple[int, int]]) -> None:
-        """The slot runs ((first slot, count)) held in quarantine now."""
-        self._rewrite(os.path.join(self.path, QUARANTINE_FILE),
-                      {"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]},
-                      "the quarantined slots (a successor would not hold them)")
+    def save_quarantine(self, runs: list[tuple[int, int]]) -> bool:
+        """The slot runs ((first slot, count)) this store holds in quarantine
+        now; the other stores' entries in the file are kept (a drained
+        directory may serve another store, then this one again). False: the
+        file could not be written (logged; it keeps what it held)."""
+        entries = [e for e in self._quarantine_entries() if not self._mine(e.get("store"))]
+        entries.append({"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]})
+        return self._rewrite(os.path.join(self.path, QUARANTINE_FILE), {"stores": entries},
+                             "the quarantined slots (a successor would not hold them)")
 
     @staticmethod
-    def _rewrite(path: str, data: dict, what: str) -> None:
+    def _rewrite(path: str, data: dict, what: str) -> bool:
         """_write_atomic for state that the daemon's own work does not wait
-        on: a failure (tmpfs full) is logged, and the file keeps what it held."""
+        on: a failure (tmpfs full, no fd left) is logged, the file keeps what
+        it held, and the caller may try again later (False)."""
         try:
             _write_atomic(path, data)
+            return True
         except OSError as e:
             log.error("state_dir: cannot record %s in %s: %s", what, path, e.strerror)
+            return False
 
-    def quarantine(self) -> list[tuple[int, int]]:
-        """The slot runs a previous daemon of this store held in quarantine
-        ([] if none, or if they were another store's, by url and header id:
-        a drained directory may serve another store next, and its slots are
-        not this one's; a size changed since keeps them)."""
+    def _mine(self, store: object) -> bool:
+        """Whether a recorded store is this one (url and header id: this path
+        made anew is another store; a size changed since is the same)."""
+        return isinstance(store, dict) and all(store.get(k) == self.store.get(k) for k in ("url", "id"))
+
+    def _quarantine_entries(self) -> list[dict]:
+        """Every store's entry in the quarantine file ({store, runs})."""
         path = os.path.join(self.path, QUARANTINE_FILE)
         try:
             with open(path) as f:
                 held = json.load(f)
-            mine = {k: self.store.get(k) for k in ("url", "id")}
-            if {k: (held.get("store") or {}).get(k) for k in mine} != mine:
-                return []  # another store (or this path made anew): its slots are not these
-            return [(int(s), int(n)) for s, n in held["runs"]]
+            # One store's entry alone: the file as the first daemons wrote it.
+            entries = held["stores"] if "stores" in held else [held]
+            return [e for e in entries if isinstance(e, dict)]
         except FileNotFoundError:
             return []
         except (OSError, ValueError, KeyError, TypeError) as e:
             # Written atomically, so this is damage from outside: say so loudly.
-            log.error("adoption: %s cannot be read (%s): slots a late write of the previous daemon may still"
+            log.error("adoption: %s cannot be read (%s): slots a late write of a previous daemon may still"
                       " reach are not known to be held back", path, e)
             return []
+
+    def quarantine(self) -> list[tuple[int, int]]:
+        """The slot runs a previous daemon of this store held in quarantine
+        ([] if none; another store's entries are not this one's slots)."""
+        out: list[tuple[int, int]] = []
+        for entry in self._quarantine_entries():
+            if self._mine(entry.get("store")):
+                try:
+                    out.extend((int(s), int(n)) for s, n in entry["runs"])
+                except (KeyError, TypeError, ValueError) as e:
+                    log.error("adoption: the quarantine of %s cannot be read (%s)", self.store.get("url"), e)
+        return out
 
     def clear(self) -> None:
         """After a drain: nothing is left to adopt; the directory may serve any

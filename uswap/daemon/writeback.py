@@ -68,6 +68,7 @@ class Writeback:
         # Slot runs of failed writes that may still land: ([failed at, clock
         # start or None], first slot, count); see _release_failed_slots.
         self.quarantine: list[tuple[list, int, int]] = []
+        self.quarantine_unsaved = False  # the state directory's copy is behind (_persist_quarantine)
         self.last_write_ok = 0.0
         self.store_no_space = False  # the last write failed with ENOSPC/EDQUOT
         self.probe_inflight = False
@@ -315,7 +316,10 @@ class Writeback:
         daemon can still overwrite."""
         statedir = self.regions.statedir
         if statedir is not None:
-            statedir.save_quarantine([(slot, n) for _, slot, n in self.quarantine])
+            # Not written (no fd left, tmpfs full): tried again at each
+            # settle until it is (engine.py); meanwhile the file names the
+            # runs held before, which only makes a successor hold more.
+            self.quarantine_unsaved = not statedir.save_quarantine([(slot, n) for _, slot, n in self.quarantine])
 
     def expire_quarantine(self) -> None:
         """A quarantined run's clock starts at the first write the store
@@ -341,7 +345,7 @@ class Writeback:
                 waiting = waiting or since is None
         freed = len(keep) < len(self.quarantine)
         self.quarantine = keep
-        if freed:
+        if freed or self.quarantine_unsaved:
             self._persist_quarantine()
         if waiting:
             self._probe_store(now)
