@@ -615,30 +615,41 @@ for line in sys.stdin:
         libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
         assert libc.munmap(r.addr + half * 4096, r.size - half * 4096) == 0, ctypes.get_errno()
         print(json.dumps({"unmapped": True}), flush=True)
+    elif cmd == "cover":  # a foreign mapping MAP_FIXED over the second half, as an allocator's
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+        got = libc.mmap(r.addr + half * 4096, r.size - half * 4096, 3, 0x32, -1, 0)  # RW, PRIVATE|ANON|FIXED
+        assert got == r.addr + half * 4096, ctypes.get_errno()
+        ctypes.memset(got, 0x77, r.size - half * 4096)
+        print(json.dumps({"unmapped": True}), flush=True)
     elif cmd == "check":
         print(json.dumps({"bad": int(np.count_nonzero(a[:half] != (ids[:half] * 7919)[:, None]))}), flush=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review20: the adopt op checks the registration of the whole region"
-                   " (ops.py _check_registration_unlocked over the orphan's addr and size), so a region its client"
-                   " maps in parts is refused ('nothing is mapped at ...') and dropped at adopt_timeout: after a"
-                   " handover its swapped pages are out of the client's reach")
-def test_a_region_mapped_in_parts_is_adopted_after_a_handover(file_backing, start_daemon):
+@pytest.mark.parametrize("how", ["munmap-handover", "map_fixed-sigkill"])
+def test_a_region_mapped_in_parts_is_adopted_after_a_handover(file_backing, start_daemon, how):
     """A region its client maps only in parts (docs/design.md section 7:
     under uswap exec a foreign MAP_FIXED mapping over part of a heap region;
-    here a munmap of its second half, which the daemon forgets) is handed
-    over like any other: the successor adopts the parts still mapped, and
-    the pages swapped out of them come back intact."""
+    or a munmap of its second half, which the daemon forgets) is handed
+    over, or its daemon killed, like any other: the successor adopts the
+    parts still mapped, and the pages swapped out of them come back intact.
+    (The adopt op checked the registration of the whole region: refused,
+    dropped at adopt_timeout, and the client hung on its next fault.)"""
     d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"adopt_timeout": "5s"})
     w = Workload.script(PARTS, d.socket, 8)
     try:
         w.wait_line(lambda l: l.get("stamped"), 60)
         wait_for("pages swapped out", lambda: swapped(d) >= 2 * MIB, 60)
-        w.send("unmap\n")
+        w.send("unmap\n" if how.startswith("munmap") else "cover\n")
         w.wait_line(lambda l: l.get("unmapped"), 30)
         wait_for("the unmapped half forgotten", lambda: d.status()["forgotten_pages_total"] >= 1024, 30)
-        assert d.handover() == 0
+        if how.endswith("handover"):
+            assert d.handover() == 0
+        else:
+            assert d.kill() == -signal.SIGKILL
+            d.restart()
         wait_for("the orphan adopted or dropped", lambda: d.status()["adoption_waiting"] == 0, 60)
         st = d.status()
         assert st["adopted_regions_total"] == 1 and st["adoption_dropped_total"] == 0, (st, d.log_text()[-2000:])

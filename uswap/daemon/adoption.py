@@ -285,12 +285,15 @@ class Adoption:
             raise RegionRefused(f"adopt: region {rid}: the memfd sent is not the region's memfd")
         return orphan
 
-    def reclaim(self, orphan: Orphan, uffd_fd: int, memfd: int, owner: object) -> Region:
+    def reclaim(self, orphan: Orphan, uffd_fd: int, memfd: int, owner: object,
+                parts: list[tuple[int, int]]) -> Region:
         """Make the orphan a live Region on the client's fds (checked by
-        `check` and the registration checks); the caller adds it to the
-        engine and then calls `wake`."""
+        `check` and the registration checks of each of `parts`, the runs of
+        pages the client maps: region.mapped_parts); the caller adds it to
+        the engine, forgets the pages outside `parts`, and calls after_live."""
         meta = orphan.meta
-        check_same_uffd(uffd_fd, meta["addr"], meta["size"])
+        for first, n in parts:
+            check_same_uffd(uffd_fd, meta["addr"] + first * PAGE, n * PAGE)
         region = Region(uffd_fd, memfd, meta["addr"], meta["size"], owner)
         region.table = orphan.table
         region.id = meta["id"]

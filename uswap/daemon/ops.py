@@ -15,6 +15,8 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
+
 from uswap import protocol
 from uswap.config import AUTO, Config
 from uswap.daemon.autobudget import BudgetControl
@@ -23,7 +25,8 @@ from uswap.daemon.engine import Engine
 from uswap.daemon.fdlimits import out_of_fds_error
 from uswap.daemon.fork import ForkRefused
 from uswap.daemon.ratelimit import RateLimitedLog
-from uswap.daemon.region import PAGE, Region, RegionRefused, check_registration, validate_and_open
+from uswap.daemon.pagetable import runs
+from uswap.daemon.region import PAGE, Region, RegionRefused, check_registration, mapped_parts, validate_and_open
 from uswap.daemon.report import StatusReport
 from uswap.daemon.uidlimits import uid_refusal
 
@@ -278,12 +281,25 @@ class Ops:
         RegionRefused or OSError naming why not."""
         adoption = self.engine.adoption
         orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
-        self._check_registration_unlocked(sender_pid, orphan.meta["addr"], orphan.meta["size"],
-                                          os.fstat(memfd), op="adopt")
+        addr, npages, memfd_stat = orphan.meta["addr"], orphan.meta["npages"], os.fstat(memfd)
+        # Each part the client maps is checked as an alloc's; a region mapped
+        # in parts (design section 7) is adopted with the rest forgotten.
+        self.engine.unlock()  # /proc reads: as _check_registration_unlocked
+        try:
+            parts = mapped_parts(sender_pid, memfd_stat, addr, npages, "adopt")
+        finally:
+            self.engine.lock()
+        for first, n in parts:
+            self._check_registration_unlocked(sender_pid, addr + first * PAGE, n * PAGE, memfd_stat, addr, "adopt")
         # Looked up again: the page lock was let go for the smaps read.
         orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
-        region = adoption.reclaim(orphan, uffd_fd, memfd, session)
+        region = adoption.reclaim(orphan, uffd_fd, memfd, session, parts)
         self._adopt(session, region)
+        mapped = np.zeros(npages, bool)
+        for first, n in parts:
+            mapped[first:first + n] = True
+        for first, n in runs(np.flatnonzero(~mapped), npages):
+            self.engine.forget_range(region, first, n)
         adoption.after_live(region)
         return region
 

@@ -12,9 +12,11 @@ import os
 import stat
 from typing import Callable
 
+import numpy as np
+
 from uswap import native, uffd
 from uswap.daemon import clientmaps
-from uswap.daemon.pagetable import PageTable
+from uswap.daemon.pagetable import PageTable, runs
 
 PAGE = 4096
 
@@ -140,6 +142,23 @@ def check_registration(pid: int, addr: int, size: int, memfd_stat: os.stat_resul
         if vma.offset + (first - vma.start) != first - base:
             raise RegionRefused(f"{op}: {where}: {first:#x} maps memfd offset"
                                 f" {vma.offset + first - vma.start:#x}, not {first - base:#x}")
+
+
+def mapped_parts(pid: int, memfd_stat: os.stat_result, addr: int, npages: int, op: str) -> list[tuple[int, int]]:
+    """The runs (first page, count) of the region at `addr` that process
+    `pid` maps in place: the memfd at the offset of their distance from
+    `addr` (clientmaps.mapped_in_place). A client may map a region in parts
+    (a munmap of some of it, a foreign MAP_FIXED mapping over some:
+    docs/design.md section 7). Refused when its maps cannot be read or
+    nothing of the region is mapped."""
+    masks = clientmaps.mapped_in_place(pid, [(memfd_stat.st_ino, addr, npages)])
+    if masks is None:
+        raise RegionRefused(f"{op}: cannot read /proc/{pid}/maps to find where the region is mapped")
+    parts = runs(np.flatnonzero(masks[0]), npages)
+    if not parts:
+        raise RegionRefused(f"{op}: nothing of [{addr:#x}, +{npages * PAGE}) maps the memfd sent in"
+                            f" process {pid}")
+    return parts
 
 
 def check_same_uffd(uffd_fd: int, addr: int, size: int) -> None:
