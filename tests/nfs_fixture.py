@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import zlib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NFS_SERVER = os.path.join(REPO, "scripts", "nfs-server")
-# Two checkouts testing at once on one machine (e.g. two worktrees) set
-# USWAP_TEST_NFS_PREFIX to keep their NFS instances apart.
-PREFIX = os.environ.get("USWAP_TEST_NFS_PREFIX", "")
+# Each checkout's NFS instances are its own: a session's teardown stops the
+# instances it started, and two checkouts testing at once on one machine
+# (a CI rehearsal beside a worktree's tests) stopped each other's server
+# when both were named "uswap-test". USWAP_TEST_NFS_PREFIX sets the prefix
+# (two sessions of one checkout at once need one each).
+PREFIX = os.environ.get("USWAP_TEST_NFS_PREFIX", f"t{zlib.crc32(REPO.encode()) & 0xffff:04x}-")
 
 
 def instance(name: str) -> str:

@@ -15,6 +15,7 @@ import time
 import pytest
 
 import uswap
+from tests import nfs_fixture
 from tests.daemon_proc import REPO
 from tests.harness import Workload
 from uswap import config, protocol
@@ -294,7 +295,7 @@ def test_auto_budget_shrinks_under_real_pressure_and_grows_back(start_daemon, fi
                              "auto_interval": "500ms", "auto_pressure": 1.0})
     # At auto_max once the host is calm (other work may have left some pressure).
     wait_for(lambda: d.status()["max_resident_bytes"] == 48 * M, 120, "the budget never reached auto_max")
-    name = f"{os.environ.get('USWAP_TEST_NFS_PREFIX', '')}uswap-psi-{os.getpid()}"
+    name = f"{nfs_fixture.PREFIX}uswap-psi-{os.getpid()}"
     hog = PageCacheThrasher(str(tmp_path), name)
     try:
         st = wait_for(lambda: (lambda s: s if s["max_resident_bytes"] < 40 * M else None)(d.status()), 90,
