@@ -672,10 +672,17 @@ static void *fp_thread(void *arg)
             pthread_mutex_lock(&e->lock);
             if (r->closing) {
                 /* The engine closed it meanwhile: it woke the whole range
-                 * (RegionSet.close_region); wake a fault read since as well. */
+                 * (RegionSet.close_region); wake a fault read since as well.
+                 * Any other event read (an UNMAP: the kernel gives it once)
+                 * still goes to the engine: a region closed here by a
+                 * handover lives on in the successor, whose table must not
+                 * keep pages the client no longer maps; a region really
+                 * closing ignores it (Forget.forget_range). */
                 if (got == 1 && m.event == UFFD_EVENT_PAGEFAULT) {
                     struct uffdio_range range = { .start = m.arg.pagefault.address & ~4095ull, .len = 4096 };
                     ioctl(fd, UFFDIO_WAKE, &range);
+                } else if (got == 1) {
+                    fp_dispatch(e, r, &m, &job);   /* not a fault: a record for the engine */
                 }
                 fp_reader_leave(e, r);
                 break;

@@ -845,9 +845,6 @@ def _opening_a_fifo(pid: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason="review20: fp_thread (native/fastpath.c) drops an UNMAP event it read"
-                   " just before a handover's fp_region_close (only a page fault is woken): the state left"
-                   " for the successor still has the unmapped pages resident")
 def test_an_unmap_read_as_a_handover_begins_is_not_lost(file_backing, start_daemon):
     """A fault thread reads a region's UNMAP event without the page lock and
     then waits for the lock; if the engine begins a handover meanwhile
