@@ -152,6 +152,46 @@ def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_
     assert "Traceback" not in d.log_text()
 
 
+def test_read_errors_past_a_retry_read_each_page_from_its_own_slot(file_backing, start_daemon):
+    """A window over scattered slots whose reads fail is read again as
+    loads of its own pages, each from ITS OWN slot. Read from the window's
+    slot + index instead (right only for adjacent slots), a page would fail
+    its check on the retry after the store recovered; past read_deadline
+    (read_failure: sigbus) that poisons it: a page lost on a healthy store.
+    Timing: every read fails for 2.2 s; a failed load is retried after
+    1.5 s (still failing, inside the 2 s deadline) and again after 3 s
+    (the store has recovered, the deadline has passed): that retry must
+    read right."""
+    d = start_daemon(file_backing, store_size="96M", max_resident=BUDGET, inject={},
+                     config=dict(CONFIG, read_failure="sigbus", read_deadline="2s", read_retry_min="1500ms",
+                                 read_retry_max="1500ms"))
+    c = Workload.script(CLIENT, d.socket, NPAGES)
+    try:
+        c.next(30)
+        _scatter(c, d)
+        st0 = _settled(d)
+        _cmd(c, "seq 0 1", "seq")
+        inject(d, {"fail_reads": ["EIO"]})
+        c.send(f"seq 1 {PASS}\n")
+        time.sleep(2.2)
+        inject(d, {"fail_reads": []})
+        line = c.wait_line(lambda x: "seq" in x or "wrong" in x, 120)
+        assert "wrong" not in line, line
+        st1 = _settled(d)
+        loads = _loads(st1) - _loads(st0)
+        reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
+        counts = dict(loads=loads, reads=reads, errors=st1["read_errors_total"] - st0["read_errors_total"],
+                      poisoned=st1["poisoned_pages_total"] - st0["poisoned_pages_total"])
+        assert counts["errors"] > 0 and counts["poisoned"] == 0, counts
+        assert reads > loads, counts
+        c.send("exit\n")
+        c.finish_done(60, d)
+    finally:
+        c.kill()
+    assert_audit(status(d))
+    assert "Traceback" not in d.log_text()
+
+
 # Store damage in scattered windows: tests/page_reader.py's pages, filled
 # in a random order, read back in order with read_failure: sigbus.
 R_NPAGES = 2048
