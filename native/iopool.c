@@ -224,6 +224,8 @@ static void *worker(void *arg)
             pthread_cond_wait(&p->more, &p->lock);
         if (!p->head) {
             pthread_mutex_unlock(&p->lock);
+            if (worker_aio_state > 0)
+                syscall(SYS_io_destroy, worker_aio);
             return NULL;
         }
         struct us_job *j = p->head;

@@ -270,9 +270,12 @@ class SwapIn:
         self.regions.stats["read_errors"] += len(bad)
         slots = region.table.slot[first + bad]
         offsets = ", ".join(str(int(s) * PAGE) for s in slots[:8]) + (", ..." if len(bad) > 8 else "")
-        self.regions.errlog.error("read error on swap store (pages %d..%d of region %d, %d pages): checksum"
-                                  " mismatch in %d page(s) at store offset(s) %s; retrying those pages alone",
-                                  first, first + n - 1, region.id, n, len(bad), offsets)
+        # The window's first page's offset (its pages' slots need not be
+        # adjacent: the bad ones' own offsets follow).
+        self.regions.errlog.error("read error on swap store (offset %d, %d pages; region %d pages %d..%d):"
+                                  " checksum mismatch in %d page(s) at store offset(s) %s; retrying those"
+                                  " pages alone", int(region.table.slot[first]) * PAGE, n, region.id, first,
+                                  first + n - 1, len(bad), offsets)
         region.read_failures += 1
         if self.cfg.read_failure == "sigbus" and time.monotonic() - started > self.cfg.read_deadline:
             for a, k in self._slot_runs(region.table, first, bad, n):
