@@ -29,7 +29,7 @@ from tests.daemon.test_fastpath import status_if
 from tests.daemon.test_readahead import CLIENT, _cmd
 from tests.daemon.test_swapin_store_corruption import (Damage, PageReader, apply_damage, read_everything,
                                                        region_of, scan_store, store_file)
-from tests.harness import Workload, assert_audit, inject, status, wait_clean, wait_for
+from tests.harness import Workload, assert_audit, assert_no_io_overlap, inject, status, wait_clean, wait_for
 from tests.page_probe import build as build_probe
 
 NPAGES = 6144          # 24 MiB region
@@ -115,12 +115,19 @@ def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_
     window's runs read one by one with Store.read. Every read fails for a
     while, then every read comes back with its first page corrupt: the
     stream stalls and goes on, and every page reads right."""
-    d = start_daemon(file_backing, store_size="96M", max_resident=BUDGET, inject={},
+    d = start_daemon(file_backing, store_size="96M", max_resident=BUDGET, inject={"write_delay": 0.02},
                      config=dict(CONFIG, read_retry_min="5ms", read_retry_max="50ms"))
     c = Workload.script(CLIENT, d.socket, NPAGES)
     try:
         c.next(30)
         _scatter(c, d)
+        # Resident pages in the stream's range, half of them dirty: their
+        # slots freed and taken again by the writes the stream's reclaim
+        # starts (each held in flight 20 ms), while runs may read through
+        # them (invariant 3: never a slot being written; the injector counts).
+        scattered = list(range(0, PASS, EVERY))
+        _cmd(c, "read " + " ".join(map(str, scattered)), "read")
+        _cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
         st0 = _settled(d)
         for spec in ({"fail_reads": ["EIO"]}, {"corrupt_reads": True}):
             half = PASS // 2
@@ -148,6 +155,7 @@ def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_
         c.finish_done(60, d)
     finally:
         c.kill()
+    assert_no_io_overlap(status(d))
     assert_audit(status(d))
     assert "Traceback" not in d.log_text()
 
@@ -188,6 +196,7 @@ def test_read_errors_past_a_retry_read_each_page_from_its_own_slot(file_backing,
         c.finish_done(60, d)
     finally:
         c.kill()
+    assert_no_io_overlap(status(d))
     assert_audit(status(d))
     assert "Traceback" not in d.log_text()
 
