@@ -11,8 +11,11 @@
  * it reaps the token.
  *
  * Jobs:
- *   READ_COPY  pread len bytes at off into buf, then readmap.h's
- *              us_verify_map, the one verify-and-map routine of every
+ *   READ_COPY  pread len bytes at off into buf -- or, for a stream's window
+ *              over scattered slots (`runs` set), each of its nruns runs of
+ *              adjacent slots into its place in buf, one read per run, the
+ *              pages between runs left unread (they are the window's `skip`
+ *              pages, never mapped) -- then readmap.h's us_verify_map, the one verify-and-map routine of every
  *              swap-in: checksum each page into sums and map at dst in uffd
  *              the pages whose sum matches `expected`, with `mode`, the page
  *              at index write_page (a write fault's; US_NO_WRITE_PAGE for
@@ -20,7 +23,9 @@
  *              (invariant 6), and its neighbours are not held back by it:
  *              the engine sees which pages failed (sums != expected) and
  *              retries only those.
- *              result = the pread's bytes or -errno; copied = bytes mapped
+ *              result = the bytes read or -errno (a failed run's: off and len
+ *              are then set to that run's, for the error's message, and
+ *              nothing is mapped); copied = bytes mapped
  *              (the passing pages; all of len when every page passed), or
  *              -errno of a COPY; present = pages found present (EEXIST) and
  *              kept, their waiters woken (they can only hold newer data).
@@ -52,6 +57,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/aio_abi.h>
 #include "store_io.h"
 #include "pagesum.h"
 #include "readmap.h"
@@ -77,12 +84,122 @@ static int64_t store_io(struct us_job *j, int write)
     return us_store_io(write, nfs ? -1 : j->fd, j->nfs, j->nfsfh, j->buf, j->len, j->off);
 }
 
+/* The file store's reads of runs [from, to) of a job, in flight together
+ * (Linux AIO on the O_DIRECT fd: a window's scattered runs are read at the
+ * device's queue depth, not one after another), each on the worker's own
+ * AIO context. A run that came back short is finished with us_fd_full. 0,
+ * or -errno of the first run that failed, its index in *failed; -ENOSYS
+ * when AIO is not there (the caller reads one run at a time). */
+#define AIO_BATCH 64
+static __thread aio_context_t worker_aio;
+static __thread int worker_aio_state;   /* 0: not tried, 1: ready, -1: unavailable */
+
+static int64_t aio_read_runs(struct us_job *j, int64_t from, int64_t to, int64_t *failed)
+{
+    if (worker_aio_state == 0)
+        worker_aio_state = syscall(SYS_io_setup, AIO_BATCH, &worker_aio) == 0 ? 1 : -1;
+    if (worker_aio_state < 0)
+        return -ENOSYS;
+    struct iocb cbs[AIO_BATCH], *list[AIO_BATCH];
+    struct io_event events[AIO_BATCH];
+    int n = (int)(to - from);
+    for (int i = 0; i < n; i++) {
+        const int64_t *run = j->runs + 3 * (from + i);
+        memset(&cbs[i], 0, sizeof(cbs[i]));
+        cbs[i].aio_lio_opcode = IOCB_CMD_PREAD;
+        cbs[i].aio_fildes = (uint32_t)j->fd;
+        cbs[i].aio_buf = j->buf + (uint64_t)run[0] * 4096;
+        cbs[i].aio_nbytes = (uint64_t)run[2] * 4096;
+        cbs[i].aio_offset = run[1] * 4096;
+        cbs[i].aio_data = (uint64_t)i;
+        list[i] = &cbs[i];
+    }
+    int submitted = 0;
+    while (submitted < n) {
+        long r = syscall(SYS_io_submit, worker_aio, (long)(n - submitted), list + submitted);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        submitted += (int)r;
+    }
+    int64_t res[AIO_BATCH];
+    for (int i = 0; i < n; i++)
+        res[i] = i < submitted ? 1 : -EAGAIN;   /* 1: in flight; not submitted: read below */
+    for (int got = 0; got < submitted;) {
+        long r = syscall(SYS_io_getevents, worker_aio, 1L, (long)(submitted - got), events + got, NULL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            abort();   /* reads in flight into the job's buffer cannot be abandoned */
+        got += (int)r;
+    }
+    for (int i = 0; i < submitted; i++)
+        res[events[i].data] = events[i].res;
+    for (int i = 0; i < n; i++) {
+        const int64_t *run = j->runs + 3 * (from + i);
+        uint64_t len = (uint64_t)run[2] * 4096;
+        int64_t got = res[i];
+        if (got >= 0 && (uint64_t)got < len) {   /* short, or never submitted: the rest synchronously */
+            int64_t rest = us_fd_full(0, j->fd, j->buf + (uint64_t)run[0] * 4096 + (uint64_t)got,
+                                      len - (uint64_t)got, run[1] * 4096 + got);
+            got = rest < 0 ? rest : (int64_t)len;
+        } else if (got == -EAGAIN) {
+            got = us_fd_full(0, j->fd, j->buf + (uint64_t)run[0] * 4096, len, run[1] * 4096);
+        }
+        if (got < 0) {
+            *failed = from + i;
+            return got;
+        }
+    }
+    return 0;
+}
+
+/* A READ_COPY job's reads: the whole range, or each run of `runs` into its
+ * place in the buffer (see the top of this file): on the file store in
+ * flight together (aio_read_runs), on nfs:// one after another on the
+ * job's context. Bytes read, or -errno of a run that failed (off and len
+ * then name that run). */
+static int64_t read_runs(struct us_job *j)
+{
+    if (!j->runs)
+        return store_io(j, 0);
+    int nfs = j->op == US_JOB_READ_COPY_NFS;
+    int64_t total = 0, failed = -1, err = 0;
+    for (int64_t r = 0; r < j->nruns && !err; r++)
+        total += j->runs[3 * r + 2] * 4096;
+    for (int64_t from = 0; !nfs && from < j->nruns && !err; from += AIO_BATCH) {
+        int64_t to = from + AIO_BATCH < j->nruns ? from + AIO_BATCH : j->nruns;
+        err = aio_read_runs(j, from, to, &failed);
+        if (err == -ENOSYS) {
+            err = 0;
+            break;
+        }
+        if (to == j->nruns && !err)
+            return total;
+    }
+    for (int64_t r = 0; r < j->nruns && !err; r++) {
+        const int64_t *run = j->runs + 3 * r;
+        int64_t got = us_store_io(0, nfs ? -1 : j->fd, j->nfs, j->nfsfh, j->buf + (uint64_t)run[0] * 4096,
+                                  (uint64_t)run[2] * 4096, run[1] * 4096);
+        if (got < 0) {
+            err = got;
+            failed = r;
+        }
+    }
+    if (!err)
+        return total;
+    j->off = j->runs[3 * failed + 1] * 4096;
+    j->len = (uint64_t)j->runs[3 * failed + 2] * 4096;
+    return err;
+}
+
 static void run_job(struct us_job *j)
 {
     uint64_t npages = j->len / 4096;
     if (j->op == US_JOB_READ_COPY || j->op == US_JOB_READ_COPY_NFS) {
         j->copied = 0;
-        j->result = store_io(j, 0);
+        j->result = read_runs(j);
         if (j->result < 0)
             return;
         j->copied = us_verify_map(j->uffd, j->dst, j->buf, npages, j->mode, j->write_page, j->expected,
@@ -107,6 +224,8 @@ static void *worker(void *arg)
             pthread_cond_wait(&p->more, &p->lock);
         if (!p->head) {
             pthread_mutex_unlock(&p->lock);
+            if (worker_aio_state > 0)
+                syscall(SYS_io_destroy, worker_aio);
             return NULL;
         }
         struct us_job *j = p->head;

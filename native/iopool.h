@@ -30,7 +30,10 @@ struct us_job {
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
-    uint8_t *skip;        /* READ_COPY: 1 for each page read through, never mapped (readmap.h); NULL: none */
+    uint8_t *skip;        /* READ_COPY: 1 for each page that is not the load's, never mapped (readmap.h); NULL: none */
+    int64_t *runs;        /* READ_COPY: NULL: one read of len bytes at off; else nruns runs of adjacent slots,
+                           * each (page index in buf, slot, pages), read into their places in buf (iopool.c) */
+    int64_t nruns;
     uint8_t *zero;        /* SUM_WRITE: 1 for each page that is all zeros */
     uint64_t *gather;     /* SUM_WRITE: if set, copy page i from gather[i] into buf first */
     struct nfs_context *nfs;  /* *_NFS jobs: a context lent to this job alone */

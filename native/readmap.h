@@ -21,13 +21,14 @@
  * neighbours, read with it in the same store read, stay write-protected.
  * The page goes in a COPY of its own (a COPY has one mode).
  *
- * Read-through: a read-ahead window is one store read over adjacent slots,
- * and may pass over pages that are not its own -- resident pages (clean
- * swap-cache copies, or dirty and newer than their slot), pages another
- * load has in flight -- which the engine marks in `skip` (NULL: every page
- * is the load's). Invariant: a skipped page is never mapped, whatever the
- * bytes read for it; it only splits the runs around it (the engine keeps
- * its state, swapin.py).
+ * Read-through: a read-ahead window covers pages that are not its own --
+ * resident pages (clean swap-cache copies, or dirty and newer than their
+ * slot), pages another load has in flight -- read through by a run of
+ * adjacent slots, or (between a stream window's runs) not read at all,
+ * which the engine marks in `skip` (NULL: every page is the load's).
+ * Invariant: a skipped page is never mapped, whatever the bytes in the
+ * buffer for it; it only splits the runs around it (the engine keeps its
+ * state, swapin.py).
  *
  * A page found already present (EEXIST: written through the memfd while it
  * loaded, so it can only hold newer data) is kept, its waiters woken, and

@@ -8,6 +8,9 @@ page it is (tests/daemon/test_swapin_store_corruption.py scans the store with it
 
 Commands on stdin, one JSON line out for each:
   fill              write every page                -> {"filled": N}
+  fill random SEED  write every page, in a random order (seeded): the
+                    pages evicted meanwhile go to the store in that order,
+                    so neighbouring pages sit in scattered slots
   read seq          read every page in order        -> {"progress": i} ... {"read": N, "lost": [...], "wrong": [...]}
   read random SEED  read every page in a random order (seeded)
   exit              close the region and exit       -> {"done": true}
@@ -84,6 +87,12 @@ def main() -> int:
             for first in range(0, args.pages, 256):
                 pages = np.arange(first, min(first + 256, args.pages))
                 a[first:first + len(pages)] = page_words(pages)
+            out(filled=args.pages)
+        elif cmd[:2] == ["fill", "random"]:
+            order = list(range(args.pages))
+            random.Random(int(cmd[2])).shuffle(order)
+            for p in order:
+                a[p] = page_words(np.array([p]))[0]
             out(filled=args.pages)
         elif cmd[:1] == ["read"]:
             order = list(range(args.pages))

@@ -70,8 +70,12 @@ class CPool:
         lib.us_pool_submit(self.pool, job)
 
     def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int, write_page: int,
-                  expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None, on_done: Callable) -> bool:
-        """Queue a swap-in: one store read, then native/readmap.h's
+                  expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None, on_done: Callable,
+                  runs: np.ndarray | None = None) -> bool:
+        """Queue a swap-in: one store read of `length` bytes at `off` -- or,
+        with `runs` (int64, one row (page index, slot, pages) per run of
+        adjacent slots: a stream's window over scattered slots), one read
+        per run into its place in the buffer -- then native/readmap.h's
         us_verify_map (the page at index write_page writable, the others
         with `mode`; uffd.NO_WRITE_PAGE: none; the pages marked in `skip`,
         a uint8 array or None, never mapped). False if not queued."""
@@ -84,7 +88,11 @@ class CPool:
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
         if skip is not None:
             job.skip = ffi.cast("uint8_t *", skip.ctypes.data)
-        self._submit(job, conn, (expected, sums, skip, mode), on_done)
+        if runs is not None:
+            runs = np.ascontiguousarray(runs, np.int64)
+            job.runs = ffi.cast("int64_t *", runs.ctypes.data)
+            job.nruns = len(runs)
+        self._submit(job, conn, (expected, sums, skip, mode, runs), on_done)
         return True
 
     def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, zero: np.ndarray,

@@ -370,10 +370,14 @@ class Engine:
             "sampled_pages_total": self.reclaimer.sampler.sampled,
             "fast_path_swapins_total": self.region_set.shared.swapins,
             "readahead_pages_total": self.region_set.stats["readahead_pages"],
-            # The engine's swap-in store reads: how many, the pages they
-            # covered (pages read through included: a stream's window reads
-            # over resident pages, readahead.py _window), those read through,
-            # and the most in flight at once since start.
+            # The engine's swap-in loads (each one I/O job, verified and
+            # mapped at once), their store reads (one per run of adjacent
+            # slots: a stream's window over scattered slots has several,
+            # readahead.py _window), the pages read (pages read through
+            # included: a run reads over resident pages between its own),
+            # those read through, and the most loads in flight at once since
+            # start.
+            "swapin_loads_total": self.region_set.stats["swapin_loads"],
             "swapin_reads_total": self.region_set.stats["swapin_reads"],
             "swapin_read_pages_total": self.region_set.stats["swapin_read_pages"],
             "readthrough_pages_total": self.region_set.stats["readthrough_pages"],

@@ -1,12 +1,14 @@
-"""Read-ahead: which pages a swap-in fault's store read covers, and a
+"""Read-ahead: which pages a swap-in fault's load covers, and a
 sequential stream's windows queued ahead of it. The loads themselves (the
 reads, their completions, retries and poison) are swapin.py's.
 
 A fault away from the last window reads just its page or the aligned
 `readahead` window around it (the locality rule is native/policy.h
 us_ra_locality); a fault where the last window ended is a stream, whose
-windows double up to `readahead_max`, read through pages that are not
-swapped, and are kept STREAM_DEPTH ahead of the stream's latest fault.
+windows double up to `readahead_max`, each one load of every swapped page
+of its range whatever their slots (read as runs of adjacent slots, through
+pages that are not swapped), kept STREAM_DEPTH ahead of the stream's
+latest fault.
 
 Threads and lock: the engine thread, page lock held (faults.py calls in).
 """
@@ -41,8 +43,9 @@ class ReadAhead:
         self.ra_max_pages = swapin.ra_max_pages
 
     def start_load(self, region: Region, page: int, write: bool = False) -> None:
-        """Read a swapped page back with its neighbours in adjacent slots,
-        budget permitting. The faulting page is already charged.
+        """Read a swapped page back with its neighbours (a near window: in
+        adjacent slots; a stream's: in any slots), budget permitting. The
+        faulting page is already charged.
 
         Read-ahead: a fault away from the last window reads the aligned
         `readahead` window around the page (like kernel swap's cluster). A fault
@@ -50,12 +53,13 @@ class ReadAhead:
         up to `readahead_max`, and windows are queued until STREAM_DEPTH of them
         lie ahead of the fault (asynchronous read-ahead, _read_ahead); a fault
         on a page of theirs still loading keeps them that far ahead
-        (stream_caught_up). A stream's windows read through pages that are not
-        swapped (_window): pages left resident by random access do not cut
-        them short.
+        (stream_caught_up). A stream's window loads every swapped page of
+        its range whatever its slot, and reads through pages that are not
+        swapped (_window): neither scattered slots nor pages left resident
+        by random access cut it short.
 
         A write fault's page is mapped writable and dirty, its read-ahead
-        neighbours write-protected, all from one store read (the load's
+        neighbours write-protected, all from one load (the load's
         write_page); a stream that writes continue has its windows mapped
         writable."""
         table = region.table
@@ -65,11 +69,11 @@ class ReadAhead:
         # serves the random ones it can before they get here).
         locality = policy.ra_locality(page, ra.last_fault, ra.ra_expect, ra.ra_window, self.ra_pages)
         sequential = locality == policy.STREAM
-        skip = None
+        skip = runs = None
         if sequential:
             ra.ra_window = self._grown(ra.ra_window)
             first = page
-            last, skip = self._window(table, page, slot, page + ra.ra_window)
+            last, skip, runs = self._window(table, page, slot, page + ra.ra_window)
         elif locality == policy.RANDOM:
             # No locality with the previous fault: read just this page (random
             # access gains nothing from neighbours and pays for their transfer).
@@ -91,7 +95,7 @@ class ReadAhead:
         # page does not take a second fault for its first write.
         region.write_stream = write and sequential
         loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
-                                  page if write else NO_WRITE, skip)
+                                        page if write else NO_WRITE, skip, runs)
         self.regions.stats["readahead_pages"] += loaded - 1
         ra.ra_expect = last + 1
         if sequential:
@@ -139,44 +143,76 @@ class ReadAhead:
             if not self.budget.charge(1):
                 return
             nslot = int(table.slot[nxt])
-            end, skip = self._window(table, nxt, nslot, nxt + ra.ra_window)
+            end, skip, runs = self._window(table, nxt, nslot, nxt + ra.ra_window)
             self.regions.stats["readahead_pages"] += self.swapin.queue_load(region, nxt, end - nxt + 1, nslot,
-                                                                      NO_WRITE, skip)
+                                                                            NO_WRITE, skip, runs)
             ra.ra_expect = end + 1
 
-    def _window(self, table: pt.PageTable, page: int, slot: int, limit: int) -> tuple[int, np.ndarray | None]:
+    def _window(self, table: pt.PageTable, page: int, slot: int,
+                limit: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
         """A stream's window from `page` (SWAPPED, charged, in `slot`) to
-        below `limit`: one store read of the slots from `slot` on. It loads
-        the SWAPPED pages whose slots are adjacent, and reads through every
-        page that is not SWAPPED (resident, loading already...) without
-        touching it (see SwapIn.queue_load). A SWAPPED page in another slot ends the
-        window (its data is elsewhere), and so does the budget; each page
-        loaded is charged. Returns the window's last page and its skip mask
-        (uint8 per page of the window, 1: read through), or None when every
-        page is loaded."""
+        below `limit`: it loads every SWAPPED page of that range, in
+        whatever slots (after random writes, neighbouring pages' slots are
+        scattered: each eviction took the next free ones), as ONE load, up
+        to the budget (each page loaded is charged, in order). Every other
+        page (resident, perhaps dirty and newer than its slot; loading
+        already...) is not the load's: marked in its skip mask, never moved,
+        charged or mapped by it (see SwapIn.queue_load).
+
+        The load's I/O reads each run of adjacent slots once, into its place
+        in the buffer. A run reads through the pages between two of its own
+        whose slots continue the run's (as a window over ordered slots
+        always did: one read instead of two), unless one of those slots has
+        a write in flight -- invariant 3 (no read of a slot while a write to
+        it is in flight; a page read through may have left that slot, which
+        went to another page being written now): the run splits there, and
+        those slots are not read. The window ends before an own page whose
+        slot has a write in flight (none should: the slot holds its copy).
+
+        Returns the window's last page, its skip mask (uint8 per page of the
+        window, 1: not the load's; None: every page is), and its runs
+        (int64 rows (page index, slot, pages); None: one run from `slot`,
+        the plain load of adjacent slots)."""
         end = min(limit, table.npages)
         if end <= page + 1:
-            return page, None
-        seg = slice(page + 1, end)
-        swapped = table.state[seg] == pt.SWAPPED
-        elsewhere = np.flatnonzero(swapped & (table.slot[seg] != np.arange(slot + 1, slot + end - page)))
-        own = swapped[:elsewhere[0]] if len(elsewhere) else swapped
-        # Invariant 3 (no read of a slot while a write to it is in flight):
-        # a page read through sits in a slot that may have gone to another
-        # page since, being written now: the window ends before it.
-        writing = self.slots.writing[slot + 1:slot + 1 + len(own)]
-        busy = np.flatnonzero(~own[:len(writing)] & writing)
-        own = own[:busy[0] if len(busy) else len(writing)]
-        want = np.flatnonzero(own)
+            return page, None, None
+        seg = slice(page, end)
+        own = table.state[seg] == pt.SWAPPED
+        own[0] = True  # `page` itself: SWAPPED, charged by the caller
+        slots = table.slot[seg].astype(np.int64)
+        writing = self.slots.writing
+        busy = np.flatnonzero(own & writing[np.where(own, slots, 0)])
+        if len(busy):
+            own = own[:max(1, int(busy[0]))]
+        want = np.flatnonzero(own[1:])
         # As many of them as the budget admits, in order (charge_leading on
         # an all-True run: the budget's rule for a window).
         admitted = self.budget.charge_leading(np.ones(len(want), bool))
         if admitted == 0:
-            return page, None
-        own = own[:int(want[admitted - 1]) + 1]
-        if own.all():
-            return page + len(own), None
-        return page + len(own), np.concatenate(([0], ~own)).astype(np.uint8)
+            return page, None, None
+        n = int(want[admitted - 1]) + 2
+        own = own[:n]
+        slots = slots[:n]
+        idx = np.flatnonzero(own)
+        # Runs: consecutive own pages whose slots differ by their distance,
+        # and the slots in between (read through) free of writes.
+        at = np.arange(n)
+        last_own = np.maximum.accumulate(np.where(own, at, 0))
+        through = slots[last_own] + (at - last_own)  # the slot a run from the last own page reads here
+        blocked = ~own & writing[np.clip(through, 0, len(writing) - 1)]
+        blocked_before = np.concatenate(([0], np.cumsum(blocked)))
+        base = slots[idx] - idx
+        new_run = np.concatenate(([True], (base[1:] != base[:-1])
+                                  | (blocked_before[idx[1:]] != blocked_before[idx[:-1] + 1])))
+        firsts = idx[new_run]
+        lasts = idx[np.concatenate((new_run[1:], [True]))]
+        skip = None if own.all() else (~own).astype(np.uint8)
+        if len(firsts) == 1:
+            return page + n - 1, skip, None
+        # Pages between runs (never own: runs begin and end on own pages) are
+        # not read at all.
+        runs = np.stack((firsts, slots[firsts], lasts - firsts + 1), axis=1).astype(np.int64)
+        return page + n - 1, skip, runs
 
     def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
         """Last page of the run from `page` (charged) onwards, below `limit`,

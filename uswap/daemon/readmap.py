@@ -23,15 +23,23 @@ PAGE = 4096
 
 
 def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst: int, mode: int,
-                    write_page: int, expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None) -> int:
+                    write_page: int, expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None,
+                    runs: np.ndarray | None = None) -> int:
     """Swap-in on an I/O thread: read n pages from `slot` on into `buf`
-    (one store read), checksum each into `sums`, and map into the client
+    (one store read; with `runs`, rows (page index, slot, pages) of a
+    stream's window over scattered slots: one read per run of adjacent
+    slots into its place in `buf`, as the C pool's job does), checksum each
+    into `sums`, and map into the client
     at `dst` only the pages whose checksum matches `expected`: with `mode`,
     the page at index `write_page` (a write fault's; uffd.NO_WRITE_PAGE for
-    none) writable, and never a page marked in `skip` (read through: not
-    the load's; None: none). Bytes mapped, or -errno of a COPY; a failed read
-    raises."""
-    store.read(buf, n * PAGE, slot * PAGE)
+    none) writable, and never a page marked in `skip` (not the load's: read
+    through, or between runs and not read; None: none). Bytes mapped, or
+    -errno of a COPY; a failed read raises, and nothing is mapped."""
+    if runs is None:
+        store.read(buf, n * PAGE, slot * PAGE)
+    else:
+        for index, run_slot, k in runs.tolist():
+            store.read(buf + index * PAGE, k * PAGE, run_slot * PAGE)
     present = np.zeros(1, np.int32)
     ret = uffd.verify_map(uffd_fd, dst, buf, n, mode, write_page, expected, sums, skip, present)
     log_present(int(present[0]), dst)

@@ -1,8 +1,10 @@
 """Swap-in: the loads that read swapped pages back (which pages each one
 covers is readahead.py's, and drain.py's), and applying the reads'
 completions: verified pages become RESIDENT; a page that failed its
-checksum or a failed read is read again after a backoff, or past
-read_deadline (read_failure: sigbus) poisoned (invariant 6).
+checksum or a failed read is read again after a backoff, each page from
+its own slot (the page table's; a stream's window may hold pages of
+scattered slots), or past read_deadline (read_failure: sigbus) poisoned
+(invariant 6).
 
 Swapped-in pages are mapped write-protected, clean copies of their slots
 (swap cache), except where a write is known to come: the page of a write
@@ -67,11 +69,15 @@ class SwapIn:
         self.poisonlog = RateLimitedLog(log, cfg.error_log_interval, cfg.error_log_burst)
 
     def queue_load(self, region: Region, first: int, n: int, slot: int, write_page: int = NO_WRITE,
-                   skip: np.ndarray | None = None) -> int:
+                   skip: np.ndarray | None = None, runs: np.ndarray | None = None) -> int:
         """Queue the load of pages first..first+n (charged) from slots slot..;
         write_page: the page of a write fault among them, mapped writable
-        (NO_WRITE: none); skip: the pages the read goes through that are not
-        the load's (readahead.py _window; None: none). Returns how many pages it loads.
+        (NO_WRITE: none); skip: the pages of the window that are not the
+        load's (read through, or not read at all; readahead.py _window;
+        None: none); runs: a stream's window over scattered slots, read as
+        one store read per run of adjacent slots, rows (page index, slot,
+        pages) (readahead.py _window; None: one read from `slot`). Returns
+        how many pages it loads.
 
         Invariant (read-through): a page marked in skip is never moved,
         charged or mapped by this load -- it may be resident, dirty and newer
@@ -86,14 +92,14 @@ class SwapIn:
             for page in range(first, first + n) if skip is None else own.tolist():
                 region.fault_started.pop(page, None)
         region.table.move(own, pt.LOADING)
-        self.regions.load_queue.append((region.id, first, n, slot, time.monotonic(), write_page, skip))
+        self.regions.load_queue.append((region.id, first, n, slot, time.monotonic(), write_page, skip, runs))
         region.inflight += 1
         return n if skip is None else len(own)
 
     def pump_loads(self) -> None:
         while self.regions.load_queue and self.free_buffers:
             load = self.regions.load_queue.popleft()
-            rid, first, n, slot, started, write_page, skip = load
+            rid, first, n, slot, started, write_page, skip, runs = load
             region = self.regions.by_id.get(rid)
             if region is None:
                 continue
@@ -102,20 +108,24 @@ class SwapIn:
             # nfs:// context busy) waits for one of them to finish (its
             # _finish_load pumps again) rather than go to the slower Python
             # pool: a stream keeps several windows queued.
-            if not self._submit_read(region, first, n, slot, buf, started, write_page, skip,
+            if not self._submit_read(region, first, n, slot, buf, started, write_page, skip, runs,
                                      may_wait=self.regions.loads_inflight > 0):
                 self.free_buffers.append(buf)
                 self.regions.load_queue.appendleft(load)
                 return
             self.regions.loads_inflight += 1
+            # Loads, their store reads (one per run of adjacent slots), the
+            # pages read, and those read through (not the load's).
             stats = self.regions.stats
-            stats["swapin_reads"] += 1
-            stats["swapin_read_pages"] += n
-            stats["readthrough_pages"] += 0 if skip is None else int(np.count_nonzero(skip))
+            read = n if runs is None else int(runs[:, 2].sum())
+            stats["swapin_loads"] += 1
+            stats["swapin_reads"] += 1 if runs is None else len(runs)
+            stats["swapin_read_pages"] += read
+            stats["readthrough_pages"] += 0 if skip is None else read - (n - int(np.count_nonzero(skip)))
             stats["swapin_reads_peak"] = max(stats["swapin_reads_peak"], self.regions.loads_inflight)
 
     def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float,
-                     write_page: int, skip: np.ndarray | None, may_wait: bool) -> bool:
+                     write_page: int, skip: np.ndarray | None, runs: np.ndarray | None, may_wait: bool) -> bool:
         """Queue a swap-in read: on the C pool, else (the C pool cannot take
         it) on the Python pool -- or, with `may_wait`, not at all (False).
         The I/O thread reads, verifies each page's
@@ -141,31 +151,35 @@ class SwapIn:
         wp = write_page - first if first <= write_page < first + n else uffd.NO_WRITE_PAGE
 
         def on_done(res, err):
-            self._load_done(region, first, n, slot, buf, started, write_page, skip, res, err)
+            self._load_done(region, first, n, slot, buf, started, write_page, skip, res, err, runs)
 
         if self.cpool is not None:
             if self.cpool.read_copy(buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst, mode, wp, expected, sums,
-                                    skip, on_done):
+                                    skip, on_done, runs):
                 return True
             if may_wait:
                 return False
 
         def work():
             return sums, read_verify_map(store, buf.addr, n, slot, uffd_fd, dst, mode, wp, expected, sums,
-                                         skip), mode
+                                         skip, runs), mode
 
         self.io.submit(work, on_done)
         return True
 
     def _load_done(self, region: Region, first: int, n: int, slot: int, buf, started: float, write_page: int,
-                   skip: np.ndarray | None, result: tuple | None, err: OSError | None) -> None:
-        """Apply a load's outcome. A window that read through pages not its
-        own (skip) settles its own pages only (see queue_load), and on an
-        error is read again as loads of its own runs."""
+                   skip: np.ndarray | None, result: tuple | None, err: OSError | None,
+                   runs: np.ndarray | None = None) -> None:
+        """Apply a load's outcome. A window with pages not its own (skip)
+        settles its own pages only (see queue_load). A load that is not one
+        plain read of adjacent slots (skip, or runs: a stream's window over
+        scattered slots) is read again, on an error, as loads of its own
+        pages, each from its own slot (_reload_runs)."""
         self.regions.loads_inflight -= 1
         table = region.table
         own = None if skip is None else np.flatnonzero(skip == 0)  # indices of its own pages
         n_own = n if own is None else len(own)
+        plain = own is None and runs is None  # every page its own, in slots slot..slot+n
         if region.closing:
             self.regions.charged -= n_own
             self._finish_load(region, buf)
@@ -187,7 +201,7 @@ class SwapIn:
                 mismatch &= skip == 0  # pages read through: not this load's, never checked
             bad = np.flatnonzero(mismatch)
             if len(bad):
-                self._retry_bad_pages(region, first, n, slot, bad, started, write_page)
+                self._retry_bad_pages(region, first, n, bad, started, write_page)
                 if len(bad) == n_own:
                     self._finish_load(region, buf)
                     return
@@ -202,15 +216,16 @@ class SwapIn:
             region.read_failures += 1
             elapsed = time.monotonic() - started
             if self.cfg.read_failure == "sigbus" and elapsed > self.cfg.read_deadline:
-                for a, k in [(0, n)] if own is None else pt.runs(own, n):
+                for a, k in self._slot_runs(table, first, np.arange(n) if own is None else own, n):
                     self._poison(region, first + a, k)
                 self._finish_load(region, buf)
                 return
-            if own is None:
+            if plain:
                 self._reload_later(region, first, n, slot, buf, started, write_page,
                                    self._read_retry_delay(region))
             else:
-                self._reload_runs(region, first, slot, own, started, write_page, self._read_retry_delay(region), n)
+                self._reload_runs(region, first, np.arange(n) if own is None else own, started, write_page,
+                                  self._read_retry_delay(region), n)
                 self._finish_load(region, buf)
             return
         if not len(bad):
@@ -226,10 +241,11 @@ class SwapIn:
             return
         if outcome == AGAIN:
             # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
-            if good is None:
+            if good is None and plain:
                 self._reload_later(region, first, n, slot, buf, started, write_page, 0.001)
             else:
-                self._reload_runs(region, first, slot, good, started, write_page, 0.001, n)
+                self._reload_runs(region, first, np.arange(n) if good is None else good, started, write_page,
+                                  0.001, n)
                 self._finish_load(region, buf)
             return
         pages = np.arange(first, first + n) if good is None else first + good
@@ -245,32 +261,54 @@ class SwapIn:
     def _read_retry_delay(self, region: Region) -> float:
         return min(self.cfg.read_retry_max, self.cfg.read_retry_min * (2 ** min(region.read_failures, 16)))
 
-    def _retry_bad_pages(self, region: Region, first: int, n: int, slot: int, bad: np.ndarray,
+    def _retry_bad_pages(self, region: Region, first: int, n: int, bad: np.ndarray,
                          started: float, write_page: int) -> None:
-        """Pages `bad` (indices into the window first..first+n, in slots
-        slot..) failed their checksum and were not mapped: each is read again
-        on its own after a backoff, or past read_deadline (read_failure:
+        """Pages `bad` (indices into the window first..first+n) failed their
+        checksum and were not mapped: each is read again on its own, from
+        its own slot, after a backoff, or past read_deadline (read_failure:
         sigbus) poisoned -- the damaged pages only, never their window."""
         self.regions.stats["read_errors"] += len(bad)
-        offsets = ", ".join(str((slot + int(i)) * PAGE) for i in bad[:8]) + (", ..." if len(bad) > 8 else "")
-        self.regions.errlog.error("read error on swap store (offset %d, %d pages): checksum mismatch in %d"
-                                  " page(s) at store offset(s) %s; retrying those pages alone",
-                                  slot * PAGE, n, len(bad), offsets)
+        slots = region.table.slot[first + bad]
+        offsets = ", ".join(str(int(s) * PAGE) for s in slots[:8]) + (", ..." if len(bad) > 8 else "")
+        # The window's first page's offset (its pages' slots need not be
+        # adjacent: the bad ones' own offsets follow).
+        self.regions.errlog.error("read error on swap store (offset %d, %d pages; region %d pages %d..%d):"
+                                  " checksum mismatch in %d page(s) at store offset(s) %s; retrying those"
+                                  " pages alone", int(region.table.slot[first]) * PAGE, n, region.id, first,
+                                  first + n - 1, len(bad), offsets)
         region.read_failures += 1
         if self.cfg.read_failure == "sigbus" and time.monotonic() - started > self.cfg.read_deadline:
-            for a, k in pt.runs(first + bad, n):
-                self._poison(region, a, k)
+            for a, k in self._slot_runs(region.table, first, bad, n):
+                self._poison(region, first + a, k)
             return
-        self._reload_runs(region, first, slot, bad, started, write_page, self._read_retry_delay(region), 1)
+        self._reload_runs(region, first, bad, started, write_page, self._read_retry_delay(region), 1)
 
-    def _reload_runs(self, region: Region, first: int, slot: int, idx: np.ndarray, started: float,
+    def _reload_runs(self, region: Region, first: int, idx: np.ndarray, started: float,
                      write_page: int, delay: float, max_len: int) -> None:
-        """Read pages first + idx (LOADING, charged; slots slot + idx) again
-        after `delay`, as loads of up to max_len adjacent pages, apart from
-        the window they came in."""
-        for a, k in pt.runs(np.asarray(idx), max_len):
+        """Read pages first + idx (LOADING, charged) again after `delay`,
+        apart from the window they came in, as plain loads of up to max_len
+        pages in adjacent slots: each page from its own slot, the one the
+        page table names (a LOADING page's slot is the one being read; the
+        window's runs were not adjacent, nor are its pages' slots)."""
+        for a, k in self._slot_runs(region.table, first, np.asarray(idx), max_len):
             region.inflight += 1  # handed to _reload_later, which counts it out until the retry
-            self._reload_later(region, first + a, k, slot + a, None, started, write_page, delay)
+            self._reload_later(region, first + a, k, int(region.table.slot[first + a]), None, started,
+                               write_page, delay)
+
+    @staticmethod
+    def _slot_runs(table: pt.PageTable, first: int, idx: np.ndarray, max_len: int) -> list[tuple[int, int]]:
+        """Indices idx (sorted, into the pages from `first`) split into
+        (index, count) runs of consecutive pages in adjacent slots (their
+        page table's), each at most max_len long."""
+        if len(idx) == 0:
+            return []
+        idx = np.asarray(idx, np.int64)
+        base = table.slot[first + idx].astype(np.int64) - idx
+        breaks = np.flatnonzero((np.diff(idx) != 1) | (np.diff(base) != 0)) + 1
+        out = []
+        for chunk in np.split(idx, breaks):
+            out.extend(pt.runs(chunk, max_len))
+        return [(int(a), int(k)) for a, k in out]
 
     def _reload_later(self, region: Region, first: int, n: int, slot: int, buf, started: float,
                       write_page: int, delay: float) -> None:
@@ -291,7 +329,7 @@ class SwapIn:
                 self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP, write_page)
                 return
             region.inflight += 1
-            self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None))
+            self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None, None))
             self.pump_loads()
         self.regions.after(delay, retry)
 
@@ -364,7 +402,7 @@ class SwapIn:
     def _poison(self, region: Region, first: int, n: int) -> None:
         """read_failure: sigbus — after read_deadline the client gets SIGBUS on
         these pages rather than zeros (invariant 6). The pages are a run in
-        adjacent slots (a load's), named by store offset in the log line,
+        adjacent slots (_slot_runs), named by store offset in the log line,
         which is rate-limited like every store error line."""
         self.poisonlog.error("region %d pages %d..%d (store offset %d, %d pages) unreadable past the %gs "
                           "deadline: poisoning (SIGBUS)", region.id, first, first + n - 1,
