@@ -472,19 +472,10 @@ def test_quarantine_is_held_through_two_deaths_and_a_drain(file_backing, start_d
     them. The quarantine is kept in the state directory (quarantine.json),
     held again by every successor, and kept through a drain for this store's
     next daemon."""
-    import uswap
     # As the freed-region test above: writes of a freed region in flight at death.
     d = start_daemon(file_backing, store_size="64M", max_resident="64M", inject={"write_delay": 30},
                      config={"max_resident_per_uid": "4M"})
-    with uswap.connect(d.socket) as c:
-        r = c.alloc(8 << 20)
-        r.buf[:] = b"\x5a" * r.size
-        wait_for("writes in flight", lambda: d.status()["writeback_inflight"] > 0, 60)
-        r.close()
-        assert d.kill() == -signal.SIGKILL
-    d.restart()
-    held = d.status()["store"]["quarantined_bytes"]
-    assert held > 0
+    held = _quarantine_a_freed_regions_writes(d)
     assert d.kill() == -signal.SIGKILL  # the successor dies too, within slot_quarantine
     d.restart()
     st = d.status()
@@ -553,7 +544,7 @@ def test_a_repeated_free_from_another_process_leaves_the_orphan(file_backing, st
 
 
 def _quarantine_a_freed_regions_writes(d: DaemonProc) -> int:
-    """The recipe of the two tests above on daemon `d` (started with
+    """The recipe of the freed-region test and the two-deaths test on daemon `d` (started with
     write_delay and a 4M per-uid share): a region freed with its writes in
     flight, the daemon killed and restarted; the bytes the successor holds."""
     import uswap
