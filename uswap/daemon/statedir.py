@@ -101,6 +101,7 @@ class StateDir:
                 " daemon on it, or use another --state-dir (removing it strands those clients)")
         _write_atomic(store_file, store)
         self.store = store
+        self.other_quarantines: list[dict] | None = None  # other stores' entries (save_quarantine)
 
     def meta_path(self, rid: int) -> str:
         return os.path.join(self.path, f"region-{rid}.json")
@@ -203,8 +204,11 @@ class StateDir:
         now; the other stores' entries in the file are kept (a drained
         directory may serve another store, then this one again). False: the
         file could not be written (logged; it keeps what it held)."""
-        entries = [e for e in self._quarantine_entries() if not self._mine(e.get("store"))]
-        entries.append({"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]})
+        if self.other_quarantines is None:
+            # Read once: while this daemon holds the directory's lock no one
+            # else writes the file, so the other stores' entries stay as read.
+            self.other_quarantines = [e for e in self._quarantine_entries() if not self._mine(e.get("store"))]
+        entries = self.other_quarantines + [{"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]}]
         return self._rewrite(os.path.join(self.path, QUARANTINE_FILE), {"stores": entries},
                              "the quarantined slots (a successor would not hold them)")
 
