@@ -375,9 +375,9 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     if (j->fill) {
         /* Zeros: bytes mapped from the front of the window, even when the
          * COPY then stopped (*result: 0, or the -errno it stopped with). A
-         * window across a VMA boundary is mapped page by page (us_uffd_copy). */
+         * window across a VMA boundary is mapped page by page (us_uffd_zero_fill). */
         uint64_t dst = j->r->addr + ((uint64_t)j->page << 12), len = (uint64_t)j->n << 12;
-        int64_t r = us_uffd_copy(j->r->uffd, dst, e->zero, len, j->write ? 0 : UFFDIO_COPY_MODE_WP);
+        int64_t r = us_uffd_zero_fill(j->r->uffd, dst, len, e->zero, !j->write);
         *copied = r > 0 ? r & ~(int64_t)4095 : 0;
         *result = 0;
         if (r < 0)

@@ -77,14 +77,6 @@ static int us_uffd_unregister(int fd, uint64_t start, uint64_t len)
     return ioctl(fd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
-static int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode)
-{
-    struct uffdio_zeropage z = { .range = { start, len }, .mode = mode };
-    if (ioctl(fd, UFFDIO_ZEROPAGE, &z) < 0)
-        return -errno;
-    return z.zeropage;
-}
-
 static int64_t us_uffd_continue_range(int fd, uint64_t start, uint64_t len, uint64_t mode)
 {
     uint64_t done = 0;

@@ -1,5 +1,5 @@
-/* The uffd shim's event record and entry points (native/uffd.c; the COPY is
- * uffd_copy.h's): declared here once, read by the compiler and, through
+/* The uffd shim's event record and entry points (native/uffd.c; the COPY and the
+ * zero fill are uffd_copy.h's): declared here once, read by the compiler and, through
  * cdef_reader.py, by the cffi build (uffd_build.py) that gives Python its
  * view (uswap/uffd.py). uffd.c says what each does. */
 #ifndef USWAP_UFFD_H
@@ -22,7 +22,7 @@ static int us_uffd_api(int fd, uint64_t features, uint64_t *out_features, uint64
 static int us_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
 static int us_uffd_unregister(int fd, uint64_t start, uint64_t len);
 static int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode);
-static int64_t us_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode);
+static int64_t us_uffd_zero_fill(int fd, uint64_t dst, uint64_t len, uint64_t zeros, int write_protect);
 static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
 static int us_uffd_wake(int fd, uint64_t start, uint64_t len);

@@ -102,7 +102,7 @@ def open_uffd() -> int:
 def register(fd: int, start: int, length: int, mode: int) -> None:
     ioctls = ffi.new("uint64_t *")
     _check(lib.us_uffd_register(fd, start, length, mode, ioctls), "UFFDIO_REGISTER")
-    for name in ("COPY", "CONTINUE", "WRITEPROTECT"):
+    for name in ("COPY", "ZEROPAGE", "CONTINUE", "WRITEPROTECT"):
         if not ioctls[0] & (1 << _IOCTL_BITS[name]):
             raise UffdUnsupported(f"UFFDIO_{name} is not offered for this memory"
                                   f" (shmem needs Linux 6.0 or newer; running {platform.release()})")
@@ -118,6 +118,14 @@ def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
     (-EEXIST: already present). A range across a VMA boundary (the client's
     mprotect/mlock/madvise split the region) is copied page by page."""
     return lib.us_uffd_copy(fd, dst, src, length, mode)
+
+
+def zero_fill(fd: int, dst: int, length: int, zeros: int, write_protect: bool) -> int:
+    """Map `length` bytes of zeros at dst, writable or write-protected; as
+    copy() for the result. `zeros`: the address of at least `length` bytes
+    of zeros (copied from for a write-protected fill; a writable one is a
+    ZEROPAGE, native/uffd_copy.h us_uffd_zero_fill)."""
+    return lib.us_uffd_zero_fill(fd, dst, length, zeros, 1 if write_protect else 0)
 
 
 def cont(fd: int, start: int, length: int, mode: int = 0) -> int:

@@ -11,32 +11,21 @@ protection."""
 from __future__ import annotations
 
 import os
-import struct
 
 import numpy as np
 import pytest
 
+from tests.uffd_region import in_memfd, registered_memfd, write_protected
 from uswap import native, uffd
 
 PAGE = 4096
 N = 8
-PM_UFFD_WP = 1 << 57  # /proc/PID/pagemap: the PTE is uffd write-protected
 
 
 @pytest.fixture
 def region():
-    """(uffd, memfd, addr): N pages of a memfd mapped shared and registered
-    for missing, write-protect and minor faults, as a client's region is."""
-    memfd = os.memfd_create("test-readmap", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, N * PAGE)
-    addr = native.mmap_shared(memfd, N * PAGE)
-    fd = uffd.open_uffd()
-    uffd.register(fd, addr, N * PAGE, uffd.REGISTER_MISSING | uffd.REGISTER_WP | uffd.REGISTER_MINOR)
-    yield fd, memfd, addr
-    uffd.unregister(fd, addr, N * PAGE)
-    native.munmap(addr, N * PAGE)
-    os.close(fd)
-    os.close(memfd)
+    with registered_memfd(N, "test-readmap") as r:
+        yield r
 
 
 @pytest.fixture
@@ -52,14 +41,11 @@ def loaded():
 
 
 def _write_protected(addr: int) -> list[bool]:
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(addr // PAGE * 8)
-        entries = struct.unpack(f"{N}Q", f.read(N * 8))
-    return [bool(e & PM_UFFD_WP) for e in entries]
+    return write_protected(addr, N)
 
 
 def _in_memfd(addr: int) -> list[bool]:
-    return [bool(b & 1) for b in uffd.resident(addr, N * PAGE)]
+    return in_memfd(addr, N)
 
 
 def _verify_map(fd: int, addr: int, buf, expected, mode: int, write_page: int, skip=None):

@@ -161,8 +161,7 @@ class Faults:
             # time on a first-touch stream, py-spy).
             end = min(region.npages, page + ra.fill_window)
             n += self.budget.charge_leading(table.state[page + 1:end] == pt.EMPTY)
-        mode = 0 if write else uffd.COPY_MODE_WP
-        mapped, dirty, err = self._map_zeros(region, page, n, mode)
+        mapped, dirty, err = self._map_zeros(region, page, n, write_protect=not write)
         dirty |= write
         # A COPY that stopped part way (ENOMEM from the client's memory
         # cgroup, a page that vanished...) did map the pages before it: they
@@ -178,25 +177,25 @@ class Faults:
         ra.fill_expect = page + n if mapped == n else -1
         if mapped == n:
             return
-        if self.regions.ioctl_result(region, err, "UFFDIO_COPY") == GONE_:
+        if self.regions.ioctl_result(region, err, "zero fill") == GONE_:
             return
         # Let the threads fault again (for the first unmapped page, once the
         # pending event is read if the error was EAGAIN).
         uffd.wake(region.uffd, region.addr + ((page + mapped) << SHIFT), (n - mapped) << SHIFT)
 
-    def _map_zeros(self, region: Region, page: int, n: int, mode: int) -> tuple[int, np.ndarray, int]:
-        """Map n pages of zeros from `page` with one COPY (page by page from
-        where it stops). Returns (pages mapped from the front, which of them
+    def _map_zeros(self, region: Region, page: int, n: int, write_protect: bool) -> tuple[int, np.ndarray, int]:
+        """Map n pages of zeros from `page` with one zero fill (uffd.zero_fill,
+        the fault threads' rule too; page by page from where it stops). Returns (pages mapped from the front, which of them
         were adopted dirty, -errno where it stopped or 0)."""
         dst = region.addr + (page << SHIFT)
         dirty = np.zeros(n, bool)
-        ret = uffd.copy(region.uffd, dst, self.zero_fill.addr, n << SHIFT, mode)
+        ret = uffd.zero_fill(region.uffd, dst, n << SHIFT, self.zero_fill.addr, write_protect)
         if ret == n << SHIFT:
             return n, dirty, 0
         mapped = max(ret, 0) >> SHIFT
         while mapped < n:
             at = dst + (mapped << SHIFT)
-            ret = uffd.copy(region.uffd, at, self.zero_fill.addr, PAGE, mode)
+            ret = uffd.zero_fill(region.uffd, at, PAGE, self.zero_fill.addr, write_protect)
             if ret == -errno.EEXIST:
                 # The page is in the memfd while EMPTY here: its content
                 # appeared over zeros (a write(2) to the memfd, or a forked
