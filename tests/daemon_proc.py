@@ -24,20 +24,24 @@ class DaemonProc:
                  extra: list[str] | None = None, config: dict | None = None,
                  nofile: tuple[int, int] | None = None, log_level: str | None = "info",
                  extra_env: dict[str, str] | None = None, cwd: str = REPO,
-                 python: str = sys.executable, state_dir: str | None = None) -> None:
+                 python: str = sys.executable, state_dir: str | None = None,
+                 module: str = "uswap.cli") -> None:
         """`nofile`: (soft, hard) RLIMIT_NOFILE to start the daemon under;
         `extra_env`: variables added to the daemon's environment; `cwd` and
         `python`: where and with what it runs, so which uswap `python -m
         uswap.cli` finds (this checkout's, by default).
         `state_dir`: the daemon's --state-dir (default WORKDIR/state): a
-        daemon restarted on it (restart()) adopts what the last one left."""
+        daemon restarted on it (restart()) adopts what the last one left.
+        `module`: what `python -m` runs with `uswap.cli`'s arguments (a
+        test's launcher that wraps daemon code first, e.g.
+        tests.writeback_hooks)."""
         self.workdir = workdir
         self.socket = os.path.join(workdir, "uswap.sock")
         self.log_path = os.path.join(workdir, "daemon.log")
         self.log_paths = [self.log_path]  # one per start: restart() begins daemon-N.log
         self.backing = backing
         self.state_dir = state_dir or os.path.join(workdir, "state")
-        args = [python, "-m", "uswap.cli", "run", "--backing", backing,
+        args = [python, "-m", module, "run", "--backing", backing,
                 "--store-size", store_size, "--socket", self.socket, "--state-dir", self.state_dir]
         # A flag wins over the config file, also on a reload (SIGHUP): None
         # leaves max_resident / log_level to the file.
@@ -66,15 +70,19 @@ class DaemonProc:
                                      env=self.env, cwd=self.cwd, preexec_fn=self.limit)
         deadline.register(self)  # killed, its log shown, if the test overruns its deadline
 
-    def restart(self, wait: bool = True, inject: dict | None = None, extra: list[str] | None = None) -> None:
+    def restart(self, wait: bool = True, inject: dict | None = None, extra: list[str] | None = None,
+                module: str | None = None) -> None:
         """Start a new daemon with the same arguments, socket and state dir
         (it adopts what the last one left there) once the last one has
         exited (kill() or stop() it first). Its log is a new file,
         daemon-N.log (log_text() reads the newest; all_log_text() all).
         `inject`: USWAP_INJECT for the new one (None: none); `extra`: more
-        arguments for this start only."""
+        arguments for this start only; `module`: what `python -m` runs from
+        now on (None: as before)."""
         if self.proc.poll() is None:
             raise RuntimeError(f"restart: daemon pid {self.proc.pid} is still running; kill() or stop() it first")
+        if module is not None:
+            self.args = [self.args[0], "-m", module, *self.args[3:]]
         self.env = dict(self.env)
         self.env.pop("USWAP_INJECT", None)
         if inject is not None:

@@ -201,10 +201,10 @@ def assert_no_io_overlap(st: dict) -> dict:
 
 
 def assert_audit(st: dict) -> None:
-    """The engine's own recount of charged pages and used slots agrees (None
-    while a region is closing)."""
+    """The engine's own recount of charged pages, used slots and pages being
+    evicted agrees (None while a region is closing)."""
     audit = st.get("audit")
-    assert audit is None or (audit["charged_ok"] and audit["slots_ok"]), audit
+    assert audit is None or (audit["charged_ok"] and audit["slots_ok"] and audit["evicting_ok"]), audit
 
 
 def finish_clean(d, stop_timeout: float = 120.0) -> str:

@@ -307,12 +307,13 @@ class Engine:
     # ------------------------------------------------------------------ status
 
     def audit(self) -> dict | None:
-        """Recount what the engine tracks incrementally: charged pages and used
-        slots, from the page tables. None while a region is closing (its
-        in-flight I/O is counted in neither place). Tests assert on this."""
+        """Recount what the engine tracks incrementally: charged pages, used
+        slots and pages being evicted (WRITEBACK with F_EVICT), from the page
+        tables. None while a region is closing (its in-flight I/O is counted
+        in neither place). Tests assert on this."""
         if any(r.closing for r in self.regions.values()):
             return None
-        charged = slots = 0
+        charged = slots = evicting = 0
         # Regions of a fork not yet attached by the child hold slot references
         # and pages copied in for them.
         for region in list(self.regions.values()) + self.fork.pending_regions():
@@ -320,12 +321,16 @@ class Engine:
             charged += int(np.count_nonzero((st == pt.RESIDENT) | (st == pt.WRITEBACK) | (st == pt.LOADING)
                                             | (st == pt.PUNCHING)))
             slots += int(np.count_nonzero(region.table.slot >= 0))
+            # Reclaim counts pages on their way out (RegionSet.evicting): WRITEBACK with F_EVICT.
+            evicting += int(np.count_nonzero((st == pt.WRITEBACK) & ((region.table.flags & pt.F_EVICT) != 0)))
         slots += sum(n for _, _, n in self.writeback.quarantine)
         # Regions a dead daemon left hold their slots until reclaimed or dropped (adoption.py).
         slots += sum(int(np.count_nonzero(o.table.slot >= 0)) for o in self.adoption.orphans.values())
         # A slot shared by forked children is counted once per page table
         # naming it: the recount is of references (slots.py).
         return {"charged_ok": charged == self.region_set.charged, "slots_ok": slots == self.slots.references,
+                "evicting_ok": evicting == self.region_set.evicting,
+                "evicting": self.region_set.evicting, "evicting_recount": evicting,
                 "charged": self.region_set.charged, "charged_recount": charged,
                 "slots_used": self.slots.used, "slot_references": self.slots.references,
                 "slots_recount": slots}

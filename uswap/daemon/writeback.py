@@ -173,7 +173,6 @@ class Writeback:
         self.regions.writes_inflight -= 1
         region.inflight -= 1
         table = region.table
-        seg = pages
         n = len(pages)
         self.slots.writing[slot:slot + n] = False  # the write returned, whatever its outcome
         if region.closing:
@@ -183,59 +182,70 @@ class Writeback:
                 self.slots.free(slot, n)
             else:
                 self._release_failed_slots(slot, n, err)
-            table.slot[seg] = pt.NO_SLOT
-            table.move(seg, pt.EMPTY)
+            table.slot[pages] = pt.NO_SLOT
+            table.move(pages, pt.EMPTY)
             self.regions.maybe_release(region)
             return
+        flags = table.flags[pages]
         # Pages written to be evicted (F_EVICT; a page written ahead by
         # cleaner.py gains it when reclaim takes it meanwhile, Reclaim._evict).
-        evict = (table.flags[pages] & pt.F_EVICT) != 0
+        evict = (flags & pt.F_EVICT) != 0
         self.regions.evicting -= int(np.count_nonzero(evict))
-        discard = (table.flags[pages] & pt.F_DISCARD) != 0
-        if discard.any():
-            # Unmapped by the client while being written: now that the write
-            # has returned (invariant 3) these pages are forgotten. A failed
-            # write's slots are released as a run below.
-            gone = pages[discard]
-            if err is not None:
-                table.slot[gone] = pt.NO_SLOT
-            table.move(gone, pt.RESIDENT)
-            self.forget.forget_pages(region, gone)
-            if region.closing:
-                return
-            if err is None:
-                sums, all_zero = result
-                result = (sums[~discard], all_zero[~discard])
-            evict = evict[~discard]
-            pages = seg = pages[~discard]
-        waiters = (table.flags[seg] & pt.F_WAITERS) != 0
+        waiters = (flags & pt.F_WAITERS) != 0
+        # Unmapped by the client while being written (F_DISCARD): forgotten below.
+        discard = (flags & pt.F_DISCARD) != 0
         if err is not None:
             # Invariant 5: a failed write leaves the pages resident, dirty and
             # writable, with no error state; they are retried after a backoff.
             self.regions.stats["write_errors"] += 1
             self.regions.errlog.error("write error on swap store (offset %d, %d pages): %s", slot * PAGE, n, err)
-            self._release_failed_slots(slot, n, err)
-            n = len(pages)
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.store_no_space = True  # the server's disk is full (a sparse file on NFS)
-            table.slot[seg] = pt.NO_SLOT
-            table.move(seg, pt.RESIDENT)
-            table.flags[seg] = pt.F_DIRTY
-            self.dirtying.unprotect_runs(region, pages)
             self.write_backoff = min(self.cfg.write_retry_max,
                                      max(self.cfg.write_retry_min, self.write_backoff * 2))
             self.write_retry_at = time.monotonic() + self.write_backoff
             self.regions.after(self.write_backoff, lambda: None)  # wake the loop to retry reclaim
+            # Invariant 9: the whole run is released -- quarantined and the
+            # quarantine in the state directory, when the write may land late
+            # -- BEFORE any table forgets a slot of it, discarded pages' too.
+            # Killed in between, a successor finds each slot of the run named
+            # by a WRITEBACK page (which adoption quarantines) or in
+            # quarantine.json, never free for new data a late write of the
+            # dead daemon can still overwrite.
+            self._release_failed_slots(slot, n, err)
+            table.slot[pages] = pt.NO_SLOT
+            table.flags[pages] = pt.F_DIRTY
+        else:
+            self.write_backoff = 0.0
+            self.store_no_space = False
+            self.last_write_ok = time.monotonic()
+            self.regions.stats["pages_written"] += int(np.count_nonzero(~discard))
+            sums, all_zero = result
+            # The checksums before the state: a page left clean RESIDENT names
+            # its slot copy's checksum (adoption compares the two).
+            table.sum[pages] = sums
+            table.flags[pages] &= pt.F_ACTIVE  # a page written ahead stays active (F_EVICT ones had only that)
+        # Invariant 2: the writeback bit is cleared, for the whole run at once,
+        # BEFORE anything below that may close the region (forget_pages; an
+        # ioctl finding the client gone, RegionSet.close_region). A close then
+        # finds only resident pages: it frees their slots and uncharges them
+        # as any resident page's, and no page is left WRITEBACK in a closed
+        # region with a slot only this handler would free, nor F_EVICT ones
+        # close_region would take off regions.evicting a second time.
+        table.move(pages, pt.RESIDENT)
+        if discard.any():
+            # Now that the write has returned (invariant 3) the pages the
+            # client unmapped meanwhile are forgotten: punched, slots freed.
+            self.forget.forget_pages(region, pages[discard])
+            if region.closing:
+                return  # close_region released what the run's other pages hold
+            keep = ~discard
+            pages, evict, waiters = pages[keep], evict[keep], waiters[keep]
+            if err is None:
+                all_zero = all_zero[keep]
+        if err is not None:
+            self.dirtying.unprotect_runs(region, pages)
             return
-        self.write_backoff = 0.0
-        self.store_no_space = False
-        self.last_write_ok = time.monotonic()
-        self.regions.stats["pages_written"] += len(pages)
-        sums, all_zero = result
-        table.sum[seg] = sums
-        # The writeback bit is cleared: the pages are clean copies of their slots.
-        table.move(seg, pt.RESIDENT)
-        table.flags[seg] &= pt.F_ACTIVE  # a page written ahead stays active (F_EVICT ones had only that)
         for i in np.flatnonzero(waiters):
             # A write was parked during writeback: let it through now.
             self.dirtying.make_dirty(region, int(pages[i]))
