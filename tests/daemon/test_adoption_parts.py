@@ -102,6 +102,63 @@ def test_state_dir_keeps_the_orphan_clock_and_the_quarantine(tmp_path):
     assert sd2.quarantine() == []  # another store's slots
 
 
+def test_quarantine_unsaved_marker_says_the_file_is_behind(tmp_path):
+    """quarantine-ID.unsaved (statedir.py): "1" with the store after a failed
+    rewrite, "0" after the next good one; read by the next daemon of the
+    same store only (another store's marker is not its business; a torn
+    one is taken as its own); held at "1" while keep_unsaved_mark is set."""
+    path = str(tmp_path / "state")
+    qfile = os.path.join(path, "quarantine.json")
+
+    def successor(store=STORE) -> StateDir:
+        nxt = StateDir(path, store)
+        os.close(nxt.lock_fd)  # let the next one take the directory
+        return nxt
+
+    sd = StateDir(path, STORE)
+    os.makedirs(qfile + ".tmp")  # the rewrite fails for real (EISDIR), as with a full tmpfs
+    assert not sd.save_quarantine([(70, 2)])
+    os.close(sd.lock_fd)
+    assert successor().quarantine_incomplete()
+    assert not successor(dict(STORE, id="b2")).quarantine_incomplete()  # another store's
+    sd = StateDir(path, STORE)
+    assert sd.quarantine_incomplete()
+    os.rmdir(qfile + ".tmp")
+    sd.keep_unsaved_mark(True)
+    assert sd.save_quarantine([(70, 2)])  # saved, but the marker is kept
+    os.close(sd.lock_fd)
+    assert successor().quarantine_incomplete()
+    sd = StateDir(path, STORE)
+    assert sd.save_quarantine([(70, 2)])
+    os.close(sd.lock_fd)
+    assert not successor().quarantine_incomplete()
+    marker = os.path.join(path, "quarantine-a1.unsaved")
+    with open(marker, "r+b") as f:
+        f.write(b'1{"url": "/srv/swa')  # a kill within the marker's write
+    assert successor().quarantine_incomplete()
+    assert os.path.getsize(marker) == 4096  # its page, allocated at start
+    sd = StateDir(path, STORE)
+    sd.clear()  # a drain: the marker says "1" still (this daemon wrote nothing), so it stays
+    assert os.path.exists(marker)
+    assert sd.save_quarantine([])
+    sd.clear()  # the file is complete: the marker goes
+    assert not os.path.exists(marker)
+    os.close(sd.lock_fd)
+
+
+def test_claim_free_holds_every_slot_no_table_names():
+    slots = SlotAllocator(64)
+    slots.claim(np.array([5, 6, 7, 30, -1], np.int32))
+    runs = slots.claim_free()
+    assert runs == [(1, 4), (8, 22), (31, 33)]
+    assert (slots.used, slots.references) == (63, 63)
+    assert slots.alloc(1) is None
+    for first, n in runs:
+        slots.free(first, n)
+    assert (slots.used, slots.references) == (4, 4)
+    assert slots.claim_free() == [(1, 4), (8, 22), (31, 33)]
+
+
 def test_slots_claimed_from_tables_count_references():
     slots = SlotAllocator(64)
     parent = np.array([5, 6, 7, -1], np.int32)

@@ -4,10 +4,13 @@
 `_persist_quarantine`) and then takes the run's slots out of the page
 table. When the state directory's rewrite of quarantine.json fails (tmpfs
 full, no fd left: `StateDir._rewrite` logs it and returns False,
-`quarantine_unsaved`), the table forgets the slots all the same: from then
-on neither a table nor quarantine.json names them, and a daemon killed
-before a later settle's retry succeeds leaves a successor that hands those
-slots to new data while the dead daemon's write may still land in them.
+`quarantine_unsaved`), the table forgets the slots all the same, so the
+file alone would name them nowhere: a daemon killed before a later
+settle's retry succeeded left a successor that handed those slots to new
+data while the dead daemon's write could still land in them (this test
+failed so). The marker quarantine-ID.unsaved, allocated and opened at start
+and written in place, says the file is behind, and the successor then
+holds every slot no table names (`Adoption.load`).
 
 The rewrite is made to fail for real, with no hook: a directory sits where
 `_write_atomic` opens its temporary file (quarantine.json.tmp), so the
@@ -49,16 +52,7 @@ def _failed_runs(log: str) -> list[tuple[int, int]]:
     return [(int(off) // 4096, int(n)) for off, n in WRITE_ERROR.findall(log)]
 
 
-# The unwritable case is a known hole, not yet mended (a strict xfail: it
-# turns red the day it passes, so the mark goes with the fix): the fix needs
-# a place the quarantine can always be recorded (a file and fd reserved in
-# advance, or the run kept named by its pages until the save succeeds).
-KNOWN_HOLE = pytest.mark.xfail(strict=True, reason="invariant 9 with quarantine.json unwritable: the failed run's "
-                               "slots are forgotten by the table before the quarantine is saved")
-
-
-@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=KNOWN_HOLE)],
-                         ids=["state-dir-writable", "quarantine-json-unwritable"])
+@pytest.mark.parametrize("blocked", [False, True], ids=["state-dir-writable", "quarantine-json-unwritable"])
 @pytest.mark.parametrize("backing", ["nfs"], indirect=True)
 def test_failed_write_slots_held_by_successor_even_if_quarantine_not_saved(backing, blocked, start_daemon):
     d = start_daemon(backing, store_size="64M", max_resident="4M", inject={},

@@ -105,6 +105,12 @@ class Adoption:
         """Take on every region the state directory holds, as orphans."""
         if self.statedir is None:
             return
+        # The previous daemon's quarantine file is behind (a rewrite failed
+        # before it died): the marker stays "1" until the step at the end
+        # below has held every slot no table names, whatever is saved
+        # before (a save of what is known so far must not clear it).
+        incomplete = self.statedir.quarantine_incomplete()
+        self.statedir.keep_unsaved_mark(incomplete)
         # Slots the previous daemon held in quarantine (a write of its, or
         # of a daemon before it, may still land there): held again, their
         # clock started anew (writeback.py _persist_quarantine).
@@ -144,6 +150,18 @@ class Adoption:
                 # The clock goes on from the dead daemon's: stamps stay comparable.
                 self.regions.tick = max(self.regions.tick, int(table.stamp.max()) + 1)
         self.found = len(self.orphans)
+        if incomplete:
+            # Invariant 9 with the file behind: a run the dead daemon
+            # quarantined without saving is named nowhere, so every slot no
+            # table names is held, as if a late write could reach it.
+            # Costly (no new slot until a write succeeds plus
+            # slot_quarantine), and only after a failed rewrite and a death.
+            runs = self.slots.claim_free()
+            log.warning("adoption: the previous daemon could not record its whole quarantine in %s before it"
+                        " died: every slot no page table names (%d) is held for slot_quarantine after the"
+                        " store's next accepted write", self.statedir.path, sum(n for _, n in runs))
+            self.statedir.keep_unsaved_mark(False)
+            self.writeback.quarantine_runs(runs)
 
     @staticmethod
     def _keep_only_copies(table: pt.PageTable) -> None:

@@ -150,3 +150,23 @@ class SlotAllocator:
         self.free_map[slots] = False
         self.used += len(np.unique(slots[was_free]))
         self.references += len(slots)
+
+    def claim_free(self) -> list[tuple[int, int]]:
+        """Adoption when the dead daemon's quarantine file is behind
+        (statedir.py quarantine_incomplete): one reference to every free
+        slot, for the quarantine to hold; returns them as runs (first,
+        count). Made run by run, never as one array of every slot (a
+        large store has millions)."""
+        free = np.flatnonzero(self.free_map)
+        if len(free) == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(free) != 1) + 1
+        firsts = free[np.concatenate(([0], cuts))]
+        lasts = free[np.concatenate((cuts - 1, [len(free) - 1]))]
+        runs = [(int(a), int(b) - int(a) + 1) for a, b in zip(firsts, lasts)]
+        for first, count in runs:
+            self.refs[first:first + count] = 1
+            self.free_map[first:first + count] = False
+        self.used += len(free)
+        self.references += len(free)
+        return runs

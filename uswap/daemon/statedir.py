@@ -17,6 +17,11 @@ clients can.
                           still land in them: nfs://), per store (url and
                           header id); this store's entry rewritten whenever
                           its quarantine changes
+    DIR/quarantine-ID.unsaved  per store (ID: its header id), one page,
+                          allocated and opened at start: "1" and the store
+                          while this store's entry in quarantine.json lacks
+                          runs it holds (a rewrite failed), "0" once one is
+                          made (see quarantine_incomplete)
 
 Order (invariant 9, docs/design.md): a region's table file is made before its
 metadata, and its metadata removed before its table file, so a metadata file
@@ -40,6 +45,8 @@ log = logging.getLogger("uswap.engine")
 
 STORE_FILE = "store.json"
 QUARANTINE_FILE = "quarantine.json"
+UNSAVED_FILE = "quarantine-{}.unsaved"
+UNSAVED_BYTES = 4096
 LOCK_FILE = "lock"
 META = re.compile(r"region-(\d+)\.json$")
 
@@ -102,6 +109,71 @@ class StateDir:
         _write_atomic(store_file, store)
         self.store = store
         self.other_quarantines: list[dict] | None = None  # other stores' entries (save_quarantine)
+        self._open_unsaved_marker()
+
+    def _open_unsaved_marker(self) -> None:
+        """Invariant 9 when quarantine.json cannot be rewritten (tmpfs full,
+        no fd left): the engine goes on and forgets a failed run's slots
+        from its tables (writeback.py _write_done), so something that cannot
+        fail then must say the file is behind. That is this marker: its page
+        is allocated and its fd opened now, at start, where a failure is a
+        refusal to start; from then on it is written in place (one page
+        already there, an fd already held: neither ENOSPC nor EMFILE). What
+        the previous daemon left in it is read first (quarantine_incomplete)."""
+        path = self.unsaved_path = os.path.join(self.path, UNSAVED_FILE.format(
+            re.sub(r"[^0-9A-Za-z_-]", "_", str(self.store.get("id")))))
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            os.close(self.lock_fd)
+            raise StateRefused(f"state_dir: {path}: cannot open it: {e.strerror}") from None
+        try:
+            self.previous_unsaved = os.pread(fd, UNSAVED_BYTES, 0)
+            os.posix_fallocate(fd, 0, UNSAVED_BYTES)
+        except OSError as e:
+            os.close(fd)
+            os.close(self.lock_fd)
+            raise StateRefused(f"state_dir: {path}: cannot allocate its {UNSAVED_BYTES} bytes: {e.strerror}") from None
+        self.unsaved_fd = fd
+        self.unsaved_marked: bool | None = None  # what this daemon last wrote in it (None: nothing yet)
+        self.unsaved_kept = False  # keep_unsaved_mark
+
+    def keep_unsaved_mark(self, keep: bool) -> None:
+        """While set, a successful rewrite leaves the marker as it is
+        (Adoption.load: the file lacks what the previous daemon did not
+        save until every slot no table names is held)."""
+        self.unsaved_kept = keep
+
+    def _mark_unsaved(self, unsaved: bool) -> None:
+        """Write the marker in place: "1" with this store's key while this
+        store's entry in quarantine.json lacks runs held, "0" after a
+        rewrite. A torn write (a kill within it) reads as unparseable,
+        which quarantine_incomplete takes as "1" (the safe side)."""
+        if self.unsaved_marked == unsaved or (self.unsaved_kept and not unsaved):
+            return
+        key = json.dumps({k: self.store.get(k) for k in ("url", "id")}).encode()
+        data = (b"1" + key) if unsaved else b"0"
+        try:
+            os.pwrite(self.unsaved_fd, data.ljust(UNSAVED_BYTES, b" ")[:UNSAVED_BYTES], 0)
+            self.unsaved_marked = unsaved
+        except OSError as e:  # EIO on tmpfs: nothing safer is left than saying so
+            log.error("state_dir: cannot write %s: %s", self.unsaved_path, e.strerror)
+
+    def quarantine_incomplete(self) -> bool:
+        """Whether the previous daemon of this store left quarantine.json
+        behind its quarantine (a rewrite failed and it died before one
+        succeeded): then slots it held may be named nowhere, and its
+        successor must hold every slot no table names (Adoption.load). A
+        marker naming another store is that store's; one that cannot be
+        read is taken as this store's."""
+        prev = self.previous_unsaved.rstrip(b" \0")
+        if not prev.startswith(b"1"):
+            return False
+        try:
+            key = json.loads(prev[1:])
+        except ValueError:
+            return True
+        return not isinstance(key, dict) or self._mine(key)
 
     def meta_path(self, rid: int) -> str:
         return os.path.join(self.path, f"region-{rid}.json")
@@ -209,8 +281,12 @@ class StateDir:
             # else writes the file, so the other stores' entries stay as read.
             self.other_quarantines = [e for e in self._quarantine_entries() if not self._mine(e.get("store"))]
         entries = self.other_quarantines + [{"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]}]
-        return self._rewrite(os.path.join(self.path, QUARANTINE_FILE), {"stores": entries},
-                             "the quarantined slots (a successor would not hold them)")
+        saved = self._rewrite(os.path.join(self.path, QUARANTINE_FILE), {"stores": entries},
+                              "the quarantined slots (a successor holds every slot no table names)")
+        # After the rename when saved, before the caller goes on when not:
+        # a kill at any point leaves the marker "1" or the file complete.
+        self._mark_unsaved(not saved)
+        return saved
 
     @staticmethod
     def _rewrite(path: str, data: dict, what: str) -> bool:
@@ -261,7 +337,14 @@ class StateDir:
     def clear(self) -> None:
         """After a drain: nothing is left to adopt; the directory may serve any
         store next. The quarantine stays (this store's next daemon honours it;
-        another store's ignores it, see quarantine)."""
+        another store's ignores it, see quarantine), and so does this store's
+        marker if it says the file is behind; else it goes (the daemon's
+        last act: nothing is marked after it)."""
+        if self.unsaved_marked is False or (self.unsaved_marked is None and not self.quarantine_incomplete()):
+            try:
+                os.unlink(self.unsaved_path)
+            except FileNotFoundError:
+                pass
         for name in os.listdir(self.path):
             if META.match(name) or name.endswith(".table") or name == STORE_FILE:
                 try:

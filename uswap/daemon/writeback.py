@@ -211,8 +211,8 @@ class Writeback:
             # Killed in between, a successor finds each slot of the run named
             # by a WRITEBACK page (which adoption quarantines) or in
             # quarantine.json, never free for new data a late write of the
-            # dead daemon can still overwrite. (Unless the rewrite of
-            # quarantine.json failed: the known hole, _persist_quarantine.)
+            # dead daemon can still overwrite (a rewrite of quarantine.json
+            # that failed is marked so: _persist_quarantine).
             self._release_failed_slots(slot, n, err)
             table.slot[pages] = pt.NO_SLOT
             table.flags[pages] = pt.F_DIRTY
@@ -329,10 +329,10 @@ class Writeback:
         if statedir is not None:
             # Not written (no fd left, tmpfs full): tried again at each
             # settle until it is (engine.py). Meanwhile the file names the
-            # runs held before: a run freed since is held longer by a
-            # successor (harmless), but a run added since is held by nothing
-            # once _write_done clears its slots from the table -- the known
-            # hole of docs/design.md invariant 9 (test_quarantine_unsaved.py).
+            # runs held before, and a run added since is named nowhere once
+            # _write_done clears its slots from the table: save_quarantine
+            # has marked the file behind (quarantine-ID.unsaved, which cannot
+            # fail), and a successor then holds every slot no table names.
             self.quarantine_unsaved = not statedir.save_quarantine([(slot, n) for _, slot, n in self.quarantine])
 
     def expire_quarantine(self) -> None:
