@@ -1,9 +1,14 @@
 """Python face of the direct-I/O / mmap shim (native/dio.c)."""
 from __future__ import annotations
 
+import ctypes
 import os
 
 from uswap._dio_cffi import ffi, lib
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+MADV_DONTDUMP = 16
 
 PROT_READ = 1
 PROT_WRITE = 2
@@ -20,6 +25,28 @@ def _check(ret: int, what: str) -> int:
 def mmap_shared(fd: int, length: int) -> int:
     """Map `length` bytes of fd read/write, shared; returns the address."""
     return _check(lib.us_mmap(length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), "mmap")
+
+
+def map_client_view(memfd: int, length: int) -> int:
+    """The daemon's own mapping of a client's region memfd (every `daddr`:
+    region.py, fork.py, adoption.py), left out of the daemon's core dumps
+    (MADV_DONTDUMP).
+
+    Why: a dump reads every page of every mapping it includes, and on a
+    shmem mapping a read of a hole allocates a zero page in the memfd --
+    a swapped page's hole. A daemon dying with a core dumper installed
+    (systemd-coredump takes the whole process whatever LimitCORE says)
+    would leave its successor a zero page over every swapped page, which
+    adoption takes as a read that completed (a LOADING page) and the
+    fault path as a page the client wrote through its memfd ("present
+    during swap-in: kept"): lost data. The client's memory has no place in
+    the daemon's dumps in any case."""
+    addr = mmap_shared(memfd, length)
+    if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_DONTDUMP) != 0:
+        err = ctypes.get_errno()
+        munmap(addr, length)
+        raise OSError(err, f"madvise(MADV_DONTDUMP): {os.strerror(err)}")
+    return addr
 
 
 def munmap(addr: int, length: int) -> None:

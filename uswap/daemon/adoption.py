@@ -316,7 +316,7 @@ class Adoption:
         region.table = orphan.table
         region.id = meta["id"]
         try:
-            region.daddr = native.mmap_shared(memfd, region.size)
+            region.daddr = native.map_client_view(memfd, region.size)
         except OSError as e:
             raise RegionRefused(f"adopt: cannot map the memfd: {e.strerror}") from None
         self.statedir.adopted(meta)

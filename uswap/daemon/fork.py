@@ -218,7 +218,7 @@ class ForkManager:
         try:
             os.ftruncate(memfd, region.size)
             fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-            child.daddr = native.mmap_shared(memfd, region.size)
+            child.daddr = native.map_client_view(memfd, region.size)
         except OSError as e:
             child.release()
             raise ForkRefused(f"fork_begin: cannot create the child's memory: {e.strerror}") from None

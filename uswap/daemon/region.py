@@ -250,7 +250,7 @@ def validate_and_open(msg: dict, fds: list[int], max_size: int, owner: object,
     check_same_uffd(uffd_fd, addr, size)
     region = Region(uffd_fd, memfd, addr, size, owner)
     try:
-        region.daddr = native.mmap_shared(memfd, size)
+        region.daddr = native.map_client_view(memfd, size)
     except OSError as e:
         raise RegionRefused(f"alloc: cannot map the memfd: {e.strerror}") from None
     return region
