@@ -15,6 +15,25 @@ from typing import NoReturn
 import uswap
 
 
+# The opening of the client scripts that fill a region (argv: SOCKET
+# NPAGES): connect, alloc NPAGES pages, write each page's first word as its
+# index + 1, report {"filled": NPAGES}; `c`, `r` and `a` (one row of 512
+# words per page) are left for the rest of the script.
+FILLED_REGION = """
+import sys
+import numpy as np
+import uswap
+from tests.client_program import out
+
+sock, npages = sys.argv[1], int(sys.argv[2])
+c = uswap.connect(sock)
+r = c.alloc(npages * 4096)
+a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
+out(filled=npages)
+"""
+
+
 def out(**fields) -> None:
     """One report line, flushed at once: the test waits for it."""
     print(json.dumps(fields), flush=True)

@@ -26,22 +26,12 @@ import textwrap
 
 import pytest
 
+from tests.client_program import FILLED_REGION
 from tests.harness import Workload, ctl, inject, status, wait_for
 
 NPAGES = 512
 
-CLIENT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import uswap
-    from tests.client_program import out
-
-    sock, npages = sys.argv[1], int(sys.argv[2])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
-    out(filled=npages)
+CLIENT = FILLED_REGION + textwrap.dedent("""
     sys.stdin.read()
 """)
 

@@ -25,23 +25,13 @@ import textwrap
 
 import pytest
 
+from tests.client_program import FILLED_REGION
 from tests.harness import Workload, assert_audit, ctl, inject, status, wait_clean, wait_for
 
 NPAGES = 512  # 2 MiB, all dirty, under the 4 MiB budget: nothing is written until the budget is cut
 
 # argv: SOCKET NPAGES. Fills the region, then discards each range "LO HI" read from stdin.
-CLIENT = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import uswap
-    from tests.client_program import out
-
-    sock, npages = sys.argv[1], int(sys.argv[2])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-    a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
-    out(filled=npages)
+CLIENT = FILLED_REGION + textwrap.dedent("""
     for line in sys.stdin:
         lo, hi = map(int, line.split())
         try:

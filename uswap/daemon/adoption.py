@@ -117,8 +117,8 @@ class Adoption:
         held = []
         for slot, n in self.statedir.quarantine():
             try:
-                self.slots.claim(np.arange(slot, slot + n))
-            except ValueError as e:
+                self.slots.claim_run(slot, n)
+            except (ValueError, OverflowError) as e:
                 log.error("adoption: quarantined slots %d..%d of the previous daemon: %s", slot, slot + n - 1, e)
                 continue
             held.append((slot, n))
@@ -152,14 +152,16 @@ class Adoption:
         self.found = len(self.orphans)
         if incomplete:
             # Invariant 9 with the file behind: a run the dead daemon
-            # quarantined without saving is named nowhere, so every slot no
-            # table names is held, as if a late write could reach it.
+            # quarantined without saving is named nowhere, so every slot is
+            # held (one run over the store, SlotAllocator.claim_free), as if
+            # a late write could reach it.
             # Costly (no new slot until a write succeeds plus
             # slot_quarantine), and only after a failed rewrite and a death.
+            unnamed = int(np.count_nonzero(self.slots.free_map))
             runs = self.slots.claim_free()
             log.warning("adoption: the previous daemon could not record its whole quarantine in %s before it"
                         " died: every slot no page table names (%d) is held for slot_quarantine after the"
-                        " store's next accepted write", self.statedir.path, sum(n for _, n in runs))
+                        " store's next accepted write", self.statedir.path, unnamed)
             self.statedir.keep_unsaved_mark(False)
             self.writeback.quarantine_runs(runs)
 

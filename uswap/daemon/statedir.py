@@ -163,7 +163,7 @@ class StateDir:
         """Whether the previous daemon of this store left quarantine.json
         behind its quarantine (a rewrite failed and it died before one
         succeeded): then slots it held may be named nowhere, and its
-        successor must hold every slot no table names (Adoption.load). A
+        successor must hold every slot (Adoption.load: the whole store). A
         marker naming another store is that store's; one that cannot be
         read is taken as this store's."""
         prev = self.previous_unsaved.rstrip(b" \0")
@@ -282,7 +282,7 @@ class StateDir:
             self.other_quarantines = [e for e in self._quarantine_entries() if not self._mine(e.get("store"))]
         entries = self.other_quarantines + [{"store": self.store, "runs": [[int(s), int(n)] for s, n in runs]}]
         saved = self._rewrite(os.path.join(self.path, QUARANTINE_FILE), {"stores": entries},
-                              "the quarantined slots (a successor holds every slot no table names)")
+                              "the quarantined slots (a successor holds the whole store)")
         # After the rename when saved, before the caller goes on when not:
         # a kill at any point leaves the marker "1" or the file complete.
         self._mark_unsaved(not saved)

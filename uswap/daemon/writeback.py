@@ -332,7 +332,7 @@ class Writeback:
             # runs held before, and a run added since is named nowhere once
             # _write_done clears its slots from the table: save_quarantine
             # has marked the file behind (quarantine-ID.unsaved, which cannot
-            # fail), and a successor then holds every slot no table names.
+            # fail), and a successor then holds every slot of the store.
             self.quarantine_unsaved = not statedir.save_quarantine([(slot, n) for _, slot, n in self.quarantine])
 
     def expire_quarantine(self) -> None:
