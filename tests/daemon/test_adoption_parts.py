@@ -1,7 +1,7 @@
 """The parts adoption is built from, each against the real thing: page
 tables kept in state files (pagetable.py), the state directory's rules
 (statedir.py), slots claimed from tables (slots.py), and which pages a
-memfd really holds (adoption.memfd_pages)."""
+memfd really holds (resolve.memfd_pages)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,8 @@ import pytest
 
 from uswap import native
 from uswap.daemon import pagetable as pt
-from uswap.daemon.adoption import Adoption, memfd_pages
+from uswap.daemon.adoption import Adoption
+from uswap.daemon.resolve import memfd_pages
 from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.slots import SlotAllocator
 from uswap.daemon.statedir import StateBusy, StateDir, StateRefused
