@@ -164,11 +164,17 @@ class VictimQueue:
         # Pages on probation (sampled, or judged and no longer queued, see
         # _refill): region id -> (sorted pages, their stamps when sampled).
         self.probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # The queued victims a scan judged (sampled and found untouched),
+        # region id -> (sorted pages, their stamps): not those queued when
+        # nothing could be judged, nor the ones the sampler could not reach,
+        # which were never sampled (a use of theirs leaves no stamp).
+        self.judged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.scan_tick = -1  # the clock at the last scan
 
     def clear(self) -> None:
         self.pending = []
         self.probation = {}
+        self.judged = {}
 
     def _read(self, region, key: object) -> np.ndarray | None:
         mask = self.read_locked(region) if key else None
@@ -220,6 +226,7 @@ class VictimQueue:
         n = max(want, self.batch)
         if self.sampler is None:
             self.probation = {}
+            self.judged = {}
             self.pending = [(region, pages, region.table.stamp[pages].copy())
                             for region, pages in choose_victims(regions, n, tick, clean_only, locked)]
             return
@@ -233,6 +240,7 @@ class VictimQueue:
             judged.append((region, pages[untouched]))
             fresh.append((region, pages[~untouched]))
         victims, kept = _split_oldest(judged, n, tick)
+        self.judged = {region.id: (pages, region.table.stamp[pages].copy()) for region, pages in victims}
         if not victims:
             # Nothing judged yet (the first refill, or every page on
             # probation was used): the oldest go, as without sampling.
@@ -261,8 +269,9 @@ class VictimQueue:
 
     def _known(self, regions: list, locked: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Pages judged or sampled before and untouched since, per region id
-        (sorted pages, their stamps): those on probation and those still
-        queued, both while RESIDENT or being written ahead with their stamp
+        (sorted pages, their stamps): those on probation and the queued
+        victims a scan judged (not those queued unjudged, self.judged), both
+        while RESIDENT or being written ahead with their stamp
         unchanged; a page leaving memory, used, or in a range its client
         mlocked now (`locked`, as _refresh_locked read it: pinned I/O may
         use it unseen) is forgotten."""
@@ -270,8 +279,10 @@ class VictimQueue:
         parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         for rid, (pages, stamps) in self.probation.items():
             parts.setdefault(rid, []).append((pages, stamps))
-        for region, pages, stamps in self.pending:
-            parts.setdefault(region.id, []).append((pages, stamps))
+        for rid, (pages, stamps) in self.judged.items():
+            # Only what a scan judged: a queued page never sampled is
+            # sampled when a scan meets it again, as any other.
+            parts.setdefault(rid, []).append((pages, stamps))
         for region in regions:
             held = parts.get(region.id)
             if held is None or region.closing:
