@@ -137,3 +137,72 @@ def test_peek_never_hands_out_pages_sampled_in_the_same_turn():
     peeked = q.peek([r], 64, tick=5000)           # the cleaner, same turn
     handed = set(np.concatenate([p for _, p in peeked]).tolist()) if peeked else set()
     assert not handed & fresh, sorted(handed & fresh)[:8]
+
+
+class RecordingSampler(CountingSampler):
+    """CountingSampler that also keeps every page it was asked to sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: list[int] = []
+
+    def sample(self, region, pages: np.ndarray) -> bool:
+        self.pages += pages.tolist()
+        return super().sample(region, pages)
+
+
+def test_a_rescan_samples_no_judged_page_again():
+    """A scan that replaces the queue (peek's, when fewer than it wants are
+    left) keeps the still-queued victims as judged: they were sampled and
+    found untouched already. Sampling them again made a stream sample about
+    two pages per page evicted (test_sampling.py's stream test). A queued
+    page used since is no longer judged, nor a victim."""
+    r = region(4096)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(4096)
+    sampler = RecordingSampler()
+    q = VictimQueue(batch=64, sampler=sampler)
+    for want, tick in ((64, 5000), (16, 5001)):
+        # First scan: the 64 oldest go unjudged, the next 64 are sampled;
+        # second: those 64 are judged, queued, and 16 of them taken.
+        for _, pages in q.take([r], want, tick=tick):
+            r.table.state[pages] = pt.SWAPPED
+    queued = [int(p) for _, pages, _ in q.pending for p in pages]
+    assert queued == list(range(80, 128))
+    r.table.stamp[queued[-1]] = 5002              # one queued victim used since
+    before = len(sampler.pages)
+    q.peek([r], 128, tick=5002)                   # fewer than wanted left: a new scan
+    again = set(sampler.pages[before:])
+    assert again, "the rescan sampled nothing new"
+    assert not again & set(queued), sorted(again & set(queued))[:8]
+    handed = [int(p) for _, pages in q.peek([r], 128, tick=5002) for p in pages]
+    assert handed[:len(queued) - 1] == queued[:-1]  # still the next victims, in order
+    assert queued[-1] not in handed
+
+
+def test_a_rescan_does_not_judge_pages_it_never_sampled():
+    """What stays judged across a rescan is what a scan judged: pages
+    sampled and found untouched. The oldest pages queued when nothing could
+    be judged (the first scan) were never sampled -- their client may read
+    them all the time without a fault -- so when a later scan replaces the
+    queue, one that can judge, they are sampled like any page, not handed
+    out as victims nor kept on probation unsampled (sampling.py: a page read
+    often without faulting is kept)."""
+    r = region(4096)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(4096)
+    sampler = RecordingSampler()
+    q = VictimQueue(batch=64, sampler=sampler)
+    q.peek([r], 64, tick=5000)                    # the cleaner first: nothing judged yet
+    unjudged = [int(p) for _, pages, _ in q.pending for p in pages]
+    assert unjudged and not set(unjudged) & set(sampler.pages)  # queued unsampled (nothing could be judged)
+    for _, pages in q.take([r], 100, tick=5000):  # reclaim takes some of them
+        r.table.state[pages] = pt.SWAPPED
+    left = [int(p) for _, pages, _ in q.pending for p in pages]
+    assert left
+    handed = [int(p) for _, pages in q.peek([r], 64, tick=5001) for p in pages]  # a rescan: it can judge now
+    assert handed, "the rescan judged nothing"
+    never = set(left) - set(sampler.pages)
+    assert not set(handed) & never, sorted(set(handed) & never)[:8]
+    on_probation = set(np.concatenate([p for p, _ in q.probation.values()]).tolist()) if q.probation else set()
+    assert not on_probation & never, sorted(on_probation & never)[:8]

@@ -268,7 +268,7 @@ class Faults:
             # The clock moves on, as for a first write (dirtying.py): a use
             # stamped with an unchanged clock -- no page brought in since the
             # page was sampled -- would look like no use at all, and the
-            # sampler would evict a page in use (victims.py _on_probation).
+            # sampler would evict a page in use (victims.py VictimQueue._untouched).
             table.stamp[page] = self.budget.advance_clock()
             table.flags[page] = policy.minor_use(int(table.flags[page]))
             # A dirty page a forked child still reads stays write-protected (cow.py).

@@ -161,14 +161,20 @@ class VictimQueue:
         self.read_locked = read_locked
         self.locked: dict[int, tuple[object, np.ndarray | None]] = {}  # region id -> (key, mask)
         self.sampler = sampler
-        # Pages on probation (sampled, see the class docstring): region id ->
-        # (sorted pages, their stamps when sampled).
+        # Pages on probation (sampled, or judged and no longer queued, see
+        # _refill): region id -> (sorted pages, their stamps when sampled).
         self.probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # The queued victims a scan judged (sampled and found untouched),
+        # region id -> (sorted pages, their stamps): not those queued when
+        # nothing could be judged, nor the ones the sampler could not reach,
+        # which were never sampled (a use of theirs leaves no stamp).
+        self.judged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.scan_tick = -1  # the clock at the last scan
 
     def clear(self) -> None:
         self.pending = []
         self.probation = {}
+        self.judged = {}
 
     def _read(self, region, key: object) -> np.ndarray | None:
         mask = self.read_locked(region) if key else None
@@ -198,39 +204,61 @@ class VictimQueue:
         that many candidates).
 
         Without sampling: the `batch` oldest pages. With it: the 2 x `batch`
-        oldest are looked at; those on probation and untouched since (their
-        stamp is the one they were sampled with) are the victims, oldest
+        oldest are looked at; those judged already and untouched since (their
+        stamp is the one they were sampled or queued with: on probation, or
+        still in the queue this scan replaces) are the victims, oldest
         first, up to `batch` (fewer than `want` is progress: reclaim asks
         again); the others are sampled now and go on probation, except the
         `want` oldest when none could be judged (a fault may be waiting for
         room: it is not kept waiting for a judgement), and except pages the
         sampler cannot reach, which are judged by their stamp alone, as
-        without sampling."""
+        without sampling.
+
+        What was judged is never sampled again while it stays untouched:
+        the queued victims a scan replaces (peek scans whenever fewer than
+        it wants are left, about 40% of a batch still queued on streams)
+        and the pages on probation that this scan does not look at (being
+        written ahead, not RESIDENT; past a smaller window) stay known,
+        so the next scan judges them at once. (Sampling the replaced queue
+        again had streams sample about two pages per page evicted:
+        tests/daemon/test_sampling.py's stream test.)"""
         locked = self._refresh_locked(regions)
         n = max(want, self.batch)
         if self.sampler is None:
             self.probation = {}
+            self.judged = {}
             self.pending = [(region, pages, region.table.stamp[pages].copy())
                             for region, pages in choose_victims(regions, n, tick, clean_only, locked)]
             return
+        known = self._known(regions, locked)
         judged: list[tuple[object, np.ndarray]] = []
         fresh: list[tuple[object, np.ndarray]] = []
+        looked: dict[int, np.ndarray] = {}
         for region, pages in choose_victims(regions, 2 * n, tick, clean_only, locked):
-            untouched = self._on_probation(region, pages)
+            looked[region.id] = pages
+            untouched = self._untouched(known.get(region.id), region, pages)
             judged.append((region, pages[untouched]))
             fresh.append((region, pages[~untouched]))
         victims, kept = _split_oldest(judged, n, tick)
+        self.judged = {region.id: (pages, region.table.stamp[pages].copy()) for region, pages in victims}
         if not victims:
             # Nothing judged yet (the first refill, or every page on
             # probation was used): the oldest go, as without sampling.
             victims, fresh = _split_oldest(fresh, want, tick)
         probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for region, pages in kept:
-            probation[region.id] = (pages, region.table.stamp[pages].copy())
-        for region, pages in fresh:
+        for region in regions:
+            # Known pages this scan did not look at: kept as they were.
+            held = known.get(region.id)
+            if held is None:
+                continue
+            seen = looked.get(region.id)
+            away = held[0] if seen is None else np.setdiff1d(held[0], seen, assume_unique=True)
+            if len(away):
+                probation[region.id] = (away, region.table.stamp[away].copy())
+        for region, pages, new in [(r, p, False) for r, p in kept] + [(r, p, True) for r, p in fresh]:
             if not len(pages):
                 continue
-            if not self.sampler.sample(region, pages):
+            if new and not self.sampler.sample(region, pages):
                 victims.append((region, pages))   # unreachable: judged by its stamps
                 continue
             old = probation.get(region.id)
@@ -239,11 +267,46 @@ class VictimQueue:
         self.probation = probation
         self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
 
-    def _on_probation(self, region, pages: np.ndarray) -> np.ndarray:
-        """Mask of `pages` (sorted) sampled earlier and not used since:
-        an unchanged stamp (a use after sampling is a MINOR fault, which
-        stamps the page; so does every other way back into memory)."""
-        held = self.probation.get(region.id)
+    def _known(self, regions: list, locked: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Pages judged or sampled before and untouched since, per region id
+        (sorted pages, their stamps): those on probation and the queued
+        victims a scan judged (not those queued unjudged, self.judged), both
+        while RESIDENT or being written ahead with their stamp
+        unchanged; a page leaving memory, used, or in a range its client
+        mlocked now (`locked`, as _refresh_locked read it: pinned I/O may
+        use it unseen) is forgotten."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for rid, (pages, stamps) in self.probation.items():
+            parts.setdefault(rid, []).append((pages, stamps))
+        for rid, (pages, stamps) in self.judged.items():
+            # Only what a scan judged: a queued page never sampled is
+            # sampled when a scan meets it again, as any other.
+            parts.setdefault(rid, []).append((pages, stamps))
+        for region in regions:
+            held = parts.get(region.id)
+            if held is None or region.closing:
+                continue
+            pages = np.concatenate([p for p, _ in held])
+            stamps = np.concatenate([s for _, s in held])
+            table = region.table
+            state = table.state[pages]
+            ok = (((state == pt.RESIDENT) | ((state == pt.WRITEBACK) & ((table.flags[pages] & pt.F_EVICT) == 0)))
+                  & (table.stamp[pages] == stamps))
+            never = locked.get(region.id)
+            if never is not None:
+                ok &= ~never[pages]
+            pages, first = np.unique(pages[ok], return_index=True)
+            if len(pages):
+                out[region.id] = (pages, stamps[ok][first])
+        return out
+
+    @staticmethod
+    def _untouched(held: tuple[np.ndarray, np.ndarray] | None, region, pages: np.ndarray) -> np.ndarray:
+        """Mask of `pages` (sorted) among `held` (sorted pages and their
+        stamps then) and not used since: an unchanged stamp (a use after
+        sampling is a MINOR fault, which stamps the page; so does every
+        other way back into memory)."""
         if held is None or not len(held[0]):
             return np.zeros(len(pages), bool)
         sampled, stamps = held
@@ -301,7 +364,9 @@ class VictimQueue:
         by a new scan (the oldest pages now, in place of what was queued;
         twice `want`, so that the next peeks find enough without a scan
         each), unless nothing was faulted in since the last scan (`tick`
-        unchanged: the same pages).
+        unchanged: the same pages). The queued pages still usable stay
+        judged (_refill): the new scan judges them at once, as victims again
+        while among the oldest, and does not sample them again.
 
         Only the queue counts, not the pages on probation: those were judged
         by no scan yet (pages the scan of this very turn sampled could not
