@@ -262,7 +262,12 @@ class VictimQueue:
                 victims.append((region, pages))   # unreachable: judged by its stamps
                 continue
             old = probation.get(region.id)
-            merged = pages if old is None else np.union1d(old[0], pages)
+            # Disjoint by construction (`away` is outside what this scan
+            # looked at; kept and fresh split what it looked at), so a sort
+            # of the two is their union: np.union1d's unique is hash-based
+            # in this numpy, ~72 ms for a 1 GiB region's pages (a refill
+            # with all of them on probation took 230 ms against 7).
+            merged = pages if old is None else np.sort(np.concatenate((old[0], pages)))
             probation[region.id] = (merged, region.table.stamp[merged].copy())
         self.probation = probation
         self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
