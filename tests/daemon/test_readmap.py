@@ -175,3 +175,24 @@ def test_pages_read_through_are_never_mapped(region, loaded):
     for i in range(N):
         if i not in (3, 4):
             assert os.pread(memfd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE
+
+
+def test_present_page_across_a_vma_split(region, loaded):
+    """Reviewer (rv4): the client split its region (mprotect on part of it,
+    still registered), so the run's COPY fails ENOENT and goes page by page
+    (uffd_copy.h); a present page just past the split is replaced and
+    mapped there too, and `mapped` names every page."""
+    _, memfd, addr, view = region
+    buf, expected = loaded
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(addr + 4 * PAGE), ctypes.c_size_t(4 * PAGE), 1) == 0  # PROT_READ
+    _plant_zero_page(view, 4)
+    _plant_zero_page(view, 1)
+    ret, _, present, mapped = _verify_map(region, buf, expected, uffd.COPY_MODE_WP, uffd.NO_WRITE_PAGE)
+    assert ret == N * PAGE
+    assert present == 2
+    assert mapped == [True] * N
+    for i in range(N):
+        assert os.pread(memfd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE, i
+    assert _in_memfd(addr) == [True] * N
+    assert _write_protected(addr) == [True] * N
