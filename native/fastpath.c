@@ -392,11 +392,13 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     /* Verified and mapped by the routine of every swap-in (readmap.h): a
      * page that fails its check is not mapped (invariant 6: *copied 0, the
      * engine takes the load over); a write fault's page is mapped writable;
-     * a page present already (written through the memfd) is kept and its
-     * fault woken: it can only be newer. */
+     * a page present already in the memfd (written or read through it, not
+     * by the client's mapping) gets the verified store copy over it and is
+     * mapped as the COPY would have: the store copy wins. */
     int32_t present;
-    *copied = us_verify_map(j->r->uffd, j->r->addr + ((uint64_t)j->page << 12), buf, 1, UFFDIO_COPY_MODE_WP,
-                            j->write ? 0 : US_NO_WRITE_PAGE, &j->expected, sum, NULL, &present);
+    uint64_t off = (uint64_t)j->page << 12;
+    *copied = us_verify_map(j->r->uffd, j->r->addr + off, j->r->daddr + off, buf, 1, UFFDIO_COPY_MODE_WP,
+                            j->write ? 0 : US_NO_WRITE_PAGE, &j->expected, sum, NULL, NULL, &present);
 }
 
 /* Lock held. Apply a zero fill: the pages the COPY mapped are RESIDENT

@@ -48,6 +48,8 @@ struct fp_region {
     int32_t inflight;     /* loads started here and not yet finished */
     int32_t readers;      /* threads reading its uffd right now, without the lock */
     uint64_t addr;
+    uint64_t daddr;       /* the daemon's own mapping of the memfd (region.daddr): a page found present
+                           * during a swap-in gets its store copy written there (readmap.h) */
     uint64_t npages;
     uint8_t *state;
     uint8_t *flags;

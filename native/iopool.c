@@ -27,8 +27,11 @@
  *              are then set to that run's, for the error's message, and
  *              nothing is mapped); copied = bytes mapped
  *              (the passing pages; all of len when every page passed), or
- *              -errno of a COPY; present = pages found present (EEXIST) and
- *              kept, their waiters woken (they can only hold newer data).
+ *              -errno of a COPY, and `mapped` says which pages were mapped
+ *              before it stopped; present = pages found present in the
+ *              memfd (EEXIST: not the client's, which has the page as a
+ *              hole) and replaced by their verified store copies, written
+ *              through `view` and mapped by CONTINUE (the store copy wins).
  *   SUM_WRITE  checksum the pages at buf into sums and flag the all-zero
  *              ones in `zero` (pagesum.h, one pass), then pwrite them at
  *              off; with `gather`, the pages are first copied into buf from
@@ -202,8 +205,8 @@ static void run_job(struct us_job *j)
         j->result = read_runs(j);
         if (j->result < 0)
             return;
-        j->copied = us_verify_map(j->uffd, j->dst, j->buf, npages, j->mode, j->write_page, j->expected,
-                                  j->sums, j->skip, &j->present);
+        j->copied = us_verify_map(j->uffd, j->dst, j->view, j->buf, npages, j->mode, j->write_page, j->expected,
+                                  j->sums, j->skip, j->mapped, &j->present);
     } else {
         /* Scattered pages bound for adjacent slots: gathered into the job's
          * buffer (they are write-protected in the client: stable bytes). */

@@ -21,16 +21,19 @@ struct us_job {
     int32_t op;
     int32_t fd;
     int32_t uffd;
-    int32_t present;      /* READ_COPY: pages found present and kept */
+    int32_t present;      /* READ_COPY: pages found present in the memfd and replaced by their store copies */
     int64_t write_page;   /* READ_COPY: index of the page to map writable (a write fault's), or US_NO_WRITE_PAGE */
     uint64_t buf;
     uint64_t len;
     int64_t off;
     uint64_t dst;
+    uint64_t view;        /* READ_COPY: the daemon's mapping of the pages at dst (region.daddr + offset):
+                           * a page found present gets its verified copy written there (readmap.h) */
     uint64_t mode;
     uint32_t *expected;
     uint32_t *sums;
     uint8_t *skip;        /* READ_COPY: 1 for each page that is not the load's, never mapped (readmap.h); NULL: none */
+    uint8_t *mapped;      /* READ_COPY: set to 1 for each page mapped, 0 for the others (readmap.h) */
     int64_t *runs;        /* READ_COPY: NULL: one read of len bytes at off; else nruns runs of adjacent slots,
                            * each (page index in buf, slot, pages), read into their places in buf (iopool.c) */
     int64_t nruns;

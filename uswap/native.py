@@ -37,10 +37,10 @@ def map_client_view(memfd: int, length: int) -> int:
     a swapped page's hole. A daemon dying with a core dumper installed
     (systemd-coredump takes the whole process whatever LimitCORE says)
     would leave its successor a zero page over every swapped page, which
-    adoption takes as a read that completed (a LOADING page) and the
-    fault path as a page the client wrote through its memfd ("present
-    during swap-in: kept"): lost data. The client's memory has no place in
-    the daemon's dumps in any case."""
+    adoption takes as a read that completed (a LOADING page): lost data. (A
+    swap-in that finds such a page writes the store copy over it,
+    native/readmap.h.) The client's memory has no place in the daemon's
+    dumps in any case."""
     addr = mmap_shared(memfd, length)
     if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_DONTDUMP) != 0:
         err = ctypes.get_errno()

@@ -201,18 +201,24 @@ class EventReader:
 NO_WRITE_PAGE = lib.US_NO_WRITE_PAGE
 
 
-def verify_map(fd: int, dst: int, buf: int, n: int, mode: int, write_page: int, expected, sums,
-               skip, present) -> int:
+def verify_map(fd: int, dst: int, view: int, buf: int, n: int, mode: int, write_page: int, expected, sums,
+               skip, mapped, present) -> int:
     """The verify-and-map routine of every swap-in (native/readmap.h
     us_verify_map), on n pages a store read put at buf: each page's checksum
     into `sums`, and every run of pages matching `expected` (uint32 numpy
     arrays) mapped at dst with `mode`, the page at index `write_page`
     writable (NO_WRITE_PAGE: none); a page that fails its check, or is
     marked in `skip` (a uint8 array, or None: none; pages a read-ahead window
-    reads through), is never mapped. Bytes mapped (the passing pages') or the -errno of a COPY;
-    present[0] (an int32 array of one) counts pages found present and kept.
+    reads through), is never mapped. A page found present in the memfd gets
+    its verified copy written over it through `view` (the daemon's mapping
+    of the pages at dst) and is mapped by CONTINUE: the store copy wins.
+    Bytes mapped (the passing pages') or the -errno of a COPY; `mapped` (a
+    uint8 array of n, or None) set to which pages were mapped; present[0]
+    (an int32 array of one) counts the pages found present and replaced.
     Runs without the GIL."""
-    return lib.us_verify_map(fd, dst, buf, n, mode, write_page, ffi.cast("uint32_t *", expected.ctypes.data),
+    return lib.us_verify_map(fd, dst, view, buf, n, mode, write_page,
+                             ffi.cast("uint32_t *", expected.ctypes.data),
                              ffi.cast("uint32_t *", sums.ctypes.data),
                              ffi.NULL if skip is None else ffi.cast("uint8_t *", skip.ctypes.data),
+                             ffi.NULL if mapped is None else ffi.cast("uint8_t *", mapped.ctypes.data),
                              ffi.cast("int32_t *", present.ctypes.data))

@@ -69,30 +69,35 @@ class CPool:
         self.pending[token] = (job, conn, keep, on_done)
         lib.us_pool_submit(self.pool, job)
 
-    def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, mode: int, write_page: int,
-                  expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None, on_done: Callable,
-                  runs: np.ndarray | None = None) -> bool:
+    def read_copy(self, buf: int, length: int, off: int, uffd_fd: int, dst: int, view: int, mode: int,
+                  write_page: int, expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None,
+                  mapped: np.ndarray, on_done: Callable, runs: np.ndarray | None = None) -> bool:
         """Queue a swap-in: one store read of `length` bytes at `off` -- or,
         with `runs` (int64, one row (page index, slot, pages) per run of
         adjacent slots: a stream's window over scattered slots), one read
         per run into its place in the buffer -- then native/readmap.h's
         us_verify_map (the page at index write_page writable, the others
         with `mode`; uffd.NO_WRITE_PAGE: none; the pages marked in `skip`,
-        a uint8 array or None, never mapped). False if not queued."""
+        a uint8 array or None, never mapped; `view`: the daemon's mapping of
+        the pages at dst, where a page found present gets its store copy;
+        `mapped`, a uint8 array, set to which pages were mapped). False if
+        not queued."""
         job, conn = self._job(lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS)
         if job is None:
             return False
         job.uffd, job.buf, job.len, job.off, job.dst, job.mode = uffd_fd, buf, length, off, dst, mode
+        job.view = view
         job.write_page = write_page
         job.expected = ffi.cast("uint32_t *", expected.ctypes.data)
         job.sums = ffi.cast("uint32_t *", sums.ctypes.data)
+        job.mapped = ffi.cast("uint8_t *", mapped.ctypes.data)
         if skip is not None:
             job.skip = ffi.cast("uint8_t *", skip.ctypes.data)
         if runs is not None:
             runs = np.ascontiguousarray(runs, np.int64)
             job.runs = ffi.cast("int64_t *", runs.ctypes.data)
             job.nruns = len(runs)
-        self._submit(job, conn, (expected, sums, skip, mode, runs), on_done)
+        self._submit(job, conn, (expected, sums, skip, mode, runs, mapped), on_done)
         return True
 
     def sum_write(self, src: int, length: int, off: int, sums: np.ndarray, zero: np.ndarray,
@@ -136,7 +141,7 @@ class CPool:
                 job, conn, keep, on_done = self.pending.pop(self.reap_buf[i])
                 err = self._finish(job, conn)
                 if job.op in (lib.US_JOB_READ_COPY, lib.US_JOB_READ_COPY_NFS):
-                    result = (keep[1], job.copied, keep[3])
+                    result = (keep[1], job.copied, keep[3], keep[5])
                     log_present(job.present, job.dst)
                 else:
                     result = keep[0]

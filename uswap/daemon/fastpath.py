@@ -83,6 +83,7 @@ class FastPath:
         r = self.e.regions[idx]
         table = region.table
         r.uffd, r.id, r.addr, r.npages = region.uffd, region.id, region.addr, region.npages
+        r.daddr = region.daddr  # a page found present during a swap-in is overwritten there (readmap.h)
         r.state = ffi.cast("uint8_t *", table.state.ctypes.data)
         r.flags = ffi.cast("uint8_t *", table.flags.ctypes.data)
         r.slot = ffi.cast("int32_t *", table.slot.ctypes.data)

@@ -22,9 +22,9 @@ log = logging.getLogger("uswap.engine")
 PAGE = 4096
 
 
-def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst: int, mode: int,
+def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst: int, view: int, mode: int,
                     write_page: int, expected: np.ndarray, sums: np.ndarray, skip: np.ndarray | None,
-                    runs: np.ndarray | None = None) -> int:
+                    mapped: np.ndarray, runs: np.ndarray | None = None) -> int:
     """Swap-in on an I/O thread: read n pages from `slot` on into `buf`
     (one store read; with `runs`, rows (page index, slot, pages) of a
     stream's window over scattered slots: one read per run of adjacent
@@ -33,21 +33,28 @@ def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst
     at `dst` only the pages whose checksum matches `expected`: with `mode`,
     the page at index `write_page` (a write fault's; uffd.NO_WRITE_PAGE for
     none) writable, and never a page marked in `skip` (not the load's: read
-    through, or between runs and not read; None: none). Bytes mapped, or
-    -errno of a COPY; a failed read raises, and nothing is mapped."""
+    through, or between runs and not read; None: none). A page found
+    present in the memfd gets its verified copy written over it through
+    `view` (the daemon's mapping of the pages at dst) and is mapped: the
+    store copy wins. `mapped` (uint8, n) is set to which pages were mapped.
+    Bytes mapped, or -errno of a COPY; a failed read raises, and nothing is
+    mapped."""
     if runs is None:
         store.read(buf, n * PAGE, slot * PAGE)
     else:
         for index, run_slot, k in runs.tolist():
             store.read(buf + index * PAGE, k * PAGE, run_slot * PAGE)
     present = np.zeros(1, np.int32)
-    ret = uffd.verify_map(uffd_fd, dst, buf, n, mode, write_page, expected, sums, skip, present)
+    ret = uffd.verify_map(uffd_fd, dst, view, buf, n, mode, write_page, expected, sums, skip, mapped, present)
     log_present(int(present[0]), dst)
     return ret
 
 
 def log_present(present: int, dst: int) -> None:
     """Log the pages of a swap-in at dst that us_verify_map found present
-    (written through the memfd while they loaded) and kept; on either pool."""
+    in the memfd (written, or read through the daemon's own mapping, while
+    they loaded: never by the client's mapping) and replaced by their
+    verified store copies; on either pool."""
     if present:
-        log.warning("%d page(s) of the run at %#x were present during swap-in; keeping them", present, dst)
+        log.warning("%d page(s) of the run at %#x were present in the memfd during swap-in (not written by"
+                    " the client's mapping); the store copy wins: replaced by the verified copy", present, dst)

@@ -49,7 +49,8 @@ class Region:
         self.size = size
         self.npages = size // PAGE
         self.owner = owner        # the client session
-        self.daddr = 0            # the daemon's own mapping, used only to read resident pages
+        self.daddr = 0            # the daemon's own mapping: reads of resident pages; the store copy over a
+                                  # page a swap-in finds present (native/readmap.h)
         self.closing = False
         self.inflight = 0         # I/O jobs of this region not yet completed
         self.read_failures = 0

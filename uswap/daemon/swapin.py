@@ -142,6 +142,11 @@ class SwapIn:
         expected = region.table.sum[first:first + n].copy()
         uffd_fd = region.uffd
         dst = region.addr + (first << SHIFT)
+        # The daemon's mapping of the same pages: a page found present in the
+        # memfd gets its verified store copy written there (readmap.h), and
+        # which pages were mapped, for a COPY that stops part way (_load_done).
+        view = region.daddr + (first << SHIFT)
+        mapped = np.zeros(n, np.uint8)
         # Swap cache: mapped write-protected so the pages stay clean copies of
         # their slots; during drain they come home for good, writable, and so
         # do the windows of a stream being rewritten and the page of a write
@@ -154,15 +159,15 @@ class SwapIn:
             self._load_done(region, first, n, slot, buf, started, write_page, skip, res, err, runs)
 
         if self.cpool is not None:
-            if self.cpool.read_copy(buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst, mode, wp, expected, sums,
-                                    skip, on_done, runs):
+            if self.cpool.read_copy(buf.addr, n * PAGE, slot * PAGE, uffd_fd, dst, view, mode, wp, expected, sums,
+                                    skip, mapped, on_done, runs):
                 return True
             if may_wait:
                 return False
 
         def work():
-            return sums, read_verify_map(store, buf.addr, n, slot, uffd_fd, dst, mode, wp, expected, sums,
-                                         skip, runs), mode
+            return sums, read_verify_map(store, buf.addr, n, slot, uffd_fd, dst, view, mode, wp, expected, sums,
+                                         skip, mapped, runs), mode, mapped
 
         self.io.submit(work, on_done)
         return True
@@ -192,7 +197,7 @@ class SwapIn:
             return
         bad = np.zeros(0, np.intp)
         if err is None:
-            sums, ret, mode = result
+            sums, ret, mode, mapped = result
             # Invariant 6, page by page: the I/O thread mapped only the pages
             # whose checksum matched. The others stay LOADING and are read
             # again one by one, so a damaged slot costs its own page only.
@@ -240,14 +245,21 @@ class SwapIn:
             self._finish_load(region, buf)
             return
         if outcome == AGAIN:
-            # Map it again shortly (pages a partial copy mapped give EEXIST and are kept).
-            if good is None and plain:
+            # The COPY stopped part way: the pages it had not mapped are
+            # mapped again shortly; those it had are in the client (perhaps
+            # writable and written since) and settle now, below. A retry
+            # never covers them: it would find them present and write their
+            # store copies over them (the store copy wins, readmap.h).
+            idx = np.arange(n) if good is None else good
+            done = mapped[idx] != 0
+            if not done.any() and good is None and plain:
                 self._reload_later(region, first, n, slot, buf, started, write_page, 0.001)
-            else:
-                self._reload_runs(region, first, np.arange(n) if good is None else good, started, write_page,
-                                  0.001, n)
+                return
+            self._reload_runs(region, first, idx[~done], started, write_page, 0.001, n)
+            if not done.any():
                 self._finish_load(region, buf)
-            return
+                return
+            good = idx[done]
         pages = np.arange(first, first + n) if good is None else first + good
         self.regions.swapin_latency.observe(time.monotonic() - started)
         waiters = self._mapped(region, pages, mode, write_page)
@@ -431,5 +443,6 @@ class SwapIn:
         region.inflight += 1
         self.regions.loads_inflight += 1
         sums = np.array([psum], np.uint32)
+        # A failed COPY of its one page mapped nothing.
         self._load_done(region, page, 1, slot, None, started, NO_WRITE, None,
-                        None if err else (sums, copied, uffd.COPY_MODE_WP), err)
+                        None if err else (sums, copied, uffd.COPY_MODE_WP, np.zeros(1, np.uint8)), err)

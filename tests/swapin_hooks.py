@@ -1,0 +1,57 @@
+"""A real `uswap run` with a test-only hook that holds one swap-in between
+the moment its pages went LOADING and its store read, for
+tests/daemon/test_swapin_present.py:
+
+    python -m tests.swapin_hooks run ARGS...   (as `python -m uswap.cli run ARGS...`)
+
+DaemonProc(module="tests.swapin_hooks") starts it. The production code is
+not changed; the hook wraps SwapIn._submit_read before `uswap.cli.main`
+runs, and only with USWAP_TEST_HOOKS=DIR and USWAP_TEST_HOLD_PAGE=P in the
+environment: the first load whose pages include page P (of any region) is
+held on the engine thread, its pages LOADING, before its read is handed to
+an I/O pool (the C pool, or the Python pool under the fault injector):
+
+- DIR/held.json gets {"region", "first", "n", "page", "view"}: `view` is
+  the address of page P in the daemon's own mapping of the region's memfd
+  (region.daddr), where a reader of the daemon's memory would plant a page;
+- then the engine thread opens the FIFO DIR/release for reading, which
+  blocks until the test opens it for writing and closes it: the read is
+  submitted then -- no timing involved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from uswap import cli
+from uswap.daemon.swapin import SwapIn
+
+HOOK_DIR = os.environ.get("USWAP_TEST_HOOKS")
+HOLD_PAGE = int(os.environ.get("USWAP_TEST_HOLD_PAGE", "-1"))
+held = []
+
+
+def install() -> None:
+    submit_read = SwapIn._submit_read
+
+    def _submit_read_hook(self, region, first, n, *args, **kw):
+        if not held and first <= HOLD_PAGE < first + n:
+            held.append(region.id)
+            record = {"region": region.id, "first": first, "n": n, "page": HOLD_PAGE,
+                      "view": region.daddr + HOLD_PAGE * 4096}
+            tmp = os.path.join(HOOK_DIR, "held.json.tmp")
+            with open(tmp, "w") as f:
+                f.write(json.dumps(record) + "\n")
+            os.rename(tmp, os.path.join(HOOK_DIR, "held.json"))
+            with open(os.path.join(HOOK_DIR, "release"), "rb") as f:  # a FIFO: until the test closes it
+                f.read()
+        return submit_read(self, region, first, n, *args, **kw)
+
+    SwapIn._submit_read = _submit_read_hook
+
+
+if __name__ == "__main__":
+    if HOOK_DIR:
+        install()
+    sys.exit(cli.main())
