@@ -38,7 +38,9 @@
  * wins, as for a page that appears while SWAPPED (faults.py _stray_page;
  * README "Known limits"): the verified bytes are copied over it through the
  * daemon's mapping of the same pages (`view`: present, so the copy allocates
- * nothing -- invariant 8; never pwrite(2), which takes the memfd's inode
+ * nothing -- invariant 8 -- unless the client punches the page between the
+ * EEXIST and the copy: the page then holds the verified store copy again,
+ * charged as a LOADING page is; never pwrite(2), which takes the memfd's inode
  * lock that a client's write(2) holds while its fault waits for this very
  * load, section 3 of docs/design.md) and then mapped with UFFDIO_CONTINUE in
  * the mode the COPY had (write-protected, or writable for the write page).
