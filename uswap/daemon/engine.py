@@ -237,6 +237,8 @@ class Engine:
             done += self.cpool.completions()
         for on_done, result, error in done:
             on_done(result, error)
+        # The punches among them, applied together (punch.py apply_done).
+        self.puncher.apply_done()
         if self.fp is not None:
             self._on_fast_records()
             self.fp.top_up()
