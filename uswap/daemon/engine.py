@@ -233,12 +233,17 @@ class Engine:
         # wake-up): io.completions() reads it, then drains the punch pool
         # with its own; the C pool is reaped after it.
         done = self.io.completions()
-        if self.cpool is not None:
-            done += self.cpool.completions()
+        later = self.cpool.completions() if self.cpool is not None else []
         for on_done, result, error in done:
             on_done(result, error)
-        # The punches among them, applied together (punch.py apply_done).
+        # The punches among them, applied together (punch.py apply_done), in
+        # their place: last of io.completions() (the punch pool is drained
+        # after the Python pool's own jobs), before the C pool's completions,
+        # one of which may close their region (a swap-in finding the client
+        # gone): applied after it, they took the closing path instead.
         self.puncher.apply_done()
+        for on_done, result, error in later:
+            on_done(result, error)
         if self.fp is not None:
             self._on_fast_records()
             self.fp.top_up()
