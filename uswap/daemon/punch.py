@@ -153,40 +153,23 @@ class Puncher:
     def _punch_done(self, region: Region, first: int, n: int, job: int, stamp: int,
                     evicted: bool, err: OSError | None) -> None:
         """A punch returned: its PUNCHING pages become SWAPPED (slot) or EMPTY,
-        uncharged, and the faults parked on them retry (one punch; apply_done
-        applies those that succeeded on an open region together, _punched)."""
+        uncharged, and the faults parked on them retry. One that succeeded on
+        an open region is _punched's work (apply_done gives it several at
+        once); here, one that failed (the region is closed) or whose region
+        is closing."""
+        if err is None and not region.closing:
+            self._punched(region, [(region, first, n, job, stamp, evicted, err)])
+            return
         del self.jobs[job]
         region.inflight -= 1
         self.punching -= n
         self.regions.charged -= n
         table = region.table
         seg = slice(first, first + n)
-        if err is not None and not region.closing:
+        if not region.closing:
             table.move(seg, pt.EMPTY)  # uncharged above; close_region must not count them
             self.regions.close_region(region, f"punch hole failed: {err}")
-        if region.closing:
-            # close_region freed their slots (no write to them is in flight).
-            table.move(seg, pt.EMPTY)
-            table.slot[seg] = pt.NO_SLOT
-            self.regions.maybe_release(region)
-            return
-        # Unmapped by the client while being punched (forget_range): their
-        # slots go too, and they read as zeros if the range is mapped again.
-        discard = first + np.flatnonzero(table.flags[seg] & pt.F_DISCARD)
-        if len(discard):
-            self.slots.free_many(table.slot[discard].copy())
-            table.slot[discard] = pt.NO_SLOT
-            if evicted:  # unmapped while an eviction punched them (a forget's own punch counted them)
-                self.regions.stats["forgotten_pages"] += len(discard)
-        has_slot = table.slot[seg] >= 0
-        parked = (table.flags[seg] & pt.F_WAITERS) != 0
-        table.move(seg, np.where(has_slot, pt.SWAPPED, pt.EMPTY))
-        table.flags[seg] = 0
-        if evicted:
-            table.stamp[seg] = stamp
-            self.regions.stats["swapouts"] += int(np.count_nonzero(has_slot))
-            self.regions.stats["zero_drops"] += int(n - np.count_nonzero(has_slot) - len(discard))
-        # Parked faults retry: a write refaults MISSING and is served from the
-        # slot, current by invariant 1 (the page was write-protected and clean).
-        for i, k in pt.runs(np.flatnonzero(parked), n):
-            uffd.wake(region.uffd, region.addr + ((first + i) << SHIFT), k << SHIFT)
+        # close_region freed their slots (no write to them is in flight).
+        table.move(seg, pt.EMPTY)
+        table.slot[seg] = pt.NO_SLOT
+        self.regions.maybe_release(region)
