@@ -246,10 +246,14 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     if (us_admit(e->charged, e->max_pages, 1, 0) < 1)
         return 0;   /* the engine parks it until reclaim makes room */
     /* Invariant 4 (the thread that reads fault events never blocks on
-     * I/O): one thread always stays out of store reads, so a stalled store
-     * (a frozen NFS server) never stops the reading of events; the engine
-     * reads this page on its I/O pool instead. */
-    if (e->reading + 1 >= e->nthreads)
+     * I/O): at most read_max = nthreads - 1 threads are inside store reads
+     * (fp_new starts one thread beyond the readers), so one always stays
+     * out of them and a stalled store (a frozen NFS server) never stops the
+     * reading of events; past that the engine reads this page on its I/O
+     * pool instead. The reserve is a thread of its own, not one of the
+     * readers: `readers` concurrent swap-ins (a client's threads faulting
+     * at once) are all served here. */
+    if (e->reading >= e->read_max)
         return 0;
     memset(&job->conn, 0, sizeof(job->conn));   /* the file store's load passes it unused */
     if (e->fd < 0) {
@@ -731,10 +735,13 @@ static void *fp_thread(void *arg)
 
 /* ---- the engine's side (Python, through cffi) ---- */
 
-static struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd)
+/* `readers` threads that may each be inside a store read, plus one more
+ * that never is (fp_take_fault, invariant 4). */
+static struct fp_engine *fp_new(int readers, int notify_fd, int store_fd)
 {
-    if (nthreads < 1 || nthreads > FP_MAX_THREADS)
+    if (readers < 1 || readers > FP_MAX_READERS)
         return NULL;
+    int nthreads = readers + 1;
     struct fp_engine *e = calloc(1, sizeof(*e));
     if (!e)
         return NULL;
@@ -758,9 +765,13 @@ static struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd)
         e->nthreads++;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (e->nthreads == 0)
-        goto fail;
+    if (e->nthreads < 2)
+        goto fail_threads;   /* no reserve thread: invariant 4 could not hold */
+    e->read_max = e->nthreads - 1;
     return e;
+fail_threads:
+    fp_stop(e);
+    return NULL;
 fail:
     if (e->epfd >= 0)
         close(e->epfd);

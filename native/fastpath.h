@@ -14,7 +14,9 @@ struct nfs_context;
 struct nfsfh;
 
 #define FP_MAX_REGIONS 4096
-#define FP_MAX_THREADS 16
+#define FP_MAX_READERS 16
+/* The readers, and one thread that never enters a store read (invariant 4). */
+#define FP_MAX_THREADS (FP_MAX_READERS + 1)
 #define FP_MAX_CONNS 64
 
 /* Records passed to the engine. */
@@ -100,6 +102,7 @@ struct fp_engine {
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
     int32_t reading;      /* threads inside a store read */
+    int32_t read_max;     /* most threads inside a store read at once: nthreads - 1 */
     uint64_t faults, swapins, activations;
     uint64_t minor_faults;  /* MINOR faults served here (fp_take_minor) */
     int64_t fill_max;     /* largest zero-fill window, pages */
@@ -123,7 +126,7 @@ struct fp_engine {
     pthread_t threads[FP_MAX_THREADS];
 };
 
-static struct fp_engine *fp_new(int nthreads, int notify_fd, int store_fd);
+static struct fp_engine *fp_new(int readers, int notify_fd, int store_fd);
 static int fp_set_fill_max(struct fp_engine *e, int64_t pages);
 static void fp_lock(struct fp_engine *e);
 static void fp_unlock(struct fp_engine *e);

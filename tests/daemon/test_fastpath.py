@@ -704,10 +704,12 @@ def test_drain_waits_for_a_fast_path_load(own_nfs, start_daemon):
 
 
 def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
-    """nfs: with both fast-path threads inside store reads that do not return
-    (ganesha frozen), another client's first touch of a fresh page -- a fault
-    that needs no I/O at all -- must still be served (invariant 4: the thread
-    that reads fault events never blocks on I/O)."""
+    """nfs: with fault_threads 2, two random swap-ins at once are both served
+    by the fast path, inside store reads that do not return (ganesha
+    frozen); a third goes to the engine's I/O pool, and another client's
+    first touch of a fresh page -- a fault that needs no I/O at all -- must
+    still be served (invariant 4: the thread that reads fault events never
+    blocks on I/O; it is the one thread started beyond the readers)."""
     url = f"{own_nfs['url']}/swap-{uuid.uuid4().hex[:12]}"
     d = start_daemon(url, store_size="32M", max_resident="1M",
                      config={"nfs_timeout": "30s", "fault_threads": 2})
@@ -715,7 +717,8 @@ def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
     other = b = None
     try:
         other = FpClient(d.socket, 16)
-        a.cmd("write 20 50", "written")
+        # Far apart: each fault is random to the read-ahead (us_ra_locality).
+        a.cmd("write 5 30 55", "written")
         b = FpClient(d.socket, 1024)
         b.cmd("fill", "filled")
         b.exit_ok()
@@ -723,27 +726,31 @@ def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
         def settled():
             st = status(d)
             r = region_of(st, a.pid)
-            if r and st["audit"] is not None and st["writeback_inflight"] == 0 and r["swapped_bytes"] == 2 * PAGE:
+            if r and st["audit"] is not None and st["writeback_inflight"] == 0 and r["swapped_bytes"] == 3 * PAGE:
                 return st
             return None
-        wait_for("pages 20 and 50 swapped", settled, timeout=20)
+        wait_for("pages 5, 30 and 55 swapped", settled, timeout=20)
         fp0, engine0 = split_faults(status(d))
         with ganesha_stopped(own_nfs):
-            a.cmd("touchbg 20")
-            a.cmd("touchbg 50")
+            a.cmd("touchbg 30")
+            a.cmd("touchbg 55")
             st = wait_for("reads for both faults", lambda: status_if(d, lambda s: s["reads_inflight"] >= 2),
                           timeout=10)
-            # One fast-path thread is in a read; the other stays out of store
-            # reads, so the second fault went to the engine's I/O pool.
-            assert split_faults(st) == (fp0 + 1, engine0 + 1), st
+            # Both readers are in a read: no swap-in was declined to the engine.
+            assert split_faults(st) == (fp0 + 2, engine0), st
+            a.cmd("touchbg 5")
+            st = wait_for("a read for the third fault", lambda: status_if(d, lambda s: s["reads_inflight"] >= 3),
+                          timeout=10)
+            # Past `fault_threads` reads, the swap-in goes to the engine.
+            assert split_faults(st) == (fp0 + 2, engine0 + 1), st
             other.cmd("write 3")  # zero-fill fault: no I/O needed
             try:
                 other.wait_line(lambda x: "written" in x, timeout=5)
             except AssertionError:
-                raise AssertionError("a fault needing no I/O was not served while both fast-path threads"
+                raise AssertionError("a fault needing no I/O was not served while both fast-path readers"
                                      " were in store reads") from None
-        a.wait_line(lambda x: "touched" in x, timeout=20)
-        a.wait_line(lambda x: "touched" in x, timeout=20)
+        for _ in range(3):
+            a.wait_line(lambda x: "touched" in x, timeout=20)
         a.exit_ok()
         other.exit_ok()
     finally:

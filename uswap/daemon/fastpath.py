@@ -37,12 +37,14 @@ def plain_shared() -> types.SimpleNamespace:
 
 
 class FastPath:
-    def __init__(self, nthreads: int, notify_fd: int, store: Store) -> None:
+    def __init__(self, readers: int, notify_fd: int, store: Store) -> None:
+        """`readers` threads that may each serve a swap-in (a store read) at
+        once, and one more that never enters a store read (invariant 4)."""
         native = require_native_io(store, "the fault fast path")
         self.lender = native.lender    # kind NFS: contexts for top_up()
         self.nfs = native.kind == NativeIo.NFS
-        self.nthreads = nthreads
-        self.e = lib.fp_new(nthreads, notify_fd, native.fd)   # -1 for kind NFS
+        self.readers = readers
+        self.e = lib.fp_new(readers, notify_fd, native.fd)   # -1 for kind NFS
         if self.e == ffi.NULL:
             raise OSError(errno.EAGAIN, "cannot start the fault fast path threads")
         self.shared = self.e   # charged, tick, counters: fields of struct fp_engine
@@ -161,10 +163,11 @@ class FastPath:
         return OSError(-result, f"pread at store offset {off}: {os.strerror(-result)}")
 
     def top_up(self) -> None:
-        """nfs://: lend idle contexts to the C threads, one per thread."""
+        """nfs://: lend idle contexts to the C threads, one per thread that
+        may be in a store read at once."""
         if not self.nfs:
             return
-        while self.e.nidle < self.nthreads:
+        while self.e.nidle < self.readers:
             conn = self.lender.checkout()
             if conn is None:
                 return
