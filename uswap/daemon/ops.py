@@ -51,6 +51,12 @@ class Ops:
         self.handover = handover  # the server's: start the handover to a new daemon
         self.report = StatusReport(engine, conns, budget)
 
+    def configure(self, cfg: Config) -> None:
+        """A reloaded configuration (SIGHUP): its per-uid limits apply to
+        the next alloc or fork_begin; regions already held are kept."""
+        self.cfg = cfg
+        self.fork_ops.cfg = cfg
+
     def handle(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
         """One message of `session`. `fds` is closed by the caller (Connections._dispatch)
         unless a region takes them (then this empties the list)."""

@@ -109,6 +109,12 @@ class Server:
             logging.getLogger("uswap").setLevel(cfg.log_level.upper())
             logging.getLogger().setLevel(cfg.log_level.upper())
             self.budget.configure(cfg)  # sets self.cfg, through _apply_budget
+            # Per-uid limits: the connection limit is counted at accept, the
+            # region limits at alloc and fork_begin, the resident share at
+            # the next settle. Nothing a uid holds already is taken away.
+            self.conns.cfg = cfg
+            self.ops.configure(cfg)
+            self.engine.shares.set_limit(cfg.max_resident_per_uid)
 
         def status_line() -> str:
             st = self.engine.status()
