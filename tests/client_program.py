@@ -15,11 +15,11 @@ from typing import NoReturn
 import uswap
 
 
-# The opening of the client scripts that fill a region (argv: SOCKET
-# NPAGES): connect, alloc NPAGES pages, write each page's first word as its
-# index + 1, report {"filled": NPAGES}; `c`, `r` and `a` (one row of 512
-# words per page) are left for the rest of the script.
-FILLED_REGION = """
+# The opening of a client script over one region (argv: SOCKET NPAGES,
+# then the script's own): connect, alloc NPAGES pages; `sock`, `npages`,
+# `c`, `r` and `a` (one row of 512 words per page) are left for the rest of
+# the script, and `sys`, `np`, `uswap` and `out` imported.
+REGION = """
 import sys
 import numpy as np
 import uswap
@@ -29,7 +29,12 @@ sock, npages = sys.argv[1], int(sys.argv[2])
 c = uswap.connect(sock)
 r = c.alloc(npages * 4096)
 a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
-a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
+"""
+
+# The opening of the client scripts that fill a region: REGION, then each
+# page's first word written as its index + 1, and {"filled": NPAGES}
+# reported.
+FILLED_REGION = REGION + """a[:, 0] = np.arange(npages, dtype=np.uint64) + 1
 out(filled=npages)
 """
 

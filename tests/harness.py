@@ -4,6 +4,7 @@ with deadlines, polling, the checks that end a test, and the runner of
 scenario clients (a test module run as its own client process)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Iterator
 
 from tests import deadline
 from tests.daemon_proc import REPO
@@ -113,6 +115,19 @@ class Workload:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def finishing(d, code: str, *args: object, timeout: float = 60.0) -> Iterator[Workload]:
+    """A client program of a test's own (Workload.script) on daemon `d`
+    (argv: its socket, then `args`): at the end of the block it must finish
+    done within `timeout` (Workload.finish_done); killed whatever happens."""
+    c = Workload.script(code, d.socket, *args)
+    try:
+        yield c
+        c.finish_done(timeout, d)
+    finally:
+        c.kill()
 
 
 def ctl(d, msg: dict, timeout: float = 10.0) -> dict:

@@ -408,10 +408,17 @@ def parse_budget(value: object, store_size: int, what: str = "budget") -> int:
     return n
 
 
+#: The per-uid limits (0: none).
+PER_UID_LIMITS = ("max_clients_per_uid", "max_regions_per_uid", "max_region_bytes_per_uid", "max_resident_per_uid")
+
 #: Settings that SIGHUP applies to a running daemon (server.py). The others
-#: size threads, buffers, the store or the socket, and need a restart.
+#: size threads, buffers, the store or the socket, and need a restart. A
+#: per-uid limit lowered under what a uid holds keeps what it holds, as a
+#: lower budget does (its regions, pages and connections); it is applied to
+#: what the uid asks for next, and a resident share is reached by evicting.
 RELOADABLE = ("max_resident", "budget_auto", "auto_min", "auto_max", "auto_fraction", "auto_pressure",
-              "auto_interval", "high_watermark", "low_watermark", "clean_watermark", "log_level")
+              "auto_interval", "high_watermark", "low_watermark", "clean_watermark", "log_level",
+              *PER_UID_LIMITS)
 
 
 def reload(path: str | None, overrides: dict[str, object] | None,

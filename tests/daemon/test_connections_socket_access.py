@@ -1,4 +1,4 @@
-"""Who may use the socket (listener.py, connections.py, ops.py): the
+"""Who may use the socket (listener.py, connections.py, ops.py, forkops.py): the
 socket's group and mode come from socket_group and socket_mode; per-uid
 limits (max_clients_per_uid, max_regions_per_uid, max_region_bytes_per_uid)
 are counted by the uid the kernel reports for the connecting process

@@ -11,25 +11,16 @@ from __future__ import annotations
 import random
 import textwrap
 
-from tests.harness import Workload, status, wait_for
 from tests.daemon.test_fastpath import status_if
+from tests.harness import status, wait_for
+from tests.stream_client import OPENING, cmd, running, settled
 
 # The client: one region; fill writes every page's id word (a first-touch
 # stream, whose oldest pages are written back and dropped); read P... reads
 # pages in the order given and checks them; dirty P... writes a new value in
 # word 1 of each (newer than its slot copy); seq LO HI reads LO..HI-1 in
 # order and checks them. Any page holding what was not written: exit 3.
-CLIENT = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    import uswap
-    from tests.client_program import out
-
-    MAGIC = 0x5EED_A11E_0000_0000
-    sock, npages = sys.argv[1], int(sys.argv[2])
-    client = uswap.connect(sock)
-    region = client.alloc(npages * 4096)
-    a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, 512)
+CLIENT = OPENING + textwrap.dedent("""
     word1 = np.zeros(npages, np.uint64)
 
     def check(pages):
@@ -39,13 +30,9 @@ CLIENT = textwrap.dedent("""
                 out(wrong={"page": p, "word0": got0, "word1": got1, "want1": int(word1[p])})
                 os._exit(3)
 
-    out(region=region.id)
-    for line in sys.stdin:
-        cmd = line.split()
-        if cmd[0] == "exit":
-            break
+    for cmd in commands():
         if cmd[0] == "fill":
-            a[:, 0] = np.arange(npages, dtype=np.uint64) ^ np.uint64(MAGIC)
+            fill()
             out(filled=npages)
         elif cmd[0] == "read":
             check(map(int, cmd[1:]))
@@ -59,9 +46,7 @@ CLIENT = textwrap.dedent("""
             check(range(int(cmd[1]), int(cmd[2])))
             out(seq=cmd[1:])
     del a
-    region.close()
-    client.close()
-    out(done=True)
+    finish(c, r, 0)
 """)
 
 NPAGES = 4096        # 16 MiB region
@@ -69,20 +54,6 @@ BUDGET = "8M"        # 2048 pages: the fill leaves its first half swapped
 PASS = 1024          # the sequential pass: pages 0..1023
 EVERY = 8            # a random pass leaves every 8th page of it resident
 RA_MAX = 128         # readahead_max 512K, in pages (the default)
-
-
-def _cmd(c: Workload, text: str, key: str, timeout: float = 60) -> dict:
-    c.send(text + "\n")
-    line = c.wait_line(lambda x: key in x or "wrong" in x, timeout)
-    assert "wrong" not in line, f"client read a wrong value: {line}"
-    return line
-
-
-def _settled(d) -> dict:
-    """Status once no store read or write is in flight."""
-    return wait_for("no I/O in flight",
-                    lambda: status_if(d, lambda s: s["reads_inflight"] == 0 and s["writeback_inflight"] == 0),
-                    timeout=30)
 
 
 def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing, start_daemon):
@@ -93,10 +64,8 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
     # how resident pages cut them.
     d = start_daemon(backing, store_size="64M", max_resident=BUDGET,
                      config={"high_watermark": 0.5, "low_watermark": 0.45})
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
-        _cmd(c, "fill", "filled")
+    with running(d, CLIENT, NPAGES) as c:
+        cmd(c, "fill", "filled")
         wait_for("the first half swapped out",
                  lambda: status_if(d, lambda s: s["writeback_inflight"] == 0
                                    and s["swapped_bytes"] >= NPAGES // 2 * 4096),
@@ -105,12 +74,12 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
         # back alone (random faults), clean; half of them are then written.
         scattered = list(range(0, PASS, EVERY))
         order = random.Random(5).sample(scattered, len(scattered))
-        _cmd(c, "read " + " ".join(map(str, order)), "read")
-        _cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
-        st0 = _settled(d)
+        cmd(c, "read " + " ".join(map(str, order)), "read")
+        cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
+        st0 = settled(d, timeout=30)
 
-        _cmd(c, f"seq 0 {PASS}", "seq")
-        st1 = _settled(d)
+        cmd(c, f"seq 0 {PASS}", "seq")
+        st1 = settled(d, timeout=30)
         # Minor faults are not the windows': on a loaded machine reclaim runs
         # during the pass, and the sampler takes pages out of the page tables
         # -- the random pass's, and windows' pages read ahead but not yet
@@ -145,9 +114,5 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
         assert st1["illegal_transitions_total"] == 0, st1
         # The dirty pages read through kept their newer bytes (the pass
         # checked word 1 of every page), and still hold them.
-        _cmd(c, "read " + " ".join(map(str, scattered)), "read")
-        c.send("exit\n")
-        c.finish_done(60, d)
-        assert status(d)["audit"]["charged_ok"], status(d)["audit"]
-    finally:
-        c.kill()
+        cmd(c, "read " + " ".join(map(str, scattered)), "read")
+    assert status(d)["audit"]["charged_ok"], status(d)["audit"]

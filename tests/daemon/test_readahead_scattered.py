@@ -26,11 +26,12 @@ import time
 import pytest
 
 from tests.daemon.test_fastpath import status_if
-from tests.daemon.test_readahead import CLIENT, _cmd
+from tests.daemon.test_readahead import CLIENT
 from tests.daemon.test_swapin_store_corruption import (Damage, PageReader, apply_damage, read_everything,
                                                        region_of, scan_store, store_file)
-from tests.harness import Workload, assert_audit, assert_no_io_overlap, inject, status, wait_clean, wait_for
+from tests.harness import Workload, assert_audit, inject, status, wait_clean, wait_for
 from tests.page_probe import build as build_probe
+from tests.stream_client import assert_daemon_sound, cmd, running, settled
 
 NPAGES = 6144          # 24 MiB region
 BUDGET = "8M"          # 2048 pages
@@ -41,12 +42,6 @@ EVERY = 16             # the random pass leaves every 16th page of it resident
 CONFIG = {"high_watermark": 0.5, "low_watermark": 0.45}
 
 
-def _settled(d) -> dict:
-    return wait_for("no I/O in flight",
-                    lambda: status_if(d, lambda s: s["reads_inflight"] == 0 and s["writeback_inflight"] == 0),
-                    timeout=60)
-
-
 def _loads(st: dict) -> int:
     # The old code had no loads counter: each load was one store read.
     return st.get("swapin_loads_total", st["swapin_reads_total"])
@@ -55,12 +50,12 @@ def _loads(st: dict) -> int:
 def _scatter(c: Workload, d) -> None:
     """Fill, then write every page again in a random order: the pages of
     the pass end up swapped out in scattered slots."""
-    _cmd(c, "fill", "filled")
+    cmd(c, "fill", "filled")
     order = random.Random(14).sample(range(NPAGES), NPAGES)
-    _cmd(c, "dirty " + " ".join(map(str, order)), "dirtied", timeout=120)
+    cmd(c, "dirty " + " ".join(map(str, order)), "dirtied", timeout=120)
     # The last pages written are resident; push the pass's pages out by
     # touching the rest of the region once more.
-    _cmd(c, "read " + " ".join(map(str, range(PASS, NPAGES))), "read", timeout=120)
+    cmd(c, "read " + " ".join(map(str, range(PASS, NPAGES))), "read", timeout=120)
     wait_for("the pass's pages swapped out",
              lambda: status_if(d, lambda s: s["writeback_inflight"] == 0
                                and s["swapped_bytes"] >= PASS * 4096), timeout=60)
@@ -68,20 +63,18 @@ def _scatter(c: Workload, d) -> None:
 
 def test_stream_over_scattered_slots_loads_windows_and_keeps_dirty_pages(backing, start_daemon):
     d = start_daemon(backing, store_size="96M", max_resident=BUDGET, config=CONFIG)
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
+    with running(d, CLIENT, NPAGES) as c:
         _scatter(c, d)
         # A random pass leaves every EVERY-th page of the stream's range
         # resident, clean; half of those are then written (newer than
         # their slots): the windows pass over them and must keep them.
         scattered = list(range(0, PASS, EVERY))
-        _cmd(c, "read " + " ".join(map(str, random.Random(5).sample(scattered, len(scattered)))), "read")
-        _cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
-        st0 = _settled(d)
+        cmd(c, "read " + " ".join(map(str, random.Random(5).sample(scattered, len(scattered)))), "read")
+        cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
+        st0 = settled(d)
 
-        _cmd(c, f"seq 0 {PASS}", "seq", timeout=120)
-        st1 = _settled(d)
+        cmd(c, f"seq 0 {PASS}", "seq", timeout=120)
+        st1 = settled(d)
         loads = _loads(st1) - _loads(st0)
         reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
         swapins = st1["swapins_total"] - st0["swapins_total"]
@@ -101,13 +94,8 @@ def test_stream_over_scattered_slots_loads_windows_and_keeps_dirty_pages(backing
         assert st1["illegal_transitions_total"] == 0, st1
         # The dirty pages the windows passed over kept their newer bytes
         # (the pass checked word 1 of every page), and still hold them.
-        _cmd(c, "read " + " ".join(map(str, scattered)), "read")
-        c.send("exit\n")
-        c.finish_done(60, d)
-    finally:
-        c.kill()
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+        cmd(c, "read " + " ".join(map(str, scattered)), "read")
+    assert_daemon_sound(d)
 
 
 def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_daemon):
@@ -117,31 +105,29 @@ def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_
     stream stalls and goes on, and every page reads right."""
     d = start_daemon(file_backing, store_size="96M", max_resident=BUDGET, inject={"write_delay": 0.02},
                      config=dict(CONFIG, read_retry_min="5ms", read_retry_max="50ms"))
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
+    with running(d, CLIENT, NPAGES) as c:
         _scatter(c, d)
         # Resident pages in the stream's range, half of them dirty: their
         # slots freed and taken again by the writes the stream's reclaim
         # starts (each held in flight 20 ms), while runs may read through
         # them (invariant 3: never a slot being written; the injector counts).
         scattered = list(range(0, PASS, EVERY))
-        _cmd(c, "read " + " ".join(map(str, scattered)), "read")
-        _cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
-        st0 = _settled(d)
+        cmd(c, "read " + " ".join(map(str, scattered)), "read")
+        cmd(c, "dirty " + " ".join(map(str, scattered[::2])), "dirtied")
+        st0 = settled(d)
         for spec in ({"fail_reads": ["EIO"]}, {"corrupt_reads": True}):
             half = PASS // 2
             lo, hi = (0, half) if "fail_reads" in spec else (half, PASS)
             # The stream's first fault (a random one-page load, the fast
             # path's when there is one) before the failures start.
-            _cmd(c, f"seq {lo} {lo + 1}", "seq")
+            cmd(c, f"seq {lo} {lo + 1}", "seq")
             inject(d, spec)
             c.send(f"seq {lo + 1} {hi}\n")
             time.sleep(0.5)
             inject(d, {"fail_reads": [], "corrupt_reads": False})
             line = c.wait_line(lambda x: "seq" in x or "wrong" in x, 120)
             assert "wrong" not in line, line
-        st1 = _settled(d)
+        st1 = settled(d)
         loads = _loads(st1) - _loads(st0)
         reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
         counts = dict(loads=loads, reads=reads, errors=st1["read_errors_total"] - st0["read_errors_total"])
@@ -150,14 +136,8 @@ def test_read_errors_and_corrupt_reads_in_scattered_windows(file_backing, start_
         assert st1["poisoned_pages_total"] == 0, st1
         assert st1["illegal_transitions_total"] == 0, st1
         # Every page once more, in order, with no injection.
-        _cmd(c, f"seq 0 {NPAGES}", "seq", timeout=120)
-        c.send("exit\n")
-        c.finish_done(60, d)
-    finally:
-        c.kill()
-    assert_no_io_overlap(status(d))
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+        cmd(c, f"seq 0 {NPAGES}", "seq", timeout=120)
+    assert_daemon_sound(d, io_overlap=True)
 
 
 def test_read_errors_past_a_retry_read_each_page_from_its_own_slot(file_backing, start_daemon):
@@ -173,32 +153,24 @@ def test_read_errors_past_a_retry_read_each_page_from_its_own_slot(file_backing,
     d = start_daemon(file_backing, store_size="96M", max_resident=BUDGET, inject={},
                      config=dict(CONFIG, read_failure="sigbus", read_deadline="2s", read_retry_min="1500ms",
                                  read_retry_max="1500ms"))
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
+    with running(d, CLIENT, NPAGES) as c:
         _scatter(c, d)
-        st0 = _settled(d)
-        _cmd(c, "seq 0 1", "seq")
+        st0 = settled(d)
+        cmd(c, "seq 0 1", "seq")
         inject(d, {"fail_reads": ["EIO"]})
         c.send(f"seq 1 {PASS}\n")
         time.sleep(2.2)
         inject(d, {"fail_reads": []})
         line = c.wait_line(lambda x: "seq" in x or "wrong" in x, 120)
         assert "wrong" not in line, line
-        st1 = _settled(d)
+        st1 = settled(d)
         loads = _loads(st1) - _loads(st0)
         reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
         counts = dict(loads=loads, reads=reads, errors=st1["read_errors_total"] - st0["read_errors_total"],
                       poisoned=st1["poisoned_pages_total"] - st0["poisoned_pages_total"])
         assert counts["errors"] > 0 and counts["poisoned"] == 0, counts
         assert reads > loads, counts
-        c.send("exit\n")
-        c.finish_done(60, d)
-    finally:
-        c.kill()
-    assert_no_io_overlap(status(d))
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+    assert_daemon_sound(d, io_overlap=True)
 
 
 # Store damage in scattered windows: tests/page_reader.py's pages, filled
@@ -242,12 +214,12 @@ def test_damaged_slots_in_scattered_windows_cost_their_own_pages(backing, start_
         reader.wait_line(lambda x: "region" in x, timeout=30)
         reader.cmd(f"fill random {seed}", "filled", timeout=120)
 
-        def settled():
+        def fill_written():
             st = status(d)
             r = region_of(st, reader.pid)
             return st if (r and st["writeback_inflight"] == 0
                           and r["swapped_bytes"] >= (R_NPAGES - 2 * R_BUDGET_PAGES) * 4096) else None
-        wait_for("the fill's writes done", settled, timeout=60)
+        wait_for("the fill's writes done", fill_written, timeout=60)
         path = store_file(backing)
         slots_of = scan_store(path, R_NPAGES)
         plan = _plan(random.Random(seed), slots_of)

@@ -69,6 +69,20 @@ def _verify_map(region, buf, expected, mode: int, write_page: int, skip=None):
     return ret, sums, int(present[0]), mapped.tolist()
 
 
+def _assert_all_mapped_from_the_load(region, result, present: int) -> None:
+    """`result` (_verify_map's) mapped the whole load, `present` of its
+    pages found present in the memfd and replaced: every page of the memfd
+    holds its verified copy (page i: byte i + 1) and is in the memfd."""
+    _, memfd, addr, _ = region
+    ret, _, got_present, mapped = result
+    assert ret == N * PAGE
+    assert got_present == present
+    assert mapped == [True] * N
+    for i in range(N):
+        assert os.pread(memfd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE, i
+    assert _in_memfd(addr) == [True] * N
+
+
 def _plant_zero_page(view: int, page: int) -> None:
     """Read the daemon's mapping at a hole, as /proc/PID/mem or a debugger
     would: shmem allocates a page of zeros in the memfd."""
@@ -113,13 +127,7 @@ def test_present_pages_get_the_store_copy_with_the_mode_of_the_copy(region, load
     buf, expected = loaded
     os.pwrite(memfd, b"\xee" * PAGE, 6 * PAGE)
     _plant_zero_page(view, 2)
-    ret, _, present, mapped = _verify_map(region, buf, expected, uffd.COPY_MODE_WP, 2)
-    assert ret == N * PAGE
-    assert present == 2
-    assert mapped == [True] * N
-    for i in range(N):
-        assert os.pread(memfd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE, i
-    assert _in_memfd(addr) == [True] * N
+    _assert_all_mapped_from_the_load(region, _verify_map(region, buf, expected, uffd.COPY_MODE_WP, 2), 2)
     assert _write_protected(addr) == [i != 2 for i in range(N)]
     # Mapped in the client (read through its own mapping: no fault to serve).
     assert ctypes.string_at(addr + 2 * PAGE, PAGE) == bytes([3]) * PAGE
@@ -182,17 +190,12 @@ def test_present_page_across_a_vma_split(region, loaded):
     still registered), so the run's COPY fails ENOENT and goes page by page
     (uffd_copy.h); a present page just past the split is replaced and
     mapped there too, and `mapped` names every page."""
-    _, memfd, addr, view = region
+    _, _, addr, view = region
     buf, expected = loaded
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.mprotect(ctypes.c_void_p(addr + 4 * PAGE), ctypes.c_size_t(4 * PAGE), 1) == 0  # PROT_READ
     _plant_zero_page(view, 4)
     _plant_zero_page(view, 1)
-    ret, _, present, mapped = _verify_map(region, buf, expected, uffd.COPY_MODE_WP, uffd.NO_WRITE_PAGE)
-    assert ret == N * PAGE
-    assert present == 2
-    assert mapped == [True] * N
-    for i in range(N):
-        assert os.pread(memfd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE, i
-    assert _in_memfd(addr) == [True] * N
+    _assert_all_mapped_from_the_load(region, _verify_map(region, buf, expected, uffd.COPY_MODE_WP,
+                                                         uffd.NO_WRITE_PAGE), 2)
     assert _write_protected(addr) == [True] * N

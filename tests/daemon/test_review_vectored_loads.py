@@ -17,23 +17,14 @@ is seen at once: word 0 names the page, word 1 its latest version.
     (invariant 3)."""
 from __future__ import annotations
 
+import functools
 import random
 import textwrap
 
-from tests.daemon.test_fastpath import status_if
-from tests.harness import Workload, assert_audit, assert_no_io_overlap, finish_clean, status, wait_for
+from tests.harness import Workload, finish_clean, status, wait_for
+from tests.stream_client import OPENING, assert_daemon_sound, cmd, running, settled
 
-CLIENT = textwrap.dedent("""
-    import os, sys
-    import numpy as np
-    import uswap
-    from tests.client_program import out
-
-    MAGIC = 0x5EED_A11E_0000_0000
-    sock, npages = sys.argv[1], int(sys.argv[2])
-    client = uswap.connect(sock)
-    region = client.alloc(npages * 4096)
-    a = np.frombuffer(region.buf, dtype=np.uint64).reshape(-1, 512)
+CLIENT = OPENING + textwrap.dedent("""
     ver = np.zeros(npages, np.uint64)
 
     def check(p):
@@ -48,13 +39,9 @@ CLIENT = textwrap.dedent("""
         a[p, 1] = ver[p]
         a[p, 511] = ver[p] ^ np.uint64(p)
 
-    out(region=region.id)
-    for line in sys.stdin:
-        cmd = line.split()
-        if cmd[0] == "exit":
-            break
+    for cmd in commands():
         if cmd[0] == "fill":
-            a[:, 0] = np.arange(npages, dtype=np.uint64) ^ np.uint64(MAGIC)
+            fill()
             a[:, 511] = np.arange(npages, dtype=np.uint64)
             out(filled=npages)
         elif cmd[0] == "read":
@@ -74,9 +61,7 @@ CLIENT = textwrap.dedent("""
                 check(p)
             out(seq=cmd[1:])
     del a
-    region.close()
-    client.close()
-    out(done=True)
+    finish(c, r, 0)
 """)
 
 NPAGES = 6144
@@ -85,17 +70,8 @@ EVERY = 16
 CONFIG = {"high_watermark": 0.5, "low_watermark": 0.45}
 
 
-def _cmd(c: Workload, text: str, key: str, timeout: float = 120) -> dict:
-    c.send(text + "\n")
-    line = c.wait_line(lambda x: key in x or "wrong" in x, timeout)
-    assert "wrong" not in line, f"client read a wrong value: {line}"
-    return line
-
-
-def _settled(d) -> dict:
-    return wait_for("no I/O in flight",
-                    lambda: status_if(d, lambda s: s["reads_inflight"] == 0 and s["writeback_inflight"] == 0),
-                    timeout=60)
+# This file's passes are longer than the other stream tests': two minutes each.
+_cmd = functools.partial(cmd, timeout=120)
 
 
 def _scatter(c: Workload, seed: int, npages: int = NPAGES, pass_: int = PASS) -> None:
@@ -117,27 +93,20 @@ def test_write_stream_over_scattered_slots_loses_nothing(backing, start_daemon):
     resident pages inside are skip pages. Every page keeps its latest
     version, through a second random write pass and a read pass."""
     d = start_daemon(backing, store_size="96M", max_resident="8M", config=CONFIG)
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
+    with running(d, CLIENT, NPAGES) as c:
         _scatter(c, 1)
-        st0 = _settled(d)
+        st0 = settled(d)
         _cmd(c, f"wseq 0 {PASS}", "wseq")
         _cmd(c, f"seq {PASS} {NPAGES}", "seq")
         _cmd(c, "write " + " ".join(map(str, random.Random(2).sample(range(NPAGES), NPAGES))), "written")
         _cmd(c, f"read {' '.join(map(str, range(PASS, NPAGES)))}", "read")
         _cmd(c, f"seq 0 {NPAGES}", "seq")
-        st1 = _settled(d)
+        st1 = settled(d)
         loads = st1["swapin_loads_total"] - st0["swapin_loads_total"]
         reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
         assert reads > loads, dict(loads=loads, reads=reads)  # scattered windows were used
         assert st1["illegal_transitions_total"] == 0, st1
-        c.send("exit\n")
-        c.finish_done(60, d)
-    finally:
-        c.kill()
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+    assert_daemon_sound(d)
 
 
 def _two_streams(d, rounds: int) -> dict:
@@ -148,7 +117,7 @@ def _two_streams(d, rounds: int) -> dict:
             c.next(30)
         for i, c in enumerate(cs):
             _scatter(c, 10 + i, n, 2048)
-        st0 = _settled(d)
+        st0 = settled(d)
         for r in range(rounds):
             # Both streams at once; then random writes free slots that the
             # next round's windows read through and the store takes again.
@@ -163,7 +132,7 @@ def _two_streams(d, rounds: int) -> dict:
             for c in cs:
                 line = c.wait_line(lambda x: "written" in x or "wrong" in x, 180)
                 assert "wrong" not in line, line
-        st1 = _settled(d)
+        st1 = settled(d)
         for c in cs:
             c.send("exit\n")
             c.finish_done(60, d)
@@ -182,8 +151,7 @@ def test_two_streams_on_a_tight_store_serve_every_page(backing, start_daemon):
     st = _two_streams(d, 3)
     assert st["illegal_transitions_total"] == 0, st
     assert st["poisoned_pages_total"] == 0, st
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+    assert_daemon_sound(d)
 
 
 def test_two_streams_on_the_python_pool_never_read_a_slot_being_written(file_backing, start_daemon):
@@ -193,33 +161,24 @@ def test_two_streams_on_the_python_pool_never_read_a_slot_being_written(file_bac
                      inject={"write_delay": 0.01, "read_delay": 0.005}, config=CONFIG)
     st = _two_streams(d, 2)
     assert st["illegal_transitions_total"] == 0, st
-    assert_no_io_overlap(status(d))
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+    assert_daemon_sound(d, io_overlap=True)
 
 
 def test_windows_of_more_runs_than_one_aio_batch(backing, start_daemon):
     """readahead_max 4M: a window of up to 1024 pages over scattered slots
     is hundreds of runs, several AIO batches of 64 on the file store."""
     d = start_daemon(backing, store_size="96M", max_resident="8M", config=dict(CONFIG, readahead_max="4M"))
-    c = Workload.script(CLIENT, d.socket, NPAGES)
-    try:
-        c.next(30)
+    with running(d, CLIENT, NPAGES) as c:
         _scatter(c, 3)
-        st0 = _settled(d)
+        st0 = settled(d)
         _cmd(c, f"seq 0 {PASS}", "seq")
-        st1 = _settled(d)
+        st1 = settled(d)
         loads = st1["swapin_loads_total"] - st0["swapin_loads_total"]
         reads = st1["swapin_reads_total"] - st0["swapin_reads_total"]
         assert reads > 64 * 2 and reads > 8 * loads, dict(loads=loads, reads=reads)
         _cmd(c, f"wseq 0 {NPAGES}", "wseq")
         _cmd(c, f"seq 0 {NPAGES}", "seq")
-        c.send("exit\n")
-        c.finish_done(60, d)
-    finally:
-        c.kill()
-    assert_audit(status(d))
-    assert "Traceback" not in d.log_text()
+    assert_daemon_sound(d)
 
 
 # ------------------------------------------------------------ fork, discard, kill with scattered windows in flight
@@ -306,7 +265,7 @@ def test_nfs_server_frozen_mid_stream_over_scattered_slots(start_daemon, tmp_pat
     try:
         c.next(30)
         _scatter(c, 7)
-        st0 = _settled(d)
+        st0 = settled(d)
         c.send(f"seq 0 {PASS}\n")
         wait_for("loads in flight", lambda: status(d)["reads_inflight"] > 0, timeout=30, interval=0.001)
         os.kill(pid, signal.SIGSTOP)
@@ -317,7 +276,7 @@ def test_nfs_server_frozen_mid_stream_over_scattered_slots(start_daemon, tmp_pat
         line = c.wait_line(lambda x: "seq" in x or "wrong" in x, 180)
         assert "wrong" not in line, line
         _cmd(c, f"seq 0 {NPAGES}", "seq")
-        st1 = _settled(d)
+        st1 = settled(d)
         assert st1["poisoned_pages_total"] == 0, st1
         assert st1["swapin_reads_total"] - st0["swapin_reads_total"] > \
             st1["swapin_loads_total"] - st0["swapin_loads_total"], st1
@@ -339,7 +298,7 @@ def test_drain_with_scattered_windows_in_flight_brings_every_page_home(backing, 
     try:
         c.next(30)
         _scatter(c, 9)
-        _settled(d)
+        settled(d)
         c.send(f"seq 0 {PASS}\n")
         wait_for("loads in flight", lambda: status(d)["reads_inflight"] > 0, timeout=30, interval=0.001)
         assert d.stop(timeout=120) == 0, d.log_text()[-5000:]

@@ -16,38 +16,36 @@ from __future__ import annotations
 import os
 import textwrap
 
-from tests.harness import Workload, assert_audit, finish_clean, status
+from tests.client_program import REGION
+from tests.harness import assert_audit, finish_clean, finishing, status
 from uswap.daemon.sampling import AccessSampler
 
 BUDGET_PAGES = 2048
 HOT_PAGES = 64
 
-CLIENT = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import uswap
+# The end of both clients: {"bad": pages read wrong}, the region freed,
+# {"done": true}, exit 3 if any page was read wrong.
+BAD_AND_DONE = """
+out(bad=bad)
+del a
+from tests.client_program import finish
+finish(c, r, bad)
+"""
 
-    sock, npages, warm, hot_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+CLIENT = REGION + textwrap.dedent("""
+    warm, hot_n = int(sys.argv[3]), int(sys.argv[4])
     hot = np.arange(hot_n)
     a[hot, 0] = hot                        # written once
     for p in range(hot_n, hot_n + warm):   # reclaim runs, and sends the hot set to the store
         a[p, 0] = p
     bad = int(np.count_nonzero(a[hot, 0] != hot))   # read back: clean, its last fault
-    print(json.dumps({"ready": bad == 0}), flush=True)
+    out(ready=bad == 0)
     sys.stdin.readline()
     for p in range(warm + hot_n, npages):
         a[p, 0] = p                        # the stream: each page written once
         if p % 8 == 0:
             bad += int(np.count_nonzero(a[hot, 0] != hot))   # the hot set: reads only
-    print(json.dumps({"bad": bad}), flush=True)
-    del a
-    r.close()
-    c.close()
-    print(json.dumps({"done": True}), flush=True)
-""")
+""") + BAD_AND_DONE
 
 
 def test_a_hot_set_touched_only_by_reads_stays_resident(file_backing, start_daemon):
@@ -57,16 +55,12 @@ def test_a_hot_set_touched_only_by_reads_stays_resident(file_backing, start_daem
     warm = BUDGET_PAGES + BUDGET_PAGES // 2
     npages = warm + HOT_PAGES + 3 * BUDGET_PAGES
     d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
-    c = Workload.script(CLIENT, d.socket, npages, warm, HOT_PAGES)
-    try:
+    with finishing(d, CLIENT, npages, warm, HOT_PAGES, timeout=30) as c:
         assert c.next(60) == {"ready": True}
         before = status(d)
         c.send()
         assert c.next(120) == {"bad": 0}
         after = status(d)
-        c.finish_done(timeout=30, daemon=d)
-    finally:
-        c.kill()
     assert after["swapouts_total"] - before["swapouts_total"] > 2 * BUDGET_PAGES, after  # the stream went through
     # The hot set stays: judged by fault stamps alone it is evicted about
     # once per budget of stream (248 swap-ins before sampling). Sampled, none leaves on a
@@ -105,28 +99,15 @@ def test_a_dropped_hold_pipe_leaks_no_fd():
 
 
 
-STREAM = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import uswap
-
-    sock, npages = sys.argv[1], int(sys.argv[2])
-    c = uswap.connect(sock)
-    r = c.alloc(npages * 4096)
-    a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
+STREAM = REGION + textwrap.dedent("""
     sys.stdin.readline()
     a[:, 0] = np.arange(npages)            # first touch, front to back
-    print(json.dumps({"touched": True}), flush=True)
+    out(touched=True)
     sys.stdin.readline()
     bad = 0
     for _ in range(2):                     # sequential swap-in, front to back
         bad += int(np.count_nonzero(a[:, 0] != np.arange(npages)))
-    print(json.dumps({"bad": bad}), flush=True)
-    del a
-    r.close()
-    c.close()
-    print(json.dumps({"done": True}), flush=True)
-""")
+""") + BAD_AND_DONE
 
 
 def test_a_stream_samples_each_page_about_once(file_backing, start_daemon):
@@ -141,8 +122,7 @@ def test_a_stream_samples_each_page_about_once(file_backing, start_daemon):
     scripts/profile_daemon.py seq and touch); keeping them judged, 0.97-1.12."""
     npages = 8 * BUDGET_PAGES
     d = start_daemon(file_backing, store_size="128M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
-    c = Workload.script(STREAM, d.socket, npages)
-    try:
+    with finishing(d, STREAM, npages, timeout=30) as c:
         st0 = status(d)
         c.send()
         assert c.next(120) == {"touched": True}
@@ -150,9 +130,6 @@ def test_a_stream_samples_each_page_about_once(file_backing, start_daemon):
         c.send()
         assert c.next(120) == {"bad": 0}
         st2 = status(d)
-        c.finish_done(timeout=30, daemon=d)
-    finally:
-        c.kill()
     for phase, (a, b) in {"first touch": (st0, st1), "sequential swap-in": (st1, st2)}.items():
         evicted = b["swapouts_total"] - a["swapouts_total"]
         sampled = b["sampled_pages_total"] - a["sampled_pages_total"]

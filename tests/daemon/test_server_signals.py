@@ -1,5 +1,6 @@
 """Every signal a service receives has a defined meaning (server.py):
-SIGHUP reloads the config file's runtime settings and says so; SIGTERM,
+SIGHUP reloads the config file's runtime settings (the budget, its
+watermarks, the log level, the per-uid limits) and says so; SIGTERM,
 SIGINT and SIGQUIT drain; SIGUSR1 logs a status line; the others a service
 may be sent are logged and ignored. No signal makes the daemon exit with
 pages still on the store, except SIGUSR2, the handover to a new daemon that
@@ -7,6 +8,7 @@ adopts them (tests/system/test_adoption.py)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -99,6 +101,63 @@ def test_sighup_without_a_config_file_changes_nothing(file_backing, start_daemon
     d.proc.send_signal(signal.SIGHUP)
     wait_for("reload logged", logged(d, "SIGHUP: no config file"), 10)
     assert d.status()["max_resident_bytes"] == 16 * MIB
+
+
+def test_sighup_applies_lowered_per_uid_limits(file_backing, start_daemon):
+    """Per-uid limits are reloaded on SIGHUP as the budget is. A uid already
+    past a lowered limit keeps what it holds (its regions and their pages,
+    its connection); what it asks for next is refused naming the limit, and
+    its resident pages go down to a lowered share with no fault to prompt
+    it. Before, the reload only said they took effect at the next restart,
+    and the daemon went on allowing what the file no longer did."""
+    base = {"max_resident": "32M"}
+    d = start_daemon(file_backing, store_size="64M", max_resident=None, config=base)
+    uid = os.getuid()
+    with uswap.connect(d.socket) as c:
+        regions = [c.alloc(2 * MIB) for _ in range(3)]
+        for seed, region in enumerate(regions):
+            stamp(region.buf, seed)
+        assert d.status()["resident_bytes"] >= 6 * MIB
+        d.write_config({**base, "max_regions_per_uid": 2, "max_region_bytes_per_uid": "4M",
+                        "max_resident_per_uid": "1M"})
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for("reload logged", logged(d, "reloaded " + d.config_path), 10)
+        # Past the region limit: no more regions, for an alloc nor a fork's child.
+        with pytest.raises(uswap.UswapError, match=re.escape(
+                f"alloc: uid {uid} holds 3 regions, the most max_regions_per_uid (2) allows; free one first")):
+            c.alloc(4096)
+        with c._lock, pytest.raises(uswap.UswapError, match=re.escape(
+                f"fork_begin: uid {uid} holds 3 regions; 1 more would exceed max_regions_per_uid (2)")):
+            c._exchange({"op": "fork_begin", "regions": [regions[0].id]})
+        # Past its new resident share: evicted down to it, with no fault to prompt it.
+        wait_for("resident under the uid's new share", lambda: d.status()["resident_bytes"] <= 1 * MIB, 30)
+        assert d.status()["swapouts_total"] > 0
+        log = d.log_text()
+        assert ("max_regions_per_uid no limit -> 2" in log and "max_region_bytes_per_uid no limit -> 4.0 MiB" in log
+                and "max_resident_per_uid no limit -> 1.0 MiB" in log), log
+        assert "per_uid changed in the file; it takes effect at the next restart" not in log, log
+        # What it held is kept, every page of it.
+        assert [bad_pages(region.buf, seed) for seed, region in enumerate(regions)] == [0, 0, 0]
+        regions.pop().close()
+        regions.pop().close()  # 1 region of 2 MiB: room for one more region, not for 4 MiB more
+        with pytest.raises(uswap.UswapError, match=re.escape(
+                f"alloc: uid {uid} holds {2 * MIB} bytes of regions; {4 * MIB} bytes more would exceed"
+                f" max_region_bytes_per_uid ({4 * MIB} bytes)")):
+            c.alloc(4 * MIB)
+        c.alloc(2 * MIB).close()  # within both limits: served
+        # The connection limit lowered under what the uid has open: its
+        # connection lives on, a new one is refused.
+        d.write_config({**base, "max_clients_per_uid": 1})
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for("second reload", lambda: d.log_text().count("reloaded ") == 2, 10)
+        assert "max_clients_per_uid no limit -> 1" in d.log_text(), d.log_text()
+        with pytest.raises(uswap.UswapError, match=re.escape(
+                f"uid {uid} has 1 connections open, the most max_clients_per_uid (1)")):
+            uswap.connect(d.socket)
+        c.alloc(8 * MIB).close()  # the region limits are gone again
+        assert bad_pages(regions[0].buf, 0) == 0
+        regions[0].close()
+    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGALRM, signal.SIGPIPE])

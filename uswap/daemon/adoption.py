@@ -7,7 +7,7 @@ holds becomes an *orphan*: its page table is mapped again, and the slots it
 names are claimed, so slot ownership is what the tables say. An orphan waits
 up to `adopt_timeout` for its client, whose connection broke when the old
 daemon died, to reconnect and send the region's uffd and memfd again (the
-`adopt` op, ops.py; uswap/client.py does it by itself). Then `reclaim`
+`adopt` op, adoptop.py; uswap/client.py does it by itself). Then `reclaim`
 checks that the fds are the region's, resolves every page the old daemon
 left in a transient state from what is really in the memfd (resolve.py), and
 the region goes live as under its old id; threads parked in the old daemon

@@ -25,7 +25,7 @@ The page lock (docs/design.md section 3): every page state transition is
 made by a thread holding the fast path's mutex. The engine thread holds it
 whenever it runs (it lets go only between two steps: in epoll_wait and
 while it reads a uffd, server.py, and while it reads a client's smaps,
-ops.py); the fast path's C fault
+golive.py); the fast path's C fault
 threads take it to decide and to finish (native/fastpath.c). I/O and punch
 threads change no page state: their completions are applied by the stage
 that submitted the job, on the engine thread, under the lock
@@ -128,7 +128,7 @@ class Engine:
         self.cleaner = Cleaner(cfg, rs, self.budget, self.reclaimer, self.writeback)
         self.shares = Shares(cfg.max_resident_per_uid, rs, self.reclaimer)
         self.drainer = Drain(rs, self.cow, self.puncher, self.swapin)
-        # Fork requests and their pending snapshots (daemon/fork.py), served by ops.py.
+        # Fork requests and their pending snapshots (daemon/fork.py), served by forkops.py.
         self.fork = ForkManager(rs, self.slots, self.cow)
         # Regions a dead daemon left in the state directory (adoption.py):
         # their slots are claimed before any is handed out.
@@ -205,7 +205,7 @@ class Engine:
         """Take the page lock from the fast path's threads: the server holds
         it whenever the engine runs, and lets go only between two steps: in
         epoll_wait, and while it reads a uffd (server.py) or a client's
-        /proc/PID/smaps (ops.py)."""
+        /proc/PID/smaps (golive.py, adoptop.py)."""
         if self.fp is not None:
             self.fp.lock()
 

@@ -48,8 +48,8 @@ closes it by exiting (the fd is close-on-exec). The daemon checks the pipes
 on a timer while snapshots are pending.
 
 Thread and lock: engine thread, page lock held (the fork requests of
-ops.py, and the engine's timers). Built on regionset.py, slots.py and
-cow.py; only the composition (engine.py) and ops.py sit above it.
+forkops.py, and the engine's timers). Built on regionset.py, slots.py and
+cow.py; only the composition (engine.py) and forkops.py sit above it.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """The protocol's operations (docs/protocol.md), on the engine thread with
-the page lock held: hello, alloc, free, status, fork_begin/fork_child/
-fork_attach, discard and inject. Each validates its message, answers through the
-connection (connections.py), and a region that passes every check (its fds,
-its size, no overlap, its registration read from smaps) is adopted: the
-engine serves it from then on.
+the page lock held: hello, alloc, free, discard, status, budget, handover
+and inject here; the fork requests are forkops.py's and `adopt` is
+adoptop.py's, dispatched from `Ops.handle`. Each validates its message and
+answers through the connection (connections.py); an alloc that passes
+every check (its fds, its size, no overlap, its registration read from
+smaps) goes live (golive.py): the engine serves it from then on.
 
 A refusal is an answer and the connection lives on; a ProtocolError raised
 here makes connections.py drop the connection. Lines are logged as
@@ -15,18 +16,17 @@ import os
 import time
 from typing import Callable
 
-import numpy as np
-
 from uswap import protocol
 from uswap.config import AUTO, Config
+from uswap.daemon.adoptop import AdoptOp
 from uswap.daemon.autobudget import BudgetControl
 from uswap.daemon.connections import Connections, Session
 from uswap.daemon.engine import Engine
 from uswap.daemon.fdlimits import out_of_fds_error
-from uswap.daemon.fork import ForkRefused
+from uswap.daemon.forkops import ForkOps
+from uswap.daemon.golive import GoLive
 from uswap.daemon.ratelimit import RateLimitedLog
-from uswap.daemon.pagetable import runs
-from uswap.daemon.region import PAGE, Region, RegionRefused, check_registration, mapped_parts, validate_and_open
+from uswap.daemon.region import Region, RegionRefused, validate_and_open
 from uswap.daemon.report import StatusReport
 from uswap.daemon.uidlimits import uid_refusal
 
@@ -41,13 +41,21 @@ class Ops:
         self.engine = engine
         self.conns = conns
         self.client_log = client_log
-        # The server's: a region the fast path's threads do not serve has its
-        # uffd read by the event loop.
-        self.watch_uffd = watch_uffd
+        # `watch_uffd` is the server's: a region the fast path's threads do
+        # not serve has its uffd read by the event loop.
+        self.go_live = GoLive(engine, watch_uffd)
+        self.fork_ops = ForkOps(cfg, engine, conns, client_log, self.go_live)
+        self.adopt_op = AdoptOp(engine, conns, client_log, self.go_live)
         self.inject = inject
         self.budget = budget  # `uswap budget`, max_resident: auto (autobudget.py)
         self.handover = handover  # the server's: start the handover to a new daemon
         self.report = StatusReport(engine, conns, budget)
+
+    def configure(self, cfg: Config) -> None:
+        """A reloaded configuration (SIGHUP): its per-uid limits apply to
+        the next alloc or fork_begin; regions already held are kept."""
+        self.cfg = cfg
+        self.fork_ops.cfg = cfg
 
     def handle(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
         """One message of `session`. `fds` is closed by the caller (Connections._dispatch)
@@ -93,13 +101,13 @@ class Ops:
         elif op == "discard":
             self._discard(session, msg)
         elif op in ("fork_begin", "fork_child", "fork_attach"):
-            self._fork_op(session, op, msg, fds, sender_pid)
+            self.fork_ops.handle(session, op, msg, fds, sender_pid)
         elif op == "status":
             self.conns.reply(session, {"ok": True, "status": self.status(asker=session)})
         elif op == "budget":
             self._budget(session, msg.get("max_resident"))
         elif op == "adopt":
-            self._adopt_op(session, msg, fds, sender_pid)
+            self.adopt_op.handle(session, msg, fds, sender_pid)
         elif op == "handover":
             # Only root or the daemon's own user may make it exit undrained.
             if session.uid not in (0, os.getuid()):
@@ -190,119 +198,6 @@ class Ops:
         self.conns.reply(session, {"ok": True, "old_bytes": old, "max_resident_bytes": new,
                                    "mode": self.budget.status()["mode"]})
 
-    def _fork_op(self, session: Session, op: str, msg: dict, fds: list[int], sender_pid: int) -> None:
-        """Fork requests (daemon/fork.py). A refusal is an answer: the
-        parent's regions and the connection live on. `fds` is closed by the
-        caller (Connections._dispatch) unless a region takes them (then it is emptied)."""
-        fork = self.engine.fork
-        try:
-            if op == "fork_begin":
-                ids = msg.get("regions")
-                if (not isinstance(ids, list) or len(set(map(repr, ids))) != len(ids)
-                        or not all(isinstance(i, int) and not isinstance(i, bool) and i in session.regions for i in ids)):
-                    raise ForkRefused(f"fork_begin: regions {ids!r} must be a list of distinct live"
-                                      f" region ids of this client, from {sorted(session.regions)}")
-                regions = [r for r in (self.engine.regions[i] for i in ids) if not r.closing]
-                refusal = uid_refusal(self.cfg, self.engine, self.conns, "fork_begin", session.uid,
-                                      [r.size for r in regions])
-                if refusal is not None:
-                    raise ForkRefused(refusal)
-                token, keep_w, done = fork.begin(regions, session.uid)
-                try:
-                    self.conns.reply(session, {"ok": True, "token": token, "regions": done}, [keep_w])
-                finally:
-                    os.close(keep_w)
-            elif op == "fork_child":
-                region = fork.memfd_for(msg.get("token"), msg.get("region"))
-                self.conns.reply(session, {"ok": True, "size": region.size, "addr": region.addr}, [region.memfd])
-            else:
-                if len(fds) != 1:
-                    raise ForkRefused(f"fork_attach needs exactly 1 file descriptor (the uffd), got {len(fds)}")
-                pending = fork.memfd_for(msg.get("token"), msg.get("region"))
-                # The same check as an alloc's, over each part the child maps
-                # (fork.py: the parts its parent had mapped in place): really
-                # registered MISSING|WP|MINOR, mapping the snapshot's memfd.
-                memfd_stat = os.fstat(pending.memfd)
-                for first, n in fork.runs_for(msg.get("token"), msg.get("region")):
-                    self._check_registration_unlocked(sender_pid, pending.addr + first * PAGE, n * PAGE,
-                                                      memfd_stat, pending.addr, "fork_attach")
-                region = fork.attach(msg.get("token"), msg.get("region"), fds[0], session)
-                fds.clear()  # the region owns the uffd now
-                self._adopt(session, region)
-                fork.poison_after_attach(region)
-                self.conns.reply(session, {"ok": True, "region": region.id})
-        except (ForkRefused, RegionRefused, OSError) as e:
-            reason = str(e) if isinstance(e, (ForkRefused, RegionRefused)) else f"{op}: {e}"
-            self.client_log.warning("client pid %d: %s", session.pid, reason)
-            self.conns.reply(session, {"ok": False, "error": reason})
-
-    def _adopt(self, session: Session, region: Region) -> None:
-        """A validated region goes live: the engine serves it from now on."""
-        fast = self.engine.add_region(region)
-        session.regions.add(region.id)
-        session.allocated.add(region.id)
-        if not fast:  # the fast path's threads read the uffds of the others
-            self.watch_uffd(region)
-
-    def _adopt_op(self, session: Session, msg: dict, fds: list[int], sender_pid: int) -> None:
-        """`adopt`: a client whose daemon died sends its regions again, each
-        {"id", "addr", "size"} with its uffd and memfd (in that order, two
-        fds a region, so at most MAX_FDS / 2 regions a message). Each is
-        checked (adoption.py: an orphan of this id, the same range, the same
-        memfd, the same uid; then registered MISSING|WP|MINOR in this uffd,
-        as an alloc), its transient pages resolved, and served again under
-        its id. The reply says per region: {"id", "ok"} or {"id", "error"}.
-        `fds` keeps the ones no region took; the caller closes them."""
-        entries = msg.get("regions")
-        if not isinstance(entries, list) or len(entries) * 2 != len(fds):
-            raise protocol.ProtocolError(f"adopt: regions {entries!r} must be a list with two fds (uffd, memfd)"
-                                         f" each, got {len(fds)} fds")
-        results, taken = [], set()
-        for i, entry in enumerate(entries):
-            uffd_fd, memfd = fds[2 * i], fds[2 * i + 1]
-            rid = entry.get("id") if isinstance(entry, dict) else None
-            try:
-                if session.control_only:
-                    raise RegionRefused("adopt: this connection may ask for status only (daemon busy)")
-                region = self._adopt_one(session, entry, uffd_fd, memfd, sender_pid)
-            except (RegionRefused, OSError) as e:
-                reason = str(e) if isinstance(e, RegionRefused) else f"adopt: region {rid!r}: {e}"
-                self.client_log.warning("client pid %d: %s", session.pid, reason)
-                results.append({"id": rid, "ok": False, "error": reason})
-                continue
-            taken.update((uffd_fd, memfd))
-            results.append({"id": region.id, "ok": True})
-        fds[:] = [fd for fd in fds if fd not in taken]
-        self.conns.reply(session, {"ok": True, "regions": results})
-
-    def _adopt_one(self, session: Session, entry: object, uffd_fd: int, memfd: int, sender_pid: int) -> Region:
-        """The orphan `entry` names, checked (adoption.py, then registered as
-        for an alloc), made live on these fds and served by this session;
-        RegionRefused or OSError naming why not."""
-        adoption = self.engine.adoption
-        orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
-        addr, npages, memfd_stat = orphan.meta["addr"], orphan.meta["npages"], os.fstat(memfd)
-        # Each part the client maps is checked as an alloc's; a region mapped
-        # in parts (design section 7) is adopted with the rest forgotten.
-        self.engine.unlock()  # /proc reads: as _check_registration_unlocked
-        try:
-            parts = mapped_parts(sender_pid, memfd_stat, addr, npages, "adopt")
-        finally:
-            self.engine.lock()
-        for first, n in parts:
-            self._check_registration_unlocked(sender_pid, addr + first * PAGE, n * PAGE, memfd_stat, addr, "adopt")
-        # Looked up again: the page lock was let go for the smaps read.
-        orphan = adoption.check(entry, uffd_fd, memfd, session.uid)
-        region = adoption.reclaim(orphan, uffd_fd, memfd, session, parts)
-        self._adopt(session, region)
-        mapped = np.zeros(npages, bool)
-        for first, n in parts:
-            mapped[first:first + n] = True
-        for first, n in runs(np.flatnonzero(~mapped), npages):
-            self.engine.forget_range(region, first, n)
-        adoption.after_live(region)
-        return region
-
     def _memfds_in_use(self) -> set[tuple[int, int]]:
         out = set()
         # A fork's pending child regions are the daemon's own memfds: never a new region.
@@ -322,19 +217,6 @@ class Ops:
                     and addr < region.addr + region.size and region.addr < addr + size):
                 return region
         return None
-
-    def _check_registration_unlocked(self, pid: int, addr: int, size: int, memfd_stat: os.stat_result,
-                                     region_addr: int | None = None, op: str = "alloc") -> None:
-        """check_registration without the page lock: reading /proc/PID/smaps
-        walks the page tables of every mapping of the client (~150 ms for 2 GiB
-        resident), and the fast path's threads must not wait for that. Safe:
-        the check reads only /proc and touches no engine state, and the engine
-        is between two events here, as consistent as when it sleeps in epoll."""
-        self.engine.unlock()
-        try:
-            check_registration(pid, addr, size, memfd_stat, region_addr, op)
-        finally:
-            self.engine.lock()
 
     def _alloc_refusal(self, session: Session, msg: dict, fds: list[int]) -> str | None:
         """Why this alloc cannot be served without even looking at its fds, or None."""
@@ -370,7 +252,7 @@ class Ops:
             # answer is that region, adopted, not a second one beside it.
             entry = {"id": orphan.meta["id"], "addr": msg.get("addr"), "size": orphan.meta["size"]}
             try:
-                region = self._adopt_one(session, entry, fds[0], fds[1], sender_pid)
+                region = self.adopt_op.adopt_one(session, entry, fds[0], fds[1], sender_pid)
             except (RegionRefused, OSError) as e:
                 reason = str(e).replace("adopt:", "alloc (repeated after a daemon restart):", 1)
             else:
@@ -386,7 +268,7 @@ class Ops:
                     raise RegionRefused(f"alloc: the range overlaps region {other.id} of this process")
                 region = validate_and_open(msg, fds, self.cfg.max_region_size, session,
                                            in_use=self._memfds_in_use(), peer_pid=sender_pid,
-                                           registration_check=self._check_registration_unlocked)
+                                           registration_check=self.go_live.check_registration_unlocked)
             except RegionRefused as e:
                 reason = str(e)
             except OSError as e:
@@ -402,7 +284,7 @@ class Ops:
             return
         fds.clear()  # the region owns them now
         try:
-            self._adopt(session, region)
+            self.go_live.serve(session, region)
         except OSError as e:
             # Its table could not be kept in the state directory (EMFILE):
             # refused like any alloc the fd table has no room for.

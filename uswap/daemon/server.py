@@ -1,14 +1,14 @@
 """The daemon's event loop and lifecycle, on the engine thread: one epoll over
 the listening socket and client sockets (connections.py, whose messages the
-ops in ops.py serve), the completion eventfd (poked by the Python and C I/O
+ops in ops.py, forkops.py and adoptop.py serve), the completion eventfd (poked by the Python and C I/O
 pools, and by the fault fast path's threads when they pass records on or
 cross the high watermark), the signal wake-up pipe, and the userfaultfds of
 the regions the fast path's C threads do not read (every region's when there
 is no fast path); signals, drain and stop; sd_notify (notify.py) from the
 loop itself, so a hung loop misses its watchdog. It holds the page lock
 whenever it runs, letting go only in epoll_wait, while it reads a uffd
-(_on_uffd) and while it reads an alloc's smaps (Ops._check_registration_unlocked
-in ops.py); it never blocks on store I/O (invariant 4)."""
+(_on_uffd) and while it reads an alloc's smaps (GoLive.check_registration_unlocked
+in golive.py); it never blocks on store I/O (invariant 4)."""
 from __future__ import annotations
 
 import logging
@@ -109,6 +109,12 @@ class Server:
             logging.getLogger("uswap").setLevel(cfg.log_level.upper())
             logging.getLogger().setLevel(cfg.log_level.upper())
             self.budget.configure(cfg)  # sets self.cfg, through _apply_budget
+            # Per-uid limits: the connection limit is counted at accept, the
+            # region limits at alloc and fork_begin, the resident share at
+            # the next settle. Nothing a uid holds already is taken away.
+            self.conns.cfg = cfg
+            self.ops.configure(cfg)
+            self.engine.shares.set_limit(cfg.max_resident_per_uid)
 
         def status_line() -> str:
             st = self.engine.status()
@@ -129,7 +135,7 @@ class Server:
         # The engine runs holding the page lock it shares with the fast
         # path's threads; it lets go only while it sleeps in epoll_wait, and
         # between two events while an alloc's smaps are read
-        # (Ops._check_registration_unlocked, ops.py).
+        # (GoLive.check_registration_unlocked, golive.py).
         engine.lock()
         self._publish_metrics()  # before "ready": a scrape from then on sees the daemon
         log.info("ready: store %s (%d bytes), max_resident %d bytes, socket %s",

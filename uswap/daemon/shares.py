@@ -34,6 +34,13 @@ class Shares:
         self.next_check = 0.0
         self.armed = False  # a timer will wake the loop for the next count
 
+    def set_limit(self, max_resident_per_uid: int) -> None:
+        """A new share (SIGHUP): counted at the next settle, so a uid over a
+        lowered share is evicted down to it with no fault to prompt it, as
+        reclaim reaches a lowered budget. 0: no shares."""
+        self.limit_pages = max_resident_per_uid // PAGE
+        self.next_check = 0.0
+
     def _disarm(self) -> None:
         """The timer's turn of the loop: settle runs after it and counts."""
         self.armed = False

@@ -4,8 +4,8 @@
   handed back) and exit 0. SIGQUIT's default action would dump core and
   leave every client with pages on the store, so it drains too.
 - SIGHUP: reload the config file's runtime settings (config.RELOADABLE: the
-  budget, its watermarks, the log level), and say in the log what changed,
-  what needs a restart, or why the new file was refused.
+  budget, its watermarks, the log level, the per-uid limits), and say in the
+  log what changed, what needs a restart, or why the new file was refused.
 - SIGUSR1: one status line in the log.
 - SIGUSR2: handover to a new daemon (server.py): stop taking new work,
   let the reads and writes in flight end, exit 0 WITHOUT draining; the
@@ -102,5 +102,11 @@ class SignalDesk:
         return new
 
 
+#: Settings that are sizes in bytes, shown as such.
+_SIZES = ("max_resident", "max_region_bytes_per_uid", "max_resident_per_uid")
+
+
 def _show(key: str, value: object) -> str:
-    return format_size(value) if key == "max_resident" else str(value)
+    if key in config.PER_UID_LIMITS and value == 0:
+        return "no limit"
+    return format_size(value) if key in _SIZES else str(value)

@@ -4,7 +4,7 @@ limit and what it holds. The uid is the connection's SO_PEERCRED uid; the
 connection limit (max_clients_per_uid) is connections.py's, the resident
 share (max_resident_per_uid) shares.py's.
 
-Engine thread, page lock held (ops.py)."""
+Engine thread, page lock held (ops.py's alloc, forkops.py's fork_begin)."""
 from __future__ import annotations
 
 from uswap.config import Config
