@@ -20,6 +20,7 @@ from typing import Callable
 
 from uswap import protocol
 from uswap.config import Config
+from uswap.daemon import clientmaps
 from uswap.daemon.engine import Engine
 from uswap.daemon.fdlimits import out_of_fds_error
 from uswap.daemon.ratelimit import RateLimitedLog
@@ -49,6 +50,9 @@ class Session:
         self.held = False
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        # Its /proc/PID/status, opened at reclaim's first look at one of
+        # its regions and closed with the session (Connections.drop).
+        self.proc_status = clientmaps.StatusFile(self.pid)
 
 
 # One message's handler (Ops.handle): session, message, its fds, the pid that sent them.
@@ -357,6 +361,7 @@ class Connections:
         except OSError:
             pass
         session.buf.close()
+        session.proc_status.close()
         session.sock.close()
 
 

@@ -20,10 +20,13 @@ FDS_PER_REGION = 2
 
 def nofile_needed(cfg: Config) -> int:
     """Open files the daemon can need at its configured limits: one socket per
-    connection, and a uffd and a memfd per region of every client (a page
-    table's file in the state directory is mapped with no fd kept open)."""
+    connection, a client's /proc/PID/status (clientmaps.StatusFile, kept
+    open by its session), and a uffd and a memfd per region of every client
+    (a page table's file in the state directory is mapped with no fd kept
+    open)."""
     connections = cfg.max_clients + cfg.control_connections
-    return NOFILE_OWN + connections + FDS_PER_REGION * cfg.max_clients * cfg.max_regions_per_client
+    return (NOFILE_OWN + connections + cfg.max_clients
+            + FDS_PER_REGION * cfg.max_clients * cfg.max_regions_per_client)
 
 
 def raise_nofile_limit(cfg: Config) -> int:

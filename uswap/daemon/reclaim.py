@@ -177,7 +177,8 @@ class Reclaim:
         pid = getattr(region.owner, "pid", None)
         if not pid or region.closing:
             return 0
-        kb = clientmaps.locked_kb(pid)
+        status = getattr(region.owner, "proc_status", None)   # a session's, kept open
+        kb = status.locked_kb() if status is not None else clientmaps.locked_kb(pid)
         if not kb:
             return 0
         try:
