@@ -743,6 +743,10 @@ def pages_30_and_55_reads_held(own_nfs, d, a: FpClient):
     """With ganesha frozen, client `a` touches pages 30 and 55 at once: both
     fast-path readers are inside store reads until the block ends. Yields
     the (fast path, engine) fault counts from before the touches."""
+    # A context for each reader first (lent on a helper thread): without
+    # one the fast path passes a swap-in to the engine.
+    wait_for("the fault threads lent their contexts",
+             lambda: status(d)["store"]["fault_thread_contexts"] == 2, timeout=20)
     fp0, engine0 = split_faults(status(d))
     with ganesha_stopped(own_nfs):
         a.cmd("touchbg 30")
@@ -795,8 +799,6 @@ def test_fault_threads_hold_no_more_contexts_than_readers(own_nfs, start_daemon)
     engine's swap-ins and writeback none (they went to the Python pool)."""
     d, a, other = nfs_daemon_with_three_swapped_pages(own_nfs, start_daemon, {"io_threads": 2})
     try:
-        wait_for("the fault threads lent their contexts",
-                 lambda: status(d)["store"]["fault_thread_contexts"] == 2, timeout=20)
         with pages_30_and_55_reads_held(own_nfs, d, a):
             # Each status request is a turn of the engine, which ends in top_up.
             status(d)
