@@ -189,6 +189,20 @@ def wait_for(what: str, cond, timeout: float, interval: float = 0.02):
         time.sleep(interval)
 
 
+def wait_cgroup_removed(path: str, timeout: float = 30) -> None:
+    """rmdir a cgroup (v1) the test made, once its last task has gone (a
+    killed process leaves it only when reaped)."""
+    def removed():
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+    wait_for(f"{path} removed", removed, timeout=timeout)
+
+
 def wait_clean(d, timeout: float = 30) -> dict:
     """Every region gone: nothing charged, no slot used, accounting exact."""
     def clean():

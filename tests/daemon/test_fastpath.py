@@ -703,21 +703,18 @@ def test_drain_waits_for_a_fast_path_load(own_nfs, start_daemon):
     assert "Traceback" not in d.log_text()
 
 
-def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
-    """nfs: with fault_threads 2, two random swap-ins at once are both served
-    by the fast path, inside store reads that do not return (ganesha
-    frozen); a third goes to the engine's I/O pool, and another client's
-    first touch of a fresh page -- a fault that needs no I/O at all -- must
-    still be served (invariant 4: the thread that reads fault events never
-    blocks on I/O; it is the one thread started beyond the readers)."""
+def nfs_daemon_with_three_swapped_pages(own_nfs, start_daemon, config: dict) -> tuple:
+    """A daemon (nfs://, fault_threads 2 and `config`), a client `a` whose
+    pages 5, 30 and 55 are on the store, far apart so that each fault is
+    random to the read-ahead (us_ra_locality), and a client `other` with
+    16 fresh pages. Returns (daemon, a, other)."""
     url = f"{own_nfs['url']}/swap-{uuid.uuid4().hex[:12]}"
     d = start_daemon(url, store_size="32M", max_resident="1M",
-                     config={"nfs_timeout": "30s", "fault_threads": 2})
+                     config={"nfs_timeout": "30s", "fault_threads": 2, **config})
     a = FpClient(d.socket, 64)
     other = b = None
     try:
         other = FpClient(d.socket, 16)
-        # Far apart: each fault is random to the read-ahead (us_ra_locality).
         a.cmd("write 5 30 55", "written")
         b = FpClient(d.socket, 1024)
         b.cmd("fill", "filled")
@@ -730,14 +727,47 @@ def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
                 return st
             return None
         wait_for("pages 5, 30 and 55 swapped", settled, timeout=20)
-        fp0, engine0 = split_faults(status(d))
-        with ganesha_stopped(own_nfs):
-            a.cmd("touchbg 30")
-            a.cmd("touchbg 55")
-            st = wait_for("reads for both faults", lambda: status_if(d, lambda s: s["reads_inflight"] >= 2),
-                          timeout=10)
-            # Both readers are in a read: no swap-in was declined to the engine.
-            assert split_faults(st) == (fp0 + 2, engine0), st
+    except BaseException:
+        for c in (a, other, b):
+            if c is not None:
+                c.kill()
+        raise
+    finally:
+        if b is not None:
+            b.kill()
+    return d, a, other
+
+
+@contextlib.contextmanager
+def pages_30_and_55_reads_held(own_nfs, d, a: FpClient):
+    """With ganesha frozen, client `a` touches pages 30 and 55 at once: both
+    fast-path readers are inside store reads until the block ends. Yields
+    the (fast path, engine) fault counts from before the touches."""
+    # A context for each reader first (lent on a helper thread): without
+    # one the fast path passes a swap-in to the engine.
+    wait_for("the fault threads lent their contexts",
+             lambda: status(d)["store"]["fault_thread_contexts"] == 2, timeout=20)
+    fp0, engine0 = split_faults(status(d))
+    with ganesha_stopped(own_nfs):
+        a.cmd("touchbg 30")
+        a.cmd("touchbg 55")
+        st = wait_for("reads for both faults", lambda: status_if(d, lambda s: s["reads_inflight"] >= 2),
+                      timeout=10)
+        # Both readers are in a read: no swap-in was declined to the engine.
+        assert split_faults(st) == (fp0 + 2, engine0), st
+        yield fp0, engine0
+
+
+def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
+    """nfs: with fault_threads 2, two random swap-ins at once are both served
+    by the fast path, inside store reads that do not return (ganesha
+    frozen); a third goes to the engine's I/O pool, and another client's
+    first touch of a fresh page -- a fault that needs no I/O at all -- must
+    still be served (invariant 4: the thread that reads fault events never
+    blocks on I/O; it is the one thread started beyond the readers)."""
+    d, a, other = nfs_daemon_with_three_swapped_pages(own_nfs, start_daemon, {})
+    try:
+        with pages_30_and_55_reads_held(own_nfs, d, a) as (fp0, engine0):
             a.cmd("touchbg 5")
             st = wait_for("a read for the third fault", lambda: status_if(d, lambda s: s["reads_inflight"] >= 3),
                           timeout=10)
@@ -754,9 +784,35 @@ def test_fault_reading_not_blocked_by_fast_path_reads(own_nfs, start_daemon):
         a.exit_ok()
         other.exit_ok()
     finally:
-        for c in (a, other, b):
-            if c is not None:
-                c.kill()
+        for c in (a, other):
+            c.kill()
+
+
+def test_fault_threads_hold_no_more_contexts_than_readers(own_nfs, start_daemon):
+    """nfs: the engine lends io_threads + fault_threads contexts, and the
+    fault threads may hold only `fault_threads` of them, in reads or idle:
+    the others are the C I/O pool's. With both readers inside reads that do
+    not return (ganesha frozen), top_up counted only the idle ones and lent
+    the threads two more, which no thread could use (read_max reads are out)
+    and which they kept for good: the fast path came to hold twice
+    fault_threads -- with the defaults every context lent, leaving the
+    engine's swap-ins and writeback none (they went to the Python pool)."""
+    d, a, other = nfs_daemon_with_three_swapped_pages(own_nfs, start_daemon, {"io_threads": 2})
+    try:
+        with pages_30_and_55_reads_held(own_nfs, d, a):
+            # Each status request is a turn of the engine, which ends in top_up.
+            status(d)
+            st = status(d)
+            assert st["store"]["fault_thread_contexts"] == 2, st["store"]
+        for _ in range(2):
+            a.wait_line(lambda x: "touched" in x, timeout=20)
+        st = status(d)
+        assert st["store"]["fault_thread_contexts"] == 2, st["store"]
+        a.exit_ok()
+        other.exit_ok()
+    finally:
+        for c in (a, other):
+            c.kill()
 
 
 def test_fast_path_across_nfs_server_restart(own_nfs, start_daemon):

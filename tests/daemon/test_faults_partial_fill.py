@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from tests.harness import Workload, assert_audit, finish_clean, status, wait_for
+from tests.harness import Workload, assert_audit, finish_clean, status, wait_cgroup_removed, wait_for
 
 MEMCG_ROOT = "/sys/fs/cgroup/memory"
 PAGES = 4096
@@ -59,16 +59,7 @@ def memcg():
         yield path
     finally:
         set_limit(path, -1)
-
-        def removed():
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                return True
-            except OSError:
-                return False
-            return True
-        wait_for(f"{path} removed", removed, timeout=30)
+        wait_cgroup_removed(path)
 
 
 def set_limit(path: str, limit: int) -> None:

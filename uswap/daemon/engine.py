@@ -428,5 +428,7 @@ class Engine:
             **self.adoption.status(),
             "store": dict(self.store.describe(), used_bytes=self.slots.used * PAGE,
                           full=self.writeback.is_store_full(),
-                          quarantined_bytes=sum(n for _, _, n in self.writeback.quarantine) * PAGE),
+                          quarantined_bytes=sum(n for _, _, n in self.writeback.quarantine) * PAGE,
+                          # nfs://: lent contexts the fault threads hold (FastPath.top_up).
+                          fault_thread_contexts=self.fp.contexts() if self.fp is not None else 0),
         }

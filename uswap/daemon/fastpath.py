@@ -43,7 +43,6 @@ class FastPath:
         native = require_native_io(store, "the fault fast path")
         self.lender = native.lender    # kind NFS: contexts for top_up()
         self.nfs = native.kind == NativeIo.NFS
-        self.readers = readers
         self.e = lib.fp_new(readers, notify_fd, native.fd)   # -1 for kind NFS
         if self.e == ffi.NULL:
             raise OSError(errno.EAGAIN, "cannot start the fault fast path threads")
@@ -164,10 +163,16 @@ class FastPath:
 
     def top_up(self) -> None:
         """nfs://: lend idle contexts to the C threads, one per thread that
-        may be in a store read at once."""
+        may be in a store read at once (read_max: fewer than `readers` when
+        fp_new started fewer threads)."""
         if not self.nfs:
             return
-        while self.e.nidle < self.readers:
+        # The threads hold at most read_max contexts, idle or in a read
+        # (`reading`: each holds its job's, fp_take_fault); the rest of what
+        # the engine lends (io_threads + fault_threads) is the C I/O pool's.
+        # Counting only the idle ones lent read_max more each time every
+        # reader was out, and the threads keep what they are lent.
+        while self.e.nidle + self.e.reading < self.e.read_max:
             conn = self.lender.checkout()
             if conn is None:
                 return
@@ -179,6 +184,11 @@ class FastPath:
             slot.id = cid
             self.conns[cid] = conn
             self.e.nidle += 1
+
+    def contexts(self) -> int:
+        """nfs://: lent contexts the C threads hold, idle or in a read (a
+        failed read's goes back with its record); 0 for the file store."""
+        return len(self.conns)
 
     def stop(self) -> None:
         """Join the threads (the lock must not be held); lent contexts go back."""
