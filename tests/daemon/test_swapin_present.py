@@ -160,6 +160,14 @@ def answer(c: Workload, key: str, timeout: float = 60) -> dict:
     return line
 
 
+def neighbours_and_exit(c: Workload, page: int) -> None:
+    """CLIENT reads page and its neighbours again, checked, then exits."""
+    c.send(f"touch {page - 1} {page} {page + 1}\n")
+    answer(c, "touched")
+    c.send("exit\n")
+    answer(c, "done")
+
+
 def hooks_dir(tmp_path) -> str:
     """A directory for swapin_hooks.py, its release FIFO made."""
     hooks = str(tmp_path / "hooks")

@@ -1,0 +1,44 @@
+"""Adoption of a region whose loading page got a zero page planted in the
+memfd before its daemon died (resolve.py _not_loaded).
+
+A read of the daemon's own mapping of a region's memfd at a swapped page
+(/proc/DAEMON/mem, a debugger, py-spy) plants a page of zeros there
+(tests/daemon/test_swapin_present.py). A daemon killed with such a page
+LOADING left its successor a page "in the memfd", which resolve took for
+the load's copy; failing its checksum, it was kept as the client's data,
+dirty: the client read zeros. A page in the memfd that the client's page
+tables do not hold was mapped by no load: the store copy wins (SWAPPED,
+punched as a stray page at the next touch).
+
+Made by construction: the daemon runs through tests/swapin_hooks.py, which
+holds the load of page HOLD on the engine thread with its pages LOADING;
+the test plants the zero page, kills the daemon (SIGKILL) and starts a
+successor on the same state directory, which the client's keeper
+reconnects to (adopt). The client's thread that faulted on HOLD is woken
+into the successor."""
+from __future__ import annotations
+
+from tests.daemon.test_swapin_present import _held, _plant, answer, hooks_dir, neighbours_and_exit, swapped_client
+from tests.harness import status, wait_for
+
+HOLD = 400  # swapped out (test_swapin_present.py)
+
+
+def test_planted_page_of_a_dead_daemons_load_is_not_adopted_as_data(file_backing, start_daemon, tmp_path):
+    hooks = hooks_dir(tmp_path)
+    d = start_daemon(file_backing, store_size="64M", max_resident="2M", module="tests.swapin_hooks",
+                     config={"fault_threads": 0, "adopt_timeout": "60s"},
+                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(HOLD)})
+    c = swapped_client(d)
+    try:
+        c.send(f"readbg {HOLD}\n")  # faults; its load is held, LOADING
+        held = wait_for("the swap-in held by the hook", lambda: _held(hooks), 30)
+        _plant(d.pid, held["view"])
+        d.kill()  # the engine thread still holds the load: HOLD is LOADING in the table
+        d.restart(module="uswap.cli")
+        wait_for("the region adopted", lambda: status(d)["adopted_regions_total"] == 1, 60)
+        assert answer(c, "read")["value"] == HOLD + 1  # before: 0, the planted page kept as dirty data
+        assert "reads_planted 1" in d.log_text(), d.log_text()[-3000:]
+        neighbours_and_exit(c, HOLD)
+    finally:
+        c.kill()
