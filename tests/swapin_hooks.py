@@ -23,7 +23,10 @@ injector) the engine thread goes on instead: held.json is written as
 above, the read is submitted, and the I/O thread that takes it waits on
 the FIFO before its store read (readmap.read_verify_map), so the engine
 serves other requests -- a fork_begin, a discard -- while the pages are
-LOADING and nothing of the load has happened yet.
+LOADING and nothing of the load has happened yet. With
+USWAP_TEST_HOLD_AT=io_after the I/O thread waits after its read, verify and
+map instead: the pages are in the client (a write fault's page writable)
+and still LOADING, the engine not told yet.
 """
 from __future__ import annotations
 
@@ -59,19 +62,24 @@ def install() -> None:
             tmp = os.path.join(HOOK_DIR, "held.json.tmp")
             with open(tmp, "w") as f:
                 f.write(json.dumps(record) + "\n")
-            if HOLD_AT == "io":
+            if HOLD_AT in ("io", "io_after"):
                 # Set before the read is submitted: its I/O thread finds it.
                 io_hold.append(region.addr + first * 4096)
             os.rename(tmp, os.path.join(HOOK_DIR, "held.json"))
-            if HOLD_AT != "io":
+            if HOLD_AT == "engine":
                 _wait_release()
         return submit_read(self, region, first, n, *args, **kw)
 
     def _read_verify_map_hook(store, buf, n, slot, uffd_fd, dst, *args, **kw):
-        if io_hold and io_hold[0] == dst:
-            io_hold.clear()  # once: a forked child's region has the same addresses
+        if not (io_hold and io_hold[0] == dst):
+            return read_verify_map(store, buf, n, slot, uffd_fd, dst, *args, **kw)
+        io_hold.clear()  # once: a forked child's region has the same addresses
+        if HOLD_AT == "io":
             _wait_release()
-        return read_verify_map(store, buf, n, slot, uffd_fd, dst, *args, **kw)
+        ret = read_verify_map(store, buf, n, slot, uffd_fd, dst, *args, **kw)
+        if HOLD_AT == "io_after":
+            _wait_release()
+        return ret
 
     SwapIn._submit_read = _submit_read_hook
     swapin.read_verify_map = _read_verify_map_hook

@@ -17,18 +17,25 @@ engine serves the fork; the test plants the zero page, the client forks,
 the child reads HOLD; then the held read goes."""
 from __future__ import annotations
 
-from tests.daemon.test_swapin_present import _held, _plant, _release, answer, hooks_dir, neighbours_and_exit, swapped_client
+from tests.daemon.test_swapin_present import (_held, _plant, _release, answer, hooked_daemon, neighbours_and_exit,
+                                              swapped_client, write_held)
 from tests.harness import wait_for
 
 HOLD = 400  # swapped out (test_swapin_present.py)
 
 
+def _lines(c, *keys: str) -> dict:
+    """CLIENT's next lines with each of `keys`, in any order, by key."""
+    got = {}
+    while len(got) < len(keys):
+        line = c.wait_line(lambda x: any(k in x for k in keys) or "wrong" in x, 60)
+        assert "wrong" not in line, line
+        got.update({k: line for k in keys if k in line})
+    return got
+
+
 def test_child_forked_during_a_load_gets_the_store_copy_not_a_planted_page(file_backing, start_daemon, tmp_path):
-    hooks = hooks_dir(tmp_path)
-    d = start_daemon(file_backing, store_size="64M", max_resident="2M", inject={}, module="tests.swapin_hooks",
-                     config={"fault_threads": 0},
-                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(HOLD),
-                                "USWAP_TEST_HOLD_AT": "io"})
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io", pool="python")
     c = swapped_client(d)
     try:
         c.send(f"readbg {HOLD}\n")  # faults; the load's I/O thread waits before its read
@@ -38,15 +45,35 @@ def test_child_forked_during_a_load_gets_the_store_copy_not_a_planted_page(file_
         child = answer(c, "forked")["forked"]
         _release(hooks)
         # The parent's load (the store copy wins) and the child's read, in
-        # either order; before, the child said {"wrong": {"400": 0}, "in": "child"}.
-        got = {}
-        while "value" not in got or "child" not in got:
-            line = c.wait_line(lambda x: "read" in x or "child" in x or "wrong" in x, 60)
-            assert "wrong" not in line, line
-            got.update(line)
-        assert got["value"] == HOLD + 1 and got["child"] == [HOLD], got
+        # either order; before, the child read {"400": 0}.
+        got = _lines(c, "read", "child")
+        assert got["read"]["value"] == HOLD + 1 and got["child"]["child"] == {str(HOLD): HOLD + 1}, got
         c.send(f"reap {child}\n")
         assert answer(c, "reaped")["reaped"] == 0
         neighbours_and_exit(c, HOLD)
+    finally:
+        c.kill()
+
+
+def test_child_forked_after_a_write_to_a_page_its_load_mapped_gets_the_write(file_backing, start_daemon, tmp_path):
+    """The other side of the rule: a write fault's load maps its page
+    writable, the client writes it, and a fork comes before the engine hears
+    the load ended (the page still LOADING). The client's page tables hold
+    the page, so the child gets a copy of it, with the write -- not the
+    slot."""
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io_after", pool="python")
+    c = swapped_client(d)
+    try:
+        write_held(c, hooks, HOLD, 777)
+        c.send(f"fork {HOLD}\n")
+        child = answer(c, "forked")["forked"]
+        assert answer(c, "child")["child"] == {str(HOLD): 777}
+        _release(hooks)
+        c.send(f"reap {child}\n")
+        assert answer(c, "reaped")["reaped"] == 0
+        c.send(f"readbg {HOLD}\n")
+        assert answer(c, "read")["value"] == 777
+        c.send("exit\n")
+        answer(c, "done")
     finally:
         c.kill()

@@ -18,17 +18,15 @@ reconnects to (adopt). The client's thread that faulted on HOLD is woken
 into the successor."""
 from __future__ import annotations
 
-from tests.daemon.test_swapin_present import _held, _plant, answer, hooks_dir, neighbours_and_exit, swapped_client
+from tests.daemon.test_swapin_present import (_held, _plant, answer, hooked_daemon, neighbours_and_exit, swapped_client,
+                                              write_held)
 from tests.harness import status, wait_for
 
 HOLD = 400  # swapped out (test_swapin_present.py)
 
 
 def test_planted_page_of_a_dead_daemons_load_is_not_adopted_as_data(file_backing, start_daemon, tmp_path):
-    hooks = hooks_dir(tmp_path)
-    d = start_daemon(file_backing, store_size="64M", max_resident="2M", module="tests.swapin_hooks",
-                     config={"fault_threads": 0, "adopt_timeout": "60s"},
-                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(HOLD)})
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, adopt_timeout="60s")
     c = swapped_client(d)
     try:
         c.send(f"readbg {HOLD}\n")  # faults; its load is held, LOADING
@@ -40,5 +38,28 @@ def test_planted_page_of_a_dead_daemons_load_is_not_adopted_as_data(file_backing
         assert answer(c, "read")["value"] == HOLD + 1  # before: 0, the planted page kept as dirty data
         assert "reads_planted 1" in d.log_text(), d.log_text()[-3000:]
         neighbours_and_exit(c, HOLD)
+    finally:
+        c.kill()
+
+
+def test_write_through_a_dead_daemons_load_is_adopted(file_backing, start_daemon, tmp_path):
+    """The other side of the rule: a write fault's load mapped its page
+    writable and the client wrote it; the daemon died before it heard the
+    load ended (the page LOADING, its bytes not the slot copy's). The
+    client's page tables hold the page: its load mapped it, so it is the
+    client's data, kept dirty -- not replaced by the slot copy."""
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io_after", pool="python",
+                             adopt_timeout="60s")
+    c = swapped_client(d)
+    try:
+        write_held(c, hooks, HOLD, 777)
+        d.kill()
+        d.restart(module="uswap.cli")
+        wait_for("the region adopted", lambda: status(d)["adopted_regions_total"] == 1, 60)
+        c.send(f"readbg {HOLD}\n")
+        assert answer(c, "read")["value"] == 777
+        assert "reads_planted" not in d.log_text(), d.log_text()[-3000:]
+        c.send("exit\n")
+        answer(c, "done")
     finally:
         c.kill()

@@ -34,7 +34,7 @@ import pytest
 
 from tests.client_program import FILLED_REGION
 from tests.daemon.test_swapin_write_fault import _filled, wait_swapped
-from tests.harness import Workload, inject, wait_for
+from tests.harness import Workload, inject, status, wait_for
 
 PAGE = 4096
 HOLD = 400  # swapped out: the oldest pages of a 6 MiB client under a 2 MiB budget
@@ -87,11 +87,12 @@ def _plant(pid: int, view: int) -> None:
 # commands on stdin, one a line:
 #   touch P...    read pages P on this thread, checked: {"touched": [...]}
 #   readbg P      read page P on a thread of its own, not checked (it may be
-#                 discarded meanwhile): {"read": P, "value": V}
+#                 discarded or written): {"read": P, "value": V}
+#   write P V     write V into page P's first word (on this thread): {"wrote": P}
 #   discard P     the discard op on page P: {"discarded": P}
 #   fork P...     fork (the client's at-fork hooks: the daemon's snapshot);
-#                 the child reads pages P and reports {"child": [...]} or
-#                 {"wrong": ...} and exits; the parent: {"forked": PID}
+#                 the child reads pages P, reports {"child": {P: V, ...}}
+#                 (not checked) and exits; the parent: {"forked": PID}
 #   reap PID      the child's exit code: {"reaped": CODE}
 #   exit          {"done": true}
 # A page is read with ctypes.memmove, which releases the GIL: a thread
@@ -122,15 +123,18 @@ CLIENT = FILLED_REGION + textwrap.dedent("""
             out(**({"wrong": wrong} if wrong else {"touched": pages}))
         elif cmd[0] == "readbg":
             threading.Thread(target=lambda p=pages[0]: out(read=p, value=word(p))).start()
+        elif cmd[0] == "write":
+            cell = ctypes.c_uint64(pages[1])
+            ctypes.memmove(r.addr + pages[0] * 4096, ctypes.addressof(cell), 8)
+            out(wrote=pages[0])
         elif cmd[0] == "discard":
             r.discard(pages[0] * 4096, 4096)
             out(discarded=pages[0])
         elif cmd[0] == "fork":
             pid = os.fork()
             if pid == 0:
-                wrong = bad(pages)
-                out(**({"wrong": wrong, "in": "child"} if wrong else {"child": pages}))
-                os._exit(3 if wrong else 0)
+                out(child={str(p): word(p) for p in pages})
+                os._exit(0)
             out(forked=pid)
         elif cmd[0] == "reap":
             out(reaped=os.waitstatus_to_exitcode(os.waitpid(pages[0], 0)[1]))
@@ -168,22 +172,33 @@ def neighbours_and_exit(c: Workload, page: int) -> None:
     answer(c, "done")
 
 
-def hooks_dir(tmp_path) -> str:
-    """A directory for swapin_hooks.py, its release FIFO made."""
+def hooked_daemon(start_daemon, backing: str, tmp_path, hold: int, at: str = "engine", pool: str = "c",
+                  **config) -> tuple:
+    """A daemon run through swapin_hooks.py, holding the first load of page
+    `hold` at `at` (USWAP_TEST_HOLD_AT), with engine loads only
+    (fault_threads 0) on the C pool, or ("python") on the Python pool under
+    the fault injector; `config`: more settings. (daemon, hooks directory)."""
     hooks = str(tmp_path / "hooks")
     os.makedirs(hooks)
     os.mkfifo(os.path.join(hooks, "release"))
-    return hooks
+    d = start_daemon(backing, store_size="64M", max_resident="2M", inject={} if pool == "python" else None,
+                     module="tests.swapin_hooks", config={"fault_threads": 0, **config},
+                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(hold),
+                                "USWAP_TEST_HOLD_AT": at})
+    return d, hooks
+
+
+def write_held(c: Workload, hooks: str, page: int, value: int) -> None:
+    """CLIENT writes `value` into `page` (swapped): a write fault, whose load
+    maps the page writable and is then held (USWAP_TEST_HOLD_AT=io_after)."""
+    c.send(f"write {page} {value}\n")
+    wait_for("the swap-in held by the hook", lambda: _held(hooks), 30)
+    answer(c, "wrote")
 
 
 @pytest.mark.parametrize("pool", ["c", "python"])
 def test_page_planted_during_swapin_is_replaced_by_the_store_copy(file_backing, start_daemon, tmp_path, pool):
-    hooks = str(tmp_path / "hooks")
-    os.makedirs(hooks)
-    os.mkfifo(os.path.join(hooks, "release"))
-    d = start_daemon(file_backing, store_size="64M", max_resident="2M", config={"fault_threads": 0},
-                     inject={} if pool == "python" else None, module="tests.swapin_hooks",
-                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(HOLD)})
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, pool=pool)
     a = _filled(d)
     try:
         a.send(f"touch {HOLD}\n")  # faults; the load of page HOLD is held, LOADING
@@ -203,6 +218,7 @@ def test_page_planted_during_swapin_is_replaced_by_the_store_copy(file_backing, 
         a.cmd(f"touch {HOLD - 1} {HOLD} {HOLD + 1}", "touched")
         log = d.log_text()
         assert "the store copy wins" in log, log[-3000:]
+        assert status(d)["present_replaced_total"] == 1  # counted for the operator too
         a.exit_ok()
     finally:
         a.kill()
@@ -218,10 +234,8 @@ def test_planted_page_of_a_retried_load_is_not_taken_as_mapped_when_a_neighbour_
     page of zeros and the client read 0. Now it is SWAPPED again, and the
     client's touch finds a stray page: the slot copy wins."""
     hold, near, fault = 390, 384, 389  # 384 alone (random), then 389 near it: the aligned window 384..391
-    hooks = hooks_dir(tmp_path)
-    d = start_daemon(file_backing, store_size="64M", max_resident="2M", inject={}, module="tests.swapin_hooks",
-                     config={"fault_threads": 0, "read_retry_min": "10ms", "read_retry_max": "50ms"},
-                     extra_env={"USWAP_TEST_HOOKS": hooks, "USWAP_TEST_HOLD_PAGE": str(hold)})
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, hold, pool="python",
+                             read_retry_min="10ms", read_retry_max="50ms")
     c = swapped_client(d)
     try:
         c.send(f"touch {near}\n")
