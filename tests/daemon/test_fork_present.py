@@ -17,6 +17,8 @@ engine serves the fork; the test plants the zero page, the client forks,
 the child reads HOLD; then the held read goes."""
 from __future__ import annotations
 
+import pytest
+
 from tests.daemon.test_swapin_present import (_held, _plant, _release, answer, hooked_daemon, neighbours_and_exit,
                                               swapped_client, write_held)
 from tests.harness import wait_for
@@ -55,19 +57,28 @@ def test_child_forked_during_a_load_gets_the_store_copy_not_a_planted_page(file_
         c.kill()
 
 
-def test_child_forked_after_a_write_to_a_page_its_load_mapped_gets_the_write(file_backing, start_daemon, tmp_path):
+@pytest.mark.parametrize("dontneed", [False, True])
+def test_child_forked_after_a_write_to_a_page_its_load_mapped_gets_the_write(file_backing, start_daemon, tmp_path,
+                                                                            dontneed):
     """The other side of the rule: a write fault's load maps its page
     writable, the client writes it, and a fork comes before the engine hears
     the load ended (the page still LOADING). The client's page tables hold
     the page, so the child gets a copy of it, with the write -- not the
-    slot."""
+    slot. `dontneed`: the client then took the page out of its own page
+    tables (madvise(MADV_DONTNEED) of its MAP_SHARED mapping: the data stays
+    in the memfd; the daemon asks for no EVENT_REMOVE) before the fork: not
+    in pagemap, yet written (not zeros), the child still gets the write --
+    on pp it took the slot and read HOLD + 1."""
     d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io_after", pool="python")
     c = swapped_client(d)
     try:
         write_held(c, hooks, HOLD, 777)
+        if dontneed:
+            c.send(f"madvise {HOLD} 4\n")
+            answer(c, "madvised")
         c.send(f"fork {HOLD}\n")
         child = answer(c, "forked")["forked"]
-        assert answer(c, "child")["child"] == {str(HOLD): 777}
+        assert answer(c, "child")["child"] == {str(HOLD): 777}  # dontneed, before: {"400": 401}
         _release(hooks)
         c.send(f"reap {child}\n")
         assert answer(c, "reaped")["reaped"] == 0
@@ -77,3 +88,4 @@ def test_child_forked_after_a_write_to_a_page_its_load_mapped_gets_the_write(fil
         answer(c, "done")
     finally:
         c.kill()
+

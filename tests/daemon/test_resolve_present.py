@@ -18,6 +18,8 @@ reconnects to (adopt). The client's thread that faulted on HOLD is woken
 into the successor."""
 from __future__ import annotations
 
+import pytest
+
 from tests.daemon.test_swapin_present import (_held, _plant, answer, hooked_daemon, neighbours_and_exit, swapped_client,
                                               write_held)
 from tests.harness import status, wait_for
@@ -58,6 +60,34 @@ def test_write_through_a_dead_daemons_load_is_adopted(file_backing, start_daemon
         wait_for("the region adopted", lambda: status(d)["adopted_regions_total"] == 1, 60)
         c.send(f"readbg {HOLD}\n")
         assert answer(c, "read")["value"] == 777
+        assert "reads_planted" not in d.log_text(), d.log_text()[-3000:]
+        c.send("exit\n")
+        answer(c, "done")
+    finally:
+        c.kill()
+
+
+@pytest.mark.parametrize("advice", [4])  # MADV_DONTNEED (MADV_PAGEOUT skips a page mapped twice)
+def test_write_through_then_unmapped_by_the_client_is_adopted(file_backing, start_daemon, tmp_path, advice):
+    """As above, but the client then took the page out of its own page
+    tables (madvise(2) of its MAP_SHARED mapping: MADV_DONTNEED or
+    MADV_PAGEOUT, which leave the data in the memfd; the daemon asks for no
+    EVENT_REMOVE, faults.py) before the successor read its pagemap. Absent
+    from the page tables but written: the client's data, kept -- on pp it
+    became SWAPPED and the client read the slot copy (HOLD + 1), its write
+    lost."""
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io_after", pool="python",
+                             adopt_timeout="60s")
+    c = swapped_client(d)
+    try:
+        write_held(c, hooks, HOLD, 777)
+        c.send(f"madvise {HOLD} {advice}\n")
+        answer(c, "madvised")
+        d.kill()
+        d.restart(module="uswap.cli")
+        wait_for("the region adopted", lambda: status(d)["adopted_regions_total"] == 1, 60)
+        c.send(f"readbg {HOLD}\n")
+        assert answer(c, "read")["value"] == 777  # before: HOLD + 1, the write thrown away
         assert "reads_planted" not in d.log_text(), d.log_text()[-3000:]
         c.send("exit\n")
         answer(c, "done")

@@ -90,6 +90,8 @@ def _plant(pid: int, view: int) -> None:
 #                 discarded or written): {"read": P, "value": V}
 #   write P V     write V into page P's first word (on this thread): {"wrote": P}
 #   discard P     the discard op on page P: {"discarded": P}
+#   madvise P A   the client's own madvise(2) of page P with advice A (4:
+#                 MADV_DONTNEED, 21: MADV_PAGEOUT), no op sent: {"madvised": P}
 #   fork P...     fork (the client's at-fork hooks: the daemon's snapshot);
 #                 the child reads pages P, reports {"child": {P: V, ...}}
 #                 (not checked) and exits; the parent: {"forked": PID}
@@ -130,6 +132,11 @@ CLIENT = FILLED_REGION + textwrap.dedent("""
         elif cmd[0] == "discard":
             r.discard(pages[0] * 4096, 4096)
             out(discarded=pages[0])
+        elif cmd[0] == "madvise":
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            assert libc.madvise(r.addr + pages[0] * 4096, 4096, pages[1]) == 0, ctypes.get_errno()
+            out(madvised=pages[0])
         elif cmd[0] == "fork":
             pid = os.fork()
             if pid == 0:

@@ -178,6 +178,8 @@ def mapped_in_place(pid: int, regions: list[tuple[int, int, int]]) -> list[np.nd
 
 
 PM_PRESENT = 1 << 63  # /proc/PID/pagemap: the page is in the process's page tables
+PM_SWAP = 1 << 62  # a swap-type entry: a migration entry, or a uffd-wp marker (6.18: both set it)
+PM_FILE = 1 << 61  # ... with a file page behind it: a migration entry (a marker has no page)
 
 
 def in_page_tables(pid: int, addr: int, pages: np.ndarray) -> np.ndarray | None:
@@ -187,8 +189,12 @@ def in_page_tables(pid: int, addr: int, pages: np.ndarray) -> np.ndarray | None:
     pid, another user's process without CAP_SYS_PTRACE). A region page is
     in the client's page tables only once a UFFDIO_COPY or CONTINUE put it
     there -- for a LOADING page, once its load mapped it -- never because it
-    is in the memfd. (A page being migrated by the kernel reads as absent:
-    a window of microseconds.) One pread per run of pages."""
+    is in the memfd. A page being migrated by the kernel counts as held (a
+    migration entry: PM_SWAP and PM_FILE). Not held, yet the client's: a
+    page it took out of its own page tables (MADV_DONTNEED, MADV_PAGEOUT on
+    its shared mapping) after a load mapped it -- callers must not take
+    "not held" alone for "planted" (resolve.py _not_loaded). One pread per
+    run of pages."""
     out = np.zeros(len(pages), bool)
     if not pid or not len(pages):
         return out if pid else None
@@ -207,7 +213,13 @@ def in_page_tables(pid: int, addr: int, pages: np.ndarray) -> np.ndarray | None:
             if len(raw) != 8 * len(run):
                 return None
             entries = np.frombuffer(raw, np.uint64)
-            out[order[at:at + len(run)]] = (entries & np.uint64(PM_PRESENT)) != 0
+            # A page the kernel is migrating (compaction) has a migration entry
+            # for microseconds: not present, but PM_SWAP with PM_FILE. Still
+            # mapped (a written page must not be taken for a planted one);
+            # the uffd-wp marker a punch leaves has PM_SWAP without PM_FILE
+            # (read on 6.18: 0x42..., the memfd page gone).
+            migrating = (entries & np.uint64(PM_SWAP | PM_FILE)) == np.uint64(PM_SWAP | PM_FILE)
+            out[order[at:at + len(run)]] = ((entries & np.uint64(PM_PRESENT)) != 0) | migrating
             at += len(run)
     except OSError:
         return None

@@ -20,7 +20,9 @@ fork copies page tables and swap entries:
   LOADING without slot (a zero fill)   EMPTY, or a copy if already mapped
 
 "Already mapped" is the client's page tables' word (/proc/PID/pagemap, read
-before the pages are write-protected: _loaded), not the memfd's: a LOADING
+before the pages are write-protected: _loaded) -- or, absent there, a page
+that is not all zeros (the client may have written it and then dropped it
+from its page tables with MADV_DONTNEED) -- not the memfd's alone: a LOADING
 page can be in the memfd without its load having mapped it -- a zero page
 planted by a read of the daemon's own mapping of the hole (/proc/DAEMON/mem,
 a debugger), which the load's I/O thread may be overwriting with the store
@@ -75,7 +77,7 @@ from uswap.daemon import clientmaps
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.region import Region, _fd_target
-from uswap.daemon.regionset import RegionSet
+from uswap.daemon.regionset import PAGE, RegionSet
 from uswap.daemon.slots import SlotAllocator
 
 
@@ -214,11 +216,15 @@ class ForkManager:
         """The LOADING pages of `region` mapped in place whose load has
         mapped them into the client already (the module doc), as page indices.
 
-        Invariant (no planted or torn page in a child): a LOADING page is
-        copied into the child only if the client's page tables hold it --
-        put there by its load's COPY or CONTINUE, which comes after any
-        write of the store copy over a page found present (readmap.h), so
-        the I/O thread writes it no more. Read before _protect, so that
+        Invariant (no planted page in a child, no write lost in it): a
+        LOADING page in the memfd is copied into the child if the client's
+        page tables hold it -- put there by its load's COPY or CONTINUE,
+        which comes after any write of the store copy over a page found
+        present (readmap.h), so the I/O thread writes it no more -- or if it
+        is not all zeros (a write the client made and then took out of its
+        page tables, MADV_DONTNEED; or the store copy written over a planted
+        page, torn only while that memcpy runs). A page of zeros the page
+        tables do not hold (planted) takes the slot. Read before _protect, so that
         every page named here is write-protected before it is copied: no
         write of the client tears the copy either. A page its load maps
         after this read is taken from the slot, which holds the same bytes
@@ -229,7 +235,20 @@ class ForkManager:
         loading = np.flatnonzero((region.table.state == pt.LOADING) & in_place)
         present = loading[cls._in_memfd(region, loading)]  # pagemap is read for these only
         mapped = clientmaps.in_page_tables(getattr(region.owner, "pid", 0), region.addr, present)
-        return present if mapped is None else present[mapped]
+        if mapped is None:
+            return present
+        # Not in the page tables is not enough to be planted: the client may
+        # have written the page its load mapped writable and then taken it
+        # out of its own page tables (madvise(MADV_DONTNEED) of its shared
+        # mapping keeps the data in the memfd; no EVENT_REMOVE is asked
+        # for), and the child must get that write. A planted page is zeros
+        # until the I/O thread writes the store copy over it (then the slot's
+        # bytes: copying them is as good); only zeros take the slot.
+        # (Invariant 8: in the memfd, so the read allocates nothing.)
+        zero = np.zeros(len(present), bool)
+        for i, page in enumerate(present.tolist()):
+            zero[i] = native.page_sums(region.daddr + page * PAGE, 1)[1][0]
+        return present[mapped | ~zero]
 
     @staticmethod
     def _in_memfd(region: Region, pages: np.ndarray) -> np.ndarray:

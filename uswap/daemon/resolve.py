@@ -167,8 +167,8 @@ class Resolver:
     @staticmethod
     def _not_loaded(region: Region, pages: np.ndarray) -> np.ndarray:
         """Of `pages` (LOADING, in the memfd, with a slot), those that are
-        not their load's doing: their bytes differ from the slot copy's
-        checksum and the client's page tables do not hold them.
+        not their load's doing: they are all zeros, which the slot copy is
+        not, and the client's page tables do not hold them.
 
         Invariant (the store copy wins, native/readmap.h): a LOADING page
         in the memfd is data only if the dead daemon's load mapped it into
@@ -176,8 +176,12 @@ class Resolver:
         write fault's page is mapped writable) and _verify_clean keeps it
         dirty. A page in the memfd that no load mapped is a zero page
         planted by a read of the dead daemon's mapping of the hole (a
-        debugger, /proc/PID/mem, a core dump), or a store copy it died
-        writing over one (torn): never data. Such a page becomes SWAPPED on
+        debugger, /proc/PID/mem), never data. Not caught: a store copy the
+        dead daemon died writing over a planted page (torn: not zeros), kept
+        as data -- telling it from a client's write that left the page tables
+        (see the loop) is not possible here, and losing that write is worse;
+        a client that wrote zeros over the whole page and then unmapped it
+        gets the slot copy. Such a page becomes SWAPPED on
         its slot and stays in the memfd as a stray page, which the client's
         next touch punches before it reads the slot (faults.py
         _stray_page). Stable as read here: the dead daemon's threads are
@@ -191,8 +195,16 @@ class Resolver:
         differ = []
         for first, n in pt.runs(pages, 1 << 16):
             # Invariant 8: in the memfd (resolve checked): nothing is allocated.
-            sums, _ = native.page_sums(region.daddr + (first << SHIFT), n)
-            differ.extend((first + np.flatnonzero(np.array(sums, np.uint32) != t.sum[first:first + n])).tolist())
+            sums, zero = native.page_sums(region.daddr + (first << SHIFT), n)
+            # Only a page of zeros: a page the load mapped and the client
+            # wrote can have left the client's page tables since (its own
+            # madvise(MADV_DONTNEED or MADV_PAGEOUT) of its MAP_SHARED
+            # mapping, kernel swap), its data still in the memfd: absent from
+            # pagemap, it is still the client's write and must be kept
+            # (tests/daemon/test_resolve_present.py ..._unmapped_by_the_client).
+            # A planted page the dead daemon did not write over is zeros.
+            odd = (np.array(sums, np.uint32) != t.sum[first:first + n]) & np.array(zero, bool)
+            differ.extend((first + np.flatnonzero(odd)).tolist())
         differ = np.array(differ, np.int64)
         mapped = clientmaps.in_page_tables(getattr(region.owner, "pid", 0), region.addr, differ)
         return differ[:0] if mapped is None else differ[~mapped]
