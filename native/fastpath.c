@@ -403,6 +403,8 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
     uint64_t off = (uint64_t)j->page << 12;
     *copied = us_verify_map(j->r->uffd, j->r->addr + off, j->r->daddr + off, buf, 1, UFFDIO_COPY_MODE_WP,
                             j->write ? 0 : US_NO_WRITE_PAGE, &j->expected, sum, NULL, NULL, &present);
+    if (present)   /* no lock held here: threads add at once */
+        __atomic_fetch_add(&e->present_replaced, (uint64_t)present, __ATOMIC_RELAXED);
 }
 
 /* Lock held. Apply a zero fill: the pages the COPY mapped are RESIDENT

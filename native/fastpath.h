@@ -105,6 +105,8 @@ struct fp_engine {
     int32_t read_max;     /* most threads inside a store read at once: nthreads - 1 */
     uint64_t faults, swapins, activations;
     uint64_t minor_faults;  /* MINOR faults served here (fp_take_minor) */
+    uint64_t present_replaced;  /* pages found present and replaced by their store copies (us_verify_map,
+                                 * in fp_run: no lock, so added atomically) */
     int64_t fill_max;     /* largest zero-fill window, pages */
     uint64_t zero;        /* fill_max zeroed pages, the source of every zero fill */
     int32_t fd;           /* the file store's O_DIRECT fd, or -1 (nfs://) */

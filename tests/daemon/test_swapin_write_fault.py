@@ -22,15 +22,21 @@ def _loaded(d, st0: dict, pages: int) -> dict:
                     timeout=20)
 
 
+def wait_swapped(d) -> None:
+    """Until a 1536-page client's oldest pages, 0 up to about 1000, are
+    written back and dropped (2 MiB budget, 6 MiB written)."""
+    wait_for("the oldest pages swapped out",
+             lambda: status_if(d, lambda s: s["writeback_inflight"] == 0 and s["swapped_bytes"] >= 3 << 20),
+             timeout=30)
+
+
 def _filled(d) -> FpClient:
     """A client whose oldest pages, 0 up to about 1000, are written back and
-    dropped (2 MiB budget, 6 MiB written)."""
+    dropped (wait_swapped)."""
     a = FpClient(d.socket, 1536, seed=7)
     try:
         a.cmd("fill", "filled")
-        wait_for("the oldest pages swapped out",
-                 lambda: status_if(d, lambda s: s["writeback_inflight"] == 0 and s["swapped_bytes"] >= 3 << 20),
-                 timeout=30)
+        wait_swapped(d)
     except BaseException:
         a.kill()
         raise

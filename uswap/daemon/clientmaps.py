@@ -1,7 +1,10 @@
 """What the kernel says about a client's mappings of its region, from
 /proc/PID/smaps: which parts are still mapped and registered with a
-userfaultfd, and which are mlocked; and from /proc/PID/maps: where the
-client maps the memfd, and which pages a fork snapshots (fork.py).
+userfaultfd, and which are mlocked; from /proc/PID/maps: where the
+client maps the memfd, and which pages a fork snapshots (fork.py); and
+from /proc/PID/pagemap: which pages the client has in its page tables
+(`in_page_tables`: which LOADING pages a load has mapped, fork.py and
+resolve.py).
 
 Why smaps: it is the one place that shows a VMA's flags (VmFlags: `um` =
 registered for MISSING faults, `lo` = mlocked). It is read rarely -- when an
@@ -216,6 +219,57 @@ def mapped_in_place(pid: int, regions: list[tuple[int, int, int]]) -> list[np.nd
             mask[first:last] = True
         masks.append(mask)
     return masks
+
+
+PM_PRESENT = 1 << 63  # /proc/PID/pagemap: the page is in the process's page tables
+PM_SWAP = 1 << 62  # a swap-type entry: a migration entry, or a uffd-wp marker (6.18: both set it)
+PM_FILE = 1 << 61  # ... with a file page behind it: a migration entry (a marker has no page)
+
+
+def in_page_tables(pid: int, addr: int, pages: np.ndarray) -> np.ndarray | None:
+    """Which of `pages` (page indices from addr) process pid has in its page
+    tables (pagemap's present bit: never set for a hole, nor for the uffd-wp
+    marker a punch leaves); None when /proc/PID/pagemap cannot be read (no
+    pid, another user's process without CAP_SYS_PTRACE). A region page is
+    in the client's page tables only once a UFFDIO_COPY or CONTINUE put it
+    there -- for a LOADING page, once its load mapped it -- never because it
+    is in the memfd. A page being migrated by the kernel counts as held (a
+    migration entry: PM_SWAP and PM_FILE). Not held, yet the client's: a
+    page it took out of its own page tables (MADV_DONTNEED, MADV_PAGEOUT on
+    its shared mapping) after a load mapped it -- callers must not take
+    "not held" alone for "planted" (resolve.py _not_loaded). One pread per
+    run of pages."""
+    out = np.zeros(len(pages), bool)
+    if not pid or not len(pages):
+        return out if pid else None
+    try:
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        order = np.argsort(pages, kind="stable")
+        sorted_pages = np.asarray(pages, np.int64)[order]
+        breaks = np.flatnonzero(np.diff(sorted_pages) != 1) + 1
+        at = 0
+        for run in np.split(sorted_pages, breaks):
+            first = (addr // PAGE) + int(run[0])
+            raw = os.pread(fd, 8 * len(run), 8 * first)
+            if len(raw) != 8 * len(run):
+                return None
+            entries = np.frombuffer(raw, np.uint64)
+            # A page the kernel is migrating (compaction) has a migration entry
+            # for microseconds: not present, but PM_SWAP with PM_FILE. Still
+            # mapped (a written page must not be taken for a planted one);
+            # the uffd-wp marker a punch leaves has PM_SWAP without PM_FILE
+            # (read on 6.18: 0x42..., the memfd page gone).
+            migrating = (entries & np.uint64(PM_SWAP | PM_FILE)) == np.uint64(PM_SWAP | PM_FILE)
+            out[order[at:at + len(run)]] = ((entries & np.uint64(PM_PRESENT)) != 0) | migrating
+            at += len(run)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return out
 
 
 def inode_of(fd: int) -> int:

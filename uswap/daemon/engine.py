@@ -44,7 +44,7 @@ import numpy as np
 
 from uswap import uffd
 from uswap.config import Config
-from uswap.daemon import fastpath, latency
+from uswap.daemon import fastpath, latency, readmap
 from uswap.daemon import pagetable as pt
 from uswap.daemon.adoption import Adoption
 from uswap.daemon.budget import Budget
@@ -220,7 +220,7 @@ class Engine:
             sh = self.region_set.shared
             self.region_set.shared = fastpath.plain_shared()
             for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "minor_faults",
-                         "illegal_transitions"):
+                         "present_replaced", "illegal_transitions"):
                 setattr(self.region_set.shared, name, getattr(sh, name))
             for name in ("swapin_latency", "fault_latency"):
                 setattr(self.region_set.shared, name, latency.copy_of(getattr(sh, name)))
@@ -403,6 +403,11 @@ class Engine:
             "read_errors_total": self.region_set.stats["read_errors"],
             "overcommit_pages_total": self.region_set.stats["overcommit_pages"],
             "poisoned_pages_total": self.region_set.stats["poisoned_pages"],
+            # Pages a swap-in found present in the memfd (planted by a read of
+            # the daemon's own mapping, or written there: never the client's
+            # mapping) and replaced by their verified store copies
+            # (native/readmap.h): the I/O pools' and the fault threads'.
+            "present_replaced_total": readmap.replaced_total() + int(self.region_set.shared.present_replaced),
             # State changes the transition table (native/pagestate.h) forbids:
             # a bug, 0 is the only right value; in Python and on the fast path.
             "illegal_transitions_total": pt.CHECK.illegal + int(self.region_set.shared.illegal_transitions),

@@ -18,6 +18,17 @@ fork copies page tables and swap entries:
   LOADING on slot S, not yet mapped    SWAPPED on S (one more reference)
   LOADING, already mapped              RESIDENT dirty: a copy taken at fork
   LOADING without slot (a zero fill)   EMPTY, or a copy if already mapped
+
+"Already mapped" is the client's page tables' word (/proc/PID/pagemap, read
+before the pages are write-protected: _loaded) -- or, absent there, a page
+that is not all zeros (the client may have written it and then dropped it
+from its page tables with MADV_DONTNEED) -- not the memfd's alone: a LOADING
+page can be in the memfd without its load having mapped it -- a zero page
+planted by a read of the daemon's own mapping of the hole (/proc/DAEMON/mem,
+a debugger), which the load's I/O thread may be overwriting with the store
+copy at this very moment (native/readmap.h). Copied, the child would get
+those zeros, or a torn page; it takes the slot instead (the store copy
+wins, as in the load itself).
   RESIDENT clean with slot S           SWAPPED on S (one more reference)
   RESIDENT clean without slot          EMPTY (a zero fill never written: zeros)
   PUNCHING with slot S / without       SWAPPED on S / EMPTY (clean, as RESIDENT clean)
@@ -66,7 +77,7 @@ from uswap.daemon import clientmaps
 from uswap.daemon import pagetable as pt
 from uswap.daemon.cow import CopyOnWrite
 from uswap.daemon.region import Region, _fd_target
-from uswap.daemon.regionset import RegionSet
+from uswap.daemon.regionset import PAGE, RegionSet
 from uswap.daemon.slots import SlotAllocator
 
 
@@ -131,13 +142,15 @@ class ForkManager:
         regions = [region for region in regions if in_place[region].any()]
         for region in regions:
             self.cow.materialize(region)
+        # Before _protect: a page mapped by then is frozen by it (see _loaded).
+        loaded = {region: self._loaded(region, in_place[region]) for region in regions}
         for region in regions:
             self._protect(region, in_place[region])
         keep_r, keep_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         snap = Snapshot(secrets.token_hex(16), keep_r, uid)
         try:
             for region in regions:
-                snap.regions[region.id] = self._child_of(region, in_place[region])
+                snap.regions[region.id] = self._child_of(region, in_place[region], loaded[region])
                 snap.runs[region.id] = pt.runs(np.flatnonzero(in_place[region]), 1 << 30)
                 if len(snap.runs[region.id]) > 1 or not in_place[region].all():
                     log.info("fork %s: region %d snapshotted in %d part(s), %d of its %d pages (the rest"
@@ -198,9 +211,49 @@ class ForkManager:
                 raise ForkRefused(f"fork_begin: write-protecting region {region.id} failed"
                                   f" ({os.strerror(-ret)}); the child gets no regions")
 
+    @classmethod
+    def _loaded(cls, region: Region, in_place: np.ndarray) -> np.ndarray:
+        """The LOADING pages of `region` mapped in place whose load has
+        mapped them into the client already (the module doc), as page indices.
+
+        Invariant (no planted page in a child, no write lost in it): a
+        LOADING page in the memfd is copied into the child if the client's
+        page tables hold it -- put there by its load's COPY or CONTINUE,
+        which comes after any write of the store copy over a page found
+        present (readmap.h), so the I/O thread writes it no more -- or if it
+        is not all zeros (a write the client made and then took out of its
+        page tables, MADV_DONTNEED; or the store copy written over a planted
+        page, torn only while that memcpy runs). A page of zeros the page
+        tables do not hold (planted) takes the slot. Read before _protect, so that
+        every page named here is write-protected before it is copied: no
+        write of the client tears the copy either. A page its load maps
+        after this read is taken from the slot, which holds the same bytes
+        (a write after the load mapped it is after the fork began).
+        When the client's pagemap cannot be read (see
+        clientmaps.in_page_tables), the memfd's word is taken, as before
+        pagemap was read: a page planted there is then copied."""
+        loading = np.flatnonzero((region.table.state == pt.LOADING) & in_place)
+        present = loading[cls._in_memfd(region, loading)]  # pagemap is read for these only
+        mapped = clientmaps.in_page_tables(getattr(region.owner, "pid", 0), region.addr, present)
+        if mapped is None:
+            return present
+        # Not in the page tables is not enough to be planted: the client may
+        # have written the page its load mapped writable and then taken it
+        # out of its own page tables (madvise(MADV_DONTNEED) of its shared
+        # mapping keeps the data in the memfd; no EVENT_REMOVE is asked
+        # for), and the child must get that write. A planted page is zeros
+        # until the I/O thread writes the store copy over it (then the slot's
+        # bytes: copying them is as good); only zeros take the slot.
+        # (Invariant 8: in the memfd, so the read allocates nothing.)
+        zero = np.zeros(len(present), bool)
+        for i, page in enumerate(present.tolist()):
+            zero[i] = native.page_sums(region.daddr + page * PAGE, 1)[1][0]
+        return present[mapped | ~zero]
+
     @staticmethod
-    def _mapped(region: Region, pages: np.ndarray) -> np.ndarray:
-        """Which of `pages` are in the region's memfd (a load has copied them in)."""
+    def _in_memfd(region: Region, pages: np.ndarray) -> np.ndarray:
+        """Which of `pages` are in the region's memfd (a load has copied them
+        in, or something else put a page there: see _loaded)."""
         out = np.zeros(len(pages), bool)
         for i, page in enumerate(pages.tolist()):
             try:
@@ -210,9 +263,11 @@ class ForkManager:
                     raise
         return out
 
-    def _child_of(self, region: Region, in_place: np.ndarray) -> Region:
+    def _child_of(self, region: Region, in_place: np.ndarray, loaded: np.ndarray) -> Region:
         """A pending child region of `region` (page table as in the module
-        doc) for its pages `in_place`; the others are EMPTY in the child."""
+        doc) for its pages `in_place`; the others are EMPTY in the child.
+        `loaded`: its LOADING pages already mapped by their loads (_loaded),
+        copied; the other LOADING pages take their slots."""
         memfd = os.memfd_create("uswap-fork", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         child = Region(-1, memfd, region.addr, region.size, None)
         try:
@@ -225,8 +280,6 @@ class ForkManager:
         t, ct = region.table, child.table
         st, slot = t.state, t.slot
         clean = (t.flags & pt.F_DIRTY) == 0
-        loading = np.flatnonzero((st == pt.LOADING) & in_place)
-        loaded = loading[self._mapped(region, loading)]  # frozen by _protect: copied below
         by_slot = ((st == pt.SWAPPED) | (st == pt.LOADING) | (st == pt.PUNCHING)
                    | ((st == pt.RESIDENT) & clean)) & (slot >= 0) & in_place
         by_slot[loaded] = False

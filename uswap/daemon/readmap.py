@@ -12,6 +12,7 @@ LOADING until swapin.py applies the result on the engine thread.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 
@@ -20,6 +21,12 @@ from uswap.store.base import Store
 
 log = logging.getLogger("uswap.engine")
 PAGE = 4096
+# Pages found present and replaced by their store copies on both I/O pools
+# (log_present), for status's present_replaced_total: added by the Python
+# pool's threads and the engine thread (the C pool's completions), so under
+# a lock. One daemon a process.
+_replaced_lock = threading.Lock()
+_replaced = 0
 
 
 def read_verify_map(store: Store, buf: int, n: int, slot: int, uffd_fd: int, dst: int, view: int, mode: int,
@@ -54,7 +61,16 @@ def log_present(present: int, dst: int) -> None:
     """Log the pages of a swap-in at dst that us_verify_map found present
     in the memfd (written, or read through the daemon's own mapping, while
     they loaded: never by the client's mapping) and replaced by their
-    verified store copies; on either pool."""
+    verified store copies; on either pool. Counted (replaced_total)."""
+    global _replaced
     if present:
+        with _replaced_lock:
+            _replaced += present
         log.warning("%d page(s) of the run at %#x were present in the memfd during swap-in (not written by"
                     " the client's mapping); the store copy wins: replaced by the verified copy", present, dst)
+
+
+def replaced_total() -> int:
+    """Pages the two I/O pools found present and replaced (log_present)."""
+    with _replaced_lock:
+        return _replaced

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from uswap import native, uffd
+from uswap.daemon import clientmaps
 from uswap.daemon import pagetable as pt
 from uswap.daemon.region import Region
 from uswap.daemon.regionset import PAGE, SHIFT, RegionSet
@@ -71,8 +72,11 @@ class Resolver:
         - LOADING, PUNCHING: the read or punch may or may not have happened:
           not in the memfd -> SWAPPED on its slot (the read is redone at the
           next fault), EMPTY without one; in the memfd: a read -> RESIDENT
-          (verified below), a punch -> made again (SWAPPED, then PUNCHING
-          once live; a zero page stays RESIDENT dirty);
+          (verified below) -- unless its bytes are not the slot copy's and
+          the client's page tables do not hold it (_not_loaded: no load
+          mapped it; planted): SWAPPED, the store copy wins -- a punch ->
+          made again (SWAPPED, then PUNCHING once live; a zero page stays
+          RESIDENT dirty);
         - RESIDENT gone from the memfd (the client punched it): clean with a
           slot -> SWAPPED, else EMPTY, as Faults._vanished does;
         - RESIDENT with a slot and not dirty (also from the two above): it is
@@ -112,6 +116,9 @@ class Resolver:
             t.move(undone[slot[undone] < 0], pt.EMPTY)
             done = count(f"{name}_done", pages[present[pages]])
             if state == pt.LOADING:
+                planted = count("reads_planted", self._not_loaded(region, done[slot[done] >= 0]))
+                t.move(planted, pt.SWAPPED)
+                done = np.setdiff1d(done, planted)
                 t.move(done, pt.RESIDENT)  # verified as clean below when it has a slot
                 fl[done[slot[done] < 0]] |= pt.F_DIRTY  # a zero fill: no copy anywhere
                 continue
@@ -156,6 +163,51 @@ class Resolver:
                  (time.monotonic() - started) * 1000,
                  "; resolved " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "")
         return repunch
+
+    @staticmethod
+    def _not_loaded(region: Region, pages: np.ndarray) -> np.ndarray:
+        """Of `pages` (LOADING, in the memfd, with a slot), those that are
+        not their load's doing: they are all zeros, which the slot copy is
+        not, and the client's page tables do not hold them.
+
+        Invariant (the store copy wins, native/readmap.h): a LOADING page
+        in the memfd is data only if the dead daemon's load mapped it into
+        the client -- then a write of the client may have got through (a
+        write fault's page is mapped writable) and _verify_clean keeps it
+        dirty. A page in the memfd that no load mapped is a zero page
+        planted by a read of the dead daemon's mapping of the hole (a
+        debugger, /proc/PID/mem), never data. Not caught: a store copy the
+        dead daemon died writing over a planted page (torn: not zeros), kept
+        as data -- telling it from a client's write that left the page tables
+        (see the loop) is not possible here, and losing that write is worse;
+        a client that wrote zeros over the whole page and then unmapped it
+        gets the slot copy. Such a page becomes SWAPPED on
+        its slot and stays in the memfd as a stray page, which the client's
+        next touch punches before it reads the slot (faults.py
+        _stray_page). Stable as read here: the dead daemon's threads are
+        gone, and only a COPY or CONTINUE of this daemon puts the page in
+        the client's page tables. The client's pagemap unreadable (see
+        clientmaps.in_page_tables): every such page is kept as data, dirty,
+        as before pagemap was read."""
+        if not len(pages):
+            return pages
+        t = region.table
+        differ = []
+        for first, n in pt.runs(pages, 1 << 16):
+            # Invariant 8: in the memfd (resolve checked): nothing is allocated.
+            sums, zero = native.page_sums(region.daddr + (first << SHIFT), n)
+            # Only a page of zeros: a page the load mapped and the client
+            # wrote can have left the client's page tables since (its own
+            # madvise(MADV_DONTNEED or MADV_PAGEOUT) of its MAP_SHARED
+            # mapping, kernel swap), its data still in the memfd: absent from
+            # pagemap, it is still the client's write and must be kept
+            # (tests/daemon/test_resolve_present.py ..._unmapped_by_the_client).
+            # A planted page the dead daemon did not write over is zeros.
+            odd = (np.array(sums, np.uint32) != t.sum[first:first + n]) & np.array(zero, bool)
+            differ.extend((first + np.flatnonzero(odd)).tolist())
+        differ = np.array(differ, np.int64)
+        mapped = clientmaps.in_page_tables(getattr(region.owner, "pid", 0), region.addr, differ)
+        return differ[:0] if mapped is None else differ[~mapped]
 
     def _verify_clean(self, region: Region, counts: dict) -> None:
         """Clean RESIDENT pages: write-protect them (so nothing changes them

@@ -190,9 +190,11 @@ class SwapIn:
             self._finish_load(region, buf)
             return
         if (table.flags[first:first + n] & pt.F_DISCARD)[slice(None) if own is None else own].any():
-            mode = result[2] if result else uffd.COPY_MODE_WP
+            # What the I/O thread mapped (`mapped`, us_verify_map), not what
+            # the memfd holds: a failed read mapped nothing.
+            mode, mapped = (result[2], result[3]) if err is None else (uffd.COPY_MODE_WP, np.zeros(n, np.uint8))
             for a, k in [(0, n)] if own is None else pt.runs(own, n):
-                self._settle_discarded_load(region, first + a, k, mode, write_page)
+                self._settle_discarded_load(region, first + a, k, mode, write_page, mapped[a:a + k] != 0)
             self._finish_load(region, buf)
             return
         bad = np.zeros(0, np.intp)
@@ -338,43 +340,54 @@ class SwapIn:
                 return
             if (region.table.flags[first:first + n] & pt.F_DISCARD).any():
                 # Unmapped meanwhile: mapping it again would fail for ever.
-                self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP, write_page)
+                # No page of the run is mapped: the attempt that failed mapped
+                # none of it (a COPY stopped part way has only its unmapped
+                # pages read again, _load_done).
+                self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP, write_page, np.zeros(n, bool))
                 return
             region.inflight += 1
             self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None, None))
             self.pump_loads()
         self.regions.after(delay, retry)
 
-    def _settle_discarded_load(self, region: Region, first: int, n: int, mode: int, write_page: int) -> None:
+    def _settle_discarded_load(self, region: Region, first: int, n: int, mode: int, write_page: int,
+                               mapped: np.ndarray) -> None:
         """A LOADING run (its I/O over) with pages the client unmapped
         meanwhile (F_DISCARD): those are forgotten; the others are settled
-        by what the memfd holds, whatever the read or COPY did -- present
-        means the COPY mapped it (RESIDENT, clean if mapped write-protected,
-        as `mode` and write_page say),
-        absent means it was not (SWAPPED again, uncharged; its threads are
-        woken to fault again)."""
+        by what the load did, `mapped` (us_verify_map's, one bool a page):
+        mapped means RESIDENT, clean if mapped write-protected, as `mode` and
+        write_page say; not mapped means SWAPPED again, uncharged, its
+        threads woken to fault again.
+
+        Invariant (the store copy wins, native/readmap.h): a page is taken as
+        loaded only if this load mapped it, never because it is in the memfd.
+        A page can be there without the load -- planted by a read of the
+        daemon's own mapping of the hole (/proc/PID/mem, a debugger), or
+        written there with write(2) -- and taken as mapped it would become a
+        clean page holding zeros or junk. Left SWAPPED, the client's next
+        touch finds it a stray page and the slot copy wins
+        (faults.py _stray_page)."""
         table = region.table
         seg = slice(first, first + n)
         discard = (table.flags[seg] & pt.F_DISCARD) != 0
-        present = (np.frombuffer(uffd.resident(region.daddr + (first << SHIFT), n << SHIFT), np.uint8) & 1) != 0
         # Each page moves once: the unmapped ones to RESIDENT for forget_pages
-        # to take from there, the absent ones back to SWAPPED, the mapped ones
-        # by _mapped below (a second move of those would be RESIDENT ->
+        # to take from there, the ones not mapped back to SWAPPED, the mapped
+        # ones by _mapped below (a second move of those would be RESIDENT ->
         # RESIDENT, which the transition check rejects).
         gone = first + np.flatnonzero(discard)
         table.move(gone, pt.RESIDENT)
         self.forget.forget_pages(region, gone)
-        back = first + np.flatnonzero(~discard & ~present)
+        back = first + np.flatnonzero(~discard & ~mapped)
         table.move(back, pt.SWAPPED)
         self.regions.charged -= len(back)
         table.flags[back] &= pt.F_ACTIVE
         for run_first, k in pt.runs(back, n):
             uffd.wake(region.uffd, region.addr + (run_first << SHIFT), k << SHIFT)
-        mapped = first + np.flatnonzero(~discard & present)
-        if len(mapped) == 0:
+        loaded = first + np.flatnonzero(~discard & mapped)
+        if len(loaded) == 0:
             return
-        waiters = self._mapped(region, mapped, mode, write_page)
-        for page in mapped[waiters].tolist():
+        waiters = self._mapped(region, loaded, mode, write_page)
+        for page in loaded[waiters].tolist():
             if table.flags[page] & pt.F_DIRTY == 0:
                 self.dirtying.make_dirty(region, page)
 
