@@ -183,13 +183,12 @@ def run(spec: dict, mem, counters, prep: list, daemon_pid: int | None, sparse_al
 def direct_bytes_per_page(npages: int, nslots: int) -> dict:
     """The daemon's per-page arrays counted from their own definitions: the
     page table's (per page of a region) and the slot allocator's (per store
-    slot), as bytes per page of a region of `npages` on a store of `nslots`."""
+    slot: its free map, reference counts and write-in-flight map), as bytes
+    per page of a region of `npages` on a store of `nslots`."""
     from uswap.daemon.pagetable import PageTable
     from uswap.daemon.slots import SlotAllocator
-    table = PageTable(1024)
-    slots = SlotAllocator(1024)
-    table_b = table.nbytes / 1024
-    slot_b = (slots.free_map.nbytes + slots.refs.nbytes) / 1024
+    table_b = PageTable.BYTES_PER_PAGE
+    slot_b = SlotAllocator(1024).nbytes / 1024
     return {"table_b_per_page": table_b, "slots_b_per_page": slot_b * nslots / npages,
             "direct_b_per_page": table_b + slot_b * nslots / npages}
 

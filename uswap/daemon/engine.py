@@ -422,7 +422,15 @@ class Engine:
             "write_backoff_s": round(max(0.0, self.writeback.write_retry_at - time.monotonic()), 3),
             "store_full": self.writeback.is_store_full(),
             "draining": self.region_set.draining,
-            "metadata_bytes_per_page": 14,
+            # The daemon's per-page arrays, from their own sizes: the page
+            # tables' (PageTable.BYTES_PER_PAGE per page of a live region,
+            # allocated as pages are touched) and the slot maps' (per store
+            # slot). The rest of its memory (RSS) is the heap and code.
+            "metadata": {
+                "page_table_bytes_per_page": pt.PageTable.BYTES_PER_PAGE,
+                "page_tables_bytes": sum(r.table.nbytes for r in self.regions.values()),
+                "slot_map_bytes": self.slots.nbytes,
+            },
             # Engine and fast path together (latency.py); per-bucket counts.
             "latency": {
                 "swapin": latency.merged(rs.swapin_latency.h, rs.shared.swapin_latency),

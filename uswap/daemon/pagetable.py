@@ -136,6 +136,8 @@ class PageTable:
     # The arrays, in the order a state file lays them out (persist(), load()).
     ARRAYS = (("state", np.uint8), ("flags", np.uint8), ("slot", np.int32), ("stamp", np.uint32),
               ("sum", np.uint32))
+    # What one page of a region costs in the table: the sum of ARRAYS' item sizes.
+    BYTES_PER_PAGE = sum(np.dtype(dtype).itemsize for _, dtype in ARRAYS)
 
     @staticmethod
     def _layout(npages: int) -> tuple[list[int], int]:
@@ -200,6 +202,9 @@ class PageTable:
 
     @property
     def nbytes(self) -> int:
+        """The arrays' size (BYTES_PER_PAGE per page): what the table holds
+        when every page was touched; a sparse region's file pages stay
+        unallocated until touched (_map), so its memory can be less."""
         return sum(a.nbytes for a in (self.state, self.flags, self.slot, self.stamp, self.sum))
 
     def count(self, state: int) -> int:

@@ -39,6 +39,11 @@ class SlotAllocator:
         self.writing = np.zeros(nslots, bool)
 
     @property
+    def nbytes(self) -> int:
+        """The per-slot maps' size: free_map, refs and writing."""
+        return self.free_map.nbytes + self.refs.nbytes + self.writing.nbytes
+
+    @property
     def capacity(self) -> int:
         return self.nslots - RESERVED
 
