@@ -9,8 +9,10 @@
  * them nowhere. The hold was a vmsplice of the daemon's own mapping of the
  * pages before: that faults every page into the daemon's page tables
  * (get_user_pages) only for the next step, MADV_DONTNEED of that mapping, to
- * unmap them again with a TLB flush -- a sixth of the engine thread's
- * time on a first-touch stream (py-spy, issue 14). The loop is here, not in
+ * unmap them again with a TLB flush: the vmsplice and that MADV_DONTNEED were
+ * 17% of the engine thread's samples on a 1 GiB first-touch stream, the
+ * splice and the MADV_DONTNEED are about 11% (py-spy,
+ * scripts/profile_daemon.py touch --size 1G; issue 14). The loop is here, not in
  * Python: scattered pages are a run each (issue 14, mt-mix: ~2.5 us of
  * Python per scattered sampled page when it was a Python loop per run).
  *

@@ -6,8 +6,8 @@ The pages are held in the pipe by a splice from the memfd, which maps them
 nowhere: the daemon's thread takes no page fault for them. The hold was a
 vmsplice of the daemon's own mapping, whose get_user_pages faulted every
 sampled page into it (counted in the thread's minor faults) only for the
-MADV_DONTNEED right after to unmap it again -- a sixth of the engine
-thread's time on a first-touch stream (issue 14, py-spy). The sample itself
+MADV_DONTNEED right after to unmap it again (issue 14: the two were 17%
+of the engine thread's samples on a first-touch stream, py-spy). The sample itself
 must still do its job: the pages leave the client's page tables, stay in
 the memfd with their bytes, and the pipe is left empty.
 """
