@@ -24,19 +24,33 @@ import termios
 import types
 
 import numpy as np
+import pytest
 
+from tests.daemon.test_sampling_adversarial import _mapping_swap_kb, kernel_swap  # noqa: F401 (a fixture)
 from uswap.daemon import clientmaps
-from uswap.daemon.sampling import AccessSampler
+from uswap.daemon.sampling import MADV_PAGEOUT, SYS_PROCESS_MADVISE, AccessSampler, _iovec_array, _runs
 
 PAGE = 4096
 NPAGES = 4096
 
+# The client writes every page, then empties its CPU's batch of pages not
+# yet on the LRU lists (mlock drains the calling CPU's; the client is kept
+# on one CPU so that it is the one its writes filled): MADV_PAGEOUT cannot
+# isolate a page still in another CPU's batch and leaves it mapped (up to
+# 31 of the last pages written stayed in the client's page tables, 1 run
+# in 4 on 2 CPUs).
 CLIENT = """
-import ctypes, mmap, sys
+import ctypes, mmap, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 fd, n = int(sys.argv[1]), int(sys.argv[2])
 m = mmap.mmap(fd, n * 4096, mmap.MAP_SHARED)
 for p in range(n):
     m[p * 4096] = p % 251 + 1
+spare = mmap.mmap(-1, 4096)
+at = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(spare)))
+libc = ctypes.CDLL(None)
+libc.mlock(at, 4096)
+libc.munlock(at, 4096)
 print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 sys.stdin.readline()
 """
@@ -45,6 +59,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+libc.syscall.restype = ctypes.c_long
 
 
 def test_the_hold_maps_nothing_into_the_daemon_and_the_pages_leave_the_client():
@@ -85,3 +100,59 @@ def _bytes_in(pipe_r: int) -> int:
     n = ctypes.c_int()
     fcntl.ioctl(pipe_r, termios.FIONREAD, n)
     return n.value
+
+
+# Scattered pages (a run each: 4 pipes' worth of runs) and one long run
+# across 4 pipes' worth of pages; every other page of the first half stays
+# out of the sample.
+SCATTERED = np.arange(0, NPAGES // 2, 2)
+RUN = np.arange(NPAGES // 2, NPAGES)
+
+
+@pytest.mark.parametrize("memfd_flags", [0, os.O_DIRECT], ids=["memfd", "memfd-reopened-O_DIRECT"])
+def test_no_sampled_page_reaches_kernel_swap(kernel_swap, memfd_flags):
+    """With kernel swap on, every sampled page stays out of it, whatever
+    the open file the daemon was given for the memfd: a client can send a
+    memfd reopened through /proc/self/fd with O_DIRECT (or set O_DIRECT on
+    such a file at any time, the daemon sharing the open file), and a
+    splice from an O_DIRECT file copies the pages (vfs_splice_read:
+    copy_splice_read) instead of referencing them, which holds nothing.
+    The pages left out of the sample, paged out with no hold, show that
+    this test sees kernel swap (Swap: of the client's mapping)."""
+    memfd = os.memfd_create("uswap-test-hold", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, NPAGES * PAGE)
+    given = os.open(f"/proc/self/fd/{memfd}", os.O_RDWR | os.O_CLOEXEC | memfd_flags)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(NPAGES)], pass_fds=[memfd],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    daddr = libc.mmap(None, NPAGES * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, given, 0)
+    assert daddr not in (None, ctypes.c_void_p(-1).value)
+    pidfd = -1
+    try:
+        addr = int(child.stdout.readline())
+        pages = np.concatenate((SCATTERED, RUN))
+        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
+                                       addr=addr, daddr=daddr, size=NPAGES * PAGE, memfd=given)
+        sampler = AccessSampler()
+        assert sampler.sample(region, pages)
+        assert not clientmaps.in_page_tables(child.pid, addr, pages).any()
+        assert _mapping_swap_kb(child.pid, addr) == 0, "sampled pages went to kernel swap: the pipe held none"
+        # The control: the pages not sampled, paged out with nothing holding
+        # them (before this process reads its view: fault-around would map
+        # them here too, and the kernel leaves a page mapped twice).
+        unheld = np.setdiff1d(np.arange(NPAGES // 2), SCATTERED)
+        firsts, counts = _runs(unheld)
+        iov = _iovec_array(addr, firsts, counts)
+        pidfd = os.pidfd_open(child.pid)
+        assert libc.syscall(SYS_PROCESS_MADVISE, pidfd, ctypes.c_void_p(iov.ctypes.data), len(firsts),
+                            MADV_PAGEOUT, 0) == len(unheld) * PAGE
+        assert _mapping_swap_kb(child.pid, addr) > 0, "pages paged out unheld did not show in Swap:"
+        view = (ctypes.c_char * (NPAGES * PAGE)).from_address(daddr)
+        assert [view[p * PAGE][0] for p in range(NPAGES)] == [p % 251 + 1 for p in range(NPAGES)]
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+        child.stdin.close()
+        child.wait()
+        libc.munmap(daddr, NPAGES * PAGE)
+        os.close(given)
+        os.close(memfd)

@@ -26,7 +26,9 @@ lost -- shmem reads it back on the next touch -- but I/O the user gave to
 uswap): the kernel skips that write for a page someone else holds a
 reference on. So the daemon holds one while it asks: the pages are
 spliced into a pipe of its own from the region's memfd (native/pagehold.h:
-the page cache pages themselves, by reference, mapped nowhere), its mapping
+the page cache pages themselves, by reference, mapped nowhere; through an
+open file of the memfd the daemon opens itself, since the client can set
+O_DIRECT on the one it sent, and a splice from that copies), its mapping
 of them is dropped, the client's is taken out, then the pipe is emptied into
 /dev/null. (Checked on 6.18 with 9 GiB of kernel swap: without the pipe
 the sampled pages show in the mapping's Swap, with it none does.) The hold
