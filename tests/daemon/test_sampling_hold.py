@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from tests.daemon.test_sampling_adversarial import _mapping_swap_kb, kernel_swap  # noqa: F401 (a fixture)
+from uswap import native
 from uswap.daemon import clientmaps
 from uswap.daemon.sampling import MADV_PAGEOUT, SYS_PROCESS_MADVISE, AccessSampler, _iovec_array, _runs
 
@@ -155,4 +156,33 @@ def test_no_sampled_page_reaches_kernel_swap(kernel_swap, memfd_flags):
         child.wait()
         libc.munmap(daddr, NPAGES * PAGE)
         os.close(given)
+        os.close(memfd)
+
+
+def test_a_hole_in_a_sampled_run_stays_a_hole():
+    """A RESIDENT page the client punched out of the memfd (MADV_REMOVE,
+    which README forbids) must stay gone, for the engine to find it
+    vanished (faults.py _vanished: its slot copy is served, or it reads as
+    zeros if it had none). The hold splices the zero page for a hole; the
+    vmsplice of the daemon's mapping it replaced faulted a zero page into
+    the memfd there, which the client's next touch then mapped as its data."""
+    npages = 64
+    memfd = os.memfd_create("uswap-test-hold", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, npages * PAGE)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(npages)], pass_fds=[memfd],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    daddr = libc.mmap(None, npages * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
+    assert daddr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        addr = int(child.stdout.readline())
+        native.punch_hole(memfd, 8 * PAGE, 8 * PAGE)   # pages 8-15, in the middle of the run sampled
+        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
+                                       addr=addr, daddr=daddr, size=npages * PAGE, memfd=memfd)
+        sampler = AccessSampler()
+        assert sampler.sample(region, np.arange(32))
+        assert os.lseek(memfd, 8 * PAGE, os.SEEK_DATA) == 16 * PAGE, "a page was made in the hole"
+    finally:
+        child.stdin.close()
+        child.wait()
+        libc.munmap(daddr, npages * PAGE)
         os.close(memfd)
