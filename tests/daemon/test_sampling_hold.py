@@ -13,6 +13,7 @@ the memfd with their bytes, and the pipe is left empty.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -63,19 +64,37 @@ libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 libc.syscall.restype = ctypes.c_long
 
 
-def test_the_hold_maps_nothing_into_the_daemon_and_the_pages_leave_the_client():
+@contextlib.contextmanager
+def _sampled_region(npages: int, open_flags: int | None = None):
+    """A memfd of `npages` written by a client child (CLIENT) and mapped
+    read-only here as the daemon's view, as the Region the sampler reads
+    (id, owner.pid, closing, addr, daddr, size, memfd). With `open_flags`,
+    region.memfd is the memfd reopened through /proc/self/fd with them, as a
+    client can send it."""
     memfd = os.memfd_create("uswap-test-hold", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, NPAGES * PAGE)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(NPAGES)], pass_fds=[memfd],
+    os.ftruncate(memfd, npages * PAGE)
+    given = memfd if open_flags is None else os.open(f"/proc/self/fd/{memfd}", open_flags | os.O_CLOEXEC)
+    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(npages)], pass_fds=[memfd],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    daddr = libc.mmap(None, NPAGES * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
-    assert daddr not in (None, ctypes.c_void_p(-1).value)
+    daddr = libc.mmap(None, npages * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, given, 0)
     try:
+        assert daddr not in (None, ctypes.c_void_p(-1).value)
         addr = int(child.stdout.readline())
+        yield types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
+                                    addr=addr, daddr=daddr, size=npages * PAGE, memfd=given)
+    finally:
+        child.stdin.close()
+        child.wait()
+        libc.munmap(daddr, npages * PAGE)
+        for fd in {given, memfd}:
+            os.close(fd)
+
+
+def test_the_hold_maps_nothing_into_the_daemon_and_the_pages_leave_the_client():
+    with _sampled_region(NPAGES) as region:
+        pid, addr, daddr = region.owner.pid, region.addr, region.daddr
         pages = np.concatenate((np.arange(0, NPAGES // 2), np.arange(NPAGES // 2, NPAGES, 2)))
-        assert clientmaps.in_page_tables(child.pid, addr, pages).all()
-        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
-                                       addr=addr, daddr=daddr, size=NPAGES * PAGE, memfd=memfd)
+        assert clientmaps.in_page_tables(pid, addr, pages).all()
         sampler = AccessSampler()
         faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         assert sampler.sample(region, pages)
@@ -83,18 +102,12 @@ def test_the_hold_maps_nothing_into_the_daemon_and_the_pages_leave_the_client():
         # A vmsplice of the view faulted them in: 260 faults here (a fault-around window of 16 pages each).
         assert faults < 32, f"{faults} page faults of this thread while it sampled {len(pages)} pages"
         assert sampler.sampled == len(pages)
-        assert not clientmaps.in_page_tables(child.pid, addr, pages).any()
+        assert not clientmaps.in_page_tables(pid, addr, pages).any()
         left = np.setdiff1d(np.arange(NPAGES), pages)
-        assert clientmaps.in_page_tables(child.pid, addr, left).all()  # the pages not asked for stay
+        assert clientmaps.in_page_tables(pid, addr, left).all()  # the pages not asked for stay
         assert _bytes_in(sampler._pipe[0]) == 0  # the pipe was emptied: no page held past the sample
         view = (ctypes.c_char * (NPAGES * PAGE)).from_address(daddr)
         assert [view[p * PAGE][0] for p in range(NPAGES)] == [p % 251 + 1 for p in range(NPAGES)]
-    finally:
-        child.stdin.close()
-        child.wait()
-        libc.munmap(daddr, NPAGES * PAGE)
-        os.close(memfd)
-
 
 
 def _bytes_in(pipe_r: int) -> int:
@@ -120,43 +133,29 @@ def test_no_sampled_page_reaches_kernel_swap(kernel_swap, memfd_flags):
     copy_splice_read) instead of referencing them, which holds nothing.
     The pages left out of the sample, paged out with no hold, show that
     this test sees kernel swap (Swap: of the client's mapping)."""
-    memfd = os.memfd_create("uswap-test-hold", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, NPAGES * PAGE)
-    given = os.open(f"/proc/self/fd/{memfd}", os.O_RDWR | os.O_CLOEXEC | memfd_flags)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(NPAGES)], pass_fds=[memfd],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    daddr = libc.mmap(None, NPAGES * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, given, 0)
-    assert daddr not in (None, ctypes.c_void_p(-1).value)
-    pidfd = -1
-    try:
-        addr = int(child.stdout.readline())
+    with _sampled_region(NPAGES, os.O_RDWR | memfd_flags) as region:
+        pid, addr, daddr = region.owner.pid, region.addr, region.daddr
         pages = np.concatenate((SCATTERED, RUN))
-        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
-                                       addr=addr, daddr=daddr, size=NPAGES * PAGE, memfd=given)
         sampler = AccessSampler()
         assert sampler.sample(region, pages)
-        assert not clientmaps.in_page_tables(child.pid, addr, pages).any()
-        assert _mapping_swap_kb(child.pid, addr) == 0, "sampled pages went to kernel swap: the pipe held none"
+        assert not clientmaps.in_page_tables(pid, addr, pages).any()
+        assert _mapping_swap_kb(pid, addr) == 0, "sampled pages went to kernel swap: the pipe held none"
         # The control: the pages not sampled, paged out with nothing holding
         # them (before this process reads its view: fault-around would map
         # them here too, and the kernel leaves a page mapped twice).
         unheld = np.setdiff1d(np.arange(NPAGES // 2), SCATTERED)
         firsts, counts = _runs(unheld)
         iov = _iovec_array(addr, firsts, counts)
-        pidfd = os.pidfd_open(child.pid)
-        assert libc.syscall(SYS_PROCESS_MADVISE, pidfd, ctypes.c_void_p(iov.ctypes.data), len(firsts),
-                            MADV_PAGEOUT, 0) == len(unheld) * PAGE
-        assert _mapping_swap_kb(child.pid, addr) > 0, "pages paged out unheld did not show in Swap:"
+        pidfd = os.pidfd_open(pid)
+        try:
+            advised = libc.syscall(SYS_PROCESS_MADVISE, pidfd, ctypes.c_void_p(iov.ctypes.data), len(firsts),
+                                   MADV_PAGEOUT, 0)
+        finally:
+            os.close(pidfd)
+        assert advised == len(unheld) * PAGE
+        assert _mapping_swap_kb(pid, addr) > 0, "pages paged out unheld did not show in Swap:"
         view = (ctypes.c_char * (NPAGES * PAGE)).from_address(daddr)
         assert [view[p * PAGE][0] for p in range(NPAGES)] == [p % 251 + 1 for p in range(NPAGES)]
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-        child.stdin.close()
-        child.wait()
-        libc.munmap(daddr, NPAGES * PAGE)
-        os.close(given)
-        os.close(memfd)
 
 
 def test_a_hole_in_a_sampled_run_stays_a_hole():
@@ -166,23 +165,7 @@ def test_a_hole_in_a_sampled_run_stays_a_hole():
     zeros if it had none). The hold splices the zero page for a hole; the
     vmsplice of the daemon's mapping it replaced faulted a zero page into
     the memfd there, which the client's next touch then mapped as its data."""
-    npages = 64
-    memfd = os.memfd_create("uswap-test-hold", os.MFD_CLOEXEC)
-    os.ftruncate(memfd, npages * PAGE)
-    child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(npages)], pass_fds=[memfd],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    daddr = libc.mmap(None, npages * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
-    assert daddr not in (None, ctypes.c_void_p(-1).value)
-    try:
-        addr = int(child.stdout.readline())
-        native.punch_hole(memfd, 8 * PAGE, 8 * PAGE)   # pages 8-15, in the middle of the run sampled
-        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
-                                       addr=addr, daddr=daddr, size=npages * PAGE, memfd=memfd)
-        sampler = AccessSampler()
-        assert sampler.sample(region, np.arange(32))
-        assert os.lseek(memfd, 8 * PAGE, os.SEEK_DATA) == 16 * PAGE, "a page was made in the hole"
-    finally:
-        child.stdin.close()
-        child.wait()
-        libc.munmap(daddr, npages * PAGE)
-        os.close(memfd)
+    with _sampled_region(64) as region:
+        native.punch_hole(region.memfd, 8 * PAGE, 8 * PAGE)   # pages 8-15, in the middle of the run sampled
+        assert AccessSampler().sample(region, np.arange(32))
+        assert os.lseek(region.memfd, 8 * PAGE, os.SEEK_DATA) == 16 * PAGE, "a page was made in the hole"
