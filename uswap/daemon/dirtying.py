@@ -53,14 +53,20 @@ class Dirtying:
         copies first (cow.py); a run whose un-protect gets AGAIN is retried
         later (invariant 4: the write is never lost)."""
         self.cow.before_write(region, pages)
-        for first, k in pt.runs(pages, max(1, len(pages))):
-            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
-                                    protect=False, wake=True)
+        start = 0
+        while start < len(pages):
+            # One C call un-protects every run up to the first page that fails.
+            done, ret = uffd.writeprotect_pages(region.uffd, region.addr, pages[start:], protect=False, wake=True)
+            if ret == 0:
+                return
+            at = start + done
+            end = pt.run_end(pages, at)  # the rest of the failing page's run
             outcome = self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
             if outcome == AGAIN:
-                self._unprotect_later(region, first, k)
+                self._unprotect_later(region, int(pages[at]), end - at)
             elif outcome == GONE_:
                 return
+            start = end
 
     def _unprotect_later(self, region: Region, first: int, n: int) -> None:
         """Un-protect a run whose un-protect got AGAIN: writers are parked on
