@@ -18,11 +18,13 @@ copy).
   before its parked write goes through -- un-protected clean, the write
   would reach the memfd unseen and be lost when reclaim drops the clean
   page (invariant 4); one under writeback stays protected, its write
-  parked until the writeback returns. Failed before: the retry looked at
+  parked until the writeback returns; a write parked on a page evicted
+  meanwhile is woken to fault again. Failed before: the retry looked at
   RESIDENT alone.
 """
 from __future__ import annotations
 
+import ctypes
 import select
 import threading
 
@@ -125,3 +127,49 @@ def test_a_retry_takes_each_page_as_it_is_then(setup):
     assert [write_protected(addr, N)[p] for p in (2, 3, 4, 5)] == [False, False, False, True]
     assert table.flags[4] & pt.F_DIRTY and table.slot[4] == pt.NO_SLOT
     assert table.flags[5] & pt.F_WAITERS and table.slot[5] == slot + 1
+
+
+def _write_page(addr: int, page: int) -> None:
+    ctypes.memmove(addr + page * PAGE, b"w", 1)
+
+
+def test_a_retry_wakes_a_write_parked_on_a_page_evicted_meanwhile(setup):
+    """A write parked on page 6 (its un-protect got EAGAIN); meanwhile the
+    page was written back and evicted (punched from the memfd: SWAPPED).
+    The retry has nothing to un-protect, but must wake the write, which
+    faults again (MISSING) and is served; before, nothing woke it (a punch
+    wakes only F_WAITERS pages) and it waited for ever."""
+    fd, addr, regions, region, dirtying, slots = setup
+    table = region.table
+    writer = threading.Thread(target=_write_page, args=(addr, 6))
+    writer.start()
+    try:
+        assert select.select([fd], [], [], 30)[0], "the write did not fault"
+        assert [e[0] for e in uffd.EventReader().read(fd)] == [uffd.EVENT_PAGEFAULT]
+        table.flags[6] = pt.F_DIRTY  # make_dirty's, whose un-protect gets the EAGAIN here
+        _unprotect_while_unmapping(fd, addr, dirtying, region, np.array([6], np.int64))
+        # Written back and evicted meanwhile (the page punched from the memfd).
+        slot, _ = slots.alloc(1)
+        table.slot[6] = slot
+        table.move(np.array([6]), pt.WRITEBACK)
+        table.move(np.array([6]), pt.RESIDENT)
+        table.move(np.array([6]), pt.PUNCHING)
+        native.punch_hole(region.memfd, 6 * PAGE, PAGE)
+        table.move(np.array([6]), pt.SWAPPED)
+        table.flags[6] = 0
+        assert _run_retries(regions) == 1
+        # Woken, the write faults again: a new fault on page 6 (bounded wait:
+        # before the fix none ever came).
+        assert select.select([fd], [], [], 10)[0], "the parked write was never woken"
+        events = uffd.EventReader().read(fd)
+        assert [(e[0], e[2] // PAGE * PAGE) for e in events] == [(uffd.EVENT_PAGEFAULT, addr + 6 * PAGE)]
+    finally:
+        # Served (a zero page), so the writer returns.
+        zeros = native.AlignedBuffer(PAGE)
+        try:
+            uffd.zero_fill(fd, addr + 6 * PAGE, PAGE, zeros.addr, False)
+            uffd.writeprotect(fd, addr + 6 * PAGE, PAGE, protect=False)
+        finally:
+            zeros.free()
+        writer.join(30)
+    assert not writer.is_alive()

@@ -8,7 +8,8 @@ fast path's records (engine.py).
 Invariant 4 (the write is never lost): a run whose un-protect gets AGAIN is
 retried on a timer until it goes through or the page leaves RESIDENT; the
 retry takes each page as it is then (written back meanwhile: dirtied again
-before its write is let through; under writeback: parked until it returns).
+before its write is let through; under writeback: parked until it returns;
+evicted or forgotten: its write woken to fault again).
 
 Thread and lock: engine thread, page lock held.
 """
@@ -98,6 +99,12 @@ class Dirtying:
                 self.make_dirty(region, page)
                 if region.closing:
                     return
+            # Evicted meanwhile (SWAPPED) or forgotten (EMPTY): nothing to
+            # un-protect, but the parked write is woken to fault again (a
+            # MISSING fault, served from the slot): the punch woke only the
+            # faults it knew of (F_WAITERS), and this one would wait for ever.
+            for i, k in pt.runs(pages[(st == pt.SWAPPED) | (st == pt.EMPTY)], n):
+                uffd.wake(region.uffd, region.addr + (i << SHIFT), k << SHIFT)
             # (A fork may have come between: unprotect_runs copies first.)
             self.unprotect_runs(region, resident[dirty])
         self.regions.after(0.001, retry)
