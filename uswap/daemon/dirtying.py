@@ -93,14 +93,14 @@ class Dirtying:
             # background writeback): the parked write dirties it again, as
             # any first write to a clean page. Un-protected as it is, the
             # write would reach the memfd unseen and be lost when the clean
-            # page is dropped. (An unmapped, forgotten page is EMPTY and is
-            # left: an ioctl on it would fail for ever.)
+            # page is dropped.
             for page in resident[~dirty].tolist():
                 self.make_dirty(region, page)
                 if region.closing:
                     return
             # Evicted meanwhile (SWAPPED) or forgotten (EMPTY): nothing to
-            # un-protect, but the parked write is woken to fault again (a
+            # un-protect (a write-protect ioctl on an unmapped page would
+            # fail for ever), but the parked write is woken to fault again (a
             # MISSING fault, served from the slot): the punch woke only the
             # faults it knew of (F_WAITERS), and this one would wait for ever.
             for i, k in pt.runs(pages[(st == pt.SWAPPED) | (st == pt.EMPTY)], n):
