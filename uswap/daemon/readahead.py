@@ -4,11 +4,12 @@ reads, their completions, retries and poison) are swapin.py's.
 
 A fault away from the last window reads just its page or the aligned
 `readahead` window around it (the locality rule is native/policy.h
-us_ra_locality); a fault where the last window ended is a stream, whose
-windows double up to `readahead_max`, each one load of every swapped page
-of its range whatever their slots (read as runs of adjacent slots, through
-pages that are not swapped), kept STREAM_DEPTH ahead of the stream's
-latest fault.
+us_ra_locality); a fault where the last window ended, or inside the
+windows ahead of the stream's latest fault, is a stream, whose windows
+double up to `readahead_max`, each one load of every swapped page of its
+range whatever their slots (read as runs of adjacent slots, through pages
+that are not swapped), kept STREAM_DEPTH ahead of the stream's latest
+fault.
 
 Threads and lock: the engine thread, page lock held (faults.py calls in).
 """
@@ -56,7 +57,11 @@ class ReadAhead:
         (stream_caught_up). A stream's window loads every swapped page of
         its range whatever its slot, and reads through pages that are not
         swapped (_window): neither scattered slots nor pages left resident
-        by random access cut it short.
+        by random access cut it short. Such a page, evicted before the
+        stream gets there, faults inside the stream's windows: that fault is
+        the stream's (us_ra_locality), loads the window from it (taking the
+        other such pages ahead along) and leaves the windows ahead as they
+        are.
 
         A write fault's page is mapped writable and dirty, its read-ahead
         neighbours write-protected, all from one load (the load's
@@ -97,7 +102,10 @@ class ReadAhead:
         loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
                                         page if write else NO_WRITE, skip, runs)
         self.regions.stats["readahead_pages"] += loaded - 1
-        ra.ra_expect = last + 1
+        # A stream's fault inside its windows (on a page they did not load)
+        # leaves the windows ahead of it where they are: they still end at
+        # ra_expect.
+        ra.ra_expect = max(ra.ra_expect, last + 1) if sequential else last + 1
         if sequential:
             self._read_ahead(region, page)
         self.swapin.pump_loads()
