@@ -95,10 +95,7 @@ class ReadAhead:
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
         ra.last_fault = page
         region.streaming = sequential
-        # A sequential stream that a write continues is being rewritten: its
-        # windows are mapped writable (dirty), not write-protected, so each
-        # page does not take a second fault for its first write.
-        region.write_stream = write and sequential
+        region.write_stream = self._writes_stream(region, page, write, sequential)
         loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
                                         page if write else NO_WRITE, skip, runs)
         self.regions.stats["readahead_pages"] += loaded - 1
@@ -124,6 +121,27 @@ class ReadAhead:
             ra.ra_window = self._grown(ra.ra_window)
             self._read_ahead(region, page)
             self.swapin.pump_loads()
+
+    @staticmethod
+    def _writes_stream(region: Region, page: int, write: bool, sequential: bool) -> bool:
+        """Whether the stream's windows from now on are mapped writable
+        (region.write_stream), at a swap-in fault of `page` (ra_expect not
+        yet moved past its window). A sequential stream that a write
+        continues, at its front (where its windows end, or past), is being
+        rewritten: its windows are mapped writable (dirty), not
+        write-protected, so each page does not take a second fault for its
+        first write. A fault behind its front, inside its windows (a page
+        they did not load: evicted since, or left out), is not where the
+        stream goes on but one page of it -- another writer's record update,
+        or a read -- and leaves the stream as it was: taken as a write
+        stream, one 4 KiB write inside a read stream's windows mapped the
+        next windows writable, every page dirty and written back again on
+        eviction (tests/daemon/test_review_ra_inside.py: 256 dirty pages for
+        one write). The fault's own page is its load's write_page either
+        way."""
+        if not sequential:
+            return False
+        return write if page >= region.ra.ra_expect else region.write_stream
 
     def _grown(self, window: int) -> int:
         """A stream's next window: double the last, at least the `readahead`
