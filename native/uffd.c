@@ -17,6 +17,7 @@
 #include "uffd_copy.h"
 #include "uffd.h"
 #include "readmap.h" /* us_verify_map, for the Python pool's swap-ins (uswap/daemon/readmap.py) */
+#include "pagehold.h" /* us_hold_runs, for the access sampler (uswap/daemon/sampling.py) */
 
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1

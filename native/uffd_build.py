@@ -1,8 +1,9 @@
 """cffi build script for uswap._uffd_cffi: the userfaultfd ioctls (native/uffd.c),
-the verify-and-map routine of every swap-in (native/readmap.h) and the
-client's reconnect thread (native/keeper.c).
+the verify-and-map routine of every swap-in (native/readmap.h), the access
+sampler's page hold (native/pagehold.h) and the client's reconnect thread
+(native/keeper.c).
 
-The declarations are read from uffd.h, readmap.h and keeper.h
+The declarations are read from uffd.h, readmap.h, pagehold.h and keeper.h
 (cdef_reader.py), not typed here.
 """
 import os
@@ -16,7 +17,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in native/ (scripts/setup hashe
 import cdef_reader  # noqa: E402
 
 ffi = FFI()
-ffi.cdef(cdef_reader.cdef(HERE, "uffd.h", "readmap.h", "keeper.h"))
+ffi.cdef(cdef_reader.cdef(HERE, "uffd.h", "readmap.h", "pagehold.h", "keeper.h"))
 with open(os.path.join(HERE, "uffd.c")) as f:
     # keeper.c (the client's reconnect thread) is compiled into the same
     # module by inclusion: a second source file would be named by a path that

@@ -104,8 +104,9 @@ def kernel_swap(tmp_path):
         subprocess.run(["swapoff", str(path)], check=True)
 
 
-def _run(d, npages: int, rounds: int, forks: int, watch_swap: bool = False) -> tuple[dict, dict, int]:
-    c = Workload.script(CLIENT, d.socket, npages, HOT_PAGES, rounds, forks)
+def _run(d, npages: int, rounds: int, forks: int, watch_swap: bool = False,
+         client: str = CLIENT) -> tuple[dict, dict, int]:
+    c = Workload.script(client, d.socket, npages, HOT_PAGES, rounds, forks)
     swap_kb = 0
     try:
         addr = c.next(60)["addr"]
@@ -167,6 +168,37 @@ def test_sampled_pages_never_reach_kernel_swap(file_backing, start_daemon, kerne
     assert_audit(after)
     finish_clean(d)
 
+
+
+# The same client, but the memfd it sends is one it reopened through
+# /proc/self/fd (another open file of the same memfd, on which O_DIRECT may
+# be set), and it sets O_DIRECT on it once the region is allocated: the
+# daemon shares that open file, and a splice from it copies the pages.
+O_DIRECT_CLIENT = textwrap.dedent("""
+    import fcntl, os
+    reopened = []
+    memfd_create = os.memfd_create
+    def memfd_reopened(name, flags=0):
+        fd = memfd_create(name, flags)
+        reopened.append(os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC))
+        os.close(fd)
+        return reopened[-1]
+    os.memfd_create = memfd_reopened
+""") + CLIENT.replace("r = c.alloc(npages * 4096)\n", "r = c.alloc(npages * 4096)\n"
+                      "fcntl.fcntl(reopened[0], fcntl.F_SETFL, fcntl.fcntl(reopened[0], fcntl.F_GETFL) | os.O_DIRECT)\n")
+
+
+def test_sampled_pages_never_reach_kernel_swap_whatever_the_memfds_flags(file_backing, start_daemon, kernel_swap):
+    """As above, with a client that set O_DIRECT on the open file of the
+    memfd it sent (native/pagehold.h holds from a file of its own)."""
+    assert "F_SETFL" in O_DIRECT_CLIENT
+    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
+    before, after, swap_kb = _run(d, 4 * BUDGET_PAGES, rounds=2, forks=0, watch_swap=True, client=O_DIRECT_CLIENT)
+    assert after["result"] == {"bad_now": 0, "bad_end": 0, "children": []}, after
+    assert after["sampled_pages_total"] - before["sampled_pages_total"] > BUDGET_PAGES, after
+    assert swap_kb == 0, f"{swap_kb} kB of the client's or the daemon's memory went to kernel swap"
+    assert_audit(after)
+    finish_clean(d)
 
 # A client whose `free` request looks, before it is sent, whether the
 # region's range could be taken by a new mapping (MAP_FIXED_NOREPLACE

@@ -25,10 +25,19 @@ With kernel swap, reclaim would also write the memfd's page to it (not
 lost -- shmem reads it back on the next touch -- but I/O the user gave to
 uswap): the kernel skips that write for a page someone else holds a
 reference on. So the daemon holds one while it asks: the pages are
-vmspliced into a pipe of its own from its mapping, its mapping of them is
-dropped, the client's is taken out, then the pipe is emptied into
+spliced into a pipe of its own from the region's memfd (native/pagehold.h:
+the page cache pages themselves, by reference, mapped nowhere; through an
+open file of the memfd the daemon opens itself, since the client can set
+O_DIRECT on the one it sent, and a splice from that copies), its mapping
+of them is dropped, the client's is taken out, then the pipe is emptied into
 /dev/null. (Checked on 6.18 with 9 GiB of kernel swap: without the pipe
-the sampled pages show in the mapping's Swap, with it none does.)
+the sampled pages show in the mapping's Swap, with it none does.) The hold
+was a vmsplice of the daemon's own mapping: that faulted every sampled page
+into the daemon's page tables only for the MADV_DONTNEED that follows to
+unmap it again, with a TLB flush: 0.86-0.92 us of CPU per sampled page in
+runs (a first-touch stream's victims, every page sampled once) against
+0.64-0.75 us with the splice (scripts/bench_sampling.py; scattered pages
+cost about the same both ways, 1.2-1.35 us).
 
 Invariants kept: the page's state does not change (RESIDENT, same slot,
 same flags); a clean page's client mapping was write-protected and is
@@ -47,13 +56,12 @@ import os
 
 import numpy as np
 
+from uswap._uffd_cffi import ffi, lib
 from uswap.daemon.regionset import PAGE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.vmsplice.restype = ctypes.c_ssize_t
-_libc.vmsplice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint)
 _libc.splice.restype = ctypes.c_ssize_t
 _libc.splice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t,
                          ctypes.c_uint)
@@ -61,7 +69,7 @@ _libc.splice.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_v
 SYS_PROCESS_MADVISE = 440   # same number on x86-64 and arm64
 MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
-# Pages per round of vmsplice, madvise and process_madvise: what a pipe
+# Pages per round of splice, madvise and process_madvise: what a pipe
 # holds at its default maximum size (/proc/sys/fs/pipe-max-size, 1 MiB).
 CHUNK_PAGES = 256
 SPLICE_F_NONBLOCK = 2
@@ -146,10 +154,11 @@ class AccessSampler:
         # calls return), built without a Python loop per run: with scattered
         # pages (a run each) building them page by page cost ~2.5 us of
         # Python per sampled page under the page lock (issue 14, mt-mix).
-        held_iov = _iovec_array(region.daddr, firsts, counts)
-        held = ctypes.c_void_p(held_iov.ctypes.data)
+        own_iov = _iovec_array(region.daddr, firsts, counts)
+        own = ctypes.c_void_p(own_iov.ctypes.data)  # the daemon's mapping of them
         want = len(pages) * PAGE
-        n = _libc.vmsplice(w, held, nruns, SPLICE_F_NONBLOCK)
+        n = lib.us_hold_runs(region.memfd, w, ffi.from_buffer("int64_t[]", firsts),
+                             ffi.from_buffer("int64_t[]", counts), nruns, PAGE)
         try:
             if n != want:
                 return False    # not all held: none is taken out
@@ -157,7 +166,7 @@ class AccessSampler:
             # entries: the memfd keeps every page), or the kernel would see
             # the pages mapped twice and leave them. One call for all runs:
             # process_madvise on itself takes any advice.
-            if _libc.syscall(SYS_PROCESS_MADVISE, self._self_pidfd(), held, nruns, MADV_DONTNEED, 0) != want:
+            if _libc.syscall(SYS_PROCESS_MADVISE, self._self_pidfd(), own, nruns, MADV_DONTNEED, 0) != want:
                 return False
             client_iov = _iovec_array(region.addr, firsts, counts)
             ret = _libc.syscall(SYS_PROCESS_MADVISE, pidfd, ctypes.c_void_p(client_iov.ctypes.data), nruns,
@@ -186,7 +195,8 @@ def _runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
-    return pages[starts], ends - starts
+    # int64, C-contiguous: native/pagehold.h reads them as int64_t[].
+    return pages[starts], (ends - starts).astype(np.int64)
 
 
 def _iovec_array(base: int, firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
