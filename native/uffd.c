@@ -1,4 +1,6 @@
-/* userfaultfd syscalls for uswap: one function per ioctl, nothing more.
+/* userfaultfd syscalls for uswap: one function per ioctl, and the rules that
+ * wrap one (a range split into VMAs done page by page; a page list's runs,
+ * us_uffd_writeprotect_pages).
  *
  * Every function returns >= 0 on success and -errno on failure; results that
  * can be negative (uffdio_copy.copy and friends) are passed through signed.
@@ -112,12 +114,83 @@ static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t m
     return (int64_t)done;
 }
 
-static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+/* One UFFDIO_WRITEPROTECT of [start, start + len): 0 or -errno. EAGAIN (the
+ * address space is changing, an event is pending) is returned to the caller,
+ * who must read that event before trying again. */
+static int us_uffd_wp_ioctl(int fd, uint64_t start, uint64_t len, uint64_t mode)
 {
-    /* EAGAIN (the address space is changing, an event is pending) is returned
-     * to the caller, who must read that event before trying again. */
     struct uffdio_writeprotect w = { .range = { start, len }, .mode = mode };
     return ioctl(fd, UFFDIO_WRITEPROTECT, &w) < 0 ? -errno : 0;
+}
+
+/* Write-protect (mode UFFDIO_WRITEPROTECT_MODE_WP) or un-protect len bytes
+ * at start: 0, or the -errno of the first page that failed, *done the bytes
+ * from the front done before it. The one place of the ENOENT rule: a
+ * multi-page range that fails ENOENT is done again page by page (a range the
+ * client split into several VMAs, or part of which it unregistered or
+ * remapped, fails as a whole on some kernels; page by page, the registered
+ * pages before the one that fails are done and that page's error is
+ * returned). A single page that fails ENOENT really is not registered with
+ * this uffd; its caller checks whether the client is gone. */
+static int us_uffd_wp_range(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done)
+{
+    *done = 0;
+    int r = us_uffd_wp_ioctl(fd, start, len, mode);
+    if (r == 0)
+        *done = len;
+    if (r != -ENOENT || len <= 4096)
+        return r;
+    for (uint64_t off = 0; off < len; off += 4096) {
+        r = us_uffd_wp_ioctl(fd, start + off, 4096, mode);
+        if (r < 0)
+            return r;
+        *done = off + 4096;
+    }
+    return 0;
+}
+
+/* One range, as us_uffd_wp_range: 0 or the -errno of the first page that failed. */
+static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)
+{
+    uint64_t done;
+    return us_uffd_wp_range(fd, start, len, mode, &done);
+}
+
+/* Write-protect (or un-protect, as mode says) the pages of a region at
+ * `base` whose indices are pages[0..n) (sorted ascending, distinct): each
+ * run of consecutive indices is one range, us_uffd_wp_range's (one ioctl,
+ * or page by page after ENOENT). Stops at the first page that fails.
+ * Returns how many of pages[] were done, from the front (n: all), and sets
+ * *err to 0, or to the errno of pages[returned value] when it stopped.
+ *
+ * Only the given pages: a gap between two runs is never covered, although
+ * one ioctl over the span would be cheaper. It would write-protect dirty
+ * pages the daemon holds writable, and put uffd-wp markers on the none
+ * ptes of pages not in the client's page tables (page tables allocated
+ * for a sparse range, a bit pagemap readers see) -- docs/design.md 6.3.
+ *
+ * Why in C: start_writeback protects a gathered write's scattered pages
+ * one run each, and with random writes the runs are single pages; a
+ * Python call per run cost the engine thread, which holds the page lock,
+ * most of a batch's time (docs/design.md 6.3 has the numbers). */
+static int64_t us_uffd_writeprotect_pages(int fd, uint64_t base, const int64_t *pages, int64_t n,
+                                          uint64_t mode, int *err)
+{
+    *err = 0;
+    int64_t i = 0;
+    while (i < n) {
+        int64_t j = i + 1;
+        while (j < n && pages[j] == pages[j - 1] + 1)
+            j++;
+        uint64_t done;
+        int r = us_uffd_wp_range(fd, base + ((uint64_t)pages[i] << 12), (uint64_t)(j - i) << 12, mode, &done);
+        if (r < 0) {
+            *err = -r;
+            return i + (int64_t)(done >> 12);
+        }
+        i = j;
+    }
+    return n;
 }
 
 static int us_uffd_wake(int fd, uint64_t start, uint64_t len)

@@ -25,6 +25,8 @@ static int64_t us_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, ui
 static int64_t us_uffd_zero_fill(int fd, uint64_t dst, uint64_t len, uint64_t zeros, int write_protect);
 static int64_t us_uffd_continue(int fd, uint64_t start, uint64_t len, uint64_t mode);
 static int us_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
+static int64_t us_uffd_writeprotect_pages(int fd, uint64_t base, const int64_t *pages, int64_t n,
+                                          uint64_t mode, int *err);
 static int us_uffd_wake(int fd, uint64_t start, uint64_t len);
 static int64_t us_uffd_poison(int fd, uint64_t start, uint64_t len, uint64_t mode);
 static int us_uffd_read_events(int fd, struct us_event *out, int max);

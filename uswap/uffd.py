@@ -6,6 +6,8 @@ import errno
 import os
 import platform
 
+import numpy as np
+
 from uswap._uffd_cffi import ffi, lib
 
 PAGE = 4096
@@ -133,20 +135,31 @@ def cont(fd: int, start: int, length: int, mode: int = 0) -> int:
     return lib.us_uffd_continue(fd, start, length, mode)
 
 
+def _wp_mode(protect: bool, wake: bool) -> int:
+    # The kernel refuses WP together with DONTWAKE (-EINVAL): protecting wakes nobody anyway.
+    return WP_MODE_WP if protect else (0 if wake else WP_MODE_DONTWAKE)
+
+
 def writeprotect(fd: int, start: int, length: int, protect: bool, wake: bool = True) -> int:
     """0 or -errno. A multi-page range that fails ENOENT is retried page by
     page (a range the client split into several VMAs), stopping at the
-    first page that fails: that page's error is returned."""
-    # The kernel refuses WP together with DONTWAKE (-EINVAL): protecting wakes nobody anyway.
-    mode = WP_MODE_WP if protect else (0 if wake else WP_MODE_DONTWAKE)
-    ret = lib.us_uffd_writeprotect(fd, start, length, mode)
-    if ret != -errno.ENOENT or length <= PAGE:
-        return ret
-    for off in range(0, length, PAGE):
-        ret = lib.us_uffd_writeprotect(fd, start + off, PAGE, mode)
-        if ret < 0:
-            return ret
-    return 0
+    first page that fails: that page's error is returned (the rule is
+    native/uffd.c us_uffd_wp_range's)."""
+    return lib.us_uffd_writeprotect(fd, start, length, _wp_mode(protect, wake))
+
+
+def writeprotect_pages(fd: int, base: int, pages: np.ndarray, protect: bool, wake: bool = True) -> tuple[int, int]:
+    """Write-protect (or un-protect) the pages of the region at `base` whose
+    indices are `pages` (sorted, distinct): one ioctl per run of consecutive
+    pages, in C (native/uffd.c us_uffd_writeprotect_pages), with
+    writeprotect()'s ENOENT rule per run, and never a page between runs.
+    Stops at the first page that fails. Returns (done, ret): how many of
+    `pages` were done from the front, and 0, or the -errno of pages[done]."""
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    err = ffi.new("int *")
+    done = lib.us_uffd_writeprotect_pages(fd, base, ffi.cast("int64_t *", ffi.from_buffer(pages)), len(pages),
+                                          _wp_mode(protect, wake), err)
+    return done, -err[0]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -43,3 +43,9 @@ def test_a_tables_content_is_copied_into_its_file(tmp_path):
     again = PageTable.load(str(tmp_path / "table"), 4096)
     assert (again.state[10], again.slot[10], again.sum[10]) == (pt.SWAPPED, 99, 0xDEADBEEF)
     assert np.count_nonzero(again.state) == 1 and np.count_nonzero(again.slot != pt.NO_SLOT) == 1
+
+
+def test_run_end_is_past_the_run_going_on_from_an_index():
+    """Dirtying.unprotect_runs retries the rest of a failing page's run."""
+    pages = np.array([1, 2, 3, 7, 8, 20], np.int64)
+    assert [pt.run_end(pages, i) for i in range(len(pages))] == [3, 3, 3, 5, 5, 6]

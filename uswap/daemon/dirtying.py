@@ -6,7 +6,10 @@ writeback.py (a write parked during writeback, or a failed write), and the
 fast path's records (engine.py).
 
 Invariant 4 (the write is never lost): a run whose un-protect gets AGAIN is
-retried on a timer until it goes through or the page leaves RESIDENT.
+retried on a timer until it goes through or the page leaves RESIDENT; the
+retry takes each page as it is then (written back meanwhile: dirtied again
+before its write is let through; under writeback: parked until it returns;
+evicted or forgotten: its write woken to fault again).
 
 Thread and lock: engine thread, page lock held.
 """
@@ -53,24 +56,55 @@ class Dirtying:
         copies first (cow.py); a run whose un-protect gets AGAIN is retried
         later (invariant 4: the write is never lost)."""
         self.cow.before_write(region, pages)
-        for first, k in pt.runs(pages, max(1, len(pages))):
-            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
-                                    protect=False, wake=True)
+        start = 0
+        while start < len(pages):
+            # One C call un-protects every run up to the first page that fails.
+            done, ret = uffd.writeprotect_pages(region.uffd, region.addr, pages[start:], protect=False, wake=True)
+            if ret == 0:
+                return
+            at = start + done
+            end = pt.run_end(pages, at)  # the rest of the failing page's run
             outcome = self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
             if outcome == AGAIN:
-                self._unprotect_later(region, first, k)
+                self._unprotect_later(region, int(pages[at]), end - at)
             elif outcome == GONE_:
                 return
+            start = end
 
     def _unprotect_later(self, region: Region, first: int, n: int) -> None:
         """Un-protect a run whose un-protect got AGAIN: writers are parked on
-        it and must be let through (invariant 4: the write is never lost)."""
+        it and must be let through (invariant 4: the write is never lost).
+        The retry takes each page as its parked write would find it now
+        (faults.py fault_wp's rule), not as it was: the run may have been
+        written back, or be under writeback, meanwhile."""
         def retry() -> None:
             if region.closing:
                 return
-            # Only pages still RESIDENT: an unmapped (forgotten) page is EMPTY,
-            # and an ioctl on it would fail for ever.
-            still = first + np.flatnonzero(region.table.state[first:first + n] == pt.RESIDENT)
+            table = region.table
+            pages = np.arange(first, first + n)
+            st = table.state[pages]
+            resident = pages[st == pt.RESIDENT]
+            dirty = (table.flags[resident] & pt.F_DIRTY) != 0
+            # Under writeback, loading or being punched: parked until that
+            # ends, which lets the write through (or refaults it).
+            busy = pages[(st == pt.WRITEBACK) | (st == pt.LOADING) | (st == pt.PUNCHING)]
+            table.flags[busy] |= pt.F_WAITERS
+            # Written back meanwhile and kept, clean, its slot the copy (the
+            # background writeback): the parked write dirties it again, as
+            # any first write to a clean page. Un-protected as it is, the
+            # write would reach the memfd unseen and be lost when the clean
+            # page is dropped.
+            for page in resident[~dirty].tolist():
+                self.make_dirty(region, page)
+                if region.closing:
+                    return
+            # Evicted meanwhile (SWAPPED) or forgotten (EMPTY): nothing to
+            # un-protect (a write-protect ioctl on an unmapped page would
+            # fail for ever), but the parked write is woken to fault again (a
+            # MISSING fault, served from the slot): the punch woke only the
+            # faults it knew of (F_WAITERS), and this one would wait for ever.
+            for i, k in pt.runs(pages[(st == pt.SWAPPED) | (st == pt.EMPTY)], n):
+                uffd.wake(region.uffd, region.addr + (i << SHIFT), k << SHIFT)
             # (A fork may have come between: unprotect_runs copies first.)
-            self.unprotect_runs(region, still)
+            self.unprotect_runs(region, resident[dirty])
         self.regions.after(0.001, retry)

@@ -185,9 +185,10 @@ class ForkManager:
 
     def _protect(self, region: Region, in_place: np.ndarray) -> None:
         """Write-protect the source's dirty and loading pages mapped in
-        place, one ioctl per run (clean and WRITEBACK pages are
-        write-protected already; a page a foreign mapping took is not the
-        region's and is not in the snapshot, and the ioctl would fail there).
+        place, one ioctl per run, in one call (uffd.writeprotect_pages;
+        clean and WRITEBACK pages are write-protected already; a page a
+        foreign mapping took is not the region's and is not in the snapshot,
+        and the ioctl would fail there).
 
         Loading pages: a load may have mapped its page already, writable (a
         write fault's load), and the process may have written it before the
@@ -201,15 +202,13 @@ class ForkManager:
         table = region.table
         st = table.state
         dirty = (((st == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0)) | (st == pt.LOADING)) & in_place
-        for first, n in pt.runs(np.flatnonzero(dirty), 1 << 30):
-            ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT,
-                                    protect=True, wake=False)
-            if ret < 0:
-                # Runs protected already stay dirty; their next write faults
-                # and is un-protected as for any dirty page.
-                self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
-                raise ForkRefused(f"fork_begin: write-protecting region {region.id} failed"
-                                  f" ({os.strerror(-ret)}); the child gets no regions")
+        _, ret = uffd.writeprotect_pages(region.uffd, region.addr, np.flatnonzero(dirty), protect=True, wake=False)
+        if ret < 0:
+            # Pages protected already stay dirty; their next write faults
+            # and is un-protected as for any dirty page.
+            self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")
+            raise ForkRefused(f"fork_begin: write-protecting region {region.id} failed"
+                              f" ({os.strerror(-ret)}); the child gets no regions")
 
     @classmethod
     def _loaded(cls, region: Region, in_place: np.ndarray) -> np.ndarray:

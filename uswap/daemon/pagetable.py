@@ -243,6 +243,13 @@ class PageTable:
         self.check.report(self, which[bad], old[bad], to[bad])
 
 
+def run_end(pages: np.ndarray, i: int) -> int:
+    """The index in sorted `pages` just past the run of consecutive pages
+    that goes on from pages[i]."""
+    gaps = np.flatnonzero(np.diff(pages[i:]) != 1)
+    return i + (int(gaps[0]) + 1 if len(gaps) else len(pages) - i)
+
+
 def runs(pages: np.ndarray, max_len: int) -> list[tuple[int, int]]:
     """Split sorted page numbers into (first, count) runs of consecutive pages,
     each at most max_len long."""

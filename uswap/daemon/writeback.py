@@ -30,7 +30,7 @@ from uswap.daemon.forget import Forget
 from uswap.daemon.iopool import IoPool
 from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region
-from uswap.daemon.regionset import OK, PAGE, SHIFT, RegionSet
+from uswap.daemon.regionset import PAGE, SHIFT, RegionSet
 from uswap.daemon.slots import SlotAllocator
 from uswap.store.base import Store
 
@@ -99,14 +99,16 @@ class Writeback:
                 return True
             # Invariant 1 (first half): write-protect BEFORE the copy is read,
             # so any write after this point faults and parks (invariant 4).
-            # (Should a later run's ioctl fail, the runs already protected
-            # stay dirty and un-protect on their next write fault.)
-            for first, k in pt.runs(part, count):
-                ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), k << SHIFT,
-                                        protect=True, wake=False)
-                if self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT") != OK:
-                    self.slots.free(slot, count)  # nothing was queued: the pages stay dirty, tried later
-                    return True
+            # One C call for the part, one ioctl per run of adjacent pages
+            # (scattered pages are runs of one: a Python call each cost the
+            # engine, page lock held, most of the batch; docs/design.md 6.3).
+            # (Should it stop at a page, the pages before it stay protected
+            # and dirty, and un-protect on their next write fault.)
+            _, ret = uffd.writeprotect_pages(region.uffd, region.addr, part, protect=True, wake=False)
+            if ret < 0:
+                self.regions.ioctl_result(region, ret, "UFFDIO_WRITEPROTECT")  # may close the region
+                self.slots.free(slot, count)  # nothing was queued: the pages stay dirty, tried later
+                return True
             # Invariant 2: the writeback bit is set here, on the engine thread
             # (the page lock), before the write is queued; only _write_done
             # clears it, when the write has returned.
