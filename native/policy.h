@@ -15,8 +15,9 @@
 enum us_locality {
     US_RA_RANDOM = 0,  /* no locality with the last swap-in: read the page alone */
     US_RA_NEAR = 1,    /* within ra_pages of the last swap-in fault: read its aligned window */
-    US_RA_STREAM = 2   /* where the last window ended (or inside it, or a little past):
-                        * a sequential stream, whose window doubles */
+    US_RA_STREAM = 2   /* past the stream's latest fault and not past where its windows
+                        * end (or inside its last window): a sequential stream, whose
+                        * window doubles */
 };
 
 static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_expect, int64_t ra_window,
@@ -30,16 +31,24 @@ static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages,
 static inline uint8_t us_minor_use(uint8_t flags);
 /* cdef: end */
 
-/* Read-ahead locality. A stream's next fault lands where its windows ended:
- * inside the last window when the budget cut that window short, or a little
- * past its end when pages there were still resident (a window stops at
- * them). Otherwise a fault within ra_pages of the last one is near; anything
- * else is random (it gains nothing from neighbours and would pay for their
- * transfer). ra_expect <= 0: no stream yet. */
+/* Read-ahead locality. A stream's next fault lands where its windows ended
+ * (a little past their end when the pages there were resident), or inside
+ * them: past the stream's latest fault (last_fault), on a page its windows
+ * did not load -- one cut short by the budget, or one they read through
+ * because it was resident then and that reclaim evicted before the stream
+ * got there (a random pass's leftovers are old). All of these are the
+ * stream's: taken for random, such a fault read its page alone and reset
+ * the stream to a one-page window, and the next such page, past that
+ * window's end, was random again. A fault at most ra_window behind where
+ * the windows end is the stream's too (the last window's own pages; another
+ * thread's fault behind the latest). Otherwise a fault within ra_pages of
+ * the last one is near; anything else is random (it gains nothing from
+ * neighbours and would pay for their transfer). ra_expect <= 0: no stream
+ * yet. */
 static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_expect, int64_t ra_window,
                                  int64_t ra_pages)
 {
-    if (ra_expect > 0 && ra_expect - ra_window <= page && page <= ra_expect + ra_pages)
+    if (ra_expect > 0 && page <= ra_expect + ra_pages && (page > last_fault || ra_expect - ra_window <= page))
         return US_RA_STREAM;
     int64_t dist = page - last_fault;
     if (dist >= -ra_pages && dist <= ra_pages)

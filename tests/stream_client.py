@@ -7,8 +7,10 @@ test_review_vectored_loads.py), both its halves:
   (MAGIC ^ page), and `commands()`, the test's command lines until "exit";
   each test's script adds its own checks and commands;
 - the test's side: `running` (the client on a daemon, for a `with` block),
-  `cmd` (one command and its report), `settled` (the daemon's status once
-  no store I/O is in flight) and `assert_daemon_sound` (the end of a test).
+  `cmd` (one command and its report), `fill_swapped` (the client's fill,
+  until so many pages are on the store), `settled` (the daemon's status
+  once no store I/O is in flight) and `assert_daemon_sound` (the end of a
+  test).
 """
 from __future__ import annotations
 
@@ -65,6 +67,17 @@ def settled(d, timeout: float = 60) -> dict:
         st = status(d)
         return st if st["reads_inflight"] == 0 and st["writeback_inflight"] == 0 else None
     return wait_for("no I/O in flight", quiet, timeout=timeout)
+
+
+def fill_swapped(d, c: Workload, pages: int, timeout: float = 60) -> dict:
+    """The client's `fill`, then the daemon's status once at least `pages`
+    pages of it are on the store and no write is in flight."""
+    cmd(c, "fill", "filled")
+
+    def out() -> dict | None:
+        st = status(d)
+        return st if st["writeback_inflight"] == 0 and st["swapped_bytes"] >= pages * 4096 else None
+    return wait_for(f"{pages} pages swapped out", out, timeout=timeout)
 
 
 def assert_daemon_sound(d, io_overlap: bool = False) -> None:

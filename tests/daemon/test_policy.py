@@ -17,9 +17,12 @@ from uswap.daemon import policy
     (3, -1, -1, 1, policy.NEAR),         # a region's first faults are near the "last" one at -1
     (200, 10, 200, 16, policy.STREAM),   # where the last window ended
     (184, 10, 200, 16, policy.STREAM),   # inside the last window (the budget cut it short)
-    (183, 10, 200, 16, policy.RANDOM),   # before the window
+    (183, 195, 200, 16, policy.RANDOM),  # before the window, behind the latest fault
     (208, 10, 200, 16, policy.STREAM),   # a little past its end (resident pages stopped it)
     (209, 10, 200, 16, policy.RANDOM),
+    (100, 10, 200, 16, policy.STREAM),   # inside the windows ahead of the stream's latest fault (a page they
+    (19, 10, 200, 16, policy.STREAM),    # read through, evicted since, or one the budget left out)
+    (60, 80, 200, 16, policy.RANDOM),    # behind the latest fault, far from it
     (0, 100, 0, 1, policy.RANDOM),       # ra_expect 0: no stream yet
 ])
 def test_ra_locality(page, last_fault, ra_expect, ra_window, expected):

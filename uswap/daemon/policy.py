@@ -9,7 +9,7 @@ from uswap._fastpath_cffi import lib
 # What a swap-in fault is to the region's read-ahead (ra_locality).
 RANDOM = lib.US_RA_RANDOM   # no locality with the last swap-in: read the page alone
 NEAR = lib.US_RA_NEAR       # near the last swap-in fault: read its aligned window
-STREAM = lib.US_RA_STREAM   # where the last window ended: a sequential stream, its window doubles
+STREAM = lib.US_RA_STREAM   # past a stream's latest fault, not past its windows: its window doubles
 
 
 def ra_locality(page: int, last_fault: int, ra_expect: int, ra_window: int, ra_pages: int) -> int:

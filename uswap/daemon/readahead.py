@@ -4,11 +4,12 @@ reads, their completions, retries and poison) are swapin.py's.
 
 A fault away from the last window reads just its page or the aligned
 `readahead` window around it (the locality rule is native/policy.h
-us_ra_locality); a fault where the last window ended is a stream, whose
-windows double up to `readahead_max`, each one load of every swapped page
-of its range whatever their slots (read as runs of adjacent slots, through
-pages that are not swapped), kept STREAM_DEPTH ahead of the stream's
-latest fault.
+us_ra_locality); a fault where the last window ended, or inside the
+windows ahead of the stream's latest fault, is a stream, whose windows
+double up to `readahead_max`, each one load of every swapped page of its
+range whatever their slots (read as runs of adjacent slots, through pages
+that are not swapped), kept STREAM_DEPTH ahead of the stream's latest
+fault.
 
 Threads and lock: the engine thread, page lock held (faults.py calls in).
 """
@@ -56,7 +57,11 @@ class ReadAhead:
         (stream_caught_up). A stream's window loads every swapped page of
         its range whatever its slot, and reads through pages that are not
         swapped (_window): neither scattered slots nor pages left resident
-        by random access cut it short.
+        by random access cut it short. Such a page, evicted before the
+        stream gets there, faults inside the stream's windows: that fault is
+        the stream's (us_ra_locality), loads the window from it (taking the
+        other such pages ahead along) and leaves the windows ahead as they
+        are.
 
         A write fault's page is mapped writable and dirty, its read-ahead
         neighbours write-protected, all from one load (the load's
@@ -90,14 +95,14 @@ class ReadAhead:
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
         ra.last_fault = page
         region.streaming = sequential
-        # A sequential stream that a write continues is being rewritten: its
-        # windows are mapped writable (dirty), not write-protected, so each
-        # page does not take a second fault for its first write.
-        region.write_stream = write and sequential
+        region.write_stream = self._writes_stream(region, page, write, sequential)
         loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
                                         page if write else NO_WRITE, skip, runs)
         self.regions.stats["readahead_pages"] += loaded - 1
-        ra.ra_expect = last + 1
+        # A stream's fault inside its windows (on a page they did not load)
+        # leaves the windows ahead of it where they are: they still end at
+        # ra_expect.
+        ra.ra_expect = max(ra.ra_expect, last + 1) if sequential else last + 1
         if sequential:
             self._read_ahead(region, page)
         self.swapin.pump_loads()
@@ -116,6 +121,27 @@ class ReadAhead:
             ra.ra_window = self._grown(ra.ra_window)
             self._read_ahead(region, page)
             self.swapin.pump_loads()
+
+    @staticmethod
+    def _writes_stream(region: Region, page: int, write: bool, sequential: bool) -> bool:
+        """Whether the stream's windows from now on are mapped writable
+        (region.write_stream), at a swap-in fault of `page` (ra_expect not
+        yet moved past its window). A sequential stream that a write
+        continues, at its front (where its windows end, or past), is being
+        rewritten: its windows are mapped writable (dirty), not
+        write-protected, so each page does not take a second fault for its
+        first write. A fault behind its front, inside its windows (a page
+        they did not load: evicted since, or left out), is not where the
+        stream goes on but one page of it -- another writer's record update,
+        or a read -- and leaves the stream as it was: taken as a write
+        stream, one 4 KiB write inside a read stream's windows mapped the
+        next windows writable, every page dirty and written back again on
+        eviction (tests/daemon/test_review_ra_inside.py: 256 dirty pages for
+        one write). The fault's own page is its load's write_page either
+        way."""
+        if not sequential:
+            return False
+        return write if page >= region.ra.ra_expect else region.write_stream
 
     def _grown(self, window: int) -> int:
         """A stream's next window: double the last, at least the `readahead`
