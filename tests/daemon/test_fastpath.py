@@ -908,6 +908,12 @@ def _opening_a_fifo(pid: int) -> bool:
         return False
 
 
+def _resident_bytes(d, rid: int) -> int:
+    """The resident bytes status gives for region `rid` (LOADING pages are
+    not counted: report.py)."""
+    return next(r["resident_bytes"] for c in status(d)["clients"] for r in c["regions"] if r["id"] == rid)
+
+
 def test_an_unmap_read_as_a_handover_begins_is_not_lost(file_backing, start_daemon):
     """A fault thread reads a region's UNMAP event without the page lock and
     then waits for the lock; if the engine begins a handover meanwhile
@@ -934,6 +940,15 @@ def test_an_unmap_read_as_a_handover_begins_is_not_lost(file_backing, start_daem
     try:
         ra = a.wait_line(lambda l: "region" in l, 60)["region"]
         rb = b.wait_line(lambda l: "region" in l, 60)["region"]
+        # A fill's pages are the client's once its COPY returns, but they go
+        # from LOADING to RESIDENT only when its fault thread next takes the
+        # page lock, which the engine lets go only between steps: the last
+        # fill of region 1 can still be waiting for it when the engine
+        # blocks on the FIFO below, and the handover then leaves those pages
+        # LOADING (a fill cut short: the successor resolves it). The test is
+        # about the UNMAP event, so every fill has ended first.
+        wait_for("region 1's fills applied (all its pages RESIDENT)",
+                 lambda: _resident_bytes(d, ra) == 8 << 20, 30)
         fifo = os.path.join(d.state_dir, f"region-{rb}.json.tmp")
         os.mkfifo(fifo)
         b.send("free\n")
