@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from tests.daemon.test_sampling_adversarial import _mapping_swap_kb, kernel_swap  # noqa: F401 (a fixture)
+from tests.swap_writes import SwapWrites
 from uswap import native
 from uswap.daemon import clientmaps
 from uswap.daemon.sampling import MADV_PAGEOUT, SYS_PROCESS_MADVISE, AccessSampler, _iovec_array, _runs
@@ -131,15 +132,18 @@ def test_no_sampled_page_reaches_kernel_swap(kernel_swap, memfd_flags):
     such a file at any time, the daemon sharing the open file), and a
     splice from an O_DIRECT file copies the pages (vfs_splice_read:
     copy_splice_read) instead of referencing them, which holds nothing.
-    The pages left out of the sample, paged out with no hold, show that
-    this test sees kernel swap (Swap: of the client's mapping)."""
-    with _sampled_region(NPAGES, os.O_RDWR | memfd_flags) as region:
+    What the sampler's MADV_PAGEOUT wrote to swap is counted in this
+    process (tests/swap_writes.py; the host's own reclaim may page out an
+    unmapped memfd page too). The pages left out of the sample, paged out
+    with no hold, show that this test sees the writes and kernel swap
+    (Swap: of the client's mapping)."""
+    with _sampled_region(NPAGES, os.O_RDWR | memfd_flags) as region, SwapWrites(os.getpid()) as writes:
         pid, addr, daddr = region.owner.pid, region.addr, region.daddr
         pages = np.concatenate((SCATTERED, RUN))
         sampler = AccessSampler()
         assert sampler.sample(region, pages)
         assert not clientmaps.in_page_tables(pid, addr, pages).any()
-        assert _mapping_swap_kb(pid, addr) == 0, "sampled pages went to kernel swap: the pipe held none"
+        assert writes.count() == 0, "sampled pages went to kernel swap: the pipe held none"
         # The control: the pages not sampled, paged out with nothing holding
         # them (before this process reads its view: fault-around would map
         # them here too, and the kernel leaves a page mapped twice).
@@ -153,6 +157,7 @@ def test_no_sampled_page_reaches_kernel_swap(kernel_swap, memfd_flags):
         finally:
             os.close(pidfd)
         assert advised == len(unheld) * PAGE
+        assert writes.count() > 0, "pages paged out unheld were not seen written"
         assert _mapping_swap_kb(pid, addr) > 0, "pages paged out unheld did not show in Swap:"
         view = (ctypes.c_char * (NPAGES * PAGE)).from_address(daddr)
         assert [view[p * PAGE][0] for p in range(NPAGES)] == [p % 251 + 1 for p in range(NPAGES)]

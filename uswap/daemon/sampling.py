@@ -32,6 +32,11 @@ O_DIRECT on the one it sent, and a splice from that copies), its mapping
 of them is dropped, the client's is taken out, then the pipe is emptied into
 /dev/null. (Checked on 6.18 with 9 GiB of kernel swap: without the pipe
 the sampled pages show in the mapping's Swap, with it none does.) The hold
+covers the advice's own reclaim only: once the pipe is emptied the page is
+an unmapped page of the memfd, which other reclaim on the host (kswapd, a
+memory cgroup's limit, a DAMON pageout scheme for cold unmapped pages) may
+write to kernel swap like any memfd page until its next touch maps it
+again. The hold
 was a vmsplice of the daemon's own mapping: that faulted every sampled page
 into the daemon's page tables only for the MADV_DONTNEED that follows to
 unmap it again, with a TLB flush: 0.86-0.92 us of CPU per sampled page in
