@@ -149,18 +149,21 @@ def _oldest_first(groups: list[tuple[object, np.ndarray]], tick: int,
         return []
     pages = np.concatenate([p for _, p in groups])
     which = np.repeat(np.arange(len(groups)), [len(p) for _, p in groups])
-    ages = np.concatenate([(np.uint32(tick & 0xFFFFFFFF) - r.table.stamp[p]).astype(np.uint32) for r, p in groups])
+    stamps = np.concatenate([r.table.stamp[p] for r, p in groups])
+    ages = (np.uint32(tick & 0xFFFFFFFF) - stamps).astype(np.uint32)
     active = np.concatenate([(r.table.flags[p] & pt.F_ACTIVE) != 0 for r, p in groups])
     # Inactive pages before active ones (choose_victims' order), each
     # oldest first; equal ages by page.
     order = np.lexsort((-ages.astype(np.int64), active))
-    out = []
-    for at in range(0, len(order), step):
-        part = order[at:at + step]
-        for i in np.unique(which[part]):
-            region = groups[i][0]
-            sel = np.sort(pages[part[which[part] == i]])
-            out.append((region, sel, region.table.stamp[sel].copy()))
+    part = np.empty(len(order), np.int64)
+    part[order] = np.arange(len(order)) // step     # each page's slice
+    # By slice, then region, then page: one entry per region in a slice
+    # (vectorised: a loop per slice cost ~0.25 us per queued page).
+    final = np.lexsort((pages, which, part))
+    part, which, pages, stamps = part[final], which[final], pages[final], stamps[final]
+    cuts = np.flatnonzero((np.diff(part) != 0) | (np.diff(which) != 0)) + 1
+    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(pages)]))
+    out = [(groups[which[a]][0], pages[a:b], stamps[a:b]) for a, b in zip(starts.tolist(), ends.tolist())]
     return out
 
 
