@@ -176,8 +176,9 @@ class VictimQueue:
     sequential swap-in (py-spy: ~40% of the engine thread's busy time on a
     512 MiB stream under a 128 MiB budget). A batch is the `batch` oldest
     pages at the time of the scan; pages faulted in later are younger than
-    all of them, so taking the batch in any order before scanning again
-    keeps the policy's order up to the batch's granularity.
+    all of them, and the batch is handed out in the policy's order, a
+    reclaim step (`step` pages) at a time (_oldest_first), so the policy's
+    order holds up to a step's granularity however long the queue is.
 
     A queued page is handed out only if, now, it is still RESIDENT (or being
     written ahead by cleaner.py: WRITEBACK without F_EVICT) and carries the
