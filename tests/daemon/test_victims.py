@@ -262,3 +262,24 @@ def test_queued_active_pages_go_after_the_inactive_ones():
     q = VictimQueue(batch=150, step=16)           # 100 inactive + the 50 oldest active queued
     (_, pages), = q.take([r], 16, tick=5000)
     assert list(pages) == list(range(100, 116))
+
+
+def test_reclaim_progresses_while_the_clock_stands_still():
+    """The judgement span is counted in pages brought in, and with none
+    coming in (an idle client whose budget is cut) no sampled page ever
+    becomes judged: reclaim must still take pages, the oldest first, as
+    without sampling. (A span-only rule left a 4 MiB region cut to 256 KiB
+    resident: test_review_quarantine_marker.py timed out.)"""
+    r = region(512)
+    r.table.state[:] = pt.RESIDENT
+    r.table.stamp[:] = np.arange(512)
+    q = VictimQueue(batch=64, sampler=CountingSampler())
+    taken: list[int] = []
+    for _ in range(64):
+        got = [int(p) for _, pages in q.take([r], 64, tick=5000) for p in pages]
+        if not got:
+            break
+        r.table.state[got] = pt.SWAPPED
+        taken += got
+    assert len(taken) == 512, len(taken)
+    assert taken[:64] == list(range(64))          # the oldest went first

@@ -315,14 +315,21 @@ class VictimQueue:
             # Nothing judged yet (the first refill, or every page on
             # probation was used or sampled less than a batch of the clock
             # ago): the oldest go, as without sampling -- first those
-            # untouched since sampled at an earlier tick, then the rest
-            # (not the ones sampled with the clock where it is now: no
-            # fault came in between, so their client could not show a use).
-            victims, waiting = _split_oldest(waiting, want, tick)
-            got = sum(len(p) for _, p in victims)
-            if got < want:
-                more, fresh = _split_oldest(fresh, want - got, tick)
-                victims += more
+            # untouched since sampled at an earlier tick, then those not
+            # sampled (or used since), and last those sampled with the
+            # clock where it is now (no page came in since, so their client
+            # had the least chance to show a use). Last, not never: the
+            # clock stands still while no page comes in, and a budget cut
+            # under an idle client must still evict (a region of 4 MiB cut
+            # to 256 KiB stayed resident: test_review_quarantine_marker.py).
+            victims = []
+            for pool in (waiting, fresh, just):
+                got = sum(len(p) for _, p in victims)
+                if got >= want:
+                    break
+                taken, rest = _split_oldest(pool, want - got, tick)
+                victims += taken
+                pool[:] = rest
         probation: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for region in regions:
             # Known pages this scan did not look at: kept as they were.
