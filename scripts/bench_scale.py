@@ -20,7 +20,8 @@ allocated, divided by the pages touched (the fill touches every page). The
 data pages it holds for clients are shared memory (RssShmem) and are not
 counted. The parent adds the direct count: the bytes per page of the page
 table's arrays (uswap/daemon/pagetable.py) and of the slot allocator's
-(uswap/daemon/slots.py), per page of the region.
+(uswap/daemon/slots.py: a byte of reference count per store slot), per
+page of the region.
 
 After the passes the region is freed, and a SPARSE_SIZE (64 GiB) region is
 allocated with nothing in it: the time of the alloc and of the first fault
@@ -183,7 +184,7 @@ def run(spec: dict, mem, counters, prep: list, daemon_pid: int | None, sparse_al
 def direct_bytes_per_page(npages: int, nslots: int) -> dict:
     """The daemon's per-page arrays counted from their own definitions: the
     page table's (per page of a region) and the slot allocator's (per store
-    slot: its free map, reference counts and write-in-flight map), as bytes
+    slot: its reference counts, slots.py), as bytes
     per page of a region of `npages` on a store of `nslots`."""
     from uswap.daemon.pagetable import PageTable
     from uswap.daemon.slots import SlotAllocator

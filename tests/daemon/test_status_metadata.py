@@ -1,7 +1,7 @@
 """`status`'s `metadata`: the daemon's per-page arrays sized from their own
 definitions, not a constant. The page tables grow by exactly
 PageTable.BYTES_PER_PAGE per page of each live region and shrink when a
-region is freed; the slot maps are 4 bytes per slot of the store."""
+region is freed; the slot map is 1 byte per slot of the store."""
 from __future__ import annotations
 
 import uswap
@@ -16,8 +16,9 @@ def test_metadata_counts_the_live_regions_and_the_store(start_daemon, file_backi
     meta = status(d)["metadata"]
     assert meta["page_table_bytes_per_page"] == PageTable.BYTES_PER_PAGE == 14
     assert meta["page_tables_bytes"] == 0
-    # free map (1), reference count (2), write in flight (1) per slot.
-    assert meta["slot_map_bytes"] == 4 * (64 << 20) // PAGE
+    # A reference count in a byte per slot (slots.py: no free map, counts
+    # past 254 spilled to a dict, writes in flight kept as runs).
+    assert meta["slot_map_bytes"] == (64 << 20) // PAGE
     with uswap.connect(d.socket, name="meta-client") as c:
         small = c.alloc(3 * PAGE)
         big = c.alloc(1000 * PAGE)

@@ -134,7 +134,7 @@ class Adoption:
             # a late write could reach it.
             # Costly (no new slot until a write succeeds plus
             # slot_quarantine), and only after a failed rewrite and a death.
-            unnamed = int(np.count_nonzero(self.slots.free_map))
+            unnamed = self.slots.capacity - self.slots.used
             runs = self.slots.claim_free()
             log.warning("adoption: the previous daemon could not record its whole quarantine in %s before it"
                         " died: every slot no page table names (%d) is held for slot_quarantine after the"

@@ -427,8 +427,9 @@ class Engine:
             "draining": self.region_set.draining,
             # The daemon's per-page arrays, from their own sizes: the page
             # tables' (PageTable.BYTES_PER_PAGE per page of a live region,
-            # allocated as pages are touched) and the slot maps' (per store
-            # slot). The rest of its memory (RSS) is the heap and code.
+            # allocated as pages are touched) and the slot map's (one byte of
+            # reference count per store slot, slots.py). The rest of its
+            # memory (RSS) is the heap and code.
             "metadata": {
                 "page_table_bytes_per_page": pt.PageTable.BYTES_PER_PAGE,
                 "page_tables_bytes": sum(r.table.nbytes for r in self.regions.values()),

@@ -206,8 +206,8 @@ class ReadAhead:
         own = table.state[seg] == pt.SWAPPED
         own[0] = True  # `page` itself: SWAPPED, charged by the caller
         slots = table.slot[seg].astype(np.int64)
-        writing = self.slots.writing
-        busy = np.flatnonzero(own & writing[np.where(own, slots, 0)])
+        writing = self.slots.writing_at
+        busy = np.flatnonzero(own & writing(np.where(own, slots, 0)))
         if len(busy):
             own = own[:max(1, int(busy[0]))]
         want = np.flatnonzero(own[1:])
@@ -225,7 +225,7 @@ class ReadAhead:
         at = np.arange(n)
         last_own = np.maximum.accumulate(np.where(own, at, 0))
         through = slots[last_own] + (at - last_own)  # the slot a run from the last own page reads here
-        blocked = ~own & writing[np.clip(through, 0, len(writing) - 1)]
+        blocked = ~own & writing(through)
         blocked_before = np.concatenate(([0], np.cumsum(blocked)))
         base = slots[idx] - idx
         new_run = np.concatenate(([True], (base[1:] != base[:-1])

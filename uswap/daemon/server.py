@@ -24,6 +24,7 @@ from uswap.daemon import metrics
 from uswap.daemon.autobudget import BudgetControl
 from uswap.daemon.connections import Connections, Session
 from uswap.daemon.engine import Engine
+from uswap.daemon import heap
 from uswap.daemon.fdlimits import raise_nofile_limit
 from uswap.daemon.listener import Listener
 from uswap.daemon.notify import Notifier
@@ -58,6 +59,7 @@ class Server:
         self.cfg = cfg
         self.store = store
         self.statedir = statedir
+        heap.fix_mmap_threshold()  # before the engine's arrays: freed large blocks leave the heap
         self.engine = Engine(cfg, store, statedir)
         # Handover (SIGUSR2, the `handover` op): when it began, or None.
         self.handover_since: float | None = None

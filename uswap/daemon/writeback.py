@@ -124,7 +124,7 @@ class Writeback:
             else:
                 self.regions.stats["pages_cleaned"] += count
             self.regions.writes_inflight += 1
-            self.slots.writing[slot:slot + count] = True
+            self.slots.start_write(slot, count)
             region.inflight += 1
             self._submit_write(region, part, slot, None if contiguous else self.write_buffers.pop())
             done += count
@@ -176,7 +176,7 @@ class Writeback:
         region.inflight -= 1
         table = region.table
         n = len(pages)
-        self.slots.writing[slot:slot + n] = False  # the write returned, whatever its outcome
+        self.slots.end_write(slot, n)  # the write returned, whatever its outcome
         if region.closing:
             # Invariant 7: a closed region's slots are freed only now that the
             # write returned (and, for a failed write that may land late, after quarantine).
