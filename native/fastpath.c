@@ -112,6 +112,14 @@ static void fp_hist_observe(struct fp_hist *h, double seconds)
     h->sum += seconds;
 }
 
+/* A fault thread takes the lock, its wait counted (lock_wait). */
+static void fp_thread_lock(struct fp_engine *e)
+{
+    double asked = fp_now();
+    pthread_mutex_lock(&e->lock);
+    fp_hist_observe(&e->lock_wait, fp_now() - asked);
+}
+
 /* Lock held. Wake the engine: once per batch of records it has not taken. */
 static void fp_kick(struct fp_engine *e)
 {
@@ -677,7 +685,7 @@ static void *fp_thread(void *arg)
         for (;;) {
             struct uffd_msg m;
             int got = us_uffd_read_nowait(fd, &m, 1);
-            pthread_mutex_lock(&e->lock);
+            fp_thread_lock(e);
             if (r->closing) {
                 /* The engine closed it meanwhile: it woke the whole range
                  * (RegionSet.close_region); wake a fault read since as well.
@@ -727,7 +735,7 @@ static void *fp_thread(void *arg)
         int64_t result, copied;
         uint32_t sum;
         fp_run(e, &job, buf, &result, &copied, &sum);
-        pthread_mutex_lock(&e->lock);
+        fp_thread_lock(e);
         fp_finish(e, &job, result, copied, sum);
         pthread_mutex_unlock(&e->lock);
     }

@@ -119,6 +119,11 @@ struct fp_engine {
      * fault to mapped; a fault served here from taken to resolved. */
     struct fp_hist swapin_latency;
     struct fp_hist fault_latency;
+    /* Each time a fault thread takes the lock (to dispatch an event it has
+     * read, or to finish a job): how long it waited. The engine holds the
+     * lock whenever it runs, so this is what its steps cost the faults; a
+     * fault waits for its dispatch before fault_latency starts. */
+    struct fp_hist lock_wait;
     struct fp_conn idle[FP_MAX_CONNS];
     struct fp_record *recs;
     int64_t nrecs, caprecs;

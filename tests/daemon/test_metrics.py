@@ -76,7 +76,7 @@ def test_metrics_move_during_a_workload(start_daemon, file_backing):
         assert any(c["name"] == "idle-conn" for c in d.status()["clients"])
         assert {s.labels["name"] for s in now["uswap_client_regions"]} == {"scraped-client"}
         # Histograms have counts, with cumulative buckets ending in +Inf = _count.
-        for hist in ("uswap_swapin_latency_seconds", "uswap_fault_latency_seconds"):
+        for hist in ("uswap_swapin_latency_seconds", "uswap_fault_latency_seconds", "uswap_lock_wait_latency_seconds"):
             buckets = now[f"{hist}_bucket"]
             counts = [b.value for b in buckets]
             assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
@@ -85,6 +85,10 @@ def test_metrics_move_during_a_workload(start_daemon, file_backing):
         # Every swap-in the C fast path made is one observation there (fastpath.c
         # fp_finish): the histogram holds at least as many as it made.
         assert value(now, "uswap_swapin_latency_seconds_count") >= value(now, "uswap_fast_path_swapins_total") > 0
+        # Each fault the fault threads served took the page lock to be
+        # dispatched, and a swap-in took it again to finish: one wait each.
+        assert (value(now, "uswap_lock_wait_latency_seconds_count")
+                >= value(now, "uswap_fast_path_faults_total") + value(now, "uswap_fast_path_swapins_total"))
         w.finish_ok(120)
     finally:
         idle.close()

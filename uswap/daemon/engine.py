@@ -222,7 +222,7 @@ class Engine:
             for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "minor_faults",
                          "present_replaced", "illegal_transitions"):
                 setattr(self.region_set.shared, name, getattr(sh, name))
-            for name in ("swapin_latency", "fault_latency"):
+            for name in ("swapin_latency", "fault_latency", "lock_wait"):
                 setattr(self.region_set.shared, name, latency.copy_of(getattr(sh, name)))
             self.fp.stop()
 
@@ -439,6 +439,8 @@ class Engine:
             "latency": {
                 "swapin": latency.merged(rs.swapin_latency.h, rs.shared.swapin_latency),
                 "fault": latency.merged(rs.fault_latency.h, rs.shared.fault_latency),
+                # The fault threads' waits for the page lock (fastpath.h).
+                "lock_wait": latency.merged(rs.shared.lock_wait),
             },
             "audit": self.audit(),
             "fork": self.fork.status(),

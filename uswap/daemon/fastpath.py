@@ -34,7 +34,8 @@ def plain_shared() -> types.SimpleNamespace:
     return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
                                  faults=0, swapins=0, activations=0, minor_faults=0, present_replaced=0,
                                  illegal_transitions=0,
-                                 swapin_latency=latency.new_shared(), fault_latency=latency.new_shared())
+                                 swapin_latency=latency.new_shared(), fault_latency=latency.new_shared(),
+                                 lock_wait=latency.new_shared())
 
 
 class FastPath:

@@ -13,7 +13,8 @@ for all of it, so a counter added to status is exported without a word here:
   uswap_client_regions, uswap_client_faults_total);
 - `latency`: histograms uswap_swapin_latency_seconds and
   uswap_fault_latency_seconds (latency.py: the engine's and the fast path's
-  observations together).
+  observations together), and uswap_lock_wait_latency_seconds (the fault
+  threads' waits for the page lock).
 
 Thread and lock: the HTTP server runs on a thread of its own and never takes
 the page lock. The engine thread publishes a fresh status dict (a new object
@@ -39,7 +40,8 @@ PREFIX = "uswap"
 #: Keys of status exposed by rules of their own (below), not as plain numbers.
 OWN_RULES = ("clients", "latency")
 HISTOGRAMS = {"swapin": "swap-in latency: a store read, from the fault that asked for it to its pages mapped",
-              "fault": "fault-service latency: a page fault, from when the daemon took it to when it was resolved"}
+              "fault": "fault-service latency: a page fault, from when the daemon took it to when it was resolved",
+              "lock_wait": "the fault threads' waits for the page lock, which the engine holds while it runs"}
 
 
 def status_numbers(status: dict) -> Iterator[tuple[str, float]]:
