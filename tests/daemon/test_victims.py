@@ -283,30 +283,3 @@ def test_reclaim_progresses_while_the_clock_stands_still():
         taken += got
     assert len(taken) == 512, len(taken)
     assert taken[:64] == list(range(64))          # the oldest went first
-
-
-def test_peek_reads_a_regions_lock_state_once_not_per_slice():
-    """The queue is handed out a reclaim step at a time (_oldest_first): a
-    region's queued victims are many entries, one per step-sized slice. The
-    cleaner's peek looks through as many as its reserve misses (up to half
-    the budget) every CLEAN_STEP faults; judged an entry at a time, it read
-    the client's /proc/PID/status (lock_key, via locked_now) and ran
-    _usable's numpy steps once per slice: 1.44 ms per peek of 26214 pages
-    of a 1 GiB region against 0.40 ms before the slices (/tmp/rvm/peek_prof.py
-    in the report). A region's run of entries is judged at once."""
-    r = region(8192)
-    r.table.state[:] = pt.RESIDENT
-    r.table.stamp[:] = np.random.default_rng(3).permutation(8192).astype(np.uint32)
-    reads = []
-    q = VictimQueue(batch=4096, step=16, lock_key=lambda reg: reads.append(reg.id) or 1,
-                    read_locked=lambda reg: None)
-    q.peek([r], 1024, tick=10000)                 # a scan: 2048 victims queued, 128 slices
-    assert len(q.pending) > 100
-    reads.clear()
-    out = q.peek([r], 1024, tick=10000)
-    assert sum(len(p) for _, p in out) == 1024
-    assert len(reads) <= 2, len(reads)
-    # Still handed out in the queue's order, each entry's pages sorted.
-    flat = [int(p) for _, pages in out for p in pages]
-    assert flat == [int(p) for _, pages, _ in q.pending for p in pages][:1024]
-    assert all((np.diff(pages) > 0).all() for _, pages in out)

@@ -486,32 +486,15 @@ class VictimQueue:
         """Up to `want` of the queued victims still usable, in take's order."""
         out: list[tuple[object, np.ndarray]] = []
         got = 0
-        pending = self.pending
-        i = 0
-        while i < len(pending) and got < want:
-            # A region's consecutive entries (slices of _oldest_first), as
-            # many as could still be wanted, judged by one _usable call: one
-            # per entry read the client's status file and ran its numpy
-            # steps per slice (3.6x the peek's cost on one 1 GiB region).
-            region = pending[i][0]
-            j, queued = i, 0
-            while j < len(pending) and pending[j][0] is region and queued < want - got:
-                queued += len(pending[j][1])
-                j += 1
+        for region, pages, stamps in self.pending:
+            if got >= want:
+                break
             if region.closing:
-                i = j
                 continue
-            entries = pending[i:j]
-            ok = self._usable(region, np.concatenate([p for _, p, _ in entries]),
-                              np.concatenate([s for _, _, s in entries]), False)
-            pos = 0
-            for _, pages, _ in entries:
-                sel = pages[ok[pos:pos + len(pages)]][:want - got]
-                pos += len(pages)
-                if len(sel):
-                    out.append((region, sel))
-                    got += len(sel)
-            i = j
+            sel = pages[self._usable(region, pages, stamps, False)][:want - got]
+            if len(sel):
+                out.append((region, sel))
+                got += len(sel)
         return out
 
     def _scan(self, regions: list, want: int, tick: int, clean_only: bool) -> None:
