@@ -106,8 +106,7 @@ SCALE_SYSTEMS = ("kernel-swap", "uswap-file", "uswap-nfs")
 EXTRA_WORKLOADS = PROGRAM_WORKLOADS + SCALE_WORKLOADS  # run only when named in --workloads
 NFS_FILE = "uswap-bench-{pid}.store"  # in the NFS export, removed at the end
 NFS_SCALE_FILE = "uswap-bench-{pid}-scale.store"
-FAST_PATH_SPLIT = ("fast_path_faults", "fast_path_swapins", "swapins", "minor_faults", "sampled_pages",
-                   "activations")  # per repetition, uswap only
+FAST_PATH_SPLIT = ("fast_path_faults", "fast_path_swapins", "swapins")  # per repetition, uswap only
 PIN_MODES = ("none", "same", "split")
 # --pin: (CPUs of the measuring child, CPUs of the daemon's threads), or None for no pinning
 PIN_CPUS = {"none": None, "same": ({0}, {0}), "split": ({0}, {1})}

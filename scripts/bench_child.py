@@ -63,8 +63,7 @@ def vmstat_swap_pages() -> int:
 
 # Where the daemon's faults and swap-ins were served: on the fast path's C
 # threads or by the engine (per repetition, as deltas in its record).
-SPLIT_COUNTERS = ("fast_path_faults_total", "fast_path_swapins_total", "swapins_total", "minor_faults_total",
-                  "sampled_pages_total", "activations_total")
+SPLIT_COUNTERS = ("fast_path_faults_total", "fast_path_swapins_total", "swapins_total")
 
 
 class UswapCounters:

@@ -50,7 +50,7 @@ class Reclaim:
         self.sampler = AccessSampler()
         self.victims = VictimQueue(scan_pages(budget.max_pages),
                                    lock_key=self._lock_key, read_locked=self._locked_pages,
-                                   sampler=self.sampler, step=RECLAIM_STEP)
+                                   sampler=self.sampler)
         # A victim's write may still be in flight when its client mlocks it:
         # writeback asks again before it drops the page (writeback.py).
         writeback.locked_pages = self.victims.locked_now

@@ -5,11 +5,9 @@ first write after write-protection), so a page's stamp is its last fault --
 or its last use seen by sampling: before the oldest pages are evicted they
 are sampled (sampling.py: taken out of the client's page tables, so their
 next touch is a MINOR fault that stamps them), and only those still unused
-a batch of the clock later (the span between two of reclaim's own scans,
-however often the cleaner's peek scans in between) are victims
-(VictimQueue._refill). A page read often without faulting is kept, as exact
-LRU would keep it; a page nobody touches waits one batch longer than it
-would without sampling.
+a scan later are victims (VictimQueue._refill). A page read often without
+faulting is kept, as exact LRU would keep it; a page nobody touches waits
+one scan longer than it would without sampling.
 Pages that refault soon after eviction come back ACTIVE (the engine measures
 the refault distance, as Linux's workingset code does). Victims are the oldest
 inactive pages; active pages are taken only when too few inactive ones are
@@ -124,49 +122,6 @@ def _split_oldest(groups: list[tuple[object, np.ndarray]], k: int,
     return oldest, rest
 
 
-def _when(held: tuple[np.ndarray, np.ndarray], pages: np.ndarray) -> np.ndarray:
-    """The clocks `held` (sorted pages, then per page a value: held[-1])
-    gives `pages` (each among held's)."""
-    return held[-1][np.searchsorted(held[0], pages)]
-
-
-def _oldest_first(groups: list[tuple[object, np.ndarray]], tick: int,
-                  step: int) -> list[tuple[object, np.ndarray, np.ndarray]]:
-    """Victims [(region, sorted pages)] as queue entries (region, pages,
-    their stamps), oldest first: cut, in order of age, into slices of `step`
-    pages, and each slice's pages of one region sorted (punches and writes
-    take runs of adjacent pages).
-
-    Why: the queue can hold many times what one reclaim step takes -- the
-    cleaner's peek asks for as many as its reserve misses, twice over, up to
-    half the budget -- and handed out in page order, reclaim took them in no
-    order of age, and active pages among them before inactive ones: on the
-    bench's zipf-read trace, with the reserve grown by the fill's dirty
-    waits (as in bench runs), faults were 1.12x exact LRU, and 0.96x handed
-    out in this order (scripts/sim_victims.py --reserve-extra 1638)."""
-    groups = [(r, p) for r, p in groups if len(p)]
-    if not groups:
-        return []
-    pages = np.concatenate([p for _, p in groups])
-    which = np.repeat(np.arange(len(groups)), [len(p) for _, p in groups])
-    stamps = np.concatenate([r.table.stamp[p] for r, p in groups])
-    ages = (np.uint32(tick & 0xFFFFFFFF) - stamps).astype(np.uint32)
-    active = np.concatenate([(r.table.flags[p] & pt.F_ACTIVE) != 0 for r, p in groups])
-    # Inactive pages before active ones (choose_victims' order), each
-    # oldest first; equal ages by page.
-    order = np.lexsort((-ages.astype(np.int64), active))
-    part = np.empty(len(order), np.int64)
-    part[order] = np.arange(len(order)) // step     # each page's slice
-    # By slice, then region, then page: one entry per region in a slice
-    # (vectorised: a loop per slice cost ~0.25 us per queued page).
-    final = np.lexsort((pages, which, part))
-    part, which, pages, stamps = part[final], which[final], pages[final], stamps[final]
-    cuts = np.flatnonzero((np.diff(part) != 0) | (np.diff(which) != 0)) + 1
-    starts, ends = np.concatenate(([0], cuts)), np.concatenate((cuts, [len(pages)]))
-    out = [(groups[which[a]][0], pages[a:b], stamps[a:b]) for a, b in zip(starts.tolist(), ends.tolist())]
-    return out
-
-
 class VictimQueue:
     """Victims chosen ahead, a batch at a time, so that one scan of the page
     tables serves several reclaim steps.
@@ -176,9 +131,8 @@ class VictimQueue:
     sequential swap-in (py-spy: ~40% of the engine thread's busy time on a
     512 MiB stream under a 128 MiB budget). A batch is the `batch` oldest
     pages at the time of the scan; pages faulted in later are younger than
-    all of them, and the batch is handed out in the policy's order, a
-    reclaim step (`step` pages) at a time (_oldest_first), so the policy's
-    order holds up to a step's granularity however long the queue is.
+    all of them, so taking the batch in any order before scanning again
+    keeps the policy's order up to the batch's granularity.
 
     A queued page is handed out only if, now, it is still RESIDENT (or being
     written ahead by cleaner.py: WRITEBACK without F_EVICT) and carries the
@@ -200,23 +154,21 @@ class VictimQueue:
 
     def __init__(self, batch: int, lock_key: Callable[[object], object] | None = None,
                  read_locked: Callable[[object], np.ndarray | None] | None = None,
-                 sampler: AccessSampler | None = None, step: int = 256) -> None:
+                 sampler: AccessSampler | None = None) -> None:
         self.batch = batch
-        self.step = step  # the queue is handed out oldest first, to this many pages (_oldest_first)
         self.pending: list[tuple[object, np.ndarray, np.ndarray]] = []  # (region, pages, stamps)
         self.lock_key = lock_key
         self.read_locked = read_locked
         self.locked: dict[int, tuple[object, np.ndarray | None]] = {}  # region id -> (key, mask)
         self.sampler = sampler
         # Pages on probation (sampled, or judged and no longer queued, see
-        # _refill): region id -> (sorted pages, their stamps when sampled,
-        # the clock when they were sampled).
-        self.probation: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # _refill): region id -> (sorted pages, their stamps when sampled).
+        self.probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # The queued victims a scan judged (sampled and found untouched),
-        # region id -> (sorted pages, their stamps, when sampled): not those
-        # queued when nothing could be judged, nor the ones the sampler could
-        # not reach, which were never sampled (a use of theirs leaves no stamp).
-        self.judged: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # region id -> (sorted pages, their stamps): not those queued when
+        # nothing could be judged, nor the ones the sampler could not reach,
+        # which were never sampled (a use of theirs leaves no stamp).
+        self.judged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.scan_tick = -1  # the clock at the last scan
 
     def clear(self) -> None:
@@ -252,29 +204,15 @@ class VictimQueue:
         that many candidates).
 
         Without sampling: the `batch` oldest pages. With it: the 2 x `batch`
-        oldest are looked at; those sampled at least `batch` ticks of the
-        clock ago and untouched since (their stamp is the one they were
-        sampled or queued with: on probation, or still in the queue this
-        scan replaces) are judged, and are the victims, oldest first, up to
-        `batch` (fewer than `want` is progress: reclaim asks again); those
-        sampled less than `batch` ticks ago wait on probation; the others
-        are sampled now and go on probation, except the `want` oldest when
-        none could be judged (a fault may be waiting for room: it is not
-        kept waiting for a judgement; those untouched since sampled at an
-        earlier tick go first), and except pages the sampler cannot reach,
-        which are judged by their stamp alone, as without sampling.
-
-        Why a span of the clock, and not "until the next scan": the
-        cleaner's peek rescans whenever fewer victims than it wants are
-        queued, which on a read-only load at the budget is every few hundred
-        pages brought in. Judged at the next scan, a page had that little
-        time to show a use; on the bench's zipf-read trace (Zipf(1.2) reads,
-        a quarter of the pages resident) pages read every few thousand
-        accesses went for looking unused: faults 1.04x exact LRU against
-        0.99x with reclaim's own scans alone, 1.02x with the span
-        (scripts/sim_victims.py, which replays the trace through this
-        queue; --no-cleaner). A batch is the span reclaim's own scans leave
-        between two: one batch of victims taken, as many pages brought in.
+        oldest are looked at; those judged already and untouched since (their
+        stamp is the one they were sampled or queued with: on probation, or
+        still in the queue this scan replaces) are the victims, oldest
+        first, up to `batch` (fewer than `want` is progress: reclaim asks
+        again); the others are sampled now and go on probation, except the
+        `want` oldest when none could be judged (a fault may be waiting for
+        room: it is not kept waiting for a judgement), and except pages the
+        sampler cannot reach, which are judged by their stamp alone, as
+        without sampling.
 
         What was judged is never sampled again while it stays untouched:
         the queued victims a scan replaces (peek scans whenever fewer than
@@ -289,48 +227,25 @@ class VictimQueue:
         if self.sampler is None:
             self.probation = {}
             self.judged = {}
-            self.pending = _oldest_first(choose_victims(regions, n, tick, clean_only, locked), tick, self.step)
+            self.pending = [(region, pages, region.table.stamp[pages].copy())
+                            for region, pages in choose_victims(regions, n, tick, clean_only, locked)]
             return
         known = self._known(regions, locked)
         judged: list[tuple[object, np.ndarray]] = []
-        waiting: list[tuple[object, np.ndarray]] = []
-        just: list[tuple[object, np.ndarray]] = []
         fresh: list[tuple[object, np.ndarray]] = []
         looked: dict[int, np.ndarray] = {}
-        since: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # region id -> (pages, when sampled)
         for region, pages in choose_victims(regions, 2 * n, tick, clean_only, locked):
             looked[region.id] = pages
-            untouched, sampled_at = self._untouched(known.get(region.id), region, pages)
-            age = (np.uint32(tick & 0xFFFFFFFF) - sampled_at).astype(np.uint32)
-            # Untouched for a batch of the clock since sampled: judged.
-            judged.append((region, pages[untouched & (age >= self.batch)]))
-            waiting.append((region, pages[untouched & (age > 0) & (age < self.batch)]))
-            just.append((region, pages[untouched & (age == 0)]))   # sampled with the clock where it is
+            untouched = self._untouched(known.get(region.id), region, pages)
+            judged.append((region, pages[untouched]))
             fresh.append((region, pages[~untouched]))
-            since[region.id] = (pages[untouched], sampled_at[untouched])
         victims, kept = _split_oldest(judged, n, tick)
-        self.judged = {region.id: (pages, region.table.stamp[pages].copy(), _when(since[region.id], pages))
-                       for region, pages in victims}
+        self.judged = {region.id: (pages, region.table.stamp[pages].copy()) for region, pages in victims}
         if not victims:
             # Nothing judged yet (the first refill, or every page on
-            # probation was used or sampled less than a batch of the clock
-            # ago): the oldest go, as without sampling -- first those
-            # untouched since sampled at an earlier tick, then those not
-            # sampled (or used since), and last those sampled with the
-            # clock where it is now (no page came in since, so their client
-            # had the least chance to show a use). Last, not never: the
-            # clock stands still while no page comes in, and a budget cut
-            # under an idle client must still evict (a region of 4 MiB cut
-            # to 256 KiB stayed resident: test_review_quarantine_marker.py).
-            victims = []
-            for pool in (waiting, fresh, just):
-                got = sum(len(p) for _, p in victims)
-                if got >= want:
-                    break
-                taken, rest = _split_oldest(pool, want - got, tick)
-                victims += taken
-                pool[:] = rest
-        probation: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+            # probation was used): the oldest go, as without sampling.
+            victims, fresh = _split_oldest(fresh, want, tick)
+        probation: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for region in regions:
             # Known pages this scan did not look at: kept as they were.
             held = known.get(region.id)
@@ -339,57 +254,46 @@ class VictimQueue:
             seen = looked.get(region.id)
             away = held[0] if seen is None else np.setdiff1d(held[0], seen, assume_unique=True)
             if len(away):
-                probation[region.id] = (away, region.table.stamp[away].copy(), _when(held, away))
-        for region, pages, new in ([(r, p, False) for r, p in kept + waiting + just]
-                                   + [(r, p, True) for r, p in fresh]):
+                probation[region.id] = (away, region.table.stamp[away].copy())
+        for region, pages, new in [(r, p, False) for r, p in kept] + [(r, p, True) for r, p in fresh]:
             if not len(pages):
                 continue
-            if new:
-                if not self.sampler.sample(region, pages):
-                    victims.append((region, pages))   # unreachable: judged by its stamps
-                    continue
-                at = np.full(len(pages), np.uint32(tick & 0xFFFFFFFF), np.uint32)
-            else:
-                at = _when(since[region.id], pages)
+            if new and not self.sampler.sample(region, pages):
+                victims.append((region, pages))   # unreachable: judged by its stamps
+                continue
             old = probation.get(region.id)
             # Disjoint by construction (`away` is outside what this scan
-            # looked at; kept, waiting, just and fresh split what it looked at),
-            # so a sort of the two is their union: np.union1d's unique is
-            # hash-based in this numpy, ~72 ms for a 1 GiB region's pages (a
-            # refill with all of them on probation took 230 ms against 7).
-            if old is None:
-                merged, merged_at = pages, at
-            else:
-                cat = np.concatenate((old[0], pages))
-                order = np.argsort(cat, kind="stable")
-                merged, merged_at = cat[order], np.concatenate((old[2], at))[order]
-            probation[region.id] = (merged, region.table.stamp[merged].copy(), merged_at)
+            # looked at; kept and fresh split what it looked at), so a sort
+            # of the two is their union: np.union1d's unique is hash-based
+            # in this numpy, ~72 ms for a 1 GiB region's pages (a refill
+            # with all of them on probation took 230 ms against 7).
+            merged = pages if old is None else np.sort(np.concatenate((old[0], pages)))
+            probation[region.id] = (merged, region.table.stamp[merged].copy())
         self.probation = probation
-        self.pending = _oldest_first(victims, tick, self.step)
+        self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
 
-    def _known(self, regions: list, locked: dict) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _known(self, regions: list, locked: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Pages judged or sampled before and untouched since, per region id
-        (sorted pages, their stamps, the clock when they were sampled):
-        those on probation and the queued victims a scan judged (not those
-        queued unjudged, self.judged), both while RESIDENT or being written
-        ahead with their stamp unchanged; a page leaving memory, used, or in
-        a range its client mlocked now (`locked`, as _refresh_locked read
-        it: pinned I/O may use it unseen) is forgotten."""
-        out: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-        for rid, held in self.probation.items():
-            parts.setdefault(rid, []).append(held)
-        for rid, held in self.judged.items():
+        (sorted pages, their stamps): those on probation and the queued
+        victims a scan judged (not those queued unjudged, self.judged), both
+        while RESIDENT or being written ahead with their stamp
+        unchanged; a page leaving memory, used, or in a range its client
+        mlocked now (`locked`, as _refresh_locked read it: pinned I/O may
+        use it unseen) is forgotten."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        for rid, (pages, stamps) in self.probation.items():
+            parts.setdefault(rid, []).append((pages, stamps))
+        for rid, (pages, stamps) in self.judged.items():
             # Only what a scan judged: a queued page never sampled is
             # sampled when a scan meets it again, as any other.
-            parts.setdefault(rid, []).append(held)
+            parts.setdefault(rid, []).append((pages, stamps))
         for region in regions:
             held = parts.get(region.id)
             if held is None or region.closing:
                 continue
-            pages = np.concatenate([p for p, _, _ in held])
-            stamps = np.concatenate([s for _, s, _ in held])
-            at = np.concatenate([a for _, _, a in held])
+            pages = np.concatenate([p for p, _ in held])
+            stamps = np.concatenate([s for _, s in held])
             table = region.table
             state = table.state[pages]
             ok = (((state == pt.RESIDENT) | ((state == pt.WRITEBACK) & ((table.flags[pages] & pt.F_EVICT) == 0)))
@@ -399,22 +303,20 @@ class VictimQueue:
                 ok &= ~never[pages]
             pages, first = np.unique(pages[ok], return_index=True)
             if len(pages):
-                out[region.id] = (pages, stamps[ok][first], at[ok][first])
+                out[region.id] = (pages, stamps[ok][first])
         return out
 
     @staticmethod
-    def _untouched(held: tuple[np.ndarray, np.ndarray, np.ndarray] | None, region,
-                   pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mask of `pages` (sorted) among `held` (sorted pages, their stamps
-        then, when sampled) and not used since: an unchanged stamp (a use
-        after sampling is a MINOR fault, which stamps the page; so does
-        every other way back into memory); and the clock when each was
-        sampled (meaningless where the mask is False)."""
+    def _untouched(held: tuple[np.ndarray, np.ndarray] | None, region, pages: np.ndarray) -> np.ndarray:
+        """Mask of `pages` (sorted) among `held` (sorted pages and their
+        stamps then) and not used since: an unchanged stamp (a use after
+        sampling is a MINOR fault, which stamps the page; so does every
+        other way back into memory)."""
         if held is None or not len(held[0]):
-            return np.zeros(len(pages), bool), np.zeros(len(pages), np.uint32)
-        sampled, stamps, at = held
+            return np.zeros(len(pages), bool)
+        sampled, stamps = held
         pos = np.minimum(np.searchsorted(sampled, pages), len(sampled) - 1)
-        return (sampled[pos] == pages) & (stamps[pos] == region.table.stamp[pages]), at[pos]
+        return (sampled[pos] == pages) & (stamps[pos] == region.table.stamp[pages])
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
