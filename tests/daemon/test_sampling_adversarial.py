@@ -141,16 +141,23 @@ def test_sampled_pages_never_reach_kernel_swap(file_backing, start_daemon, kerne
     the memfd, and the host's own reclaim may page it out (this machine's
     DAMON pageout scheme did, now and then: 4-8 kB in a run, kdamond's
     writes each time)."""
+    _sampled_pages_reach_no_kernel_swap(start_daemon, file_backing, CLIENT)
+
+
+
+def _sampled_pages_reach_no_kernel_swap(start_daemon, file_backing, client: str) -> None:
+    """Two sampled passes of `client` over four budgets under a real daemon:
+    its data intact, pages sampled, and none written to kernel swap by the
+    daemon's own reclaim (its MADV_PAGEOUT: tests/swap_writes.py)."""
     d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
     with SwapWrites(d.proc.pid) as writes:
-        before, after = _run(d, 4 * BUDGET_PAGES, rounds=2, forks=0)
+        before, after = _run(d, 4 * BUDGET_PAGES, rounds=2, forks=0, client=client)
         written = writes.count()
     assert after["result"] == {"bad_now": 0, "bad_end": 0, "children": []}, after
     assert after["sampled_pages_total"] - before["sampled_pages_total"] > BUDGET_PAGES, after
     assert written == 0, f"the daemon's MADV_PAGEOUT wrote {written} pages to kernel swap"
     assert_audit(after)
     finish_clean(d)
-
 
 
 # The same client, but the memfd it sends is one it reopened through
@@ -175,15 +182,7 @@ def test_sampled_pages_never_reach_kernel_swap_whatever_the_memfds_flags(file_ba
     """As above, with a client that set O_DIRECT on the open file of the
     memfd it sent (native/pagehold.h holds from a file of its own)."""
     assert "F_SETFL" in O_DIRECT_CLIENT
-    d = start_daemon(file_backing, store_size="64M", max_resident=f"{BUDGET_PAGES * 4 // 1024}M")
-    with SwapWrites(d.proc.pid) as writes:
-        before, after = _run(d, 4 * BUDGET_PAGES, rounds=2, forks=0, client=O_DIRECT_CLIENT)
-        written = writes.count()
-    assert after["result"] == {"bad_now": 0, "bad_end": 0, "children": []}, after
-    assert after["sampled_pages_total"] - before["sampled_pages_total"] > BUDGET_PAGES, after
-    assert written == 0, f"the daemon's MADV_PAGEOUT wrote {written} pages to kernel swap"
-    assert_audit(after)
-    finish_clean(d)
+    _sampled_pages_reach_no_kernel_swap(start_daemon, file_backing, O_DIRECT_CLIENT)
 
 # A client whose `free` request looks, before it is sent, whether the
 # region's range could be taken by a new mapping (MAP_FIXED_NOREPLACE
