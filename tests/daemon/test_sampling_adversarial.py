@@ -268,6 +268,15 @@ def _fds(pid: int) -> list[str]:
     return sorted(out)
 
 
+def _client_fds(pid: int) -> list[str]:
+    """The daemon's fds that belong to a client: memfds, userfaultfds and
+    pidfds past the daemon's own one."""
+    fds = _fds(pid)
+    mine = [t for t in fds if t.startswith("/memfd:") or t == "anon_inode:[userfaultfd]"]
+    pidfds = [t for t in fds if t == "anon_inode:[pidfd]"]
+    return mine + pidfds[1:]
+
+
 def _pipe_bytes(pid: int) -> int:
     """Bytes waiting in all of the daemon's pipes (FIONREAD through
     /proc/PID/fd: a second open of the same pipe, nothing is read)."""
@@ -304,6 +313,11 @@ def test_clients_killed_while_sampled_leak_nothing(file_backing, start_daemon):
             c.kill()
         wait_for("the client's regions released",
                  lambda: status(d)["resident_bytes"] == 0 and not status(d)["clients"], timeout=30)
+        # A region's fds may close a moment after status shows it released
+        # (a job that held them returning): wait until none of the dead
+        # client's is left -- a leak never gets there and fails here.
+        wait_for("the daemon holds no memfd, uffd or pidfd of the dead client", lambda: _client_fds(dpid) == [],
+                 timeout=30)
         counts.append(_fds(dpid))
     st = status(d)
     assert st["sampled_pages_total"] > 0, st
