@@ -104,10 +104,14 @@ def test_stream_reads_through_resident_pages_and_keeps_windows_in_flight(backing
         counts = dict(faults=faults, reads=reads, through=through, read_pages=read_pages)
         assert reads <= bound, counts
         # The windows read through resident pages and covered the pass. Those
-        # passed over are the random pass's, and a few more where a window
-        # cut short by a non-adjacent slot leaves pages of its own that a
-        # later aligned window passes over again (137 seen under load).
-        assert 0 < through <= len(scattered) + RA_MAX // 4, counts
+        # passed over are the random pass's, and more where a window cut
+        # short by a non-adjacent slot leaves pages of its own that a later
+        # aligned window passes over again: how many depends on how reclaim's
+        # batches fell during the fill (137 seen under load; 209 and 240 in
+        # runs beside other test suites, on main as on a change). The upper
+        # bound catches windows that re-read what they read (every page of
+        # the pass read over again: ~PASS), not that scatter.
+        assert 0 < through <= 2 * len(scattered) + RA_MAX, counts
         assert read_pages >= PASS - len(scattered) - RA_MAX // 8, counts
         # Several windows of the stream in flight at once (it was two).
         assert st1["swapin_reads_peak"] > 2, st1
