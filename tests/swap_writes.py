@@ -17,17 +17,30 @@ pages out (damon_pa_apply_scheme), and the daemon's threads wrote none.
 The events are kept in a tracefs instance of this module's own (the
 global trace buffer is left alone), filtered in the kernel to the tasks
 given and the threads they start later (set_event_pid, event-fork).
-Root only, as swapon is."""
+Root only, as swapon is; tracefs is mounted when it is not yet (_tracefs)."""
 from __future__ import annotations
 
 import itertools
 import os
+import subprocess
 from types import TracebackType
 
-_TRACEFS = next((p for p in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-                 if os.path.isdir(f"{p}/instances")), None)
+_TRACING = "/sys/kernel/tracing"
 _EVENT = "events/vmscan/mm_vmscan_write_folio"
 _names = itertools.count()
+
+
+def _tracefs() -> str:
+    """Where tracefs is mounted; mounted at /sys/kernel/tracing when it is
+    nowhere yet (a freshly booted machine: systemd mounts it only on
+    demand, and CI machines boot fresh). The mount is left in place, as
+    systemd's would be."""
+    for path in (_TRACING, "/sys/kernel/debug/tracing"):
+        if os.path.isdir(f"{path}/instances"):
+            return path
+    subprocess.run(["mount", "-t", "tracefs", "nodev", _TRACING], check=True)
+    assert os.path.isdir(f"{_TRACING}/instances"), f"tracefs mounted at {_TRACING} has no instances/"
+    return _TRACING
 
 
 def _write(path: str, text: str) -> None:
@@ -40,8 +53,7 @@ class SwapWrites:
     now or starts later) while this is open: `count()`."""
 
     def __init__(self, pid: int) -> None:
-        assert _TRACEFS is not None, "tracefs (with instances) is needed to see what reclaim writes to swap"
-        self.dir = f"{_TRACEFS}/instances/uswap-swap-writes-{os.getpid()}-{next(_names)}"
+        self.dir = f"{_tracefs()}/instances/uswap-swap-writes-{os.getpid()}-{next(_names)}"
         os.mkdir(self.dir)
         try:
             _write(f"{self.dir}/buffer_size_kb", "256")
