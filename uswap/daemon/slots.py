@@ -71,9 +71,18 @@ class SlotAllocator:
         if self.spilled:
             at = np.flatnonzero(held == SPILLED)
             if len(at):
-                idx = np.arange(self.nslots)[slots] if isinstance(slots, slice) else np.asarray(slots)
+                idx = self._index(slots)
                 held[at] = [self.spilled[int(s)] for s in idx[at]]
         return held
+
+    def _index(self, slots) -> np.ndarray:
+        """The slot numbers `slots` (a slice or an index array) names. A
+        slice's own range only: np.arange(nslots)[slots] built an int64 array
+        of the whole store (128 MiB for a 64 GiB one) to free one run holding
+        a spilled count."""
+        if isinstance(slots, slice):
+            return np.arange(*slots.indices(self.nslots))
+        return np.asarray(slots)
 
     def _set(self, slots, held: np.ndarray, new: np.ndarray) -> None:
         """Set the counts of `slots` (their counts now `held`) to `new`,
@@ -82,7 +91,7 @@ class SlotAllocator:
         self.refs[slots] = np.minimum(new, SPILLED)
         moved = np.flatnonzero((held >= SPILLED) | (new >= SPILLED))
         if len(moved):
-            idx = np.arange(self.nslots)[slots] if isinstance(slots, slice) else np.asarray(slots)
+            idx = self._index(slots)
             for s, n in zip(idx[moved].tolist(), new[moved].tolist()):
                 if n >= SPILLED:
                     self.spilled[s] = n
