@@ -108,7 +108,8 @@ def test_a_run_holding_a_spilled_count_costs_its_own_slots_not_the_stores():
 
 def test_shares_past_max_refs_are_refused_and_change_nothing():
     s = SlotAllocator(64)
-    s.claim(np.full(MAX_REFS - 1, 7, np.int64))  # one table naming 7 that often: damaged, but counted
+    for _ in range(MAX_REFS - 1):  # MAX_REFS - 1 tables naming 7 (forks of forks)
+        s.claim(np.array([-1, 7], np.int64))
     s.share(np.array([7], np.int64))
     assert s.counts([7]).tolist() == [MAX_REFS]
     with pytest.raises(OverflowError):
@@ -121,6 +122,25 @@ def test_shares_past_max_refs_are_refused_and_change_nothing():
     # claim_free cannot add one to slot 7: one run per free gap instead.
     assert s.claim_free() == [(1, 6), (8, 56)]
     assert s.alloc(1) is None
+
+
+def test_a_table_naming_a_slot_at_two_pages_is_refused_whole():
+    # One table names a slot once (a fork's share is another table's): a
+    # repeat is damage. Claiming each repeat while free_many drops one
+    # reference per slot leaked the slot when the table was freed.
+    s = SlotAllocator(64)
+    table = np.array([-1, 5, 9, 5, 12, 9, 9], np.int64)
+    with pytest.raises(ValueError, match=r"names 2 slots at more than one page: slot 5 at pages 1, 3;"
+                                         r" slot 9 at pages 2, 5, 6"):
+        s.claim(table)
+    assert (s.used, s.references, s.counts(slice(0, 64)).any()) == (0, 0, False)
+    # Two tables naming one slot each once: claimed once by each.
+    s.claim(np.array([-1, 5, 9], np.int64))
+    s.claim(np.array([5, -1, 12], np.int64))
+    assert s.counts([5, 9, 12]).tolist() == [2, 1, 1] and (s.used, s.references) == (3, 4)
+    s.free_many(np.array([-1, 5, 9], np.int64))
+    s.free_many(np.array([5, -1, 12], np.int64))
+    assert (s.used, s.references) == (0, 0)
 
 
 def test_alloc_is_next_fit_in_runs_of_free_slots():

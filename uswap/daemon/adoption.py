@@ -4,7 +4,10 @@ section 9).
 
 At start (`load`, before the daemon is ready) every region the directory
 holds becomes an *orphan*: its page table is mapped again, and the slots it
-names are claimed, so slot ownership is what the tables say. An orphan waits
+names are claimed, so slot ownership is what the tables say (a table
+damaged from outside -- a slot outside the store or named at two of its
+pages -- is refused whole, the slots of its writes in flight quarantined:
+_hold_damaged_writes). An orphan waits
 up to `adopt_timeout` for its client, whose connection broke when the old
 daemon died, to reconnect and send the region's uffd and memfd again (the
 `adopt` op, adoptop.py; uswap/client.py does it by itself). Then `reclaim`
@@ -32,7 +35,7 @@ from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region, RegionRefused, check_region_fds, check_same_uffd
 from uswap.daemon.regionset import PAGE, RegionSet
 from uswap.daemon.resolve import Resolver
-from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.slots import RESERVED, SlotAllocator
 from uswap.daemon.statedir import StateDir
 from uswap.daemon.writeback import Writeback
 
@@ -102,6 +105,7 @@ class Adoption:
         self.writeback.quarantine_runs(held)
         for meta in self.statedir.orphans():
             rid = meta["id"]
+            table = None
             try:
                 table = pt.PageTable.load(self.statedir.table_path(rid), int(meta["npages"]))
                 table.region_id = rid
@@ -109,14 +113,18 @@ class Adoption:
                 if meta.get("closing"):
                     # Freed (its client was answered) and not adoptable, but
                     # a write it had in flight may still land: quarantined.
-                    self.slots.claim(table.slot[table.state == pt.WRITEBACK])
+                    self.slots.claim(np.where(table.state == pt.WRITEBACK, table.slot, pt.NO_SLOT))
                     self.resolver.quarantine_writes(table)
                     self._remove_files(rid)
                     continue
                 self.slots.claim(table.slot)
             except (OSError, ValueError, KeyError) as e:
+                # A damaged table (a slot outside the store, or named at two
+                # pages: SlotAllocator.claim) is not trusted for any page.
                 log.error("adoption: region %d of the previous daemon cannot be adopted: %s; its pages are lost",
                           rid, e)
+                if table is not None:
+                    self._hold_damaged_writes(rid, table)
                 self._remove_files(rid)
                 self.dropped += 1
                 continue
@@ -141,6 +149,25 @@ class Adoption:
                         " store's next accepted write", self.statedir.path, unnamed)
             self.statedir.keep_unsaved_mark(False)
             self.writeback.quarantine_runs(runs)
+
+    def _hold_damaged_writes(self, rid: int, table: pt.PageTable) -> None:
+        """A table refused as damaged claims nothing, but a write of the
+        dead daemon to a slot its WRITEBACK pages name may still land
+        (nfs://): each such slot inside the store is quarantined once (one
+        reference, however many of its pages name it), as for a dropped
+        orphan, so no new page is written there before the quarantine ends."""
+        wb = table.slot[(table.state == pt.WRITEBACK) & (table.slot >= RESERVED) & (table.slot < self.slots.nslots)]
+        held = []
+        for slot in np.unique(wb).tolist():
+            try:
+                self.slots.claim_run(slot, 1)
+            except OverflowError as e:
+                log.error("adoption: region %d: slot %d of a write in flight cannot be held: %s", rid, slot, e)
+                continue
+            held.append((slot, 1))
+        if held:
+            log.warning("adoption: region %d: %d slots its writes in flight name are quarantined", rid, len(held))
+        self.writeback.quarantine_runs(held)
 
     @staticmethod
     def _keep_only_copies(table: pt.PageTable) -> None:
