@@ -31,6 +31,7 @@ from uswap import native, uffd
 from uswap.config import Config
 from uswap.daemon import pagetable as pt
 from uswap.daemon.dirtying import Dirtying
+from uswap.daemon.forget import Forget
 from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region, RegionRefused, check_region_fds, check_same_uffd
 from uswap.daemon.regionset import PAGE, RegionSet
@@ -60,17 +61,21 @@ class Orphan:
 
 class Adoption:
     def __init__(self, cfg: Config, regions: RegionSet, slots: SlotAllocator, dirtying: Dirtying,
-                 writeback: Writeback, puncher: Puncher, statedir: StateDir | None) -> None:
+                 writeback: Writeback, puncher: Puncher, forget: Forget, statedir: StateDir | None) -> None:
         self.cfg = cfg
         self.regions = regions
         self.slots = slots
         self.dirtying = dirtying  # un-protecting pages resolved dirty
         self.writeback = writeback  # quarantine of slots a dead write may still reach
         self.puncher = puncher  # punches the dead daemon did not make, made again
+        self.forget = forget  # pages the client discarded while the dead daemon's I/O was in flight
         self.statedir = statedir
         self.resolver = Resolver(regions, slots, writeback)  # the dead daemon's transient states
         # Pages of a region whose punch is made again once it is live (resolve -> after_live).
         self.repunch: dict[int, np.ndarray] = {}
+        # Pages of a region the client discarded during I/O of the dead
+        # daemon (F_DISCARD): forgotten once it is live (resolve -> after_live).
+        self.discarded: dict[int, np.ndarray] = {}
         self.orphans: dict[int, Orphan] = {}
         self.found = 0  # regions the state directory held at start
         self.adopted = 0  # reclaimed by their clients: adopted_regions_total
@@ -305,7 +310,7 @@ class Adoption:
         """Make the orphan a live Region on the client's fds (checked by
         `check` and the registration checks of each of `parts`, the runs of
         pages the client maps: region.mapped_parts); the caller adds it to
-        the engine, forgets the pages outside `parts`, and calls after_live."""
+        the engine and calls after_live with the runs outside `parts`."""
         meta = orphan.meta
         for first, n in parts:
             check_same_uffd(uffd_fd, meta["addr"] + first * PAGE, n * PAGE)
@@ -318,23 +323,41 @@ class Adoption:
             raise RegionRefused(f"adopt: cannot map the memfd: {e.strerror}") from None
         self.statedir.adopted(meta)
         del self.orphans[region.id]
-        again = self.resolver.resolve(region)
+        again, discarded = self.resolver.resolve(region)
         if len(again):
             self.repunch[region.id] = again
+        if len(discarded):
+            self.discarded[region.id] = discarded
         self.adopted += 1
         return region
 
-    def after_live(self, region: Region) -> None:
-        """The region is served: writes let through on its dirty pages, and
-        every thread the dead daemon left parked on it woken to fault again
-        (into this daemon)."""
+    def after_live(self, region: Region, unmapped: list[tuple[int, int]] = ()) -> None:
+        """The region is served: the dead daemon's punches made again; the
+        runs (first, n) of `unmapped` (the pages outside the parts the
+        client maps: reclaim) and the pages the client discarded during the
+        dead daemon's I/O forgotten; writes let through on its dirty pages;
+        and every thread the dead daemon left parked on it woken to fault
+        again (into this daemon)."""
         table = region.table
-        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
-        if len(dirty):
-            self.dirtying.unprotect_runs(region, dirty)
         again = self.repunch.pop(region.id, None)
         if again is not None and len(again):
             self.puncher.punch(region, again, evicted=True)
+        # Forgotten after the punches above are made, by the shared forget
+        # (forget.py): a page being punched again is PUNCHING there, marked
+        # F_DISCARD and forgotten when its punch returns (forgotten before,
+        # as SWAPPED, it stayed charged and in the memfd).
+        for first, n in unmapped:
+            self.forget.forget_range(region, first, n)
+        discarded = self.discarded.pop(region.id, None)
+        if discarded is not None:
+            # The discard (or unmap) the dead daemon had begun, finished as
+            # its I/O's completion would have. A discard the client sends
+            # again finds the pages EMPTY.
+            for first, n in pt.runs(discarded, 1 << 30):
+                self.forget.forget_range(region, first, n, cause="discarded during the previous daemon's I/O")
+        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
+        if len(dirty):
+            self.dirtying.unprotect_runs(region, dirty)
         uffd.wake(region.uffd, region.addr, region.size)
         self._maybe_done()
 
