@@ -22,7 +22,7 @@ import pytest
 
 from tests.daemon.test_swapin_present import (_held, _plant, answer, hooked_daemon, neighbours_and_exit, swapped_client,
                                               write_held)
-from tests.harness import status, wait_for
+from tests.harness import assert_audit, status, wait_for
 
 HOLD = 400  # swapped out (test_swapin_present.py)
 
@@ -89,6 +89,51 @@ def test_write_through_then_unmapped_by_the_client_is_adopted(file_backing, star
         c.send(f"readbg {HOLD}\n")
         assert answer(c, "read")["value"] == 777  # before: HOLD + 1, the write thrown away
         assert "reads_planted" not in d.log_text(), d.log_text()[-3000:]
+        c.send("exit\n")
+        answer(c, "done")
+    finally:
+        c.kill()
+
+
+def test_a_page_discarded_during_a_dead_daemons_load_reads_zeros(file_backing, start_daemon, tmp_path):
+    """The client discards a page whose load is in flight (held in its I/O
+    thread, nothing read yet: USWAP_TEST_HOLD_AT=io): the daemon marks it
+    F_DISCARD, to be forgotten when the load returns, and holds the answer.
+    It is killed first. The successor cleared F_DISCARD with the dead
+    daemon's other flags and resolved the page from the memfd as any
+    LOADING page (nothing there: SWAPPED on its slot), so the client,
+    which still maps the memfd there, read the page's old data. Now resolve
+    hands the page to forget once the region is live: EMPTY, slot freed,
+    zeros.
+
+    The discard is sent with no wait for its answer: uswap/client.py sends
+    a discard it waits for again to the next daemon (docs/protocol.md),
+    which then forgets the page itself and hides the loss; a client of the
+    protocol that does not (or whose request died with the daemon's
+    connection before it was read) relied on the table alone."""
+    d, hooks = hooked_daemon(start_daemon, file_backing, tmp_path, HOLD, at="io", pool="python",
+                             adopt_timeout="60s")
+    c = swapped_client(d)
+    try:
+        c.send(f"readbg {HOLD}\n")  # faults; its load is held in its I/O thread, LOADING
+        wait_for("the swap-in held by the hook", lambda: _held(hooks), 30)
+        before = status(d)["forgotten_after_io_total"]
+        c.send(f"discard_unanswered {HOLD}\n")
+        answer(c, "sent")
+        wait_for("the discard marked on the loading page",
+                 lambda: status(d)["forgotten_after_io_total"] == before + 1, 30)
+        d.kill()
+        d.restart(module="uswap.cli")
+        wait_for("the region adopted", lambda: status(d)["adopted_regions_total"] == 1, 60)
+        # The thread that faulted before the discard reads after it (woken
+        # into the successor once the region is live), and so does a new one.
+        assert answer(c, "read")["value"] == 0  # before: HOLD + 1, the discarded data
+        c.send(f"readbg {HOLD}\n")
+        assert answer(c, "read")["value"] == 0
+        assert "discarded 1" in d.log_text(), d.log_text()[-3000:]
+        c.send(f"touch {HOLD - 1} {HOLD + 1}\n")
+        answer(c, "touched")
+        assert_audit(status(d))
         c.send("exit\n")
         answer(c, "done")
     finally:

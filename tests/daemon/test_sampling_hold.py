@@ -78,12 +78,14 @@ def _sampled_region(npages: int, open_flags: int | None = None):
     child = subprocess.Popen([sys.executable, "-c", CLIENT, str(memfd), str(npages)], pass_fds=[memfd],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     daddr = libc.mmap(None, npages * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, given, 0)
+    pidfd = os.pidfd_open(child.pid)  # as a session holds its client's (connections.peer_pidfd)
     try:
         assert daddr not in (None, ctypes.c_void_p(-1).value)
         addr = int(child.stdout.readline())
-        yield types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid), closing=False,
+        yield types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=child.pid, pidfd=pidfd), closing=False,
                                     addr=addr, daddr=daddr, size=npages * PAGE, memfd=given)
     finally:
+        os.close(pidfd)
         child.stdin.close()
         child.wait()
         libc.munmap(daddr, npages * PAGE)
@@ -174,3 +176,68 @@ def test_a_hole_in_a_sampled_run_stays_a_hole():
         native.punch_hole(region.memfd, 8 * PAGE, 8 * PAGE)   # pages 8-15, in the middle of the run sampled
         assert AccessSampler().sample(region, np.arange(32))
         assert os.lseek(region.memfd, 8 * PAGE, os.SEEK_DATA) == 16 * PAGE, "a page was made in the hole"
+
+
+def _with_pid(pid: int, argv: list[str], **kw) -> subprocess.Popen:
+    """A process started with pid `pid` (free: its process was reaped), by
+    /proc/sys/kernel/ns_last_pid (root): the kernel hands out the next pid
+    after it. Other processes of the host may take it first: tried again."""
+    for _ in range(200):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        proc = subprocess.Popen(argv, **kw)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip(f"could not get pid {pid} again (a busy host)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ns_last_pid needs root")
+def test_a_client_whose_pid_was_reused_is_never_sampled_through_the_new_process(tmp_path):
+    """A client connects (its session takes its pidfd: SO_PEERPIDFD), then
+    dies while its session lives on (another process may hold its socket),
+    and its pid is reused by another program, which maps memory at the dead
+    client's region's address. The sampler opened a pidfd by pid at each
+    sample (pidfd_open(owner.pid)) and took that program's pages out of its
+    page tables; through the session's pidfd the call fails (ESRCH) and the
+    other program is untouched."""
+    import socket
+
+    from uswap.daemon.connections import peer_pidfd
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "sock"))
+    listener.listen(1)
+    dead = subprocess.Popen([sys.executable, "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX);"
+                             f" s.connect({str(tmp_path / 'sock')!r}); print(1, flush=True); sys.stdin.readline()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sock, _ = listener.accept()
+    assert dead.stdout.readline().strip() == "1"
+    pidfd = peer_pidfd(sock, dead.pid)
+    assert pidfd >= 0
+    dead.stdin.close()
+    dead.wait()  # reaped: its pid is free
+    memfd = os.memfd_create("uswap-test-reused", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, 64 * PAGE)
+    other = _with_pid(dead.pid, [sys.executable, "-c", CLIENT, str(memfd), "64"], pass_fds=[memfd],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    daddr = libc.mmap(None, 64 * PAGE, mmap.PROT_READ, mmap.MAP_SHARED, memfd, 0)
+    try:
+        addr = int(other.stdout.readline())  # the dead client's region was here
+        pages = np.arange(64)
+        assert clientmaps.in_page_tables(other.pid, addr, pages).all()
+        region = types.SimpleNamespace(id=1, owner=types.SimpleNamespace(pid=dead.pid, pidfd=pidfd), closing=False,
+                                       addr=addr, daddr=daddr, size=64 * PAGE, memfd=memfd)
+        sampler = AccessSampler()
+        assert not sampler.sample(region, pages)  # the client is gone: not sampled
+        assert sampler.sampled == 0 and sampler.failed == 1
+        mapped = clientmaps.in_page_tables(other.pid, addr, pages)
+        assert mapped.all(), f"{np.count_nonzero(~mapped)} pages of another process taken out of its page tables"
+    finally:
+        other.stdin.close()
+        other.wait()
+        libc.munmap(daddr, 64 * PAGE)
+        os.close(memfd)
+        os.close(pidfd)
+        sock.close()
+        listener.close()

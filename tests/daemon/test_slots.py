@@ -77,9 +77,39 @@ def test_counts_past_254_spill_and_come_back():
     assert s.alloc(8) == (2, 1)
 
 
+def test_a_run_holding_a_spilled_count_costs_its_own_slots_not_the_stores():
+    # free / claim_run go through counts and _set with a slice; a spilled
+    # count there once built np.arange(nslots) (int64: 8 bytes per store
+    # slot, 128 MiB for a 64 GiB store) to find one run's slot numbers.
+    # numpy reports its buffers to tracemalloc.
+    import tracemalloc
+    nslots = 1 << 22  # 16 GiB of store: the arange was 32 MiB
+    s = SlotAllocator(nslots)
+    first, n = s.alloc(8)
+    spilled = first + 3
+    for _ in range(300):
+        s.share(np.array([spilled], np.int64))
+    assert s.spilled == {spilled: 301}
+    tracemalloc.start()
+    try:
+        assert s.counts(slice(first, first + n)).tolist() == [1, 1, 1, 301, 1, 1, 1, 1]
+        s.free(first, n)  # counts and _set over the run
+        s.claim_run(first, n)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert s.spilled == {spilled: 301} and s.counts([first, spilled]).tolist() == [1, 301]
+    assert peak < 64 << 10, f"{peak} bytes to handle a run of {n} slots"
+    # Slices with a step or negative bounds name the same slots as on an array.
+    s.share(np.array([first + 5], np.int64))
+    assert s.counts(slice(first + 5, first - 1, -2)).tolist() == [2, 301, 1]
+    assert s.counts(slice(-nslots + first, first + 8, 3)).tolist() == [1, 301, 1]
+
+
 def test_shares_past_max_refs_are_refused_and_change_nothing():
     s = SlotAllocator(64)
-    s.claim(np.full(MAX_REFS - 1, 7, np.int64))  # one table naming 7 that often: damaged, but counted
+    for _ in range(MAX_REFS - 1):  # MAX_REFS - 1 tables naming 7 (forks of forks)
+        s.claim(np.array([-1, 7], np.int64))
     s.share(np.array([7], np.int64))
     assert s.counts([7]).tolist() == [MAX_REFS]
     with pytest.raises(OverflowError):
@@ -92,6 +122,25 @@ def test_shares_past_max_refs_are_refused_and_change_nothing():
     # claim_free cannot add one to slot 7: one run per free gap instead.
     assert s.claim_free() == [(1, 6), (8, 56)]
     assert s.alloc(1) is None
+
+
+def test_a_table_naming_a_slot_at_two_pages_is_refused_whole():
+    # One table names a slot once (a fork's share is another table's): a
+    # repeat is damage. Claiming each repeat while free_many drops one
+    # reference per slot leaked the slot when the table was freed.
+    s = SlotAllocator(64)
+    table = np.array([-1, 5, 9, 5, 12, 9, 9], np.int64)
+    with pytest.raises(ValueError, match=r"names 2 slots at more than one page: slot 5 at pages 1, 3;"
+                                         r" slot 9 at pages 2, 5, 6"):
+        s.claim(table)
+    assert (s.used, s.references, s.counts(slice(0, 64)).any()) == (0, 0, False)
+    # Two tables naming one slot each once: claimed once by each.
+    s.claim(np.array([-1, 5, 9], np.int64))
+    s.claim(np.array([5, -1, 12], np.int64))
+    assert s.counts([5, 9, 12]).tolist() == [2, 1, 1] and (s.used, s.references) == (3, 4)
+    s.free_many(np.array([-1, 5, 9], np.int64))
+    s.free_many(np.array([5, -1, 12], np.int64))
+    assert (s.used, s.references) == (0, 0)
 
 
 def test_alloc_is_next_fit_in_runs_of_free_slots():

@@ -90,6 +90,10 @@ def _plant(pid: int, view: int) -> None:
 #                 discarded or written): {"read": P, "value": V}
 #   write P V     write V into page P's first word (on this thread): {"wrote": P}
 #   discard P     the discard op on page P: {"discarded": P}
+#   discard_unanswered P  the discard op on page P sent on the client's
+#                 connection with no wait for its answer, and so never sent
+#                 again to a next daemon (uswap/client.py repeats one it
+#                 waits for): {"sent": P}
 #   madvise P A   the client's own madvise(2) of page P with advice A (4:
 #                 MADV_DONTNEED, 21: MADV_PAGEOUT), no op sent: {"madvised": P}
 #   fork P...     fork (the client's at-fork hooks: the daemon's snapshot);
@@ -132,6 +136,12 @@ CLIENT = FILLED_REGION + textwrap.dedent("""
         elif cmd[0] == "discard":
             r.discard(pages[0] * 4096, 4096)
             out(discarded=pages[0])
+        elif cmd[0] == "discard_unanswered":
+            from uswap import protocol
+            with c._lock:
+                protocol.send(c._sock, {"op": "discard", "region": r.id, "offset": pages[0] * 4096,
+                                        "length": 4096})
+            out(sent=pages[0])
         elif cmd[0] == "madvise":
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)

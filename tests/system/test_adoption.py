@@ -778,3 +778,40 @@ def test_the_quarantine_ends_with_the_daemon_out_of_fds(file_backing, start_daem
              and recorded_empty(), 60)
     assert_audit(d.status())
     assert d.stop() == 0
+
+
+def test_a_table_naming_a_slot_at_two_pages_is_refused_as_damaged(file_backing, start_daemon):
+    """A state directory damaged from outside: a page table names one slot
+    at two pages (a fork's share is another table's, never a repeat within
+    one). The successor claimed each repeat and freed the slot once when
+    the orphan was dropped: the slot stayed used for ever. Now the table is
+    refused as damaged, as one naming a slot outside the store is, logged
+    with its region, slot and pages; the slot of its write in flight is
+    quarantined (a late write may still land there), nothing else is held."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"adopt_timeout": "1s"})
+    w = Workload.script(STAMPER, d.socket, 8)
+    w.wait_line(lambda l: l.get("stamped"), 60)
+    wait_for("pages swapped, writes ended",
+             lambda: swapped(d) >= 2 * MIB and d.status()["writeback_inflight"] == 0, 60)
+    assert d.kill() == -signal.SIGKILL
+    w.kill()  # nobody reclaims the region: dropped at adopt_timeout unless refused at start
+    table = _only_table(d)
+    a, b, c = np.flatnonzero((table.state == pt.SWAPPED) & (table.slot >= 0))[:3].tolist()
+    repeated, writing = int(table.slot[a]), int(table.slot[c])
+    table.slot[b] = repeated  # page b's own slot is named by no table now: free
+    table.state[c] = pt.WRITEBACK  # a write of the dead daemon to page c's slot may still land
+    del table
+    d.restart()
+    # Refused at start now; before, dropped at adopt_timeout: either way gone.
+    wait_for("region dropped", lambda: d.status()["adoption_dropped_total"] == 1, 30)
+    st = d.status()
+    assert st["adoption_waiting"] == 0 and st["adopted_regions_total"] == 0, st
+    assert st["store"]["quarantined_bytes"] == 4096, st["store"]
+    assert st["store"]["used_bytes"] == 4096, st["store"]  # the quarantined slot only: none leaked
+    assert_audit(st)
+    log = d.log_text()
+    assert (f"cannot be adopted: a page table names 1 slots at more than one page: slot {repeated} at pages"
+            f" {min(a, b)}, {max(a, b)}; its pages are lost") in log, log[-3000:]
+    assert "1 slots its writes in flight name are quarantined" in log
+    assert writing != repeated
+    assert d.stop() == 0

@@ -4,7 +4,10 @@ section 9).
 
 At start (`load`, before the daemon is ready) every region the directory
 holds becomes an *orphan*: its page table is mapped again, and the slots it
-names are claimed, so slot ownership is what the tables say. An orphan waits
+names are claimed, so slot ownership is what the tables say (a table
+damaged from outside -- a slot outside the store or named at two of its
+pages -- is refused whole, the slots of its writes in flight quarantined:
+_hold_damaged_writes). An orphan waits
 up to `adopt_timeout` for its client, whose connection broke when the old
 daemon died, to reconnect and send the region's uffd and memfd again (the
 `adopt` op, adoptop.py; uswap/client.py does it by itself). Then `reclaim`
@@ -28,11 +31,12 @@ from uswap import native, uffd
 from uswap.config import Config
 from uswap.daemon import pagetable as pt
 from uswap.daemon.dirtying import Dirtying
+from uswap.daemon.forget import Forget
 from uswap.daemon.punch import Puncher
 from uswap.daemon.region import Region, RegionRefused, check_region_fds, check_same_uffd
 from uswap.daemon.regionset import PAGE, RegionSet
 from uswap.daemon.resolve import Resolver
-from uswap.daemon.slots import SlotAllocator
+from uswap.daemon.slots import RESERVED, SlotAllocator
 from uswap.daemon.statedir import StateDir
 from uswap.daemon.writeback import Writeback
 
@@ -57,17 +61,21 @@ class Orphan:
 
 class Adoption:
     def __init__(self, cfg: Config, regions: RegionSet, slots: SlotAllocator, dirtying: Dirtying,
-                 writeback: Writeback, puncher: Puncher, statedir: StateDir | None) -> None:
+                 writeback: Writeback, puncher: Puncher, forget: Forget, statedir: StateDir | None) -> None:
         self.cfg = cfg
         self.regions = regions
         self.slots = slots
         self.dirtying = dirtying  # un-protecting pages resolved dirty
         self.writeback = writeback  # quarantine of slots a dead write may still reach
         self.puncher = puncher  # punches the dead daemon did not make, made again
+        self.forget = forget  # pages the client discarded while the dead daemon's I/O was in flight
         self.statedir = statedir
         self.resolver = Resolver(regions, slots, writeback)  # the dead daemon's transient states
         # Pages of a region whose punch is made again once it is live (resolve -> after_live).
         self.repunch: dict[int, np.ndarray] = {}
+        # Pages of a region the client discarded during I/O of the dead
+        # daemon (F_DISCARD): forgotten once it is live (resolve -> after_live).
+        self.discarded: dict[int, np.ndarray] = {}
         self.orphans: dict[int, Orphan] = {}
         self.found = 0  # regions the state directory held at start
         self.adopted = 0  # reclaimed by their clients: adopted_regions_total
@@ -102,6 +110,7 @@ class Adoption:
         self.writeback.quarantine_runs(held)
         for meta in self.statedir.orphans():
             rid = meta["id"]
+            table = None
             try:
                 table = pt.PageTable.load(self.statedir.table_path(rid), int(meta["npages"]))
                 table.region_id = rid
@@ -109,14 +118,18 @@ class Adoption:
                 if meta.get("closing"):
                     # Freed (its client was answered) and not adoptable, but
                     # a write it had in flight may still land: quarantined.
-                    self.slots.claim(table.slot[table.state == pt.WRITEBACK])
+                    self.slots.claim(np.where(table.state == pt.WRITEBACK, table.slot, pt.NO_SLOT))
                     self.resolver.quarantine_writes(table)
                     self._remove_files(rid)
                     continue
                 self.slots.claim(table.slot)
             except (OSError, ValueError, KeyError) as e:
+                # A damaged table (a slot outside the store, or named at two
+                # pages: SlotAllocator.claim) is not trusted for any page.
                 log.error("adoption: region %d of the previous daemon cannot be adopted: %s; its pages are lost",
                           rid, e)
+                if table is not None:
+                    self._hold_damaged_writes(rid, table)
                 self._remove_files(rid)
                 self.dropped += 1
                 continue
@@ -141,6 +154,25 @@ class Adoption:
                         " store's next accepted write", self.statedir.path, unnamed)
             self.statedir.keep_unsaved_mark(False)
             self.writeback.quarantine_runs(runs)
+
+    def _hold_damaged_writes(self, rid: int, table: pt.PageTable) -> None:
+        """A table refused as damaged claims nothing, but a write of the
+        dead daemon to a slot its WRITEBACK pages name may still land
+        (nfs://): each such slot inside the store is quarantined once (one
+        reference, however many of its pages name it), as for a dropped
+        orphan, so no new page is written there before the quarantine ends."""
+        wb = table.slot[(table.state == pt.WRITEBACK) & (table.slot >= RESERVED) & (table.slot < self.slots.nslots)]
+        held = []
+        for slot in np.unique(wb).tolist():
+            try:
+                self.slots.claim_run(slot, 1)
+            except OverflowError as e:
+                log.error("adoption: region %d: slot %d of a write in flight cannot be held: %s", rid, slot, e)
+                continue
+            held.append((slot, 1))
+        if held:
+            log.warning("adoption: region %d: %d slots its writes in flight name are quarantined", rid, len(held))
+        self.writeback.quarantine_runs(held)
 
     @staticmethod
     def _keep_only_copies(table: pt.PageTable) -> None:
@@ -278,7 +310,7 @@ class Adoption:
         """Make the orphan a live Region on the client's fds (checked by
         `check` and the registration checks of each of `parts`, the runs of
         pages the client maps: region.mapped_parts); the caller adds it to
-        the engine, forgets the pages outside `parts`, and calls after_live."""
+        the engine and calls after_live with the runs outside `parts`."""
         meta = orphan.meta
         for first, n in parts:
             check_same_uffd(uffd_fd, meta["addr"] + first * PAGE, n * PAGE)
@@ -291,23 +323,41 @@ class Adoption:
             raise RegionRefused(f"adopt: cannot map the memfd: {e.strerror}") from None
         self.statedir.adopted(meta)
         del self.orphans[region.id]
-        again = self.resolver.resolve(region)
+        again, discarded = self.resolver.resolve(region)
         if len(again):
             self.repunch[region.id] = again
+        if len(discarded):
+            self.discarded[region.id] = discarded
         self.adopted += 1
         return region
 
-    def after_live(self, region: Region) -> None:
-        """The region is served: writes let through on its dirty pages, and
-        every thread the dead daemon left parked on it woken to fault again
-        (into this daemon)."""
+    def after_live(self, region: Region, unmapped: list[tuple[int, int]] = ()) -> None:
+        """The region is served: the dead daemon's punches made again; the
+        runs (first, n) of `unmapped` (the pages outside the parts the
+        client maps: reclaim) and the pages the client discarded during the
+        dead daemon's I/O forgotten; writes let through on its dirty pages;
+        and every thread the dead daemon left parked on it woken to fault
+        again (into this daemon)."""
         table = region.table
-        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
-        if len(dirty):
-            self.dirtying.unprotect_runs(region, dirty)
         again = self.repunch.pop(region.id, None)
         if again is not None and len(again):
             self.puncher.punch(region, again, evicted=True)
+        # Forgotten after the punches above are made, by the shared forget
+        # (forget.py): a page being punched again is PUNCHING there, marked
+        # F_DISCARD and forgotten when its punch returns (forgotten before,
+        # as SWAPPED, it stayed charged and in the memfd).
+        for first, n in unmapped:
+            self.forget.forget_range(region, first, n)
+        discarded = self.discarded.pop(region.id, None)
+        if discarded is not None:
+            # The discard (or unmap) the dead daemon had begun, finished as
+            # its I/O's completion would have. A discard the client sends
+            # again finds the pages EMPTY.
+            for first, n in pt.runs(discarded, 1 << 30):
+                self.forget.forget_range(region, first, n, cause="discarded during the previous daemon's I/O")
+        dirty = np.flatnonzero((table.state == pt.RESIDENT) & ((table.flags & pt.F_DIRTY) != 0))
+        if len(dirty):
+            self.dirtying.unprotect_runs(region, dirty)
         uffd.wake(region.uffd, region.addr, region.size)
         self._maybe_done()
 

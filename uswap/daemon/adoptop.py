@@ -85,7 +85,5 @@ class AdoptOp:
         mapped = np.zeros(npages, bool)
         for first, n in parts:
             mapped[first:first + n] = True
-        for first, n in runs(np.flatnonzero(~mapped), npages):
-            self.engine.forget_range(region, first, n)
-        adoption.after_live(region)
+        adoption.after_live(region, runs(np.flatnonzero(~mapped), npages))  # the rest forgotten there
         return region

@@ -53,6 +53,32 @@ class Session:
         # Its /proc/PID/status, opened at reclaim's first look at one of
         # its regions and closed with the session (Connections.drop).
         self.proc_status = clientmaps.StatusFile(self.pid)
+        # The client's process as it connected, for the access sampler's
+        # process_madvise (sampling.py): -1 when none is held (a control
+        # connection, no fd left). Closed with the session.
+        self.pidfd = -1 if control_only else peer_pidfd(sock, self.pid)
+
+
+SO_PEERPIDFD = 77  # Linux 6.5 (asm-generic/socket.h); not in Python's socket module
+
+
+def peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd (O_CLOEXEC) of the process at the other end of `sock`, as it
+    connected: SO_PEERPIDFD, which names that process itself -- once it is
+    gone, calls through it fail (ESRCH), so a pid reused by another process
+    is never reached through it. Before Linux 6.5: pidfd_open(pid) now, the
+    peer being the process SO_PEERCRED named a moment ago (a client that
+    died and whose pid was reused in between is not told apart). -1 when
+    neither can be had (no fd left: the client is served unsampled)."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+            return -1
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
 
 
 # One message's handler (Ops.handle): session, message, its fds, the pid that sent them.
@@ -362,6 +388,9 @@ class Connections:
             pass
         session.buf.close()
         session.proc_status.close()
+        if session.pidfd >= 0:
+            os.close(session.pidfd)
+            session.pidfd = -1
         session.sock.close()
 
 

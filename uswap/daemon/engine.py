@@ -133,7 +133,8 @@ class Engine:
         # Regions a dead daemon left in the state directory (adoption.py):
         # their slots are claimed before any is handed out.
         rs.statedir = statedir
-        self.adoption = Adoption(cfg, rs, self.slots, self.dirtying, self.writeback, self.puncher, statedir)
+        self.adoption = Adoption(cfg, rs, self.slots, self.dirtying, self.writeback, self.puncher, self.forget,
+                                 statedir)
         self.adoption.load()
         if self.fp is not None:
             self.fp.configure(self.budget.max_pages, self.budget.high_pages, self.budget.clean_pages,

@@ -21,11 +21,11 @@ FDS_PER_REGION = 2
 def nofile_needed(cfg: Config) -> int:
     """Open files the daemon can need at its configured limits: one socket per
     connection, a client's /proc/PID/status (clientmaps.StatusFile, kept
-    open by its session), and a uffd and a memfd per region of every client
-    (a page table's file in the state directory is mapped with no fd kept
-    open)."""
+    open by its session) and its pidfd (connections.peer_pidfd, for the
+    sampler), and a uffd and a memfd per region of every client (a page
+    table's file in the state directory is mapped with no fd kept open)."""
     connections = cfg.max_clients + cfg.control_connections
-    return (NOFILE_OWN + connections + cfg.max_clients
+    return (NOFILE_OWN + connections + 2 * cfg.max_clients
             + FDS_PER_REGION * cfg.max_clients * cfg.max_regions_per_client)
 
 

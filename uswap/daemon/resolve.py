@@ -26,7 +26,9 @@ log = logging.getLogger("uswap.engine")
 
 # Flags of the dead daemon's life that mean nothing to its successor: no
 # write of it is parked here (the threads are woken, they fault again), no
-# eviction of it is pending, no I/O of it will return.
+# eviction of it is pending, no I/O of it will return. (F_DISCARD is cleared
+# too, but its pages are returned by resolve: the discard it stood for is
+# finished once the region is live, Adoption.after_live.)
 STALE_FLAGS = pt.F_WAITERS | pt.F_EVICT | pt.F_DISCARD
 
 def memfd_pages(fd: int, npages: int) -> np.ndarray:
@@ -63,7 +65,7 @@ class Resolver:
         self.writeback.quarantine_runs([(s, 1) for s in table.slot[wb].tolist()])
         table.slot[wb] = pt.NO_SLOT
 
-    def resolve(self, region: Region) -> np.ndarray:
+    def resolve(self, region: Region) -> tuple[np.ndarray, np.ndarray]:
         """Every page the dead daemon left between two states is settled from
         what the memfd holds (docs/design.md section 9 has the table):
 
@@ -85,21 +87,31 @@ class Resolver:
           daemon recorded it) -> dirty, slot freed;
         - AT_PARENT: the dead daemon's link to the parent page is not kept:
           POISONED (the client gets SIGBUS there, never stale data);
-        - flags of pages parked or evicting in the dead daemon are cleared.
+        - flags of pages parked or evicting in the dead daemon are cleared;
+          F_DISCARD too, but a page carrying it (the client discarded or
+          unmapped it while the dead daemon's read, write or punch was in
+          flight, and that completion would have forgotten it) is resolved
+          as above and returned, to be forgotten by this daemon's forget
+          (forget.py) once the region is live: EMPTY, its slot freed, its
+          memfd range punched. Cleared and kept, the successor served the
+          page's old data where the client had discarded it.
         Charged: every RESIDENT page, and the pages whose punch is made again.
-        Returns those pages (Adoption.after_live punches them once the region
-        is live); the counts by case are logged."""
+        Returns (the pages whose punch is made again, the discarded pages),
+        both for Adoption.after_live once the region is live; the counts by
+        case are logged."""
         started = time.monotonic()
         t = region.table
         st, fl, slot = t.state, t.flags, t.slot
         present = memfd_pages(region.memfd, region.npages)
-        fl &= ~np.uint8(STALE_FLAGS)
         counts = {}
 
         def count(name: str, pages: np.ndarray) -> np.ndarray:
             if len(pages):
                 counts[name] = counts.get(name, 0) + len(pages)
             return pages
+
+        discarded = count("discarded", np.flatnonzero(fl & pt.F_DISCARD))
+        fl &= ~np.uint8(STALE_FLAGS)
 
         writeback = count("torn_writes", np.flatnonzero(st == pt.WRITEBACK))
         # (A WRITEBACK page with no slot: the daemon died between the two
@@ -162,7 +174,7 @@ class Resolver:
                  region.id, region.npages, t.count(pt.RESIDENT), t.count(pt.SWAPPED),
                  (time.monotonic() - started) * 1000,
                  "; resolved " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else "")
-        return repunch
+        return repunch, discarded
 
     @staticmethod
     def _not_loaded(region: Region, pages: np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ by a fault thread for a clean page (fp_take_minor, native/fastpath.c), by
 the engine otherwise (faults.py). Which pages to sample, and what an untouched
 sampled page means, is victims.py's policy; this module is the mechanism.
 
-How: `process_madvise(pidfd, MADV_PAGEOUT)` on the client's mapping. It is
+How: `process_madvise(pidfd, MADV_PAGEOUT)` on the client's mapping, through
+the pidfd its session took when it connected (never one opened by pid: see
+`sample`). It is
 one of the few advices the kernel accepts for another process (MADV_COLD,
 MADV_PAGEOUT, MADV_WILLNEED, MADV_COLLAPSE; MADV_DONTNEED is refused with
 EINVAL), and on a shared memfd page it unmaps the page from every mapping
@@ -130,24 +132,22 @@ class AccessSampler:
         """Take `pages` (sorted, RESIDENT) of `region` out of its client's
         page tables. True when the kernel took the request for all of them;
         False when the client cannot be reached (no pid, gone, the range
-        unmapped or mlocked there): the caller then judges these pages by
-        their fault stamps alone."""
-        pid = getattr(region.owner, "pid", 0)
-        if not pid or region.closing or not region.daddr or not len(pages) or not self._unlock_view(region):
+        unmapped or mlocked there; no pidfd held: `region.owner.pidfd`):
+        the caller then judges these pages by their fault stamps alone."""
+        # The pidfd its session took when it connected (connections.py
+        # peer_pidfd), never one opened by pid now: a client that died
+        # while its session lives on (another process holds its socket) may
+        # have its pid reused, and pidfd_open(pid) reached that process --
+        # MADV_PAGEOUT at the dead client's addresses, in another program's
+        # memory. Through the held pidfd the call fails (ESRCH).
+        pidfd = getattr(region.owner, "pidfd", -1)
+        if pidfd < 0 or region.closing or not region.daddr or not len(pages) or not self._unlock_view(region):
             return False
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            self.failed += 1
-            return False
-        try:
-            self._hold_pipe()
-            for at in range(0, len(pages), self._pipe_pages):
-                if not self._sample_chunk(region, pidfd, pages[at:at + self._pipe_pages]):
-                    self.failed += 1
-                    return False
-        finally:
-            os.close(pidfd)
+        self._hold_pipe()
+        for at in range(0, len(pages), self._pipe_pages):
+            if not self._sample_chunk(region, pidfd, pages[at:at + self._pipe_pages]):
+                self.failed += 1
+                return False
         self.sampled += len(pages)
         return True
 

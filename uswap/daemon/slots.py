@@ -71,9 +71,18 @@ class SlotAllocator:
         if self.spilled:
             at = np.flatnonzero(held == SPILLED)
             if len(at):
-                idx = np.arange(self.nslots)[slots] if isinstance(slots, slice) else np.asarray(slots)
+                idx = self._index(slots)
                 held[at] = [self.spilled[int(s)] for s in idx[at]]
         return held
+
+    def _index(self, slots) -> np.ndarray:
+        """The slot numbers `slots` (a slice or an index array) names. A
+        slice's own range only: np.arange(nslots)[slots] built an int64 array
+        of the whole store (128 MiB for a 64 GiB one) to free one run holding
+        a spilled count."""
+        if isinstance(slots, slice):
+            return np.arange(*slots.indices(self.nslots))
+        return np.asarray(slots)
 
     def _set(self, slots, held: np.ndarray, new: np.ndarray) -> None:
         """Set the counts of `slots` (their counts now `held`) to `new`,
@@ -82,7 +91,7 @@ class SlotAllocator:
         self.refs[slots] = np.minimum(new, SPILLED)
         moved = np.flatnonzero((held >= SPILLED) | (new >= SPILLED))
         if len(moved):
-            idx = np.arange(self.nslots)[slots] if isinstance(slots, slice) else np.asarray(slots)
+            idx = self._index(slots)
             for s, n in zip(idx[moved].tolist(), new[moved].tolist()):
                 if n >= SPILLED:
                     self.spilled[s] = n
@@ -206,23 +215,32 @@ class SlotAllocator:
 
     def claim(self, slots: np.ndarray) -> None:
         """Adoption (adoption.py): one reference to each slot a dead daemon's
-        page table names (`slots`: one table's entries, negatives ignored; a
-        slot named by several tables, as after a fork, is claimed once by
-        each). Raises ValueError for a slot outside the store, OverflowError
-        for one that would pass MAX_REFS."""
-        slots = slots[slots >= 0]
-        if len(slots) == 0:
+        page table names (`slots`: one table's entries, indexed by page,
+        negatives ignored; a slot named by several tables, as after a fork,
+        is claimed once by each). Nothing is claimed when it raises:
+        ValueError for a slot outside the store, or for a slot the table
+        names at more than one page (damage: a table names a slot once, as
+        every free path assumes -- free_many drops one reference per slot
+        however often it is given; claiming each repeat leaked the slot
+        when the table was freed); OverflowError for one that would pass
+        MAX_REFS."""
+        pages = np.flatnonzero(slots >= 0)
+        if len(pages) == 0:
             return
-        if int(slots.min()) < RESERVED or int(slots.max()) >= self.nslots:
-            raise ValueError(f"a page table names slots {int(slots.min())}..{int(slots.max())}, outside"
+        named = slots[pages]
+        if int(named.min()) < RESERVED or int(named.max()) >= self.nslots:
+            raise ValueError(f"a page table names slots {int(named.min())}..{int(named.max())}, outside"
                              f" the store's {RESERVED}..{self.nslots - 1}")
-        named, times = np.unique(slots, return_counts=True)  # a damaged table may repeat one
-        held = self.counts(named)
-        if (held + times > MAX_REFS).any():
+        unique, times = np.unique(named, return_counts=True)
+        if len(unique) < len(named):
+            raise ValueError(f"a page table names {int(np.count_nonzero(times > 1))} slots at more than one"
+                             f" page: {repeated_slots(slots, unique[times > 1])}")
+        held = self.counts(unique)
+        if (held + 1 > MAX_REFS).any():
             raise OverflowError(f"a slot would be named more than {MAX_REFS} times")
-        self._set(named, held, held + times)
+        self._set(unique, held, held + 1)
         self.used += int(np.count_nonzero(held == 0))
-        self.references += len(slots)
+        self.references += len(unique)
 
     def claim_run(self, first: int, count: int) -> None:
         """Adoption: one reference to each slot of a run (first, count) --
@@ -296,3 +314,12 @@ class SlotAllocator:
         firsts, ends = self._bounds
         at = np.searchsorted(firsts, slots, side="right") - 1
         return (at >= 0) & (slots < ends[np.maximum(at, 0)])
+
+
+def repeated_slots(slots: np.ndarray, repeated: np.ndarray, most: int = 4) -> str:
+    """For a log line: each of the first `most` slots of `repeated` and the
+    pages of `slots` (a table's slot array, indexed by page) naming it."""
+    parts = [f"slot {int(s)} at pages {', '.join(map(str, np.flatnonzero(slots == s)[:8].tolist()))}"
+             for s in repeated[:most].tolist()]
+    more = f" (and {len(repeated) - most} more)" if len(repeated) > most else ""
+    return "; ".join(parts) + more
