@@ -55,8 +55,10 @@ class Session:
         self.proc_status = clientmaps.StatusFile(self.pid)
         # The client's process as it connected, for the access sampler's
         # process_madvise (sampling.py): -1 when none is held (a control
-        # connection, no fd left). Closed with the session.
-        self.pidfd = -1 if control_only else peer_pidfd(sock, self.pid)
+        # connection, no fd left). Taken once the connection is admitted
+        # (Connections._admit: a connection refused there holds none) and
+        # closed with the session (Connections.drop).
+        self.pidfd = -1
 
 
 SO_PEERPIDFD = 77  # Linux 6.5 (asm-generic/socket.h); not in Python's socket module
@@ -175,6 +177,11 @@ class Connections:
             self.client_log.warning("refusing a connection of pid %d: %s", session.pid, refusal)
             _say_and_close(sock, refusal)
             return
+        # Only now, the connection kept: a Session refused above is dropped
+        # with no drop() to close what it holds (a pidfd taken before the
+        # per-uid refusal leaked one fd per refused connection).
+        if not session.control_only:
+            session.pidfd = peer_pidfd(sock, session.pid)
         self.sessions[sock.fileno()] = session
         self.set_deadline(session, session.deadline)
         self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
