@@ -68,14 +68,17 @@ def peer_pidfd(sock: socket.socket, pid: int) -> int:
     """A pidfd (O_CLOEXEC) of the process at the other end of `sock`, as it
     connected: SO_PEERPIDFD, which names that process itself -- once it is
     gone, calls through it fail (ESRCH), so a pid reused by another process
-    is never reached through it. Before Linux 6.5: pidfd_open(pid) now, the
-    peer being the process SO_PEERCRED named a moment ago (a client that
-    died and whose pid was reused in between is not told apart). -1 when
-    neither can be had (no fd left: the client is served unsampled)."""
+    is never reached through it. Before Linux 6.5 (ENOPROTOOPT: no such
+    option): pidfd_open(pid) now, the peer being the process SO_PEERCRED
+    named a moment ago (a client that died and whose pid was reused in
+    between is not told apart). Any other error, EINVAL included (6.5 to
+    6.15 give it when the peer has exited already: its pid may be another
+    process's by now), and when no fd is left: -1, the client is served
+    unsampled."""
     try:
         return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as e:
-        if e.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+        if e.errno != errno.ENOPROTOOPT:
             return -1
     try:
         return os.pidfd_open(pid)
