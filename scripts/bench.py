@@ -107,6 +107,9 @@ EXTRA_WORKLOADS = PROGRAM_WORKLOADS + SCALE_WORKLOADS  # run only when named in 
 NFS_FILE = "uswap-bench-{pid}.store"  # in the NFS export, removed at the end
 NFS_SCALE_FILE = "uswap-bench-{pid}-scale.store"
 FAST_PATH_SPLIT = ("fast_path_faults", "fast_path_swapins", "swapins")  # per repetition, uswap only
+# The fault threads' waits for the page lock, per repetition, uswap only
+# (bench_child.lock_wait_tail): all, and those over 500 us and 1 ms.
+LOCK_WAITS = ("lock_waits", "lock_waits_over_500us", "lock_waits_over_1ms")
 PIN_MODES = ("none", "same", "split")
 # --pin: (CPUs of the measuring child, CPUs of the daemon's threads), or None for no pinning
 PIN_CPUS = {"none": None, "same": ({0}, {0}), "split": ({0}, {1})}
@@ -173,8 +176,13 @@ def summarize(system: str, workload: str, result: dict) -> dict:
     run["per_repeat"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in (
         ("mib_s", r["bytes"] / r["seconds"] / 2**20 if r.get("seconds") else None),
         ("p50_us", r.get("p50_us")), ("p99_us", r.get("p99_us")), ("faults", r["faults"]),
-        ("pages", r["pages"]), ("cpu_s", r["cpu_s"]), *((k, r.get(k)) for k in FAST_PATH_SPLIT))
+        ("pages", r["pages"]), ("cpu_s", r["cpu_s"]), *((k, r.get(k)) for k in FAST_PATH_SPLIT + LOCK_WAITS))
         if v is not None} for r in reps]
+    waits = sum(r.get("lock_waits", 0) for r in reps)
+    if waits:
+        # Of every wait of the repetitions together: the tail the engine's long holds make.
+        run["lock_wait_over_500us_frac"] = round(sum(r["lock_waits_over_500us"] for r in reps) / waits, 5)
+        run["lock_wait_over_1ms_frac"] = round(sum(r["lock_waits_over_1ms"] for r in reps) / waits, 5)
     if result.get("end_state"):
         run["end_state"] = result["end_state"]
     return run
@@ -196,6 +204,9 @@ def progress(i: int, n: int, run: dict, seconds: float) -> None:
             bits.append(f"{run['faults']} faults")
         if run["cpu_us_per_page"] is not None:
             bits.append(f"{run['cpu_us_per_page']:.2f} µs cpu/page")
+        if "lock_wait_over_500us_frac" in run:
+            bits.append(f"lock waits >500 µs {run['lock_wait_over_500us_frac']:.2%}, "
+                        f">1 ms {run['lock_wait_over_1ms_frac']:.2%}")
         what = ", ".join(bits)
     log(f"[{i:2}/{n}] {run['system']:11} {run['workload']:12} {what} ({seconds:.1f} s)")
 

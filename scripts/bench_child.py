@@ -66,6 +66,19 @@ def vmstat_swap_pages() -> int:
 SPLIT_COUNTERS = ("fast_path_faults_total", "fast_path_swapins_total", "swapins_total")
 
 
+def lock_wait_tail(st: dict) -> dict:
+    """The fault threads' waits for the page lock (status latency.lock_wait):
+    how many, and how many longer than 500 us and 1 ms (bucket bounds of
+    native/fastpath.h; 0 from a daemon without the histogram)."""
+    h = st.get("latency", {}).get("lock_wait")
+    if not h:
+        return {"lock_waits_total": 0, "lock_waits_over_500us_total": 0, "lock_waits_over_1ms_total": 0}
+    bounds, counts = h["bounds_s"], h["counts"]  # counts[i]: waits up to bounds[i]; the last, +Inf
+    over = lambda s: sum(c for i, c in enumerate(counts) if i > 0 and bounds[i - 1] >= s)  # noqa: E731
+    return {"lock_waits_total": h["count"], "lock_waits_over_500us_total": over(0.0005),
+            "lock_waits_over_1ms_total": over(0.001)}
+
+
 class UswapCounters:
     def __init__(self, client, daemon_pid: int) -> None:
         self.client = client
@@ -85,6 +98,7 @@ class UswapCounters:
         # fast_path_faults_total counts the fault threads' minor faults too;
         # like the faults column, the split leaves them out.
         split["fast_path_faults_total"] -= st.get("fast_path_minor_faults_total", 0)
+        split.update(lock_wait_tail(st))
         return split
 
     def facts(self) -> dict:
