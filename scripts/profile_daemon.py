@@ -99,6 +99,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--config", default="{}", help="daemon settings as a JSON object")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--raw", help="keep py-spy's raw (collapsed) samples in this file")
     ap.add_argument("--nonblocking", action="store_true",
                     help="py-spy --nonblocking: truer thread CPU, but it may plant a zero page in the"
                          " profiled region (README \"Known limits\"); the run's data check then fails")
@@ -165,6 +166,8 @@ def main() -> int:
     try:
         for share, frame in hottest(raw, args.top):
             print(f"{share:5.1f}%  {frame}")
+        if args.raw:
+            shutil.copyfile(raw, args.raw)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # the store file: twice --size
     return 0

@@ -257,7 +257,11 @@ class Writeback:
         # A page written ahead (no F_EVICT) stays resident, clean: reclaim's
         # victim ready to be dropped without waiting for a write (cleaner.py).
         keep = waiters | ~evict
-        locked = self.locked_pages(region)
+        # Asked only when a page would go: the ranges are a read of the
+        # client's /proc/PID/status (and smaps once they change), ~10 us,
+        # and a write ahead (cleaner.py) drops nothing -- on a first-touch
+        # stream, nearly every write (a third of the engine's /proc reads).
+        locked = self.locked_pages(region) if not keep.all() else None
         if locked is not None:
             # Invariant (mlocked ranges, victims.py): a victim mlocked while its
             # write was in flight stays, a clean resident page with its slot; a
