@@ -28,12 +28,27 @@ FP_READ_ERROR = lib.FP_READ_ERROR
 FP_DIRTIED = lib.FP_DIRTIED
 FP_FORGET = lib.FP_FORGET
 
+# Why a fault went to the engine (fastpath.h FP_HAND_*), by index: status
+# fast_path_passed_faults.
+PASSED_REASONS = ("off", "state", "locality", "budget", "readers", "context", "wp", "minor")
+assert len(PASSED_REASONS) == lib.FP_HAND_N
+
+
+def passed_faults(shared) -> dict[str, int]:
+    """The faults the C threads passed to the engine, by reason: `off`
+    (draining, an UNMAP pending), `state` (MISSING on a page neither EMPTY
+    nor SWAPPED), `locality` (near a swap-in or a stream's: read-ahead),
+    `budget` (no room), `readers` (every reader in a store read), `context`
+    (nfs://, no idle context), `wp` and `minor` (not on a clean RESIDENT
+    page)."""
+    return {name: int(shared.handed[i]) for i, name in enumerate(PASSED_REASONS)}
+
 
 def plain_shared() -> types.SimpleNamespace:
     """The engine's shared counters when there is no fast path."""
     return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
                                  faults=0, swapins=0, activations=0, minor_faults=0, present_replaced=0,
-                                 illegal_transitions=0,
+                                 illegal_transitions=0, handed=[0] * len(PASSED_REASONS),
                                  swapin_latency=latency.new_shared(), fault_latency=latency.new_shared(),
                                  lock_wait=latency.new_shared())
 
