@@ -379,6 +379,8 @@ class Engine:
             # Faults the fault threads passed to the engine, by reason
             # (fastpath.passed_faults): each costs the engine's turn under the lock.
             "fast_path_passed_faults": fastpath.passed_faults(self.region_set.shared),
+            # Swap-in jobs on the fault threads now: taken, and inside a store read.
+            "fast_path_jobs": self.fp.jobs() if self.fp is not None else {"taken": 0, "in_read": 0},
             # MINOR faults: a page in the memfd mapped again (sampling.py),
             # by the engine (a dirty page, any page without a fast path) and
             # by the fast path's threads (a clean RESIDENT page, fp_take_minor).

@@ -207,6 +207,15 @@ class FastPath:
         failed read's goes back with its record); 0 for the file store."""
         return len(self.conns)
 
+    def jobs(self) -> dict[str, int]:
+        """Swap-in jobs of the C threads now (the lock held): `taken` (taken
+        by fp_take_fault and not yet finished: `reading`) and `in_read` (of
+        those, inside their store read: invariant 4's count). Both 0 when
+        the threads are idle; a test checks that every path balances them."""
+        if self.e == ffi.NULL:
+            return {"taken": 0, "in_read": 0}
+        return {"taken": int(self.e.reading), "in_read": int(self.e.in_read)}
+
     def stop(self) -> None:
         """Join the threads (the lock must not be held); lent contexts go back."""
         if self.e == ffi.NULL:
