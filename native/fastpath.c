@@ -187,10 +187,14 @@ static inline void us_set_state(struct fp_engine *e, struct fp_region *r, int64_
  * draining case: these threads serve nothing while the engine drains
  * (`enabled` is 0 then). */
 static int fp_take_fill(struct fp_engine *e, struct fp_region *r, int64_t page, const struct uffd_msg *m,
-                        struct fp_job *job)
+                        struct fp_job *job, int *why)
 {
-    if (!e->zero || us_admit(e->charged, e->max_pages, 1, 0) < 1)
+    if (!e->zero)
         return 0;
+    if (us_admit(e->charged, e->max_pages, 1, 0) < 1) {
+        *why = FP_HAND_BUDGET;
+        return 0;
+    }
     r->fill_window = us_fill_window(page, r->fill_expect, r->fill_window, e->fill_max);
     int64_t limit = page + r->fill_window < (int64_t)r->npages ? page + r->fill_window : (int64_t)r->npages;
     int64_t room = us_admit(e->charged, e->max_pages, limit - page, 0);
@@ -236,23 +240,29 @@ static int64_t fp_fault_page(struct fp_engine *e, struct fp_region *r, const str
 }
 
 /* Lock held. Start serving this fault here if it is ours (see the top of
- * the file); returns 1 and fills job when it is. */
+ * the file); returns 1 and fills job when it is, else 0 with *why set to
+ * the reason it goes to the engine (FP_HAND_*, fastpath.h). */
 static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m,
-                         struct fp_job *job)
+                         struct fp_job *job, int *why)
 {
+    *why = FP_HAND_OFF;
     int64_t page = fp_fault_page(e, r, m, 0);
     if (page < 0)
         return 0;
     if (r->state[page] == US_EMPTY)
-        return fp_take_fill(e, r, page, m, job);
+        return fp_take_fill(e, r, page, m, job, why);
+    *why = FP_HAND_STATE;
     if (r->state[page] != US_SWAPPED)
         return 0;
     /* Locality with the last swap-in or a stream's next window: the engine
      * decides read-ahead; only a random swap-in is served here. */
+    *why = FP_HAND_LOCALITY;
     if (us_ra_locality(page, r->last_fault, r->ra_expect, r->ra_window, e->ra_pages) != US_RA_RANDOM)
         return 0;
+    *why = FP_HAND_BUDGET;
     if (us_admit(e->charged, e->max_pages, 1, 0) < 1)
         return 0;   /* the engine parks it until reclaim makes room */
+    *why = FP_HAND_READERS;
     /* Invariant 4 (the thread that reads fault events never blocks on
      * I/O): at most read_max = nthreads - 1 threads are inside store reads
      * (fp_new starts one thread beyond the readers), so one always stays
@@ -261,10 +271,11 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
      * pool instead. The reserve is a thread of its own, not one of the
      * readers: `readers` concurrent swap-ins (a client's threads faulting
      * at once) are all served here. */
-    if (e->reading >= e->read_max)
+    if (__atomic_load_n(&e->in_read, __ATOMIC_SEQ_CST) >= e->read_max)
         return 0;
     memset(&job->conn, 0, sizeof(job->conn));   /* the file store's load passes it unused */
     if (e->fd < 0) {
+        *why = FP_HAND_CONTEXT;
         if (e->nidle == 0)
             return 0;
         job->conn = e->idle[--e->nidle];
@@ -288,6 +299,8 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     r->inflight++;
     e->inflight++;
     e->reading++;
+    /* Raised only here, under the lock, after the check above: never past read_max. */
+    __atomic_add_fetch(&e->in_read, 1, __ATOMIC_SEQ_CST);
     if (us_kick_due(e->charged - 1, e->charged, e->high_pages, e->clean_pages))
         fp_kick(e);   /* reclaim, or background writeback, is due */
     job->r = r;
@@ -399,6 +412,14 @@ static void fp_run(struct fp_engine *e, struct fp_job *j, uint64_t buf, int64_t 
         return;
     }
     *result = us_store_io(0, e->fd, j->conn.nfs, j->conn.fh, buf, 4096, j->slot * 4096);
+    /* Out of the store read (invariant 4 counts only those inside one): at
+     * once, without the lock. Lowered only when fp_finish took the lock, a
+     * thread that woke its client with the COPY below and then waited for
+     * the lock still counted, and the client's next fault, read by another
+     * thread meanwhile, found every reader "in a read" and went to the
+     * engine: under mt-mix (4 threads, 4 readers) 20% of the swap-ins,
+     * status fast_path_passed_faults "readers". */
+    __atomic_sub_fetch(&e->in_read, 1, __ATOMIC_SEQ_CST);
     if (*result < 0)
         return;
     /* Verified and mapped by the routine of every swap-in (readmap.h): a
@@ -572,11 +593,17 @@ static int fp_dispatch(struct fp_engine *e, struct fp_region *r, const struct uf
 {
     if (m->event == UFFD_EVENT_PAGEFAULT && (fp_take_wp(e, r, m) || fp_take_minor(e, r, m)))
         return 0;
-    if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, m, job))
+    int why = FP_HAND_OFF;
+    if (m->event == UFFD_EVENT_PAGEFAULT && fp_take_fault(e, r, m, job, &why))
         return 1;
     struct fp_record *rec = fp_push(e, FP_EVENT, r);
     rec->kind = m->event;
     if (m->event == UFFD_EVENT_PAGEFAULT) {
+        uint64_t kind = m->arg.pagefault.flags & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR);
+        if (why == FP_HAND_OFF && e->enabled && !r->unmaps_pending)
+            why = kind & UFFD_PAGEFAULT_FLAG_WP ? FP_HAND_WP : kind & UFFD_PAGEFAULT_FLAG_MINOR ? FP_HAND_MINOR
+                                                                                              : FP_HAND_OFF;
+        e->handed[why]++;
         rec->flags = m->arg.pagefault.flags;
         rec->addr = m->arg.pagefault.address;
     } else if (m->event == UFFD_EVENT_UNMAP || m->event == UFFD_EVENT_REMOVE) {

@@ -28,6 +28,18 @@ struct nfsfh;
 #define FP_DIRTIED 6      /* page mapped writable for a write fault: its slot copy is stale */
 #define FP_FORGET 7       /* page mapped here was unmapped by the client meanwhile: the engine forgets it */
 
+/* Why a fault went to the engine as an FP_EVENT record (fp_engine.handed,
+ * status fast_path_handovers): one count per fault passed on. */
+#define FP_HAND_OFF 0       /* not served here at all: draining, an UNMAP pending, outside the region */
+#define FP_HAND_STATE 1     /* MISSING on a page neither EMPTY nor SWAPPED (LOADING, PUNCHING, AT_PARENT...) */
+#define FP_HAND_LOCALITY 2  /* MISSING on a SWAPPED page near the last swap-in or a stream's: read-ahead */
+#define FP_HAND_BUDGET 3    /* MISSING the budget had no room for (us_admit) */
+#define FP_HAND_READERS 4   /* every reader thread inside a store read (invariant 4) */
+#define FP_HAND_CONTEXT 5   /* nfs://: no lent context idle */
+#define FP_HAND_WP 6        /* write-protect fault not on a clean RESIDENT page, or its un-protect failed */
+#define FP_HAND_MINOR 7     /* MINOR fault not on a clean RESIDENT page, or its CONTINUE failed */
+#define FP_HAND_N 8
+
 /* Latency histograms (swap-in and fault service), kept here by the C
  * threads and, through the same fp_hist_observe, by the Python engine
  * (uswap/daemon/latency.py): the bucket bounds are fp_lat_bounds below,
@@ -101,10 +113,16 @@ struct fp_engine {
     int32_t enabled;      /* 0: pass every event to the engine (draining) */
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
-    int32_t reading;      /* threads inside a store read */
+    int32_t reading;      /* jobs taken by fp_take_fault and not yet finished (nfs://: each holds a
+                           * lent context, FastPath.top_up) */
+    int32_t in_read;      /* threads inside a store read right now (invariant 4): raised under the
+                           * lock by fp_take_fault, lowered atomically without it as soon as the read
+                           * returns (fp_run), so a thread waiting for the lock to finish its job
+                           * does not count */
     int32_t read_max;     /* most threads inside a store read at once: nthreads - 1 */
     uint64_t faults, swapins, activations;
     uint64_t minor_faults;  /* MINOR faults served here (fp_take_minor) */
+    uint64_t handed[FP_HAND_N];  /* faults passed to the engine, by reason (FP_HAND_*) */
     uint64_t present_replaced;  /* pages found present and replaced by their store copies (us_verify_map,
                                  * in fp_run: no lock, so added atomically) */
     int64_t fill_max;     /* largest zero-fill window, pages */

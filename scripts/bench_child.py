@@ -106,7 +106,7 @@ class UswapCounters:
         return {k: st.get(k) for k in ("resident_bytes", "max_resident_bytes", "swapped_bytes",
                                        "readahead_pages_total", "write_errors_total", "read_errors_total",
                                        "minor_faults_total", "sampled_pages_total", "budget_waits_total",
-                                       "dirty_waits_total", "pages_cleaned_total")}
+                                       "dirty_waits_total", "pages_cleaned_total", "fast_path_passed_faults")}
 
 
 class KernelCounters:

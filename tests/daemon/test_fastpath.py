@@ -971,3 +971,32 @@ def test_an_unmap_read_as_a_handover_begins_is_not_lost(file_backing, start_daem
     finally:
         a.kill()
         b.kill()
+
+
+def test_a_reader_finishing_its_job_leaves_room_for_the_next_swap_in(file_backing, start_daemon):
+    """As many client threads as `fault_threads` swap in at random: every
+    swap-in is the fault threads' (none passed to the engine for want of a
+    reader). A fault thread counts as inside a store read only until the
+    read returns: its COPY wakes the client thread, whose next fault may be
+    read by another fault thread before the first takes the page lock again
+    to finish its job. Counted until that finish, the first one still held
+    a reader's place, every place looked taken, and that next fault went to
+    the engine's read path (status fast_path_passed_faults "readers"): under
+    the bench's mt-mix (4 threads, 4 readers) a fifth of the swap-ins, each
+    a turn of the engine under the page lock. With the count lowered when
+    the read returns, the threads of one client can never fill the places:
+    each has at most one fault, and its place is free before it is woken."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"fault_threads": 2})
+    c = FpClient(d.socket, 4096, threads=2, seed=5)
+    try:
+        c.cmd("fill", "filled")
+        swapins0 = status(d)["fast_path_swapins_total"]
+        c.cmd("random 3 0.25 free")
+        done = c.random_done(60)
+        st = status(d)
+        assert st["fast_path_swapins_total"] - swapins0 > 1000, (done, st["fast_path_swapins_total"])
+        assert st["fast_path_passed_faults"]["readers"] == 0, st["fast_path_passed_faults"]
+        c.verify_and_exit()
+    finally:
+        c.kill()
+    finish_without_fatal_errors(d)

@@ -223,6 +223,7 @@ class Engine:
             for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "minor_faults",
                          "present_replaced", "illegal_transitions"):
                 setattr(self.region_set.shared, name, getattr(sh, name))
+            self.region_set.shared.handed = list(sh.handed)
             for name in ("swapin_latency", "fault_latency", "lock_wait"):
                 setattr(self.region_set.shared, name, latency.copy_of(getattr(sh, name)))
             self.fp.stop()
@@ -375,6 +376,11 @@ class Engine:
             "dirty_waits_total": self.region_set.stats["dirty_waits"],
             "faults_total": self.region_set.stats["faults"] + self.region_set.shared.faults,
             "fast_path_faults_total": self.region_set.shared.faults,
+            # Faults the fault threads passed to the engine, by reason
+            # (fastpath.passed_faults): each costs the engine's turn under the lock.
+            "fast_path_passed_faults": fastpath.passed_faults(self.region_set.shared),
+            # Swap-in jobs on the fault threads now: taken, and inside a store read.
+            "fast_path_jobs": self.fp.jobs() if self.fp is not None else {"taken": 0, "in_read": 0},
             # MINOR faults: a page in the memfd mapped again (sampling.py),
             # by the engine (a dirty page, any page without a fast path) and
             # by the fast path's threads (a clean RESIDENT page, fp_take_minor).

@@ -28,12 +28,27 @@ FP_READ_ERROR = lib.FP_READ_ERROR
 FP_DIRTIED = lib.FP_DIRTIED
 FP_FORGET = lib.FP_FORGET
 
+# Why a fault went to the engine (fastpath.h FP_HAND_*), by index: status
+# fast_path_passed_faults.
+PASSED_REASONS = ("off", "state", "locality", "budget", "readers", "context", "wp", "minor")
+assert len(PASSED_REASONS) == lib.FP_HAND_N
+
+
+def passed_faults(shared) -> dict[str, int]:
+    """The faults the C threads passed to the engine, by reason: `off`
+    (draining, an UNMAP pending), `state` (MISSING on a page neither EMPTY
+    nor SWAPPED), `locality` (near a swap-in or a stream's: read-ahead),
+    `budget` (no room), `readers` (every reader in a store read), `context`
+    (nfs://, no idle context), `wp` and `minor` (not on a clean RESIDENT
+    page)."""
+    return {name: int(shared.handed[i]) for i, name in enumerate(PASSED_REASONS)}
+
 
 def plain_shared() -> types.SimpleNamespace:
     """The engine's shared counters when there is no fast path."""
     return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
                                  faults=0, swapins=0, activations=0, minor_faults=0, present_replaced=0,
-                                 illegal_transitions=0,
+                                 illegal_transitions=0, handed=[0] * len(PASSED_REASONS),
                                  swapin_latency=latency.new_shared(), fault_latency=latency.new_shared(),
                                  lock_wait=latency.new_shared())
 
@@ -191,6 +206,15 @@ class FastPath:
         """nfs://: lent contexts the C threads hold, idle or in a read (a
         failed read's goes back with its record); 0 for the file store."""
         return len(self.conns)
+
+    def jobs(self) -> dict[str, int]:
+        """Swap-in jobs of the C threads now (the lock held): `taken` (taken
+        by fp_take_fault and not yet finished: `reading`) and `in_read` (of
+        those, inside their store read: invariant 4's count). Both 0 when
+        the threads are idle; a test checks that every path balances them."""
+        if self.e == ffi.NULL:
+            return {"taken": 0, "in_read": 0}
+        return {"taken": int(self.e.reading), "in_read": int(self.e.in_read)}
 
     def stop(self) -> None:
         """Join the threads (the lock must not be held); lent contexts go back."""
