@@ -29,7 +29,7 @@ struct nfsfh;
 #define FP_FORGET 7       /* page mapped here was unmapped by the client meanwhile: the engine forgets it */
 
 /* Why a fault went to the engine as an FP_EVENT record (fp_engine.handed,
- * status fast_path_handovers): one count per fault passed on. */
+ * status fast_path_passed_faults): one count per fault passed on. */
 #define FP_HAND_OFF 0       /* not served here at all: draining, an UNMAP pending, outside the region */
 #define FP_HAND_STATE 1     /* MISSING on a page neither EMPTY nor SWAPPED (LOADING, PUNCHING, AT_PARENT...) */
 #define FP_HAND_LOCALITY 2  /* MISSING on a SWAPPED page near the last swap-in or a stream's: read-ahead */
