@@ -380,8 +380,8 @@ class Engine:
             # (fastpath.passed_faults): each costs the engine's turn under the lock.
             "fast_path_passed_faults": fastpath.passed_faults(self.region_set.shared),
             # MINOR faults: a page in the memfd mapped again (sampling.py),
-            # by the engine (a dirty page, any page without a fast path) and
-            # by the fast path's threads (a clean RESIDENT page, fp_take_minor).
+            # by the engine (a WRITEBACK page, any page without a fast path) and
+            # by the fast path's threads (a RESIDENT page, fp_take_minor).
             "minor_faults_total": self.region_set.stats["minor_faults"] + self.region_set.shared.minor_faults,
             "fast_path_minor_faults_total": self.region_set.shared.minor_faults,
             "sampled_pages_total": self.reclaimer.sampler.sampled,
