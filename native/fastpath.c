@@ -33,12 +33,12 @@
  *   clean swap-cache copy, as the engine does); a write fault maps it
  *   writable and dirty at once, saving the write-protect fault that would
  *   follow, and the engine frees the stale slot (FP_DIRTIED);
- * - a MINOR fault on a clean RESIDENT page (mapped again after the access
+ * - a MINOR fault on a RESIDENT page (mapped again after the access
  *   sampler or the client's MADV_DONTNEED took it out of the page tables):
- *   it is mapped again write-protected, stamped and made active
- *   (fp_take_minor, us_minor_use in policy.h); a dirty page's MINOR fault
- *   goes to the engine, which alone knows whether a forked child still
- *   reads it (cow.py) and so whether it may be mapped writable;
+ *   it is mapped again -- writable if dirty and no forked child reads it
+ *   (the region's share counts, kept by cow.py), else write-protected, by
+ *   the engine's rule us_minor_writable -- stamped and made active
+ *   (fp_take_minor, us_minor_use in policy.h);
  * - a write-protect fault on a clean RESIDENT page (its first write since
  *   its slot copy was taken): it is un-protected (fp_take_wp). A dirty page is never
  * un-protected here: a dirty page is write-protected only by a fork
@@ -353,28 +353,33 @@ static int fp_take_wp(struct fp_engine *e, struct fp_region *r, const struct uff
     return 1;
 }
 
-/* Lock held. A MINOR fault on a clean RESIDENT page: the page is in the
- * memfd (RESIDENT says so, and only a transition under this lock -- to
- * PUNCHING: reclaim's, a discard's or a stray page's punch -- starts taking
- * it out), so it is mapped
- * again write-protected with a CONTINUE (a clean page's first write must
- * reach fp_take_wp or the engine, which free its slot), stamped with the
- * fault clock and made active (us_minor_use), as Faults.fault_minor does
- * for the pages it keeps. Returns 1 when served here. Anything else -- a
- * dirty page, any other state, or a CONTINUE that failed (EEXIST: mapped
- * already; EFAULT: the page left the memfd behind the daemon's back) -- is
- * passed to the engine untouched, which serves it as before: it makes the
- * CONTINUE again and acts on its result (EEXIST: wake; EFAULT: the page
+/* Lock held. A MINOR fault on a RESIDENT page: the page is in the memfd
+ * (RESIDENT says so, and only a transition under this lock -- to PUNCHING:
+ * reclaim's, a discard's or a stray page's punch -- starts taking it out),
+ * so it is mapped again with a CONTINUE, writable or write-protected as
+ * us_minor_writable (policy.h) says -- the rule Faults.fault_minor follows:
+ * writable only when dirty and no forked child reads the page (r->shares);
+ * a clean page's first write must reach fp_take_wp or the engine, which
+ * free its slot, and a shared dirty page's must reach the engine, which
+ * copies it into the children first (cow.py). It is stamped with the fault
+ * clock and made active (us_minor_use), as the engine does. Returns 1 when
+ * served here. Anything else -- any other state (a WRITEBACK page's MINOR
+ * fault too: the engine serves it), or a CONTINUE that failed (EEXIST:
+ * mapped already; EFAULT: the page left the memfd behind the daemon's back)
+ * -- is passed to the engine untouched, which serves it as before: it makes
+ * the CONTINUE again and acts on its result (EEXIST: wake; EFAULT: the page
  * vanished, Faults._vanished), counting the fault once. */
 static int fp_take_minor(struct fp_engine *e, struct fp_region *r, const struct uffd_msg *m)
 {
     int64_t page = fp_fault_page(e, r, m, UFFD_PAGEFAULT_FLAG_MINOR);
     if (page < 0)
         return 0;
-    if (r->state[page] != US_RESIDENT || (r->flags[page] & US_F_DIRTY))
+    uint8_t st = r->state[page], fl = r->flags[page];
+    if (st != US_RESIDENT)
         return 0;
+    int writable = us_minor_writable(st, fl, r->shares ? r->shares[page] : 0);
     struct uffdio_continue c = { .range = { .start = r->addr + ((uint64_t)page << 12), .len = 4096 },
-                                 .mode = UFFDIO_CONTINUE_MODE_WP };
+                                 .mode = writable ? 0 : UFFDIO_CONTINUE_MODE_WP };
     double started = fp_now();
     if (ioctl(r->uffd, UFFDIO_CONTINUE, &c) < 0)
         return 0;
@@ -386,7 +391,7 @@ static int fp_take_minor(struct fp_engine *e, struct fp_region *r, const struct 
      * would not show the use to the sampler (victims.py _on_probation). */
     e->tick++;
     r->stamp[page] = e->tick;
-    r->flags[page] = us_minor_use(r->flags[page]);
+    r->flags[page] = us_minor_use(fl);
     return 1;
 }
 

@@ -37,7 +37,7 @@ struct nfsfh;
 #define FP_HAND_READERS 4   /* every reader thread inside a store read (invariant 4) */
 #define FP_HAND_CONTEXT 5   /* nfs://: no lent context idle */
 #define FP_HAND_WP 6        /* write-protect fault not on a clean RESIDENT page, or its un-protect failed */
-#define FP_HAND_MINOR 7     /* MINOR fault not on a clean RESIDENT page, or its CONTINUE failed */
+#define FP_HAND_MINOR 7     /* MINOR fault not on a RESIDENT page, or its CONTINUE failed */
 #define FP_HAND_N 8
 
 /* Latency histograms (swap-in and fault service), kept here by the C
@@ -70,6 +70,11 @@ struct fp_region {
     int32_t *slot;
     uint32_t *stamp;
     uint32_t *sum;
+    /* Forked children AT_PARENT at each page (cow.py's Share.counts, set and
+     * cleared by the engine under the lock), or NULL while no child reads
+     * from this region: a dirty page's MINOR fault maps it writable only
+     * where this is 0 (us_minor_writable, policy.h). */
+    uint16_t *shares;
     int64_t last_fault;   /* read-ahead bookkeeping shared with the engine */
     int64_t ra_expect;
     int64_t ra_window;

@@ -29,6 +29,7 @@ static inline int us_must_overcommit(int64_t writes_inflight, int64_t loads_infl
                                      int64_t fast_loads_inflight, int64_t young_punches);
 static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages, int64_t clean_pages);
 static inline uint8_t us_minor_use(uint8_t flags);
+static inline int us_minor_writable(uint8_t state, uint8_t flags, uint32_t children);
 /* cdef: end */
 
 /* Read-ahead locality. A stream's next fault lands where its windows ended
@@ -124,6 +125,23 @@ static inline int us_kick_due(int64_t before, int64_t after, int64_t high_pages,
 static inline uint8_t us_minor_use(uint8_t flags)
 {
     return (uint8_t)(flags | US_F_ACTIVE);
+}
+
+/* A MINOR fault's page is mapped again (UFFDIO_CONTINUE) writable only when
+ * it is RESIDENT and dirty and no forked child still reads it from this
+ * region (`children`: the children AT_PARENT at that page, cow.py's share
+ * counts); otherwise write-protected. A clean page's first write must fault
+ * (its slot copy goes stale and is freed); a WRITEBACK page is being
+ * copied to the store (invariant 1); a page a child reads must be copied
+ * into the child before the parent's next write (cow.py's AT_PARENT
+ * invariant: dirtying.py's make_dirty copies it on that write-protect
+ * fault). A dirty page is write-protected otherwise only while a fork
+ * builds its snapshot (fork.py _protect), which ends under the same page
+ * lock with the children's share counts set (cow.link). Faults.fault_minor
+ * and the fault threads' fp_take_minor both ask this. */
+static inline int us_minor_writable(uint8_t state, uint8_t flags, uint32_t children)
+{
+    return state == US_RESIDENT && (flags & US_F_DIRTY) && children == 0;
 }
 
 #endif

@@ -56,6 +56,24 @@ COMMON = textwrap.dedent("""
         r = c.alloc(npages * 4096)
         a = np.frombuffer(r.buf, dtype=np.uint64).reshape(-1, 512)
         return c, r, a, np.arange(npages, dtype=np.uint64), np.zeros(npages, np.uint64)
+
+    # region_of, every page written once (dirty), then ready: reported, and
+    # the go-ahead read from stdin (_run_script takes the status between).
+    def filled_region(sock, npages):
+        c, r, a, ids, gen = region_of(sock, npages)
+        everything = np.arange(npages)
+        write(a, gen, ids, everything)
+        out(filled=npages)
+        sys.stdin.readline()
+        return c, r, a, ids, gen, everything
+
+    # A forking test's parent, its work done: waits for the child, checks
+    # its whole region and reports both; returns the count of bad pages.
+    def parent_end(a, gen, ids, everything, pid, bad):
+        child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        bad["parent_end"] += bad_of(a, gen, ids, everything)
+        out(bad=bad, child=child)
+        return sum(bad.values()) + child
 """)
 
 # (a) argv: SOCKET NPAGES ROUNDS CHUNK. Each round walks the region chunk by
@@ -103,6 +121,18 @@ def _run_script(d, code: str, *args, timeout: float = 120) -> tuple[dict, dict, 
     finally:
         c.kill()
     return before, after, res
+
+
+def _end_exact(d, after: dict) -> None:
+    """No illegal page transition, an exact audit, a clean exit."""
+    assert after["illegal_transitions_total"] == 0, after
+    assert_audit(after)
+    finish_clean(d)
+
+
+def _passed_minor(before: dict, after: dict) -> int:
+    """MINOR faults the fault threads passed to the engine meanwhile."""
+    return after["fast_path_passed_faults"]["minor"] - before["fast_path_passed_faults"]["minor"]
 
 
 def _assert_fast_minor(before: dict, after: dict, at_least: int) -> int:
@@ -186,11 +216,9 @@ FORKER = COMMON + textwrap.dedent("""
         if n == len(order) - 1:
             os.write(wr, b"x")                           # the child checks while the second pass runs
     os.close(wr)
-    child = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    bad["parent_end"] += bad_of(a, gen, ids, everything)
-    out(bad=bad, child=child)
+    total = parent_end(a, gen, ids, everything, pid, bad)
     del a
-    finish(c, r, sum(bad.values()) + child)
+    finish(c, r, total)
 """)
 
 
@@ -371,3 +399,116 @@ def test_d_discard_racing_fast_minor_faults(engine_backing, start_daemon):
     assert after["discarded_pages_total"] - before["discarded_pages_total"] >= rounds * dlen, after
     assert_audit(after)
     finish_clean(d)
+
+
+# (e) argv: SOCKET NPAGES ROUNDS. Every page written (dirty) and kept in
+# memory (the budget holds them all), then, each round: dropped from the page
+# tables (MADV_DONTNEED, as the sampler's MADV_PAGEOUT does), rewritten at
+# random (a MINOR fault that is a write, on a dirty page), checked, dropped
+# and read again (a MINOR read fault on a dirty page).
+DIRTY_MINOR = COMMON + textwrap.dedent("""
+    sock, npages, rounds = sys.argv[1], *map(int, sys.argv[2:4])
+    c, r, a, ids, gen, everything = filled_region(sock, npages)
+    rng = np.random.default_rng(7)
+    bad = {"after_write": 0, "again": 0, "end": 0}
+    for rnd in range(rounds):
+        dontneed(r, 0, npages)
+        for p in rng.permutation(npages):
+            write(a, gen, ids, np.array([p]))
+        bad["after_write"] += bad_of(a, gen, ids, everything)
+        dontneed(r, 0, npages)
+        bad["again"] += bad_of(a, gen, ids, everything)
+    bad["end"] = bad_of(a, gen, ids, everything)
+    out(bad=bad)
+    del a
+    finish(c, r, sum(bad.values()))
+""")
+
+
+@pytest.mark.deadline(300)
+def test_e_dirty_pages_minor_faults_served_by_the_fault_threads(file_backing, start_daemon):
+    """(e) A dirty RESIDENT page's MINOR fault (no fork: no child reads it)
+    is served on a fault thread, mapped writable (us_minor_writable), not
+    passed to the engine (status fast_path_passed_faults "minor"); every
+    write is kept."""
+    npages, rounds = 256, 4
+    d = start_daemon(file_backing, store_size="64M", max_resident="64M")
+    before, after, res = _run_script(d, DIRTY_MINOR, npages, rounds)
+    assert res["bad"] == {"after_write": 0, "again": 0, "end": 0}, (res, after)
+    passed = _passed_minor(before, after)
+    # Each round: a MINOR write fault and a MINOR read fault on every (dirty) page.
+    fast = _assert_fast_minor(before, after, 2 * rounds * npages * 9 // 10)
+    assert passed <= 2 * rounds * npages // 20, (passed, fast, after["fast_path_passed_faults"])
+    # Mapped writable: the writes after the MINOR faults raised no write-protect fault.
+    assert after["fast_path_passed_faults"]["wp"] - before["fast_path_passed_faults"]["wp"] <= npages // 10, after
+    _end_exact(d, after)
+
+
+# (f) argv: SOCKET NPAGES CHUNK. The parent writes every page (dirty, all in
+# memory) and drops them from its page tables, then forks: every page is
+# AT_PARENT in the child (cow.py). The child first reads its first quarter
+# (copied in from the parent: those pages no longer shared) and tells the
+# parent, which then drops, rewrites (random order) and checks the whole
+# region chunk by chunk: each first touch is a MINOR fault on a dirty page,
+# mapped writable where no child reads it (the first quarter) and
+# write-protected elsewhere, so that its write copies the page into the
+# child first. The child then checks its whole snapshot (the parent's bytes
+# as of the fork, none of the later writes), rewrites a third of its pages
+# and checks again; the parent checks its own region after the child ends.
+DIRTY_FORK = COMMON + textwrap.dedent("""
+    sock, npages, chunk = sys.argv[1], *map(int, sys.argv[2:4])
+    c, r, a, ids, gen, everything = filled_region(sock, npages)
+    bad = {"parent_pass": 0, "parent_end": 0}
+    dontneed(r, 0, npages)
+    quarter = everything[: npages // 4]
+    to_child, to_parent = os.pipe(), os.pipe()
+    snap = gen.copy()
+    pid = os.fork()
+    if pid == 0:
+        os.close(to_child[1]); os.close(to_parent[0])
+        cbad = bad_of(a, snap, ids, quarter)             # copied in: no longer shared
+        os.write(to_parent[1], b"q")
+        assert os.read(to_child[0], 1) == b"x"
+        cbad += bad_of(a, snap, ids, everything)         # after every parent write
+        dontneed(r, 0, npages)
+        cbad += bad_of(a, snap, ids, everything)
+        write(a, snap, ids, everything[everything % 3 == 0])
+        dontneed(r, 0, npages)
+        cbad += bad_of(a, snap, ids, everything)
+        os._exit(min(cbad, 100))
+    os.close(to_child[0]); os.close(to_parent[1])
+    assert os.read(to_parent[0], 1) == b"q"
+    rng = np.random.default_rng(11)
+    for lo in range(0, npages, chunk):
+        pages = everything[lo:lo + chunk]
+        dontneed(r, lo, len(pages))
+        for p in rng.permutation(pages):
+            write(a, gen, ids, np.array([p]))
+        dontneed(r, lo, len(pages))
+        bad["parent_pass"] += bad_of(a, gen, ids, pages)
+    os.write(to_child[1], b"x")
+    total = parent_end(a, gen, ids, everything, pid, bad)
+    del a
+    finish(c, r, total)
+""")
+
+
+@pytest.mark.deadline(300)
+def test_f_fork_dirty_minor_faults_keep_the_childs_snapshot(file_backing, start_daemon):
+    """(f) MINOR faults on the dirty pages of a forked parent: the fault
+    threads map writable only the pages no child reads any more, and
+    write-protect the rest, so the parent's writes never reach the child's
+    snapshot. Data checked on both sides."""
+    npages, chunk = 512, 32
+    d = start_daemon(file_backing, store_size="64M", max_resident="64M")
+    before, after, res = _run_script(d, DIRTY_FORK, npages, chunk)
+    assert res["bad"] == {"parent_pass": 0, "parent_end": 0} and res["child"] == 0, (res, after)
+    # The parent's first touches, on the fault threads: a quarter of them
+    # writable (no child reads those pages), the rest write-protected.
+    _assert_fast_minor(before, after, npages * 9 // 10)
+    passed = _passed_minor(before, after)
+    assert passed <= npages // 10, (passed, after["fast_path_passed_faults"])
+    # The child's quarter was copied at its own faults, the rest before the parent's writes.
+    assert after["fork"]["fork_copied_pages_total"] - before["fork"]["fork_copied_pages_total"] >= npages * 3 // 4, \
+        after["fork"]
+    _end_exact(d, after)

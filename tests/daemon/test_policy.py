@@ -94,3 +94,14 @@ def test_minor_use_activates_and_keeps_every_other_flag(flags):
     """A MINOR fault on a page in memory is a use: F_ACTIVE is set, and no
     other flag -- dirtiness above all -- is touched."""
     assert policy.minor_use(flags) == flags | pt.F_ACTIVE
+
+
+@pytest.mark.parametrize("state", [pt.RESIDENT, pt.WRITEBACK, pt.LOADING, pt.PUNCHING, pt.SWAPPED, pt.EMPTY])
+@pytest.mark.parametrize("flags", [0, pt.F_DIRTY, pt.F_ACTIVE, pt.F_DIRTY | pt.F_ACTIVE])
+@pytest.mark.parametrize("children", [0, 1, 65535])
+def test_minor_writable_only_dirty_resident_unshared(state, flags, children):
+    """A MINOR fault maps its page writable only when it is RESIDENT, dirty
+    and read by no forked child; every other page write-protected (a clean
+    page's first write, a page under writeback, a child's snapshot must fault)."""
+    want = state == pt.RESIDENT and bool(flags & pt.F_DIRTY) and children == 0
+    assert policy.minor_writable(state, flags, children) == want

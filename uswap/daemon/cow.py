@@ -72,10 +72,19 @@ class CopyOnWrite:
         self.source: dict[Region, Region] = {}     # child region -> source region
         self.copied = 0  # pages copied into children (fork_copied_pages_total)
 
-    def is_shared(self, region: Region, page: int) -> bool:
-        """True when a child still reads this page of `region` (it must stay write-protected)."""
-        share = self.shares.get(region)
-        return share is not None and share.counts[page] > 0
+    def children_at(self, region: Region, page: int) -> int:
+        """How many children still read this page of `region` (while any do,
+        it stays write-protected: policy.minor_writable)."""
+        counts = region.share_counts
+        return 0 if counts is None else int(counts[page])
+
+    def _publish(self, region: Region, share: Share | None) -> None:
+        """`region`'s share counts (None: no child reads from it), also to
+        the fast path's threads, which map a dirty page writable on a MINOR
+        fault only where its count is 0 (fp_take_minor). Page lock held."""
+        region.share_counts = None if share is None else share.counts
+        if self.regions.fp is not None:
+            self.regions.fp.shares_changed(region)
 
     # ---------------------------------------------------------------- a new child (fork.py)
 
@@ -86,6 +95,7 @@ class CopyOnWrite:
             share = self.shares.get(src)
             if share is None:
                 share = self.shares[src] = Share(src.npages)
+                self._publish(src, share)
             share.counts[at_parent] += 1
             share.total += shared
             share.children[child] = shared
@@ -195,7 +205,8 @@ class CopyOnWrite:
         if share is None:
             return
         self.before_write(region, np.flatnonzero(share.counts))
-        self.shares.pop(region, None)
+        if self.shares.pop(region, None) is not None:
+            self._publish(region, None)
 
     def _copy_in(self, child: Region, src: Region, pages: np.ndarray) -> None:
         """Copy source pages into the child's memfd through the daemon's
@@ -241,3 +252,4 @@ class CopyOnWrite:
             self.source.pop(child, None)
         if share.total == 0:
             self.shares.pop(src, None)
+            self._publish(src, None)

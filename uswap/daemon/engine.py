@@ -382,8 +382,8 @@ class Engine:
             # Swap-in jobs on the fault threads now: taken, and inside a store read.
             "fast_path_jobs": self.fp.jobs() if self.fp is not None else {"taken": 0, "in_read": 0},
             # MINOR faults: a page in the memfd mapped again (sampling.py),
-            # by the engine (a dirty page, any page without a fast path) and
-            # by the fast path's threads (a clean RESIDENT page, fp_take_minor).
+            # by the engine (a WRITEBACK page, any page without a fast path) and
+            # by the fast path's threads (a RESIDENT page, fp_take_minor).
             "minor_faults_total": self.region_set.stats["minor_faults"] + self.region_set.shared.minor_faults,
             "fast_path_minor_faults_total": self.region_set.shared.minor_faults,
             "sampled_pages_total": self.reclaimer.sampler.sampled,

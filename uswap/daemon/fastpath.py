@@ -39,8 +39,8 @@ def passed_faults(shared) -> dict[str, int]:
     (draining, an UNMAP pending), `state` (MISSING on a page neither EMPTY
     nor SWAPPED), `locality` (near a swap-in or a stream's: read-ahead),
     `budget` (no room), `readers` (every reader in a store read), `context`
-    (nfs://, no idle context), `wp` and `minor` (not on a clean RESIDENT
-    page)."""
+    (nfs://, no idle context), `wp` (not on a clean RESIDENT page) and
+    `minor` (not on a RESIDENT page)."""
     return {name: int(shared.handed[i]) for i, name in enumerate(PASSED_REASONS)}
 
 
@@ -107,6 +107,7 @@ class FastPath:
         r.slot = ffi.cast("int32_t *", table.slot.ctypes.data)
         r.stamp = ffi.cast("uint32_t *", table.stamp.ctypes.data)
         r.sum = ffi.cast("uint32_t *", table.sum.ctypes.data)
+        r.shares = self._shares_of(region)   # a reused slot must not keep its last occupant's
         for name in ReadAhead.FIELDS:
             setattr(r, name, getattr(region.ra, name))
         if lib.fp_region_open(self.e, idx) < 0:
@@ -115,6 +116,18 @@ class FastPath:
         region.fp_slot = idx
         region.ra = r   # read-ahead state now shared with the C threads
         return True
+
+    @staticmethod
+    def _shares_of(region):
+        counts = region.share_counts
+        return ffi.NULL if counts is None else ffi.cast("uint16_t *", counts.ctypes.data)
+
+    def shares_changed(self, region) -> None:
+        """cow.py set or cleared the region's share counts (page lock held):
+        the C threads read them to decide how a dirty page's MINOR fault is
+        mapped (fp_take_minor, us_minor_writable)."""
+        if self.e != ffi.NULL and region.fp_slot >= 0:
+            self.e.regions[region.fp_slot].shares = self._shares_of(region)
 
     def close(self, region) -> None:
         """Stop reading the region's events (loads in flight finish)."""
@@ -147,6 +160,7 @@ class FastPath:
             for name in ReadAhead.FIELDS:
                 setattr(ra, name, getattr(region.ra, name))
             region.ra = ra
+            self.e.regions[region.fp_slot].shares = ffi.NULL
             lib.fp_region_free(self.e, region.fp_slot)
             self.free_slots.append(region.fp_slot)
             region.fp_slot = -1

@@ -262,8 +262,9 @@ class Faults:
             # MADV_DONTNEED), so this touch is the first since; it is stamped
             # as a fault is (victims.py reads stamps as last use) and made
             # active (policy.minor_use, the rule the fault threads' own
-            # fp_take_minor follows for a clean RESIDENT page's MINOR fault:
-            # a dirty one, or one with no fast path, comes here).
+            # fp_take_minor follows for a RESIDENT page's MINOR fault: a
+            # WRITEBACK one, one whose CONTINUE failed there, or one with no
+            # fast path, comes here).
             self.regions.stats["minor_faults"] += 1
             # The clock moves on, as for a first write (dirtying.py): a use
             # stamped with an unchanged clock -- no page brought in since the
@@ -271,10 +272,10 @@ class Faults:
             # sampler would evict a page in use (victims.py VictimQueue._untouched).
             table.stamp[page] = self.budget.advance_clock()
             table.flags[page] = policy.minor_use(int(table.flags[page]))
-            # A dirty page a forked child still reads stays write-protected (cow.py).
-            dirty = (state == pt.RESIDENT and table.flags[page] & pt.F_DIRTY
-                     and not self.cow.is_shared(region, page))
-            ret = uffd.cont(region.uffd, addr, PAGE, 0 if dirty else uffd.CONTINUE_MODE_WP)
+            # Writable only if dirty and no forked child still reads it
+            # (cow.py): policy.minor_writable, fp_take_minor's rule too.
+            writable = policy.minor_writable(state, int(table.flags[page]), self.cow.children_at(region, page))
+            ret = uffd.cont(region.uffd, addr, PAGE, 0 if writable else uffd.CONTINUE_MODE_WP)
             if ret == -errno.EFAULT and state == pt.RESIDENT and not self._page_in_memfd(region, page):
                 self._vanished(region, page)
             elif ret == -errno.EEXIST or self.regions.ioctl_result(region, ret, "UFFDIO_CONTINUE") == AGAIN:

@@ -47,3 +47,10 @@ def minor_use(flags: int) -> int:
     """A page's flags after a MINOR fault on it while in memory (its first
     use since it left the client's page tables): made active."""
     return lib.us_minor_use(flags)
+
+
+def minor_writable(state: int, flags: int, children: int) -> bool:
+    """A MINOR fault maps its page again writable (else write-protected):
+    RESIDENT, dirty, and no forked child still reading it (`children`:
+    CopyOnWrite.children_at)."""
+    return bool(lib.us_minor_writable(state, flags, children))

@@ -58,6 +58,10 @@ class Region:
         # memory while its threads watch the region.
         self.ra = ReadAhead()
         self.fp_slot = -1         # the fast path's slot for this region, or -1
+        # Forked children AT_PARENT at each page while some child reads pages
+        # from this region (cow.py's Share.counts), else None; the fast
+        # path's threads read it too (fp_region.shares).
+        self.share_counts: np.ndarray | None = None
         self.write_stream = False # the last sequential swap-in stream was continued by a write
         self.streaming = False    # the last swap-in fault continued a sequential stream (swapin.py)
         self.faults = 0           # page faults of this region the engine served (the fast path counts its own)

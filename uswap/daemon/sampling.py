@@ -5,8 +5,8 @@ is read often but never faults again looks as old as one nobody touches.
 Sampling takes the page out of the client's page tables and leaves it in
 the memfd: the client's next touch is then a MINOR fault (the region is
 registered MINOR), answered with UFFDIO_CONTINUE and stamped as a use:
-by a fault thread for a clean page (fp_take_minor, native/fastpath.c), by
-the engine otherwise (faults.py). Which pages to sample, and what an untouched
+by a fault thread for a RESIDENT page (fp_take_minor, native/fastpath.c),
+by the engine otherwise (faults.py). Which pages to sample, and what an untouched
 sampled page means, is victims.py's policy; this module is the mechanism.
 
 How: `process_madvise(pidfd, MADV_PAGEOUT)` on the client's mapping, through
