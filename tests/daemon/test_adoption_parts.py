@@ -232,7 +232,7 @@ def test_a_child_moved_to_its_parents_slot_is_never_adopted_empty():
     first, _ = slots.alloc(n)
     parent.table.slot[:] = np.arange(first, first + n)
     child.table.move(np.arange(n), pt.AT_PARENT)
-    cow = CopyOnWrite(types.SimpleNamespace(tick=7), None, slots)
+    cow = CopyOnWrite(types.SimpleNamespace(tick=7, fp=None), None, slots)  # no fast path
     cow.link(child, parent, np.ones(n, bool))
     child.table.left.clear()
 
