@@ -18,6 +18,7 @@ import pytest
 from tests.daemon_proc import REPO, DaemonProc
 from tests.harness import Workload, assert_audit, wait_for
 from uswap.daemon import pagetable as pt
+from uswap.daemon.slots import MAX_REFS
 
 MIB = 1 << 20
 
@@ -666,6 +667,35 @@ def _write_quarantine(d: DaemonProc, slots: np.ndarray) -> None:
         store = json.load(f)
     with open(os.path.join(d.state_dir, "quarantine.json"), "w") as f:
         json.dump({"store": store, "runs": [[int(s), 1] for s in slots]}, f)
+
+
+def test_a_quarantine_file_naming_a_slot_many_times_holds_it_once(file_backing, start_daemon):
+    """A damaged quarantine.json names one slot (that a page table names
+    too) as many times as a slot may be referenced (MAX_REFS). The successor
+    claimed a reference per repeat, the table's claim then passed MAX_REFS,
+    and its OverflowError stopped the daemon at start: every client
+    stranded. A slot is held by the quarantine once, however often the file
+    names it: the daemon starts, the region is adopted, every page reads
+    back, and the slot is freed once the quarantine ends."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M", config={"slot_quarantine": "1s"})
+    with stamped_client(d, 8, 2) as w:
+        wait_for("writes ended", lambda: d.status()["writeback_inflight"] == 0, 60)
+        assert d.kill() == -signal.SIGKILL
+        table = _only_table(d)
+        slot = int(table.slot[np.flatnonzero(table.state == pt.SWAPPED)[0]])
+        del table
+        _write_quarantine(d, np.full(MAX_REFS, slot))
+        d.restart()  # before: the daemon exited at start (OverflowError from SlotAllocator.claim)
+        st = d.status()
+        assert st["store"]["quarantined_bytes"] == 4096, st["store"]
+        assert_audit(st)
+        check_all(w)
+        wait_for("quarantine ended", lambda: d.status()["store"]["quarantined_bytes"] == 0, 30)
+        assert_audit(d.status())
+        check_all(w)
+    st = d.status()
+    assert st["store"]["used_bytes"] == 0, st["store"]
+    assert d.stop() == 0
 
 
 def test_a_quarantine_file_naming_slots_a_table_names_holds_one_reference_each(file_backing, start_daemon):

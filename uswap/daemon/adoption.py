@@ -123,9 +123,10 @@ class Adoption:
                     self._remove_files(rid)
                     continue
                 self.slots.claim(table.slot)
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, OverflowError) as e:
                 # A damaged table (a slot outside the store, or named at two
-                # pages: SlotAllocator.claim) is not trusted for any page.
+                # pages: SlotAllocator.claim; or past MAX_REFS tables) is not
+                # trusted for any page, and never stops the daemon.
                 log.error("adoption: region %d of the previous daemon cannot be adopted: %s; its pages are lost",
                           rid, e)
                 if table is not None:

@@ -51,6 +51,19 @@ LOCK_FILE = "lock"
 META = re.compile(r"region-(\d+)\.json$")
 
 
+def _disjoint(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first, count) runs merged where they overlap, sorted by first;
+    runs of no slot (count < 1) dropped."""
+    out: list[tuple[int, int]] = []
+    for first, n in sorted(r for r in runs if r[1] > 0):
+        if out and first <= out[-1][0] + out[-1][1]:
+            last_first, last_n = out[-1]
+            out[-1] = (last_first, max(last_n, first + n - last_first))
+        else:
+            out.append((first, n))
+    return out
+
+
 class StateRefused(ValueError):
     """The state directory cannot be used for this store."""
 
@@ -324,7 +337,11 @@ class StateDir:
 
     def quarantine(self) -> list[tuple[int, int]]:
         """The slot runs a previous daemon of this store held in quarantine
-        ([] if none; another store's entries are not this one's slots)."""
+        ([] if none; another store's entries are not this one's slots),
+        sorted and disjoint: a slot is held by the quarantine once, however
+        often a damaged file names it (each repeat claimed a reference, and
+        a slot named MAX_REFS times made the claim of a table naming it too
+        fail, which stopped the daemon at start)."""
         out: list[tuple[int, int]] = []
         for entry in self._quarantine_entries():
             if self._mine(entry.get("store")):
@@ -332,7 +349,7 @@ class StateDir:
                     out.extend((int(s), int(n)) for s, n in entry["runs"])
                 except (KeyError, TypeError, ValueError) as e:
                     log.error("adoption: the quarantine of %s cannot be read (%s)", self.store.get("url"), e)
-        return out
+        return _disjoint(out)
 
     def clear(self) -> None:
         """After a drain: nothing is left to adopt; the directory may serve any
