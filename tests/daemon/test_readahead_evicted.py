@@ -63,10 +63,11 @@ def test_stream_loads_pages_evicted_inside_its_windows_as_windows(backing, start
         # fault (random to the random pass's last one: a fault thread's
         # one-page load) aside, no run of one-page random loads on a fault
         # thread (30-40 when the rule ended the stream). A stray one or two
-        # are not that run: one CI run under load (ci33) saw 3, once the
-        # fault threads took more of the faults the engine took before
-        # (in_read, fastpath.c) -- a one-page load the engine would have
-        # made is now made there; which fault was random was not traced.
+        # are not that run: one CI run under load (ci33) saw 3, after the
+        # fault threads began to take more of the faults the engine took
+        # before (in_read, fastpath.c), so a one-page load the engine would
+        # have made may now be made there and counted here; which fault was
+        # random was not traced.
         assert delta["fast_path_swapins_total"] <= 4, delta
         # Windows of up to readahead_max (128 pages): ideally about PASS /
         # 128 (32) of them, some more where reclaim's evictions inside them
