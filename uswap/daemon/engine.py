@@ -419,7 +419,8 @@ class Engine:
             # a bug, 0 is the only right value; in Python and on the fast path.
             "illegal_transitions_total": pt.CHECK.illegal + int(self.region_set.shared.illegal_transitions),
             # Pages of ranges the client unmapped (forget_range), and of those
-            # the ones forgotten only when their I/O in flight returned.
+            # the ones forgotten only when their I/O in flight returned (a
+            # page forgotten again before it returned counts for the first).
             "forgotten_pages_total": self.region_set.stats["forgotten_pages"],
             "forgotten_after_io_total": self.region_set.stats["forgotten_after_io"],
             "discarded_pages_total": self.region_set.stats["discarded_pages"],
