@@ -34,6 +34,16 @@ def registered_memfd(npages: int, name: str) -> Iterator[tuple[int, int, int]]:
         os.close(memfd)
 
 
+def fill_zeros(fd: int, addr: int, npages: int, write_protect: bool) -> None:
+    """Map every page of the region as a zero page, write-protected or not
+    (a first touch's fill, uffd.zero_fill), so each is present."""
+    zeros = native.AlignedBuffer(npages * PAGE)
+    try:
+        assert uffd.zero_fill(fd, addr, npages * PAGE, zeros.addr, write_protect) == npages * PAGE
+    finally:
+        zeros.free()
+
+
 def write_protected(addr: int, npages: int) -> list[bool]:
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(addr // PAGE * 8)

@@ -7,11 +7,22 @@ reclaim, closed when the client leaves (no fd leaks across clients)."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
+import select
+import socket
+import subprocess
+import sys
 import textwrap
 
+import pytest
+
+from tests.daemon.test_sampling_hold import _with_pid
+from uswap import config
 from uswap.daemon import clientmaps
+from uswap.daemon.connections import Connections
+from uswap.daemon.ratelimit import RateLimitedLog
 from tests.harness import Workload, status, wait_for
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -112,3 +123,55 @@ def test_daemon_keeps_one_status_fd_per_client_and_closes_it(engine_backing, sta
     finally:
         for c in clients:
             c.kill()
+
+
+LOCKER = textwrap.dedent("""
+    import ctypes, mmap, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    m = mmap.mmap(-1, 64 * 4096)
+    ok = libc.mlock(ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(m))), ctypes.c_size_t(64 * 4096)) == 0
+    print(1 if ok else 0, flush=True)
+    sys.stdin.readline()
+""")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ns_last_pid needs root")
+def test_a_session_whose_client_died_and_whose_pid_was_reused_reads_no_vmlck(tmp_path):
+    """A client connects (a real Connections accepts it: its session takes
+    its pidfd), dies before reclaim's first look at its status (the file is
+    opened then, by pid), and its pid is taken again (`ns_last_pid`) by a
+    program with 256 KiB mlocked. The session's status reads 0, as for any
+    client that is gone; before, it opened the new program's
+    /proc/PID/status and read its VmLck (then its maps and smaps)."""
+    cfg = config.load(None, {"backing": str(tmp_path / "store"), "socket": str(tmp_path / "sock")})
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(cfg.socket)
+    listener.listen(1)
+    listener.setblocking(False)
+    epoll = select.epoll()
+    conns = Connections(cfg, None, epoll, RateLimitedLog(logging.getLogger("test"), 1.0, 5), listener)
+    dead = subprocess.Popen([sys.executable, "-c", "import socket, sys; s = socket.socket(socket.AF_UNIX);"
+                             f" s.connect({cfg.socket!r}); print(1, flush=True); sys.stdin.readline()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    other = None
+    try:
+        assert dead.stdout.readline().strip() == "1"
+        conns.accept()
+        (session,) = conns.sessions.values()
+        assert session.pid == dead.pid and session.pidfd >= 0
+        dead.stdin.close()
+        dead.wait()  # reaped: its pid is free
+        other = _with_pid(dead.pid, [sys.executable, "-c", LOCKER], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "1", "mlock failed"
+        assert clientmaps.locked_kb(other.pid) >= 256  # what the pid's status says now
+
+        assert session.proc_status.locked_kb() == 0, "the VmLck of the process that took the dead client's pid"
+    finally:
+        if other is not None:
+            other.stdin.close()
+            other.wait()
+        for session in list(conns.sessions.values()):
+            conns.drop(session, "test over")
+        conns.close_listener()
+        epoll.close()

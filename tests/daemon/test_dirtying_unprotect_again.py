@@ -31,7 +31,7 @@ import threading
 import numpy as np
 import pytest
 
-from tests.uffd_region import registered_memfd, write_protected
+from tests.uffd_region import fill_zeros, registered_memfd, write_protected
 from uswap import config, native, uffd
 from uswap.daemon import fastpath
 from uswap.daemon import pagetable as pt
@@ -50,11 +50,7 @@ UNMAPPED = N - 1  # the page the client unmaps (its UNMAP event makes the EAGAIN
 @pytest.fixture
 def setup(tmp_path):
     with registered_memfd(N, "test-dirtying-again") as (fd, memfd, addr):
-        zeros = native.AlignedBuffer(N * PAGE)
-        try:
-            assert uffd.zero_fill(fd, addr, N * PAGE, zeros.addr, True) == N * PAGE  # all write-protected
-        finally:
-            zeros.free()
+        fill_zeros(fd, addr, N, write_protect=True)  # all write-protected
         cfg = config.load(None, {"backing": str(tmp_path / "store"), "state_dir": str(tmp_path / "state")})
         slots = SlotAllocator(1024)
         regions = RegionSet(cfg, slots, None, fastpath.plain_shared())

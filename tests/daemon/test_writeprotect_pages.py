@@ -19,8 +19,8 @@ import mmap
 import numpy as np
 import pytest
 
-from tests.uffd_region import registered_memfd, write_protected
-from uswap import native, uffd
+from tests.uffd_region import fill_zeros, registered_memfd, write_protected
+from uswap import uffd
 
 PAGE = 4096
 N = 24
@@ -31,11 +31,7 @@ def region():
     """The region with every page mapped writable (a zero fill), so that
     pagemap's uffd-wp bit is the protection of a present page."""
     with registered_memfd(N, "test-wp-pages") as (fd, memfd, addr):
-        zeros = native.AlignedBuffer(N * PAGE)
-        try:
-            assert uffd.zero_fill(fd, addr, N * PAGE, zeros.addr, False) == N * PAGE
-        finally:
-            zeros.free()
+        fill_zeros(fd, addr, N, write_protect=False)
         assert write_protected(addr, N) == [False] * N
         yield fd, memfd, addr
 

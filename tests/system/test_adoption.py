@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.daemon_proc import REPO, DaemonProc
-from tests.harness import Workload, assert_audit, wait_for
+from tests.harness import Workload, assert_audit, ctl, wait_for
 from uswap.daemon import pagetable as pt
 from uswap.daemon.slots import MAX_REFS
 
@@ -588,7 +588,9 @@ def test_quarantine_of_a_store_survives_another_store_using_the_drained_director
     assert d.stop() == 0
 
 
-PARTS = r"""
+# A client's region of MIB MiB (argv: socket, MIB), every page stamped; what
+# PARTS and HOLE do with it follows.
+STAMPED_REGION = r"""
 import ctypes, json, sys
 import numpy as np
 import uswap
@@ -600,6 +602,9 @@ ids = np.arange(len(a), dtype=np.uint64)
 a[:] = (ids * 7919)[:, None]
 half = len(a) // 2
 print(json.dumps({"stamped": True, "region": r.id}), flush=True)
+"""
+
+PARTS = STAMPED_REGION + r"""
 for line in sys.stdin:
     cmd = line.strip()
     if cmd == "unmap":  # the second half taken away, as a foreign MAP_FIXED mapping or a mremap shrink does
@@ -653,11 +658,91 @@ def test_a_region_mapped_in_parts_is_adopted_after_a_handover(file_backing, star
     assert d.stop() == 0
 
 
-def _only_table(d: DaemonProc) -> pt.PageTable:
+# A client whose region's first half is clean in memory (read back from the
+# store), and which, while its daemon is dead, maps a foreign mapping over a
+# hole in the middle of it (MAP_FIXED, as an allocator under uswap exec) on
+# a thread of its own and reads the UNMAP event from its own uffd (the mmap
+# waits until it is read): what a daemon killed after reading
+# the event and before applying it leaves (then no protect of the uffd
+# fails EAGAIN, as all do while an event is unread).
+HOLE = STAMPED_REGION + r"""
+import os, select, threading
+sys.stdin.readline()
+print(json.dumps({"read": int(np.count_nonzero(a[:half, 0] != ids[:half] * 7919))}), flush=True)
+hole_first, hole_pages = map(int, sys.stdin.readline().split())
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+# RW, PRIVATE|ANON|FIXED: a foreign mapping takes the hole (a mere munmap leaves no VMA there, which
+# UFFDIO_WRITEPROTECT skips; a VMA not registered with the uffd fails it ENOENT).
+unmapper = threading.Thread(target=libc.mmap, args=(r.addr + hole_first * 4096, hole_pages * 4096, 3, 0x32, -1, 0),
+                            daemon=True)
+unmapper.start()
+p = select.poll()
+p.register(r._uffd, select.POLLIN)
+assert p.poll(30000), "no UNMAP event"
+msg = os.read(r._uffd, 32)
+assert msg[0] == 0x16, msg  # UFFD_EVENT_UNMAP
+unmapper.join(30)
+assert not unmapper.is_alive()
+print(json.dumps({"unmapped": True}), flush=True)
+sys.stdin.readline()
+kept = np.r_[0:hole_first, hole_first + hole_pages:len(a)]
+print(json.dumps({"bad": int(np.count_nonzero(a[kept] != (ids[kept] * 7919)[:, None]))}), flush=True)
+"""
+
+
+def test_clean_pages_beside_a_part_mapped_over_while_the_daemon_was_dead_are_adopted_clean(file_backing, start_daemon):
+    """resolve.py `_verify_clean` write-protects the clean pages of an
+    adopted region run by run, then compares each with its slot copy. A
+    run reaching into a part a foreign mapping took while its daemon was dead
+    (its UNMAP event read, not applied: forgotten once the region is live)
+    failed as a whole (ENOENT), and every page of it was taken as written
+    unrecorded: dirty, its slot freed, to be written to the store again
+    (before: the 2/3 of the run still mapped, counted in written_unrecorded
+    with the hole). Now each page of such a run is protected on its own:
+    only those the kernel will not protect are dirty (logged as
+    not_protected: the hole), the others are checked as any clean page."""
+    d = start_daemon(file_backing, store_size="64M", max_resident="4M")
+    w = Workload.script(HOLE, d.socket, 8)
+    try:
+        w.wait_line(lambda l: l.get("stamped"), 60)
+        wait_for("the first half swapped out", lambda: swapped(d) >= 3 * MIB, 60)
+        ctl(d, {"op": "budget", "max_resident": "32M"})  # what is read back stays, clean
+        w.send("\n")
+        assert w.wait_line(lambda l: "read" in l, 60)["read"] == 0
+        assert d.kill() == -signal.SIGKILL
+        # The longest run of clean pages with a slot; the hole is its middle third.
+        t = _only_table(d)
+        clean = (t.state == pt.RESIDENT) & ((t.flags & pt.F_DIRTY) == 0) & (t.slot >= 0)
+        first, n = max(pt.runs(np.flatnonzero(clean), 1 << 30), key=lambda run: run[1])
+        assert n >= 96, (first, n)
+        hole_first, hole_pages = first + n // 3, n // 3
+        w.send(f"{hole_first} {hole_pages}\n")
+        w.wait_line(lambda l: l.get("unmapped"), 30)
+        d.restart()
+        wait_for("region adopted", lambda: d.status()["adopted_regions_total"] == 1, 60)
+        w.send("\n")
+        assert w.wait_line(lambda l: "bad" in l, 120)["bad"] == 0
+        resolved = [line for line in d.log_text().splitlines() if "reclaimed (" in line]
+        assert resolved and "written_unrecorded" not in resolved[0], resolved
+        assert f"not_protected {hole_pages}" in resolved[0], resolved
+        assert_audit(d.status())
+    finally:
+        w.kill()
+    assert d.stop() == 0
+
+
+def _only_region(d: DaemonProc) -> tuple[str, dict]:
+    """The state directory's one region: the path of its metadata, and that."""
     (meta_path,) = [os.path.join(d.state_dir, f) for f in os.listdir(d.state_dir)
                     if f.startswith("region-") and f.endswith(".json")]
     with open(meta_path) as f:
-        meta = json.load(f)
+        return meta_path, json.load(f)
+
+
+def _only_table(d: DaemonProc) -> pt.PageTable:
+    meta_path, meta = _only_region(d)
     return pt.PageTable.load(meta_path[:-len(".json")] + ".table", meta["npages"])
 
 

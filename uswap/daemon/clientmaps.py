@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 
 import numpy as np
 
@@ -138,6 +139,13 @@ def locked_kb(pid: int) -> int:
         status.close()
 
 
+def _exited(pidfd: int) -> bool:
+    """The process of `pidfd` has exited (a pidfd polls readable from then on)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
 class StatusFile:
     """A client's /proc/PID/status kept open, for its VmLck: reclaim reads it
     for every region it looks at (Reclaim._lock_key), to learn whether the
@@ -146,21 +154,32 @@ class StatusFile:
     (14% of the engine thread on a first-touch stream). The kernel generates
     the text afresh at each read from offset 0. The fd belongs to the
     process it was opened for: once that process is gone its reads fail
-    (ESRCH) and the answer is 0, as for a pid that cannot be read, so a pid
-    reused by another process is never read through it. Engine thread only;
+    (ESRCH) and the answer is 0, as for a pid that cannot be read.
+
+    It is opened by pid at the first read, which may come after the client
+    died and its pid went to another process: with `pidfd` (the session's,
+    taken as it connected: connections.peer_pidfd) the file is kept only if
+    that process has not exited once it is open -- a pid is not reused
+    before its process is reaped, so the file then names the client -- and
+    a client gone reads 0. Without one (-1) the pid is trusted. Engine thread only;
     one fd per client session (fdlimits.nofile_needed), closed with it."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, pidfd: int = -1) -> None:
         self.pid = pid
+        self.pidfd = pidfd    # not ours: the session closes it after this
         self.fd = -1          # opened at the first read
 
     def locked_kb(self) -> int:
-        """VmLck (KiB) now; 0 when it cannot be read."""
+        """VmLck (KiB) now; 0 when it cannot be read or the client is gone."""
         if self.fd < 0:
             try:
-                self.fd = os.open(f"/proc/{self.pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(f"/proc/{self.pid}/status", os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return 0
+            if self.pidfd >= 0 and _exited(self.pidfd):
+                os.close(fd)  # maybe another process's; opened again at each read, all read 0
+                return 0
+            self.fd = fd
         try:
             # VmLck is in the first 1.5 KiB of the text whatever follows it.
             return _vmlck_kb(os.pread(self.fd, 4096, 0))

@@ -50,7 +50,8 @@ class Session:
         self.held = False
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         self.pid, self.uid, self.gid = struct.unpack("3i", creds)
-        # Its /proc/PID/status, opened at reclaim's first look at one of
+        # Its /proc/PID/status, read through the pidfd below (set with it
+        # in Connections._admit), opened at reclaim's first look at one of
         # its regions and closed with the session (Connections.drop).
         self.proc_status = clientmaps.StatusFile(self.pid)
         # The client's process as it connected, for the access sampler's
@@ -185,6 +186,7 @@ class Connections:
         # per-uid refusal leaked one fd per refused connection).
         if not session.control_only:
             session.pidfd = peer_pidfd(sock, session.pid)
+            session.proc_status.pidfd = session.pidfd
         self.sessions[sock.fileno()] = session
         self.set_deadline(session, session.deadline)
         self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)

@@ -50,13 +50,19 @@ from uswap.daemon.slots import SlotAllocator
 
 PAGE = 4096
 SHIFT = 12
+# Children AT_PARENT at one source page: the most a count holds (uint16, as
+# the fast path reads it: fp_region.shares). `link` refuses more; neither
+# max_clients nor any other limit bounds them (a fork not yet attached links
+# its child too, and one client may hold any number of those).
+COUNT_TYPE = np.uint16
+MAX_CHILDREN = int(np.iinfo(COUNT_TYPE).max)
 
 
 class Share:
     """A source region's pages that children still read from it (AT_PARENT)."""
 
     def __init__(self, npages: int) -> None:
-        self.counts = np.zeros(npages, np.uint16)  # children AT_PARENT at each page
+        self.counts = np.zeros(npages, COUNT_TYPE)  # children AT_PARENT at each page
         self.total = 0                             # sum of counts
         self.children: dict[Region, int] = {}      # child -> its AT_PARENT pages
 
@@ -89,10 +95,18 @@ class CopyOnWrite:
     # ---------------------------------------------------------------- a new child (fork.py)
 
     def link(self, child: Region, src: Region, at_parent: np.ndarray) -> None:
-        """A new child reads the pages `at_parent` (a mask) from `src`."""
+        """A new child reads the pages `at_parent` (a mask) from `src`.
+        OverflowError, nothing changed, when a page of them has MAX_CHILDREN
+        children reading it already (a count past it would wrap to 0: the page
+        taken for unshared, the source's next write seen by its children)."""
         shared = int(np.count_nonzero(at_parent))
         if shared:
             share = self.shares.get(src)
+            if share is not None:
+                full = np.flatnonzero(at_parent & (share.counts >= MAX_CHILDREN))
+                if len(full):
+                    raise OverflowError(f"page {int(full[0])} of region {src.id} is read by {MAX_CHILDREN}"
+                                        f" forked children already, the most it can be")
             if share is None:
                 share = self.shares[src] = Share(src.npages)
                 self._publish(src, share)

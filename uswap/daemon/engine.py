@@ -387,6 +387,9 @@ class Engine:
             "minor_faults_total": self.region_set.stats["minor_faults"] + self.region_set.shared.minor_faults,
             "fast_path_minor_faults_total": self.region_set.shared.minor_faults,
             "sampled_pages_total": self.reclaimer.sampler.sampled,
+            # Pages made active (F_ACTIVE, victims.py) on a swap-in by the
+            # refault distance, by the engine and the fault threads.
+            "activations_total": self.region_set.stats["activations"] + self.region_set.shared.activations,
             "fast_path_swapins_total": self.region_set.shared.swapins,
             "readahead_pages_total": self.region_set.stats["readahead_pages"],
             # The engine's swap-in loads (each one I/O job, verified and
@@ -419,7 +422,8 @@ class Engine:
             # a bug, 0 is the only right value; in Python and on the fast path.
             "illegal_transitions_total": pt.CHECK.illegal + int(self.region_set.shared.illegal_transitions),
             # Pages of ranges the client unmapped (forget_range), and of those
-            # the ones forgotten only when their I/O in flight returned.
+            # the ones forgotten only when their I/O in flight returned (a
+            # page forgotten again before it returned counts for the first).
             "forgotten_pages_total": self.region_set.stats["forgotten_pages"],
             "forgotten_after_io_total": self.region_set.stats["forgotten_after_io"],
             "discarded_pages_total": self.region_set.stats["discarded_pages"],

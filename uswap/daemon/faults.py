@@ -306,7 +306,6 @@ class Faults:
         if state == pt.SWAPPED:
             self.regions.clientlog.warning("region %d page %d appeared in memory while swapped; the slot copy"
                                            " wins", region.id, page)
-            self.regions.stats["stray_pages_punched"] += 1
             # Charged while it is punched (it holds memory): _punch_done
             # uncharges it, makes it SWAPPED again and wakes the thread.
             self.budget.charge(1, force=True)
@@ -315,7 +314,6 @@ class Faults:
             return
         self.regions.clientlog.warning("region %d page %d appeared in memory while empty; adopting it as"
                                        " dirty", region.id, page)
-        self.regions.stats["stray_pages_adopted"] += 1
         self.budget.charge(1, force=True)
         table.move(page, pt.RESIDENT)
         table.flags[page] = pt.F_DIRTY

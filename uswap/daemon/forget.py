@@ -54,8 +54,12 @@ class Forget:
         seg = slice(first, first + n)
         busy = ((table.state[seg] == pt.WRITEBACK) | (table.state[seg] == pt.LOADING)
                 | (table.state[seg] == pt.PUNCHING))
+        # Counted once: a page forgotten again before its I/O returned (its
+        # range unmapped, mapped again in place and unmapped again) carries
+        # F_DISCARD already, counted here or by forget_pages (its own punch).
+        newly = busy & ((table.flags[seg] & pt.F_DISCARD) == 0)
         table.flags[seg] |= np.where(busy, pt.F_DISCARD, 0).astype(np.uint8)
-        self.regions.stats["forgotten_after_io"] += int(np.count_nonzero(busy))
+        self.regions.stats["forgotten_after_io"] += int(np.count_nonzero(newly))
         self.forget_pages(region, first + np.flatnonzero(~busy))
         # Faults parked for budget there can never be retried by the client
         # (unmapped), or were woken by forget_pages to fault afresh (discarded).

@@ -290,13 +290,15 @@ class ForkManager:
         ct.move((st == pt.POISONED) & in_place, pt.POISONED)
         ct.move(at_parent, pt.AT_PARENT)
         try:
+            # link first: refused, it changed nothing; share refused, the links go.
+            self.cow.link(child, region, at_parent)
             self.slots.share(slot[by_slot])
         except OverflowError as e:
+            self.cow.on_region_closing(child)
             child.release()
-            raise ForkRefused(f"fork_begin: {e}") from None
+            raise ForkRefused(f"fork_begin: {e}; the child gets no regions") from None
         self.stats["fork_shared_slots_total"] += int(np.count_nonzero(by_slot))
         self.cow.copy_pages(child, region, loaded)
-        self.cow.link(child, region, at_parent)
         return child
 
     # ---------------------------------------------------------------- child side

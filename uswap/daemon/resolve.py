@@ -225,30 +225,44 @@ class Resolver:
         """Clean RESIDENT pages: write-protect them (so nothing changes them
         from here), then check them against what clean claims -- a page
         with a slot against its copy's checksum, a zero page (no slot) for
-        zeros. The dead daemon may have let a write through before it
-        recorded the page dirty; such a page is dirty, its slot freed. A
-        zero page written so and taken as clean would later be dropped as
-        zeros. A run the kernel will not protect is taken as dirty too (safe:
-        it is written back again)."""
+        zeros. A page the kernel will not protect is taken as dirty too
+        (safe: it is written back again; counted apart, as not_protected).
+
+        A run that fails ENOENT is protected again page by page: it reaches
+        into a part the client unmapped whose UNMAP event the dead daemon
+        read but did not apply (forgotten once the region is live,
+        Adoption.after_live), and the run's mapped pages are checked as any
+        other (taken as dirty with it, each was written to the store again).
+        Any other failure (EAGAIN: an UNMAP event still unread, which fails
+        every protect of the uffd) takes the whole run as dirty."""
         t = region.table
         clean = np.flatnonzero((t.state == pt.RESIDENT) & ((t.flags & pt.F_DIRTY) == 0))
-        dirty = []
+        dirty, unprotected = [], []
         for first, n in pt.runs(clean, 1 << 16):
+            protected = [(first, n)]
             ret = uffd.writeprotect(region.uffd, region.addr + (first << SHIFT), n << SHIFT, protect=True)
-            if ret < 0:
-                dirty.extend(range(first, first + n))
+            if ret == -errno.ENOENT:
+                pages = np.arange(first, first + n)
+                ok = np.array([uffd.writeprotect(region.uffd, region.addr + (p << SHIFT), PAGE, protect=True) == 0
+                               for p in pages.tolist()], bool)
+                unprotected.extend(pages[~ok].tolist())
+                protected = pt.runs(pages[ok], 1 << 16)
+            elif ret < 0:
+                unprotected.extend(range(first, first + n))
                 continue
-            # Invariant 8: these pages are in the memfd (resolve checked), so
-            # reading them through the daemon's mapping allocates nothing.
-            sums, zero = native.page_sums(region.daddr + (first << SHIFT), n)
-            has_slot = t.slot[first:first + n] >= 0
-            changed = np.where(has_slot, np.array(sums, np.uint32) != t.sum[first:first + n],
-                               ~np.array(zero, bool))
-            dirty.extend((first + np.flatnonzero(changed)).tolist())
-        if dirty:
-            pages = np.array(dirty, np.int64)
-            counts["written_unrecorded"] = len(pages)
-            self.slots.free_many(t.slot[pages])
-            t.slot[pages] = pt.NO_SLOT
-            t.flags[pages] |= pt.F_DIRTY
+            for first, n in protected:
+                # Invariant 8: these pages are in the memfd (resolve checked), so
+                # reading them through the daemon's mapping allocates nothing.
+                sums, zero = native.page_sums(region.daddr + (first << SHIFT), n)
+                has_slot = t.slot[first:first + n] >= 0
+                changed = np.where(has_slot, np.array(sums, np.uint32) != t.sum[first:first + n],
+                                   ~np.array(zero, bool))
+                dirty.extend((first + np.flatnonzero(changed)).tolist())
+        for name, pages in (("written_unrecorded", dirty), ("not_protected", unprotected)):
+            if pages:
+                pages = np.array(pages, np.int64)
+                counts[name] = len(pages)
+                self.slots.free_many(t.slot[pages])
+                t.slot[pages] = pt.NO_SLOT
+                t.flags[pages] |= pt.F_DIRTY
 

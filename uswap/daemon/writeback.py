@@ -321,7 +321,6 @@ class Writeback:
         now = time.monotonic()
         for slot, n in runs:
             self.quarantine.append(([now, None], slot, n))
-            self.regions.stats["quarantined_slots"] += n
         self._persist_quarantine()
 
     def _persist_quarantine(self) -> None:
