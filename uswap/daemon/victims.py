@@ -29,87 +29,99 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from uswap._fastpath_cffi import ffi, lib
 from uswap.daemon import pagetable as pt
 from uswap.daemon.sampling import AccessSampler
 
-ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
+# Most of resident memory that active pages may hold: a fraction declared
+# once, in native/victims.h, where the rule that applies it is.
+ACTIVE_SHARE = lib.US_ACTIVE_SHARE_NUM / lib.US_ACTIVE_SHARE_DEN
 
 
-def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the k largest ages."""
-    mask = np.zeros(len(ages), bool)
-    if k >= len(ages):
-        mask[:] = True
-    elif k > 0:
-        mask[np.argpartition(ages, len(ages) - k)[len(ages) - k:]] = True
-    return mask
+class _Scratch:
+    """Buffers for the C choice (native/victims.h), kept between scans and
+    grown when a scan finds more candidates than they hold. Engine thread
+    only (reclaim, under the page lock)."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, np.uint64)
+        self.cands = np.empty(0, np.int64)
+
+    def grow(self, n: int) -> None:
+        n = max(n + n // 4, 4096)
+        self.keys = np.empty(n, np.uint64)
+        self.cands = np.empty(n, np.int64)
+
+
+_scratch = _Scratch()
+
+
+def _u8(a: np.ndarray):
+    return ffi.from_buffer("uint8_t[]", a.view(np.uint8))
 
 
 def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False,
                    locked: dict | None = None) -> list[tuple[object, np.ndarray]]:
     """Up to `want` RESIDENT pages as [(region, sorted page numbers)];
-    `locked` maps a region's id to the mask of its pages never to take."""
-    cands = []
-    for region in regions:
-        if region.closing:
-            continue
-        table = region.table
-        mask = table.state == pt.RESIDENT
-        never = locked.get(region.id) if locked else None
-        if never is not None:
-            mask &= ~never
-        idx = np.flatnonzero(mask)
-        if len(idx):
-            cands.append((region, idx))
-    if not cands or want <= 0:
+    `locked` maps a region's id to the mask of its pages never to take.
+    Closing regions are skipped. The rule itself -- candidates, ages modulo
+    the 32-bit stamp, the demotion of active pages past ACTIVE_SHARE (their
+    F_ACTIVE cleared here), the oldest inactive then active pages, clean
+    only -- is us_choose_victims in native/victims.h: in numpy it was the
+    largest part of the victim scan, the engine's longest hold of the page
+    lock (that header says what was measured)."""
+    live = [r for r in regions if not r.closing]
+    if not live or want <= 0:
         return []
-    idx_all = [idx for _, idx in cands]
-    flags = np.concatenate([r.table.flags[idx] for r, idx in cands])
-    # Age since last fault, modulo the 32-bit stamp wrap.
-    ages = np.concatenate([(np.uint32(tick) - r.table.stamp[idx]).astype(np.uint32) for r, idx in cands])
-    active = (flags & pt.F_ACTIVE) != 0
-    # Demote the oldest active pages beyond their share.
-    excess = int(np.count_nonzero(active)) - int(len(active) * ACTIVE_SHARE)
-    if excess > 0:
-        act_pos = np.flatnonzero(active)
-        demote = act_pos[_oldest(ages[act_pos], excess)]
-        active[demote] = False
-        pos = 0
-        for (region, idx) in cands:
-            local = demote[(demote >= pos) & (demote < pos + len(idx))] - pos
-            region.table.flags[idx[local]] &= ~np.uint8(pt.F_ACTIVE)
-            pos += len(idx)
-    eligible = np.ones(len(ages), bool)
-    if clean_only:
-        eligible &= (flags & pt.F_DIRTY) == 0
-    inactive_pos = np.flatnonzero(eligible & ~active)
-    chosen = np.zeros(len(ages), bool)
-    chosen[inactive_pos[_oldest(ages[inactive_pos], want)]] = True
-    short = want - int(np.count_nonzero(chosen))
-    if short > 0:
-        active_pos = np.flatnonzero(eligible & active)
-        chosen[active_pos[_oldest(ages[active_pos], short)]] = True
-    out = []
+    vr = ffi.new("struct us_vregion[]", len(live))
+    held = []   # the buffers the C call reads, alive until it returns
+    total = 0
+    for i, region in enumerate(live):
+        table = region.table
+        never = locked.get(region.id) if locked else None
+        if never is not None and len(never) != len(table.state):
+            # C reads npages entries of it: a mask of another size is a bug.
+            raise ValueError(f"region {region.id}: a locked mask of {len(never)} pages, not {len(table.state)}")
+        bufs = (_u8(table.state), _u8(table.flags), ffi.from_buffer("uint32_t[]", table.stamp),
+                _u8(never) if never is not None else ffi.NULL)
+        held.append(bufs)
+        vr[i].state, vr[i].flags, vr[i].stamp, vr[i].never = bufs
+        vr[i].npages = len(table.state)
+        total += len(table.state)
+    out = np.empty(min(want, total), np.int64)
+    while True:
+        n = lib.us_choose_victims(vr, len(live), want, tick & 0xFFFFFFFF, clean_only,
+                                  ffi.from_buffer("uint64_t[]", _scratch.keys),
+                                  ffi.from_buffer("int64_t[]", _scratch.cands), len(_scratch.keys),
+                                  ffi.from_buffer("int64_t[]", out))
+        if n >= 0:
+            break
+        _scratch.grow(-n)   # more candidates than the scratch holds: nothing was changed
+    result = []
     pos = 0
-    for (region, _), idx in zip(cands, idx_all):
-        sel = idx[chosen[pos:pos + len(idx)]]
-        pos += len(idx)
-        if len(sel):
-            out.append((region, sel))
-    return out
+    for i, region in enumerate(live):
+        k = vr[i].chosen
+        if k:
+            result.append((region, out[pos:pos + k]))
+            pos += k
+    return result
 
 
 def _split_oldest(groups: list[tuple[object, np.ndarray]], k: int,
                   tick: int) -> tuple[list[tuple[object, np.ndarray]], list[tuple[object, np.ndarray]]]:
     """The k oldest pages of [(region, sorted pages)], and the rest, both
-    in the same form."""
+    in the same form (ages as us_choose_victims reads them: us_oldest)."""
     total = sum(len(p) for _, p in groups)
     if total <= k:
         return [g for g in groups if len(g[1])], []
     if k <= 0:
         return [], [g for g in groups if len(g[1])]
-    ages = np.concatenate([(np.uint32(tick) - r.table.stamp[p]).astype(np.uint32) for r, p in groups])
-    mask = _oldest(ages, k)
+    stamps = np.concatenate([r.table.stamp[p] for r, p in groups])
+    mask = np.empty(total, np.bool_)
+    if len(_scratch.keys) < total:
+        _scratch.grow(total)
+    lib.us_oldest(ffi.from_buffer("uint32_t[]", stamps), total, tick & 0xFFFFFFFF, k, _u8(mask),
+                  ffi.from_buffer("uint64_t[]", _scratch.keys))
     oldest, rest = [], []
     pos = 0
     for region, pages in groups:
