@@ -45,6 +45,15 @@ static inline int64_t us_choose_victims(struct us_vregion *regions, int64_t nreg
                                         int64_t cap, int64_t *out);
 static inline void us_oldest(const uint32_t *stamps, int64_t n, uint32_t tick, int64_t k, uint8_t *mask,
                              uint64_t *keys);
+static inline void us_usable(const struct us_vregion *reg, const int64_t *pages, const uint32_t *stamps, int64_t n,
+                             int clean_only, uint8_t *mask);
+static inline int64_t us_known(const struct us_vregion *reg, const int64_t *pa, const uint32_t *sa, int64_t na,
+                               const int64_t *pb, const uint32_t *sb, int64_t nb, int64_t *out_pages,
+                               uint32_t *out_stamps);
+static inline void us_untouched(const struct us_vregion *reg, const int64_t *held, const uint32_t *held_stamps,
+                                int64_t nheld, const int64_t *pages, int64_t n, uint8_t *mask);
+static inline int64_t us_sorted_minus(const int64_t *a, int64_t na, const int64_t *b, int64_t nb, int64_t *out);
+static inline int64_t us_sorted_merge(const int64_t *a, int64_t na, const int64_t *b, int64_t nb, int64_t *out);
 /* cdef: end */
 
 /* Bits a candidate's entry of `cands` carries above its page number. */
@@ -314,6 +323,136 @@ static inline void us_oldest(const uint32_t *stamps, int64_t n, uint32_t tick, i
     us_select_largest(keys, n, k);
     for (int64_t i = 0; i < k; i++)
         mask[us_vkey_index(keys[i])] = 1;
+}
+
+/* The victim queue's bookkeeping (victims.py VictimQueue: the queue, the
+ * pages on probation and the ones judged, each a sorted page list with the
+ * stamps the pages had then), in C for the same reason as the choice: in
+ * numpy, the checks, searchsorted, unique, setdiff1d and sorts of each scan
+ * cost the engine more page-lock time than the choice itself once the
+ * choice was in C (a stream, 16384 pages resident: ~500 of ~780 us per
+ * scan, cProfile). Each is one pass over sorted lists. */
+
+/* A page queued (or judged) with stamp `then` is still a victim now:
+ * RESIDENT, or being written ahead (WRITEBACK without F_EVICT: cleaner.py);
+ * not faulted since (the stamp unchanged: a fault, a sampled page's minor
+ * fault included, stamps it -- it was used or changed hands); not in a
+ * range its client mlocked; and clean when only clean pages may go. The
+ * one statement of the rule the queue hands pages out by. */
+static inline int us_still_victim(uint8_t state, uint8_t flags, uint32_t now, uint32_t then, int locked,
+                                  int clean_only)
+{
+    return (state == US_RESIDENT || (state == US_WRITEBACK && !(flags & US_F_EVICT))) && now == then && !locked
+           && !(clean_only && (flags & US_F_DIRTY));
+}
+
+/* us_still_victim for page p of `reg`, queued with stamp `then`; a page
+ * number outside the region (a bug upstream) is none. */
+static inline int us_page_still_victim(const struct us_vregion *reg, int64_t p, uint32_t then, int clean_only)
+{
+    if (p < 0 || p >= reg->npages)
+        return 0;
+    return us_still_victim(reg->state[p], reg->flags[p], reg->stamp[p], then, reg->never && reg->never[p],
+                           clean_only);
+}
+
+/* mask[i] = pages[i], queued with stamps[i], is still a victim of `reg`
+ * (us_still_victim). */
+static inline void us_usable(const struct us_vregion *reg, const int64_t *pages, const uint32_t *stamps, int64_t n,
+                             int clean_only, uint8_t *mask)
+{
+    for (int64_t i = 0; i < n; i++) {
+        mask[i] = (uint8_t)us_page_still_victim(reg, pages[i], stamps[i], clean_only);
+    }
+}
+
+/* The pages known untouched: the union of two sorted page lists (the
+ * pages on probation and the ones judged, each with its stamps then), of
+ * those still victims (us_still_victim, whatever their dirtiness). A page
+ * in both is kept once, with the stamp of the first list's entry when that
+ * one is kept, else the second's. Out: sorted pages and their stamps;
+ * returns how many (at most na + nb). */
+static inline int64_t us_known(const struct us_vregion *reg, const int64_t *pa, const uint32_t *sa, int64_t na,
+                               const int64_t *pb, const uint32_t *sb, int64_t nb, int64_t *out_pages,
+                               uint32_t *out_stamps)
+{
+    int64_t i = 0, j = 0, n = 0;
+    while (i < na || j < nb) {
+        int64_t p;
+        int have = 0;
+        uint32_t st = 0;
+        if (j >= nb || (i < na && pa[i] <= pb[j])) {
+            p = pa[i];
+            if (us_page_still_victim(reg, p, sa[i], 0)) {
+                have = 1;
+                st = sa[i];
+            }
+            i++;
+            if (j < nb && pb[j] == p) {
+                if (!have && us_page_still_victim(reg, p, sb[j], 0)) {
+                    have = 1;
+                    st = sb[j];
+                }
+                j++;
+            }
+        } else {
+            p = pb[j];
+            if (us_page_still_victim(reg, p, sb[j], 0)) {
+                have = 1;
+                st = sb[j];
+            }
+            j++;
+        }
+        out_pages[n] = p;
+        out_stamps[n] = st;
+        n += have;
+    }
+    return n;
+}
+
+/* mask[i] = pages[i] (sorted) is among `held` (sorted, with their stamps
+ * then) and not faulted since: its stamp in `reg` unchanged. */
+static inline void us_untouched(const struct us_vregion *reg, const int64_t *held, const uint32_t *held_stamps,
+                                int64_t nheld, const int64_t *pages, int64_t n, uint8_t *mask)
+{
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t p = pages[i];
+        while (j < nheld && held[j] < p)
+            j++;
+        mask[i] = (uint8_t)(j < nheld && held[j] == p && p >= 0 && p < reg->npages && held_stamps[j] == reg->stamp[p]);
+    }
+}
+
+/* out = the pages of sorted a not in sorted b, in order; returns how many. */
+static inline int64_t us_sorted_minus(const int64_t *a, int64_t na, const int64_t *b, int64_t nb, int64_t *out)
+{
+    int64_t j = 0, n = 0;
+    for (int64_t i = 0; i < na; i++) {
+        while (j < nb && b[j] < a[i])
+            j++;
+        out[n] = a[i];
+        n += !(j < nb && b[j] == a[i]);
+    }
+    return n;
+}
+
+/* out = sorted a and sorted b merged, in order (a page in both once);
+ * returns how many. */
+static inline int64_t us_sorted_merge(const int64_t *a, int64_t na, const int64_t *b, int64_t nb, int64_t *out)
+{
+    int64_t i = 0, j = 0, n = 0;
+    while (i < na && j < nb) {
+        int64_t x = a[i], y = b[j];
+        out[n++] = x <= y ? x : y;
+        i += x <= y;
+        j += y <= x;
+    }
+    while (i < na)
+        out[n++] = a[i++];
+    while (j < nb)
+        out[n++] = b[j++];
+    return n;
 }
 
 #endif

@@ -212,3 +212,67 @@ def test_split_oldest_takes_the_k_oldest_across_groups():
     oldest, rest = _split_oldest(groups, 4, tick=20)
     assert [(r.id, list(p)) for r, p in oldest] == [(1, [0, 1, 7]), (2, [0])]
     assert [(r.id, list(p)) for r, p in rest] == [(1, [2, 3, 4, 5, 6]), (2, list(range(1, 8)))]
+
+
+def test_known_keeps_probation_and_judged_pages_still_victims_once():
+    """VictimQueue._known (us_known): the union of the pages on probation
+    and the judged ones, each kept while RESIDENT or written ahead with its
+    stamp unchanged and not mlocked; a page in both lists once."""
+    from uswap.daemon.victims import VictimQueue
+    r = region(16)
+    r.table.stamp[:] = 7
+    r.table.state[3] = pt.WRITEBACK                      # written ahead: still known
+    r.table.state[4] = pt.WRITEBACK
+    r.table.flags[4] = pt.F_EVICT                         # on its way out: forgotten
+    r.table.state[5] = pt.SWAPPED                         # gone: forgotten
+    r.table.stamp[6] = 8                                  # used since: forgotten
+    r.table.flags[9] = pt.F_DIRTY                         # dirty: still known
+    q = VictimQueue(batch=4)
+    q.probation = {1: (np.array([1, 3, 4, 5, 6, 9, 12], np.int64), np.full(7, 7, np.uint32))}
+    stamps = np.full(4, 7, np.uint32)
+    stamps[1] = 6                                         # judged with an older stamp: that entry is stale
+    q.judged = {1: (np.array([2, 9, 12, 14], np.int64), stamps)}
+    never = np.zeros(16, bool)
+    never[14] = True                                      # mlocked now: forgotten
+    (pages, got_stamps), = q._known([r], {1: never}).values()
+    assert list(pages) == [1, 2, 3, 9, 12]
+    assert list(got_stamps) == [7] * 5
+    # Only judged, and a stamp that matches only the second list's entry.
+    q.probation = {1: (np.array([9], np.int64), np.array([6], np.uint32))}
+    q.judged = {1: (np.array([9], np.int64), np.array([7], np.uint32))}
+    (pages, got_stamps), = q._known([r], {}).values()
+    assert list(pages) == [9] and list(got_stamps) == [7]
+    q.judged = {}
+    assert q._known([r], {}) == {}
+    r.closing = True
+    q.probation = {1: (np.array([1], np.int64), np.array([7], np.uint32))}
+    assert q._known([r], {}) == {}
+
+
+def test_untouched_and_usable_read_the_stamps_now():
+    from uswap.daemon.victims import VictimQueue
+    r = region(10)
+    r.table.stamp[:] = 3
+    r.table.stamp[4] = 9                                  # faulted since it was held
+    held = (np.array([1, 4, 6, 8], np.int64), np.full(4, 3, np.uint32))
+    mask = VictimQueue._untouched(held, r, np.array([0, 1, 4, 5, 6, 9], np.int64))
+    assert list(mask) == [False, True, False, False, True, False]
+    assert not VictimQueue._untouched(None, r, np.array([1], np.int64)).any()
+    q = VictimQueue(batch=4)
+    r.table.flags[6] = pt.F_DIRTY
+    pages, stamps = np.array([1, 4, 6, 8], np.int64), np.full(4, 3, np.uint32)
+    assert list(q._usable(r, pages, stamps, False, None)) == [True, False, True, True]
+    assert list(q._usable(r, pages, stamps, True, None)) == [True, False, False, True]
+    never = np.zeros(10, bool)
+    never[8] = True
+    assert list(q._usable(r, pages, stamps, False, never)) == [True, False, True, False]
+
+
+def test_sorted_minus_and_merge():
+    from uswap.daemon.victims import _merge, _minus
+    a = np.array([1, 3, 5, 7, 9], np.int64)
+    assert list(_minus(a, np.array([0, 3, 4, 9, 11], np.int64))) == [1, 5, 7]
+    assert list(_minus(a, np.array([], np.int64))) == list(a)
+    assert list(_minus(np.array([], np.int64), a)) == []
+    assert list(_merge(a, np.array([0, 2, 10], np.int64))) == [0, 1, 2, 3, 5, 7, 9, 10]
+    assert list(_merge(np.array([], np.int64), a)) == list(a)

@@ -22,6 +22,15 @@ taken (kernel swap skips pinned pages). Pins cannot be seen from userspace
 (/proc/kpageflags has no pin bit; /proc/kpagecount is the map count), so the
 rule is that such a buffer must be mlocked for the duration of the I/O, and
 this is what the daemon can see and enforce (README "Known limits").
+
+The rules' array work is C (native/victims.h, through the fast path's cffi
+module): the choice (us_choose_victims), the k oldest (us_oldest), whether
+a queued or known page is still a victim (us_still_victim, through
+us_usable and us_known) and the sorted-list bookkeeping of probation. This
+module keeps the queue, the sampling and what is on probation. Why: the
+victim scan is the engine thread's longest hold of the page lock, which the
+fast path's fault threads wait for; in numpy one scan held it ~1.25 ms
+without its sampling (issue 14; the header has the measurements).
 """
 from __future__ import annotations
 
@@ -30,7 +39,6 @@ from typing import Callable, Iterable
 import numpy as np
 
 from uswap._fastpath_cffi import ffi, lib
-from uswap.daemon import pagetable as pt
 from uswap.daemon.sampling import AccessSampler
 
 # Most of resident memory that active pages may hold: a fraction declared
@@ -60,6 +68,35 @@ def _u8(a: np.ndarray):
     return ffi.from_buffer("uint8_t[]", a.view(np.uint8))
 
 
+def _i64(a: np.ndarray):
+    return ffi.from_buffer("int64_t[]", np.ascontiguousarray(a, np.int64))
+
+
+def _u32(a: np.ndarray):
+    return ffi.from_buffer("uint32_t[]", np.ascontiguousarray(a, np.uint32))
+
+
+def _describe(vr, region, never: np.ndarray | None) -> tuple:
+    """Point the struct us_vregion `vr` at the region's page table (and its
+    mlocked mask, if any); returns the buffers, to be kept alive while C
+    reads them."""
+    table = region.table
+    if never is not None and len(never) != len(table.state):
+        # C reads npages entries of it: a mask of another size is a bug.
+        raise ValueError(f"region {region.id}: a locked mask of {len(never)} pages, not {len(table.state)}")
+    bufs = (_u8(table.state), _u8(table.flags), ffi.from_buffer("uint32_t[]", table.stamp),
+            _u8(never) if never is not None else ffi.NULL)
+    vr.state, vr.flags, vr.stamp, vr.never = bufs
+    vr.npages = len(table.state)
+    return bufs
+
+
+def _one(region, never: np.ndarray | None) -> tuple:
+    """A struct us_vregion of one region, and the buffers it points at."""
+    vr = ffi.new("struct us_vregion *")
+    return vr, _describe(vr, region, never)
+
+
 def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False,
                    locked: dict | None = None) -> list[tuple[object, np.ndarray]]:
     """Up to `want` RESIDENT pages as [(region, sorted page numbers)];
@@ -77,17 +114,8 @@ def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = F
     held = []   # the buffers the C call reads, alive until it returns
     total = 0
     for i, region in enumerate(live):
-        table = region.table
-        never = locked.get(region.id) if locked else None
-        if never is not None and len(never) != len(table.state):
-            # C reads npages entries of it: a mask of another size is a bug.
-            raise ValueError(f"region {region.id}: a locked mask of {len(never)} pages, not {len(table.state)}")
-        bufs = (_u8(table.state), _u8(table.flags), ffi.from_buffer("uint32_t[]", table.stamp),
-                _u8(never) if never is not None else ffi.NULL)
-        held.append(bufs)
-        vr[i].state, vr[i].flags, vr[i].stamp, vr[i].never = bufs
-        vr[i].npages = len(table.state)
-        total += len(table.state)
+        held.append(_describe(vr[i], region, locked.get(region.id) if locked else None))
+        total += len(region.table.state)
     out = np.empty(min(want, total), np.int64)
     while True:
         n = lib.us_choose_victims(vr, len(live), want, tick & 0xFFFFFFFF, clean_only,
@@ -105,6 +133,21 @@ def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = F
             result.append((region, out[pos:pos + k]))
             pos += k
     return result
+
+
+_NONE = (np.empty(0, np.int64), np.empty(0, np.uint32))
+
+
+def _minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The pages of sorted `a` not in sorted `b` (us_sorted_minus)."""
+    out = np.empty(len(a), np.int64)
+    return out[:lib.us_sorted_minus(_i64(a), len(a), _i64(b), len(b), _i64(out))]
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted `a` and sorted `b` as one sorted list (us_sorted_merge)."""
+    out = np.empty(len(a) + len(b), np.int64)
+    return out[:lib.us_sorted_merge(_i64(a), len(a), _i64(b), len(b), _i64(out))]
 
 
 def _split_oldest(groups: list[tuple[object, np.ndarray]], k: int,
@@ -150,7 +193,8 @@ class VictimQueue:
     written ahead by cleaner.py: WRITEBACK without F_EVICT) and carries the
     stamp it was queued with (no fault since, so it was not used and did not
     change hands), is clean when only clean pages may go, and is not in a
-    range the client has mlocked. `peek` shows the next ones by the same
+    range the client has mlocked (us_still_victim, native/victims.h: the
+    one statement of that rule, which _known applies too). `peek` shows the next ones by the same
     test without taking them: the pages background writeback cleans ahead.
 
     Locked ranges: lock_key(region) is cheap and changes when the client's
@@ -264,7 +308,7 @@ class VictimQueue:
             if held is None:
                 continue
             seen = looked.get(region.id)
-            away = held[0] if seen is None else np.setdiff1d(held[0], seen, assume_unique=True)
+            away = held[0] if seen is None else _minus(held[0], seen)
             if len(away):
                 probation[region.id] = (away, region.table.stamp[away].copy())
         for region, pages, new in [(r, p, False) for r, p in kept] + [(r, p, True) for r, p in fresh]:
@@ -275,11 +319,10 @@ class VictimQueue:
                 continue
             old = probation.get(region.id)
             # Disjoint by construction (`away` is outside what this scan
-            # looked at; kept and fresh split what it looked at), so a sort
-            # of the two is their union: np.union1d's unique is hash-based
-            # in this numpy, ~72 ms for a 1 GiB region's pages (a refill
-            # with all of them on probation took 230 ms against 7).
-            merged = pages if old is None else np.sort(np.concatenate((old[0], pages)))
+            # looked at; kept and fresh split what it looked at), both
+            # sorted: one merge (us_sorted_merge; np.union1d's unique is
+            # hash-based in this numpy, ~72 ms for a 1 GiB region's pages).
+            merged = pages if old is None else _merge(old[0], pages)
             probation[region.id] = (merged, region.table.stamp[merged].copy())
         self.probation = probation
         self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
@@ -293,29 +336,22 @@ class VictimQueue:
         mlocked now (`locked`, as _refresh_locked read it: pinned I/O may
         use it unseen) is forgotten."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for rid, (pages, stamps) in self.probation.items():
-            parts.setdefault(rid, []).append((pages, stamps))
-        for rid, (pages, stamps) in self.judged.items():
+        for region in regions:
+            a = self.probation.get(region.id)
             # Only what a scan judged: a queued page never sampled is
             # sampled when a scan meets it again, as any other.
-            parts.setdefault(rid, []).append((pages, stamps))
-        for region in regions:
-            held = parts.get(region.id)
-            if held is None or region.closing:
+            b = self.judged.get(region.id)
+            if (a is None and b is None) or region.closing:
                 continue
-            pages = np.concatenate([p for p, _ in held])
-            stamps = np.concatenate([s for _, s in held])
-            table = region.table
-            state = table.state[pages]
-            ok = (((state == pt.RESIDENT) | ((state == pt.WRITEBACK) & ((table.flags[pages] & pt.F_EVICT) == 0)))
-                  & (table.stamp[pages] == stamps))
-            never = locked.get(region.id)
-            if never is not None:
-                ok &= ~never[pages]
-            pages, first = np.unique(pages[ok], return_index=True)
-            if len(pages):
-                out[region.id] = (pages, stamps[ok][first])
+            a = a or _NONE
+            b = b or _NONE
+            vr, bufs = _one(region, locked.get(region.id))
+            pages = np.empty(len(a[0]) + len(b[0]), np.int64)
+            stamps = np.empty(len(pages), np.uint32)
+            k = lib.us_known(vr, _i64(a[0]), _u32(a[1]), len(a[0]), _i64(b[0]), _u32(b[1]), len(b[0]),
+                             _i64(pages), _u32(stamps))
+            if k:
+                out[region.id] = (pages[:k], stamps[:k])
         return out
 
     @staticmethod
@@ -326,9 +362,10 @@ class VictimQueue:
         other way back into memory)."""
         if held is None or not len(held[0]):
             return np.zeros(len(pages), bool)
-        sampled, stamps = held
-        pos = np.minimum(np.searchsorted(sampled, pages), len(sampled) - 1)
-        return (sampled[pos] == pages) & (stamps[pos] == region.table.stamp[pages])
+        mask = np.empty(len(pages), bool)
+        vr, bufs = _one(region, None)
+        lib.us_untouched(vr, _i64(held[0]), _u32(held[1]), len(held[0]), _i64(pages), len(pages), _u8(mask))
+        return mask
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
@@ -365,18 +402,12 @@ class VictimQueue:
         """Mask of the queued `pages` still victims now (see the class
         docstring). `never`: the region's mlocked pages as locked_now gave
         them during this call's caller (False: read them now)."""
-        table = region.table
-        state = table.state[pages]
-        flags = table.flags[pages]
-        ahead = (state == pt.WRITEBACK) & ((flags & pt.F_EVICT) == 0)
-        ok = ((state == pt.RESIDENT) | ahead) & (table.stamp[pages] == stamps)
-        if clean_only:
-            ok &= (flags & pt.F_DIRTY) == 0
         if never is False:
             never = self.locked_now(region)
-        if never is not None:
-            ok &= ~never[pages]
-        return ok
+        mask = np.empty(len(pages), bool)
+        vr, bufs = _one(region, never)
+        lib.us_usable(vr, _i64(pages), _u32(stamps), len(pages), clean_only, _u8(mask))
+        return mask
 
     def peek(self, regions: Iterable, want: int, tick: int) -> list[tuple[object, np.ndarray]]:
         """The next `want` victims, as take would hand them out, left in the
