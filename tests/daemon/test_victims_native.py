@@ -9,6 +9,7 @@ from __future__ import annotations
 import types
 
 import numpy as np
+import pytest
 
 from uswap._fastpath_cffi import ffi, lib
 from uswap.daemon import pagetable as pt
@@ -276,3 +277,14 @@ def test_sorted_minus_and_merge():
     assert list(_minus(np.array([], np.int64), a)) == []
     assert list(_merge(a, np.array([0, 2, 10], np.int64))) == [0, 1, 2, 3, 5, 7, 9, 10]
     assert list(_merge(np.array([], np.int64), a)) == list(a)
+
+
+def test_a_locked_mask_of_another_dtype_is_read_per_page():
+    """C reads one byte per page of the mask: a mask of another dtype is
+    converted first, and one of the wrong length is refused."""
+    r = region(8)
+    never = np.zeros(8, np.int64)
+    never[1] = 1
+    assert flat(choose_victims([r], 8, tick=1, locked={1: never})) == [(1, p) for p in range(8) if p != 1]
+    with pytest.raises(ValueError):
+        choose_victims([r], 8, tick=1, locked={1: np.zeros(7, bool)})

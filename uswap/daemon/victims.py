@@ -84,6 +84,8 @@ def _describe(vr, region, never: np.ndarray | None) -> tuple:
     if never is not None and len(never) != len(table.state):
         # C reads npages entries of it: a mask of another size is a bug.
         raise ValueError(f"region {region.id}: a locked mask of {len(never)} pages, not {len(table.state)}")
+    if never is not None:
+        never = np.ascontiguousarray(never, np.bool_)  # C reads a byte per page (no copy of a bool mask)
     bufs = (_u8(table.state), _u8(table.flags), ffi.from_buffer("uint32_t[]", table.stamp),
             _u8(never) if never is not None else ffi.NULL)
     vr.state, vr.flags, vr.stamp, vr.never = bufs
