@@ -22,6 +22,15 @@ taken (kernel swap skips pinned pages). Pins cannot be seen from userspace
 (/proc/kpageflags has no pin bit; /proc/kpagecount is the map count), so the
 rule is that such a buffer must be mlocked for the duration of the I/O, and
 this is what the daemon can see and enforce (README "Known limits").
+
+The rules' array work is C (native/victims.h, through the fast path's cffi
+module): the choice (us_choose_victims), the k oldest (us_oldest), whether
+a queued or known page is still a victim (us_still_victim, through
+us_usable and us_known) and the sorted-list bookkeeping of probation. This
+module keeps the queue, the sampling and what is on probation. Why: the
+victim scan is the engine thread's longest hold of the page lock, which the
+fast path's fault threads wait for; in numpy one scan held it ~1.25 ms
+without its sampling (issue 14; the header has the measurements).
 """
 from __future__ import annotations
 
@@ -29,87 +38,135 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from uswap.daemon import pagetable as pt
+from uswap._fastpath_cffi import ffi, lib
 from uswap.daemon.sampling import AccessSampler
 
-ACTIVE_SHARE = 0.75  # most of resident memory that active pages may hold
+# Most of resident memory that active pages may hold: a fraction declared
+# once, in native/victims.h, where the rule that applies it is.
+ACTIVE_SHARE = lib.US_ACTIVE_SHARE_NUM / lib.US_ACTIVE_SHARE_DEN
 
 
-def _oldest(ages: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the k largest ages."""
-    mask = np.zeros(len(ages), bool)
-    if k >= len(ages):
-        mask[:] = True
-    elif k > 0:
-        mask[np.argpartition(ages, len(ages) - k)[len(ages) - k:]] = True
-    return mask
+class _Scratch:
+    """Buffers for the C choice (native/victims.h), kept between scans and
+    grown when a scan finds more candidates than they hold. Engine thread
+    only (reclaim, under the page lock)."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, np.uint64)
+        self.cands = np.empty(0, np.int64)
+
+    def grow(self, n: int) -> None:
+        n = max(n + n // 4, 4096)
+        self.keys = np.empty(n, np.uint64)
+        self.cands = np.empty(n, np.int64)
+
+
+_scratch = _Scratch()
+
+
+def _u8(a: np.ndarray):
+    return ffi.from_buffer("uint8_t[]", a.view(np.uint8))
+
+
+def _i64(a: np.ndarray):
+    return ffi.from_buffer("int64_t[]", np.ascontiguousarray(a, np.int64))
+
+
+def _u32(a: np.ndarray):
+    return ffi.from_buffer("uint32_t[]", np.ascontiguousarray(a, np.uint32))
+
+
+def _describe(vr, region, never: np.ndarray | None) -> tuple:
+    """Point the struct us_vregion `vr` at the region's page table (and its
+    mlocked mask, if any); returns the buffers, to be kept alive while C
+    reads them."""
+    table = region.table
+    if never is not None and len(never) != len(table.state):
+        # C reads npages entries of it: a mask of another size is a bug.
+        raise ValueError(f"region {region.id}: a locked mask of {len(never)} pages, not {len(table.state)}")
+    if never is not None:
+        never = np.ascontiguousarray(never, np.bool_)  # C reads a byte per page (no copy of a bool mask)
+    bufs = (_u8(table.state), _u8(table.flags), ffi.from_buffer("uint32_t[]", table.stamp),
+            _u8(never) if never is not None else ffi.NULL)
+    vr.state, vr.flags, vr.stamp, vr.never = bufs
+    vr.npages = len(table.state)
+    return bufs
+
+
+def _one(region, never: np.ndarray | None) -> tuple:
+    """A struct us_vregion of one region, and the buffers it points at."""
+    vr = ffi.new("struct us_vregion *")
+    return vr, _describe(vr, region, never)
 
 
 def choose_victims(regions: Iterable, want: int, tick: int, clean_only: bool = False,
                    locked: dict | None = None) -> list[tuple[object, np.ndarray]]:
     """Up to `want` RESIDENT pages as [(region, sorted page numbers)];
-    `locked` maps a region's id to the mask of its pages never to take."""
-    cands = []
-    for region in regions:
-        if region.closing:
-            continue
-        table = region.table
-        mask = table.state == pt.RESIDENT
-        never = locked.get(region.id) if locked else None
-        if never is not None:
-            mask &= ~never
-        idx = np.flatnonzero(mask)
-        if len(idx):
-            cands.append((region, idx))
-    if not cands or want <= 0:
+    `locked` maps a region's id to the mask of its pages never to take.
+    Closing regions are skipped. The rule itself -- candidates, ages modulo
+    the 32-bit stamp, the demotion of active pages past ACTIVE_SHARE (their
+    F_ACTIVE cleared here), the oldest inactive then active pages, clean
+    only -- is us_choose_victims in native/victims.h: in numpy it was the
+    largest part of the victim scan, the engine's longest hold of the page
+    lock (that header says what was measured)."""
+    live = [r for r in regions if not r.closing]
+    if not live or want <= 0:
         return []
-    idx_all = [idx for _, idx in cands]
-    flags = np.concatenate([r.table.flags[idx] for r, idx in cands])
-    # Age since last fault, modulo the 32-bit stamp wrap.
-    ages = np.concatenate([(np.uint32(tick) - r.table.stamp[idx]).astype(np.uint32) for r, idx in cands])
-    active = (flags & pt.F_ACTIVE) != 0
-    # Demote the oldest active pages beyond their share.
-    excess = int(np.count_nonzero(active)) - int(len(active) * ACTIVE_SHARE)
-    if excess > 0:
-        act_pos = np.flatnonzero(active)
-        demote = act_pos[_oldest(ages[act_pos], excess)]
-        active[demote] = False
-        pos = 0
-        for (region, idx) in cands:
-            local = demote[(demote >= pos) & (demote < pos + len(idx))] - pos
-            region.table.flags[idx[local]] &= ~np.uint8(pt.F_ACTIVE)
-            pos += len(idx)
-    eligible = np.ones(len(ages), bool)
-    if clean_only:
-        eligible &= (flags & pt.F_DIRTY) == 0
-    inactive_pos = np.flatnonzero(eligible & ~active)
-    chosen = np.zeros(len(ages), bool)
-    chosen[inactive_pos[_oldest(ages[inactive_pos], want)]] = True
-    short = want - int(np.count_nonzero(chosen))
-    if short > 0:
-        active_pos = np.flatnonzero(eligible & active)
-        chosen[active_pos[_oldest(ages[active_pos], short)]] = True
-    out = []
+    vr = ffi.new("struct us_vregion[]", len(live))
+    held = []   # the buffers the C call reads, alive until it returns
+    total = 0
+    for i, region in enumerate(live):
+        held.append(_describe(vr[i], region, locked.get(region.id) if locked else None))
+        total += len(region.table.state)
+    out = np.empty(min(want, total), np.int64)
+    while True:
+        n = lib.us_choose_victims(vr, len(live), want, tick & 0xFFFFFFFF, clean_only,
+                                  ffi.from_buffer("uint64_t[]", _scratch.keys),
+                                  ffi.from_buffer("int64_t[]", _scratch.cands), len(_scratch.keys),
+                                  ffi.from_buffer("int64_t[]", out))
+        if n >= 0:
+            break
+        _scratch.grow(-n)   # more candidates than the scratch holds: nothing was changed
+    result = []
     pos = 0
-    for (region, _), idx in zip(cands, idx_all):
-        sel = idx[chosen[pos:pos + len(idx)]]
-        pos += len(idx)
-        if len(sel):
-            out.append((region, sel))
-    return out
+    for i, region in enumerate(live):
+        k = vr[i].chosen
+        if k:
+            result.append((region, out[pos:pos + k]))
+            pos += k
+    return result
+
+
+_NONE = (np.empty(0, np.int64), np.empty(0, np.uint32))
+
+
+def _minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The pages of sorted `a` not in sorted `b` (us_sorted_minus)."""
+    out = np.empty(len(a), np.int64)
+    return out[:lib.us_sorted_minus(_i64(a), len(a), _i64(b), len(b), _i64(out))]
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted `a` and sorted `b` as one sorted list (us_sorted_merge)."""
+    out = np.empty(len(a) + len(b), np.int64)
+    return out[:lib.us_sorted_merge(_i64(a), len(a), _i64(b), len(b), _i64(out))]
 
 
 def _split_oldest(groups: list[tuple[object, np.ndarray]], k: int,
                   tick: int) -> tuple[list[tuple[object, np.ndarray]], list[tuple[object, np.ndarray]]]:
     """The k oldest pages of [(region, sorted pages)], and the rest, both
-    in the same form."""
+    in the same form (ages as us_choose_victims reads them: us_oldest)."""
     total = sum(len(p) for _, p in groups)
     if total <= k:
         return [g for g in groups if len(g[1])], []
     if k <= 0:
         return [], [g for g in groups if len(g[1])]
-    ages = np.concatenate([(np.uint32(tick) - r.table.stamp[p]).astype(np.uint32) for r, p in groups])
-    mask = _oldest(ages, k)
+    stamps = np.concatenate([r.table.stamp[p] for r, p in groups])
+    mask = np.empty(total, np.bool_)
+    if len(_scratch.keys) < total:
+        _scratch.grow(total)
+    lib.us_oldest(ffi.from_buffer("uint32_t[]", stamps), total, tick & 0xFFFFFFFF, k, _u8(mask),
+                  ffi.from_buffer("uint64_t[]", _scratch.keys))
     oldest, rest = [], []
     pos = 0
     for region, pages in groups:
@@ -138,7 +195,8 @@ class VictimQueue:
     written ahead by cleaner.py: WRITEBACK without F_EVICT) and carries the
     stamp it was queued with (no fault since, so it was not used and did not
     change hands), is clean when only clean pages may go, and is not in a
-    range the client has mlocked. `peek` shows the next ones by the same
+    range the client has mlocked (us_still_victim, native/victims.h: the
+    one statement of that rule, which _known applies too). `peek` shows the next ones by the same
     test without taking them: the pages background writeback cleans ahead.
 
     Locked ranges: lock_key(region) is cheap and changes when the client's
@@ -252,7 +310,7 @@ class VictimQueue:
             if held is None:
                 continue
             seen = looked.get(region.id)
-            away = held[0] if seen is None else np.setdiff1d(held[0], seen, assume_unique=True)
+            away = held[0] if seen is None else _minus(held[0], seen)
             if len(away):
                 probation[region.id] = (away, region.table.stamp[away].copy())
         for region, pages, new in [(r, p, False) for r, p in kept] + [(r, p, True) for r, p in fresh]:
@@ -263,11 +321,10 @@ class VictimQueue:
                 continue
             old = probation.get(region.id)
             # Disjoint by construction (`away` is outside what this scan
-            # looked at; kept and fresh split what it looked at), so a sort
-            # of the two is their union: np.union1d's unique is hash-based
-            # in this numpy, ~72 ms for a 1 GiB region's pages (a refill
-            # with all of them on probation took 230 ms against 7).
-            merged = pages if old is None else np.sort(np.concatenate((old[0], pages)))
+            # looked at; kept and fresh split what it looked at), both
+            # sorted: one merge (us_sorted_merge; np.union1d's unique is
+            # hash-based in this numpy, ~72 ms for a 1 GiB region's pages).
+            merged = pages if old is None else _merge(old[0], pages)
             probation[region.id] = (merged, region.table.stamp[merged].copy())
         self.probation = probation
         self.pending = [(region, pages, region.table.stamp[pages].copy()) for region, pages in victims if len(pages)]
@@ -281,29 +338,22 @@ class VictimQueue:
         mlocked now (`locked`, as _refresh_locked read it: pinned I/O may
         use it unseen) is forgotten."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-        for rid, (pages, stamps) in self.probation.items():
-            parts.setdefault(rid, []).append((pages, stamps))
-        for rid, (pages, stamps) in self.judged.items():
+        for region in regions:
+            a = self.probation.get(region.id)
             # Only what a scan judged: a queued page never sampled is
             # sampled when a scan meets it again, as any other.
-            parts.setdefault(rid, []).append((pages, stamps))
-        for region in regions:
-            held = parts.get(region.id)
-            if held is None or region.closing:
+            b = self.judged.get(region.id)
+            if (a is None and b is None) or region.closing:
                 continue
-            pages = np.concatenate([p for p, _ in held])
-            stamps = np.concatenate([s for _, s in held])
-            table = region.table
-            state = table.state[pages]
-            ok = (((state == pt.RESIDENT) | ((state == pt.WRITEBACK) & ((table.flags[pages] & pt.F_EVICT) == 0)))
-                  & (table.stamp[pages] == stamps))
-            never = locked.get(region.id)
-            if never is not None:
-                ok &= ~never[pages]
-            pages, first = np.unique(pages[ok], return_index=True)
-            if len(pages):
-                out[region.id] = (pages, stamps[ok][first])
+            a = a or _NONE
+            b = b or _NONE
+            vr, bufs = _one(region, locked.get(region.id))
+            pages = np.empty(len(a[0]) + len(b[0]), np.int64)
+            stamps = np.empty(len(pages), np.uint32)
+            k = lib.us_known(vr, _i64(a[0]), _u32(a[1]), len(a[0]), _i64(b[0]), _u32(b[1]), len(b[0]),
+                             _i64(pages), _u32(stamps))
+            if k:
+                out[region.id] = (pages[:k], stamps[:k])
         return out
 
     @staticmethod
@@ -314,9 +364,10 @@ class VictimQueue:
         other way back into memory)."""
         if held is None or not len(held[0]):
             return np.zeros(len(pages), bool)
-        sampled, stamps = held
-        pos = np.minimum(np.searchsorted(sampled, pages), len(sampled) - 1)
-        return (sampled[pos] == pages) & (stamps[pos] == region.table.stamp[pages])
+        mask = np.empty(len(pages), bool)
+        vr, bufs = _one(region, None)
+        lib.us_untouched(vr, _i64(held[0]), _u32(held[1]), len(held[0]), _i64(pages), len(pages), _u8(mask))
+        return mask
 
     def take(self, regions: Iterable, want: int, tick: int, clean_only: bool = False) -> list[tuple[object, np.ndarray]]:
         """Up to `want` RESIDENT pages as [(region, sorted page numbers)]."""
@@ -353,18 +404,12 @@ class VictimQueue:
         """Mask of the queued `pages` still victims now (see the class
         docstring). `never`: the region's mlocked pages as locked_now gave
         them during this call's caller (False: read them now)."""
-        table = region.table
-        state = table.state[pages]
-        flags = table.flags[pages]
-        ahead = (state == pt.WRITEBACK) & ((flags & pt.F_EVICT) == 0)
-        ok = ((state == pt.RESIDENT) | ahead) & (table.stamp[pages] == stamps)
-        if clean_only:
-            ok &= (flags & pt.F_DIRTY) == 0
         if never is False:
             never = self.locked_now(region)
-        if never is not None:
-            ok &= ~never[pages]
-        return ok
+        mask = np.empty(len(pages), bool)
+        vr, bufs = _one(region, never)
+        lib.us_usable(vr, _i64(pages), _u32(stamps), len(pages), clean_only, _u8(mask))
+        return mask
 
     def peek(self, regions: Iterable, want: int, tick: int) -> list[tuple[object, np.ndarray]]:
         """The next `want` victims, as take would hand them out, left in the
