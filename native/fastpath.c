@@ -126,6 +126,7 @@ static void fp_kick(struct fp_engine *e)
     if (e->kicked)
         return;
     e->kicked = 1;
+    e->wakeups++;
     uint64_t one = 1;
     ssize_t w = write(e->eventfd, &one, sizeof(one));
     (void)w;

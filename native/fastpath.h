@@ -118,6 +118,8 @@ struct fp_engine {
     int32_t enabled;      /* 0: pass every event to the engine (draining) */
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
+    uint64_t wakeups;     /* times these threads poked the eventfd (fp_kick): each starts a turn of the
+                           * engine under the page lock (status fast_path_wakeups_total) */
     int32_t reading;      /* jobs taken by fp_take_fault and not yet finished (nfs://: each holds a
                            * lent context, FastPath.top_up) */
     int32_t in_read;      /* threads inside a store read right now (invariant 4): raised under the
