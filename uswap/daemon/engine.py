@@ -285,6 +285,10 @@ class Engine:
                 # Mapped writable for a write fault: the slot copy is stale.
                 # Records are taken before reclaim runs (on_completions, then
                 # settle, under the lock), so the page still holds that slot.
+                # These records wake the engine only once per FP_DIRTIED_BATCH
+                # (fp_push in native/fastpath.c): the slot may have waited
+                # for a turn started by something else, which changes
+                # nothing here -- no step of the engine ran in between.
                 table = region.table
                 if not region.closing and table.slot[page] == slot:
                     stale.append(slot)
