@@ -55,11 +55,17 @@ def _write_swapped(start_daemon, file_backing, n: int, seed: int) -> tuple[int, 
         wait_swapped(d)
         ctl(d, {"op": "budget", "max_resident": 16 << 20})
         pages = _scattered(n)
-        st0 = wait_for("writeback idle", lambda: status_if(d, lambda s: s["writeback_inflight"] == 0), timeout=30)
+        # No write or punch in flight: every page to write is SWAPPED.
+        st0 = wait_for("reclaim idle", lambda: status_if(
+            d, lambda s: s["writeback_inflight"] == 0 and s["punching_pages"] == 0), timeout=30)
         a.cmd("write " + " ".join(map(str, pages)), "written")
         st1 = status(d)
         served = st1["fast_path_swapins_total"] - st0["fast_path_swapins_total"]
         assert served == n, (served, _passed(st0, st1))
+        # Mapped writable at once: one fault per write, no write-protect
+        # fault after it (minor faults of pages the sampler took out aside).
+        faults = [s["faults_total"] - s["minor_faults_total"] for s in (st0, st1)]
+        assert faults[1] - faults[0] == n, faults
         woke = st1["fast_path_wakeups_total"] - st0["fast_path_wakeups_total"]
         # The stale slots go at the engine's next turn (at the latest a
         # status request's): each page's slot freed once, none kept.
