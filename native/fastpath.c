@@ -145,16 +145,20 @@ static void fp_kick(struct fp_engine *e)
  * fault, the lock held 36-52% of the time, fault to dispatch 9.5-16.5 us
  * at p50 against 5-6 us for random reads; status fast_path_wakeups_total).
  *
- * Invariant (that the record may wait is safe): the engine takes every
- * record at the start of its next turn's completions (Engine.on_completions,
- * under the lock), before settle -- reclaim, background writeback, the
- * only steps that write a page or hand out a slot -- and nothing between a
- * push and that turn runs: the engine sleeps in epoll_wait without the
- * lock. Whether a kick or anything else starts the turn decides only when
- * it starts, never what runs before the record is taken. Until then the
- * stale slot stays in the page's table (audit counts it used), as it did
- * between the kick and the engine's turn; FP_DIRTIED_BATCH bounds how many
- * wait. Every other record still wakes the engine at once. */
+ * Invariant (why the record may wait): the engine takes every record in
+ * its turn's completions step (Engine.on_completions, under the lock),
+ * before settle -- reclaim and background writeback, the only steps that
+ * write a page to the store or hand out a slot. A record pushed while the
+ * engine sleeps in epoll_wait (lock released) is taken in its next turn; one
+ * pushed while it let go of the lock inside a turn (reading a uffd or a
+ * client's smaps, server.py, golive.py) in that same turn. Either way the
+ * turn's events (client requests, its own uffd reads) may run before the
+ * record is taken, with or without a kick: a kick decides only when the
+ * next turn starts, never what runs before the record is taken. So no step
+ * sees a state it could not see before. Until then the stale slot stays in
+ * the page's table (audit counts it used), as it did between the kick and
+ * the engine's turn; FP_DIRTIED_BATCH bounds how many wait. Every other
+ * record still wakes the engine at once. */
 static struct fp_record *fp_push(struct fp_engine *e, int type, struct fp_region *r)
 {
     if (e->nrecs == e->caprecs) {
