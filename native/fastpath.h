@@ -28,6 +28,11 @@ struct nfsfh;
 #define FP_DIRTIED 6      /* page mapped writable for a write fault: its slot copy is stale */
 #define FP_FORGET 7       /* page mapped here was unmapped by the client meanwhile: the engine forgets it */
 
+/* FP_DIRTIED records wake the engine only as the FP_DIRTIED_BATCH-th one
+ * since it last took records (fp_push): at most this many stale slots wait
+ * for its next turn. */
+#define FP_DIRTIED_BATCH 64
+
 /* Why a fault went to the engine as an FP_EVENT record (fp_engine.handed,
  * status fast_path_passed_faults): one count per fault passed on. */
 #define FP_HAND_OFF 0       /* not served here at all: draining, an UNMAP pending, outside the region */
@@ -118,6 +123,9 @@ struct fp_engine {
     int32_t enabled;      /* 0: pass every event to the engine (draining) */
     int32_t inflight;     /* loads started here and not yet finished, all regions */
     int32_t kicked;       /* eventfd poked since the engine last took records */
+    uint64_t wakeups;     /* times these threads poked the eventfd (fp_kick): each starts a turn of the
+                           * engine under the page lock (status fast_path_wakeups_total) */
+    int32_t dirtied_waiting;  /* FP_DIRTIED records pushed since the engine last took them all */
     int32_t reading;      /* jobs taken by fp_take_fault and not yet finished (nfs://: each holds a
                            * lent context, FastPath.top_up) */
     int32_t in_read;      /* threads inside a store read right now (invariant 4): raised under the

@@ -221,7 +221,7 @@ class Engine:
             sh = self.region_set.shared
             self.region_set.shared = fastpath.plain_shared()
             for name in ("charged", "tick", "inflight", "faults", "swapins", "activations", "minor_faults",
-                         "present_replaced", "illegal_transitions"):
+                         "present_replaced", "illegal_transitions", "wakeups"):
                 setattr(self.region_set.shared, name, getattr(sh, name))
             self.region_set.shared.handed = list(sh.handed)
             for name in ("swapin_latency", "fault_latency", "lock_wait"):
@@ -285,6 +285,10 @@ class Engine:
                 # Mapped writable for a write fault: the slot copy is stale.
                 # Records are taken before reclaim runs (on_completions, then
                 # settle, under the lock), so the page still holds that slot.
+                # These records wake the engine only once per FP_DIRTIED_BATCH
+                # (fp_push in native/fastpath.c): the slot may have waited
+                # for a turn started by something else, which changes
+                # nothing here -- no step of the engine ran in between.
                 table = region.table
                 if not region.closing and table.slot[page] == slot:
                     stale.append(slot)
@@ -379,6 +383,9 @@ class Engine:
             # Faults the fault threads passed to the engine, by reason
             # (fastpath.passed_faults): each costs the engine's turn under the lock.
             "fast_path_passed_faults": fastpath.passed_faults(self.region_set.shared),
+            # Times the fault threads woke the engine (fp_kick): each wake is a
+            # turn of the engine under the page lock, which faults then wait for.
+            "fast_path_wakeups_total": self.region_set.shared.wakeups,
             # Swap-in jobs on the fault threads now: taken, and inside a store read.
             "fast_path_jobs": self.fp.jobs() if self.fp is not None else {"taken": 0, "in_read": 0},
             # MINOR faults: a page in the memfd mapped again (sampling.py),

@@ -47,7 +47,7 @@ def passed_faults(shared) -> dict[str, int]:
 def plain_shared() -> types.SimpleNamespace:
     """The engine's shared counters when there is no fast path."""
     return types.SimpleNamespace(charged=0, tick=1, inflight=0, enabled=1,
-                                 faults=0, swapins=0, activations=0, minor_faults=0, present_replaced=0,
+                                 faults=0, swapins=0, activations=0, minor_faults=0, present_replaced=0, wakeups=0,
                                  illegal_transitions=0, handed=[0] * len(PASSED_REASONS),
                                  swapin_latency=latency.new_shared(), fault_latency=latency.new_shared(),
                                  lock_wait=latency.new_shared())
