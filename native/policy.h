@@ -76,15 +76,26 @@ static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_ex
  * break and read page by page (the scale bench: 4 threads with 64-page
  * runs, 58k faults, 52k of them one-page loads, for 71k pages). So a
  * region keeps US_RA_STREAMS streams, latest used first, and a fault is
- * judged against each in that order: the first with locality (stream or
- * near, us_ra_locality) is the fault's, its kind in *locality; -1 (and
- * US_RA_RANDOM) when none has. Row 0 first: with one stream this is the
- * one-stream rule. */
+ * judged against each in that order; the first it belongs to is the
+ * fault's, its kind in *locality; -1 (and US_RA_RANDOM) when none.
+ * Row 0, the latest used, by the one-stream rule (us_ra_locality: stream
+ * or near). The older rows only as streams: one whose last fault
+ * continued a stream (US_RA_F_STREAMING) by us_ra_locality's stream rule,
+ * and one that is not a stream yet (a random fault's one page) only where
+ * it ended (ra_expect: that thread's next page). Judged as row 0 is, the
+ * older rows took a random pass's faults for near or for streams (eight
+ * last faults instead of one, each with a window of ra_pages around it):
+ * test_readahead.py's pass over every 8th page loaded windows around
+ * most of them. */
 static inline int us_ra_find(int64_t page, const int64_t *streams, int64_t ra_pages, int *locality)
 {
     for (int i = 0; i < US_RA_STREAMS; i++) {
         const int64_t *s = streams + i * US_RA_COLS;
         int kind = us_ra_locality(page, s[US_RA_LAST], s[US_RA_EXPECT], s[US_RA_WINDOW], ra_pages);
+        if (i > 0 && kind != US_RA_STREAM)
+            continue;
+        if (i > 0 && !(s[US_RA_FLAGS] & US_RA_F_STREAMING) && page != s[US_RA_EXPECT])
+            continue;
         if (kind != US_RA_RANDOM) {
             *locality = kind;
             return i;

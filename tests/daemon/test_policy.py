@@ -124,8 +124,21 @@ def test_ra_find_takes_the_first_stream_with_locality():
     s = streams((1000, 1001, 1), (5, 6, 1))
     assert policy.ra_find(1001, s, 8) == (0, policy.STREAM)
     assert policy.ra_find(6, s, 8) == (1, policy.STREAM)
-    assert policy.ra_find(3, s, 8) == (1, policy.NEAR)
     assert policy.ra_find(500, s, 8) == (-1, policy.RANDOM)
+    # An older row that is not a stream yet (one random fault's page) is
+    # continued only where it ended: near it, or a little past, is random
+    # (row 0 would take both), so a random pass over every 8th page does
+    # not load windows around the pages of the last eight faults.
+    assert policy.ra_find(3, s, 8) == (-1, policy.RANDOM)
+    assert policy.ra_find(13, s, 8) == (-1, policy.RANDOM)
+    assert policy.ra_find(1009, s, 8) == (0, policy.STREAM)
+    # An older row that is a stream: by the stream rule (inside its windows,
+    # or a little past where they end), never near.
+    s = streams((1000, 1001, 1), (64, 96, 32))
+    s[1, policy.RA_FLAGS] = policy.RA_F_STREAMING
+    assert policy.ra_find(80, s, 8) == (1, policy.STREAM)
+    assert policy.ra_find(100, s, 8) == (1, policy.STREAM)
+    assert policy.ra_find(60, s, 8) == (-1, policy.RANDOM)
     # Row 0 wins where two have locality: with one stream, the one-stream rule.
     assert policy.ra_find(1000, streams((999, 1000, 1), (1000, 1001, 1)), 8) == (0, policy.STREAM)
 
