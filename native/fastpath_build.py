@@ -1,6 +1,7 @@
 """cffi build script for uswap._fastpath_cffi: the fault fast path
 (native/fastpath.c), with the page states and transition table
-(pagestate.h) and the policy rules (policy.h) that the engine shares with it.
+(pagestate.h) and the policy rules (policy.h) that the engine shares with it,
+and the engine's stream window computation (window.h).
 Links libnfs for swap-ins from an nfs:// store, when the build includes it
 (libnfs_option.py).
 
@@ -26,9 +27,10 @@ typedef int... pthread_t;
 """
 
 ffi = FFI()
-ffi.cdef(SYSTEM_TYPES + cdef_reader.cdef(HERE, "pagestate.h", "policy.h", "fastpath.h"))
+ffi.cdef(SYSTEM_TYPES + cdef_reader.cdef(HERE, "pagestate.h", "policy.h", "fastpath.h", "window.h"))
 with open(os.path.join(HERE, "fastpath.c")) as f:
-    ffi.set_source("uswap._fastpath_cffi", f.read(), include_dirs=[HERE], **libnfs_option.build_args(),
+    # window.h: the engine's stream windows (readahead.py), built into this module beside the rules it shares.
+    ffi.set_source("uswap._fastpath_cffi", f.read() + '\n#include "window.h"\n', include_dirs=[HERE], **libnfs_option.build_args(),
                    extra_compile_args=["-O2", "-Wall", "-pthread"], extra_link_args=["-pthread"])
 
 if __name__ == "__main__":
