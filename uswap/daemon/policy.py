@@ -30,7 +30,7 @@ RA_F_WRITING = lib.US_RA_F_WRITING       # and a write continued it
 
 def _streams_ptr(streams: np.ndarray):
     assert streams.dtype == np.int64 and streams.shape == (RA_STREAMS, RA_COLS) and streams.flags.c_contiguous
-    return ffi.cast("int64_t *", streams.ctypes.data)
+    return ffi.from_buffer("int64_t[]", streams)  # not .ctypes.data: 0.3 us, not 1.6
 
 
 def ra_find(page: int, streams: np.ndarray, ra_pages: int) -> tuple[int, int]:
