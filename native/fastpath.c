@@ -24,9 +24,9 @@
  *   room: a zero fill, in a window that grows on a first-touch stream
  *   (fp_take_fill, us_fill_window in policy.h); the pages go LOADING until
  *   the COPY has mapped them, then RESIDENT (or back to EMPTY, unmapped);
- * - a MISSING fault (read or write) on a SWAPPED page that is random to the
- *   region's read-ahead (us_ra_locality in policy.h: no read-ahead decision
- *   is due), while the budget has room and, for nfs://, a lent context is
+ * - a MISSING fault (read or write) on a SWAPPED page that is random to
+ *   every read-ahead stream of the region (us_ra_find in policy.h: no
+ *   read-ahead decision is due), while the budget has room and, for nfs://, a lent context is
  *   idle. The page goes LOADING (as in the engine's swap-in), is read,
  *   checked (invariant 6: a page whose checksum fails is never mapped) and
  *   mapped, then made RESIDENT. A read fault maps it write-protected (a
@@ -285,7 +285,8 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     /* Locality with the last swap-in or a stream's next window: the engine
      * decides read-ahead; only a random swap-in is served here. */
     *why = FP_HAND_LOCALITY;
-    if (us_ra_locality(page, r->last_fault, r->ra_expect, r->ra_window, e->ra_pages) != US_RA_RANDOM)
+    int locality;
+    if (us_ra_find(page, r->ra, e->ra_pages, &locality) >= 0)
         return 0;
     *why = FP_HAND_BUDGET;
     if (us_admit(e->charged, e->max_pages, 1, 0) < 1)
@@ -321,9 +322,13 @@ static int fp_take_fault(struct fp_engine *e, struct fp_region *r, const struct 
     }
     /* Invariant 2: LOADING is set here, under the page lock, before the read. */
     us_set_state(e, r, page, US_LOADING);
-    r->last_fault = page;
-    r->ra_window = 1;
-    r->ra_expect = page + 1;
+    /* A new stream of one page, the others kept (us_ra_use: the least
+     * recently used dropped). */
+    us_ra_use(r->ra, -1);
+    r->ra[US_RA_LAST] = page;
+    r->ra[US_RA_EXPECT] = page + 1;
+    r->ra[US_RA_WINDOW] = 1;
+    r->ra[US_RA_FLAGS] = 0;
     r->inflight++;
     e->inflight++;
     e->reading++;

@@ -80,9 +80,8 @@ struct fp_region {
      * from this region: a dirty page's MINOR fault maps it writable only
      * where this is 0 (us_minor_writable, policy.h). */
     uint16_t *shares;
-    int64_t last_fault;   /* read-ahead bookkeeping shared with the engine */
-    int64_t ra_expect;
-    int64_t ra_window;
+    int64_t *ra;          /* read-ahead streams shared with the engine (region.ra_streams: US_RA_STREAMS
+                           * rows of US_RA_COLS, policy.h us_ra_find), latest used first */
     int64_t fill_expect;  /* zero-fill stream state shared with the engine (Faults._fill_zero) */
     int64_t fill_window;
     /* UNMAP/REMOVE records passed to the engine and not yet applied by it

@@ -1,8 +1,9 @@
 """cffi build script for uswap._fastpath_cffi: the fault fast path
 (native/fastpath.c), with the page states and transition table
 (pagestate.h) and the policy rules (policy.h) that the engine shares with it,
-and the victim choice (victims.h), which only the engine calls: built into
-this module so that it reads the page states as the fast path does.
+and the victim choice (victims.h) and the stream window computation
+(window.h), which only the engine calls: built into this module so that they
+read the page states as the fast path does.
 Links libnfs for swap-ins from an nfs:// store, when the build includes it
 (libnfs_option.py).
 
@@ -28,9 +29,9 @@ typedef int... pthread_t;
 """
 
 ffi = FFI()
-ffi.cdef(SYSTEM_TYPES + cdef_reader.cdef(HERE, "pagestate.h", "policy.h", "fastpath.h", "victims.h"))
+ffi.cdef(SYSTEM_TYPES + cdef_reader.cdef(HERE, "pagestate.h", "policy.h", "fastpath.h", "victims.h", "window.h"))
 with open(os.path.join(HERE, "fastpath.c")) as f:
-    source = f.read() + '\n#include "victims.h"\n'
+    source = f.read() + '\n#include "victims.h"\n#include "window.h"\n'
     ffi.set_source("uswap._fastpath_cffi", source, include_dirs=[HERE], **libnfs_option.build_args(),
                    extra_compile_args=["-O2", "-Wall", "-pthread"], extra_link_args=["-pthread"])
 

@@ -2,7 +2,8 @@
  * result out -- no I/O, no lock, no globals. The fast path's threads
  * (fastpath.c) call them directly; the Python engine calls the same
  * functions through the cffi module (uswap/daemon/policy.py), so the two
- * cannot drift apart.
+ * cannot drift apart. (us_ra_use reorders the stream rows it is given, and
+ * us_ra_find writes its answer's kind through a pointer: no other state.)
  */
 #ifndef USWAP_POLICY_H
 #define USWAP_POLICY_H
@@ -22,6 +23,18 @@ enum us_locality {
 
 static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_expect, int64_t ra_window,
                                  int64_t ra_pages);
+/* A region's read-ahead streams: US_RA_STREAMS rows of US_RA_COLS int64,
+ * the latest used first (row 0: the stream of the region's last swap-in). */
+#define US_RA_STREAMS 8
+#define US_RA_COLS 4
+#define US_RA_LAST 0      /* the stream's latest fault */
+#define US_RA_EXPECT 1    /* where its windows end: its next fault */
+#define US_RA_WINDOW 2    /* its window, pages */
+#define US_RA_FLAGS 3     /* US_RA_F_* */
+#define US_RA_F_STREAMING 1  /* its last fault continued a sequential stream */
+#define US_RA_F_WRITING 2    /* and a write continued it: its windows are mapped writable */
+static inline int us_ra_find(int64_t page, const int64_t *streams, int64_t ra_pages, int *locality);
+static inline void us_ra_use(int64_t *streams, int which);
 static inline int us_refault_active(uint32_t tick, uint32_t stamp, int64_t max_pages);
 static inline int64_t us_fill_window(int64_t page, int64_t fill_expect, int64_t window, int64_t fill_max);
 static inline int64_t us_admit(int64_t charged, int64_t max_pages, int64_t n, int draining);
@@ -55,6 +68,59 @@ static inline int us_ra_locality(int64_t page, int64_t last_fault, int64_t ra_ex
     if (dist >= -ra_pages && dist <= ra_pages)
         return US_RA_NEAR;
     return US_RA_RANDOM;
+}
+
+/* Several threads (or one program's several sequential passes) stream
+ * through a region at once, each fault of one between two of another's:
+ * with one stream per region each took the others' faults for its own
+ * break and read page by page (the scale bench: 4 threads with 64-page
+ * runs, 58k faults, 52k of them one-page loads, for 71k pages). So a
+ * region keeps US_RA_STREAMS streams, latest used first, and a fault is
+ * judged against each in that order; the first it belongs to is the
+ * fault's, its kind in *locality; -1 (and US_RA_RANDOM) when none.
+ * Row 0, the latest used, by the one-stream rule (us_ra_locality: stream
+ * or near). The older rows only as streams: one whose last fault
+ * continued a stream (US_RA_F_STREAMING) by us_ra_locality's stream rule,
+ * and one that is not a stream yet (a random fault's one page) only where
+ * it ended (ra_expect: that thread's next page). Judged as row 0 is, the
+ * older rows took a random pass's faults for near or for streams (eight
+ * last faults instead of one, each with a window of ra_pages around it):
+ * test_readahead.py's pass over every 8th page loaded windows around
+ * most of them. */
+static inline int us_ra_find(int64_t page, const int64_t *streams, int64_t ra_pages, int *locality)
+{
+    for (int i = 0; i < US_RA_STREAMS; i++) {
+        const int64_t *s = streams + i * US_RA_COLS;
+        int kind = us_ra_locality(page, s[US_RA_LAST], s[US_RA_EXPECT], s[US_RA_WINDOW], ra_pages);
+        if (i > 0 && kind != US_RA_STREAM)
+            continue;
+        if (i > 0 && !(s[US_RA_FLAGS] & US_RA_F_STREAMING) && page != s[US_RA_EXPECT])
+            continue;
+        if (kind != US_RA_RANDOM) {
+            *locality = kind;
+            return i;
+        }
+    }
+    *locality = US_RA_RANDOM;
+    return -1;
+}
+
+/* A swap-in starts on stream `which` (us_ra_find's answer): it moves to
+ * row 0, the rows before it one down. which = -1, a new stream (a random
+ * fault): every row moves down, the least recently used one is dropped,
+ * and row 0 (still the previous stream's copy) is the caller's to set. */
+static inline void us_ra_use(int64_t *streams, int which)
+{
+    int last = which < 0 ? US_RA_STREAMS - 1 : which;
+    int64_t keep[US_RA_COLS];
+    for (int c = 0; c < US_RA_COLS; c++)
+        keep[c] = streams[last * US_RA_COLS + c];
+    for (int i = last; i > 0; i--)
+        for (int c = 0; c < US_RA_COLS; c++)
+            streams[i * US_RA_COLS + c] = streams[(i - 1) * US_RA_COLS + c];
+    if (which >= 0)
+        for (int c = 0; c < US_RA_COLS; c++)
+            streams[c] = keep[c];
 }
 
 /* Refault distance (as Linux's workingset detection): a page swapped in

@@ -150,7 +150,7 @@ def targets(runs: list[dict]) -> list[tuple[str, bool | None, str]]:
         res.append((name, None, "not measured in this run"))
     else:
         m = scale["meta_b_per_page"]
-        res.append((name, m <= META_GOAL, f"{USWAP}: {m:.1f} B (daemon RssAnon+RssFile growth per touched page); "
+        res.append((name, m <= META_GOAL, f"{USWAP}: {m:.1f} B (daemon RssAnon + page-table files' RSS growth per touched page); "
                     f"counted: page table {scale['table_b_per_page']:.1f} + slot map "
                     f"{scale['slots_b_per_page']:.1f} B per page"))
     return res
@@ -187,7 +187,7 @@ def program_table(runs: list[dict]) -> str:
 def scale_table(runs: list[dict]) -> str:
     """The scale rows: throughput and CPU per page against kernel swap, the
     daemon's memory, and the 64 GiB sparse alloc's first fault."""
-    lines = ["| system | MiB/s | CPU µs/page | daemon RSS anon+file MiB | metadata B/touched page (RSS) | "
+    lines = ["| system | MiB/s | CPU µs/page | daemon RSS anon+file MiB | metadata B/touched page (RSS anon + table files) | "
              "counted B/page (table + slots) | 64 GiB alloc ms | first fault ms | 64 GiB alloc metadata MiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:

@@ -14,11 +14,15 @@ Per pass (repetition) it records the throughput, the CPU per page swapped
 (uswap: the daemon's utime+stime per page swapped in or written; kernel: the
 process's system time per page of pswpin+pswpout) and, for uswap, the
 daemon's memory: metadata bytes per touched page measured as the growth of
-its anonymous and file-backed RSS (RssAnon + RssFile: the heap, and the page
-tables kept in files of its state directory) since before the region was
+its anonymous RSS and of the RSS of its shared writable file mappings
+(RssAnon + state: the heap, and the page tables kept in files of its state
+directory, mapped MAP_SHARED read-write) since before the region was
 allocated, divided by the pages touched (the fill touches every page). The
 data pages it holds for clients are shared memory (RssShmem) and are not
-counted. The parent adds the direct count: the bytes per page of the page
+counted; neither are the pages of its shared libraries' code and constants
+first touched during the run, which RssFile counts too (numpy's alone:
+1.6-2.3 MB in the --quick row, 6-9 B per touched page of its 1 GiB region
+before this was left out; the same in any region size, not per page). The parent adds the direct count: the bytes per page of the page
 table's arrays (uswap/daemon/pagetable.py) and of the slot allocator's
 (uswap/daemon/slots.py: a byte of reference count per store slot), per
 page of the region.
@@ -105,18 +109,38 @@ def run_pass(pages: np.ndarray, threads: list[tuple[list, list, list]]) -> tuple
 
 
 def daemon_memory(pid: int) -> dict:
-    """RssAnon, RssFile and RssShmem of a process, bytes."""
+    """RssAnon, RssFile and RssShmem of a process, and RssState: the RSS of
+    its shared writable mappings of files (the daemon's page tables in its
+    state directory; not memfds, which are RssShmem), bytes."""
     out = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key in ("RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(value.split()[0]) * 1024
+    out["RssState"] = shared_file_rss(pid)
     return out
 
 
+def shared_file_rss(pid: int) -> int:
+    """Bytes resident of the process's MAP_SHARED read-write file mappings
+    (smaps: perms rw-s, a path that is neither a memfd nor [special]).
+    Library code and constants are private (r-xp, r--p): never counted."""
+    total = 0
+    counted = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not line[0].isupper():  # a mapping's first line: address range, perms, offset, dev, inode, path
+                path = fields[5] if len(fields) > 5 else ""
+                counted = fields[1] == "rw-s" and path.startswith("/") and not path.startswith("/memfd:")
+            elif counted and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
 def metadata_rss(mem: dict) -> int:
-    return mem["RssAnon"] + mem["RssFile"]
+    return mem["RssAnon"] + mem["RssState"]
 
 
 def sparse_first_fault(alloc, daemon_pid: int | None) -> dict:
@@ -167,6 +191,7 @@ def run(spec: dict, mem, counters, prep: list, daemon_pid: int | None, sparse_al
             if before is not None:
                 now = daemon_memory(daemon_pid)
                 rec.update(rss_anon=now["RssAnon"], rss_file=now["RssFile"], rss_shmem=now["RssShmem"],
+                           rss_state=now["RssState"],
                            meta_b_per_page=(metadata_rss(now) - metadata_rss(before)) / npages)
             reps.append(rec)
         facts.update(counters.facts())

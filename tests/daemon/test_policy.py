@@ -2,10 +2,12 @@
 functions the engine and the fast path's threads both call."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from uswap.daemon import pagetable as pt
 from uswap.daemon import policy
+from uswap.daemon.region import new_ra_streams
 
 
 @pytest.mark.parametrize("page, last_fault, ra_expect, ra_window, expected", [
@@ -105,3 +107,49 @@ def test_minor_writable_only_dirty_resident_unshared(state, flags, children):
     page's first write, a page under writeback, a child's snapshot must fault)."""
     want = state == pt.RESIDENT and bool(flags & pt.F_DIRTY) and children == 0
     assert policy.minor_writable(state, flags, children) == want
+
+
+def streams(*rows: tuple[int, int, int]) -> np.ndarray:
+    """A region's read-ahead streams: these (last fault, ra_expect, window)
+    rows first, the rest none yet."""
+    s = new_ra_streams()
+    for i, (last, expect, window) in enumerate(rows):
+        s[i, :3] = (last, expect, window)
+    return s
+
+
+def test_ra_find_takes_the_first_stream_with_locality():
+    # Two streams, each continued between the other's faults: a fault is
+    # each one's, not random to the latest one (row 0).
+    s = streams((1000, 1001, 1), (5, 6, 1))
+    assert policy.ra_find(1001, s, 8) == (0, policy.STREAM)
+    assert policy.ra_find(6, s, 8) == (1, policy.STREAM)
+    assert policy.ra_find(500, s, 8) == (-1, policy.RANDOM)
+    # An older row that is not a stream yet (one random fault's page) is
+    # continued only where it ended: near it, or a little past, is random
+    # (row 0 would take both), so a random pass over every 8th page does
+    # not load windows around the pages of the last eight faults.
+    assert policy.ra_find(3, s, 8) == (-1, policy.RANDOM)
+    assert policy.ra_find(13, s, 8) == (-1, policy.RANDOM)
+    assert policy.ra_find(1009, s, 8) == (0, policy.STREAM)
+    # An older row that is a stream: by the stream rule (inside its windows,
+    # or a little past where they end), never near.
+    s = streams((1000, 1001, 1), (64, 96, 32))
+    s[1, policy.RA_FLAGS] = policy.RA_F_STREAMING
+    assert policy.ra_find(80, s, 8) == (1, policy.STREAM)
+    assert policy.ra_find(100, s, 8) == (1, policy.STREAM)
+    assert policy.ra_find(60, s, 8) == (-1, policy.RANDOM)
+    # Row 0 wins where two have locality: with one stream, the one-stream rule.
+    assert policy.ra_find(1000, streams((999, 1000, 1), (1000, 1001, 1)), 8) == (0, policy.STREAM)
+
+
+def test_ra_use_keeps_streams_latest_used_first():
+    s = streams(*[(i * 1000, i * 1000 + 1, 1) for i in range(policy.RA_STREAMS)])
+    policy.ra_use(s, 2)  # row 2's fault: it moves to the front, rows 0 and 1 one down
+    assert s[:4, 0].tolist() == [2000, 0, 1000, 3000]
+    policy.ra_use(s, 0)
+    assert s[:4, 0].tolist() == [2000, 0, 1000, 3000]
+    last = int(s[-1, 0])
+    policy.ra_use(s, -1)  # a new stream: every row one down, the least recently used dropped
+    assert s[:5, 0].tolist() == [2000, 2000, 0, 1000, 3000]
+    assert last not in s[1:, 0].tolist()

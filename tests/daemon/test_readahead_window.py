@@ -15,11 +15,14 @@ R, S = pt.RESIDENT, pt.SWAPPED
 
 class Budget:
     def __init__(self, room: int) -> None:
-        self.room, self.charged = room, 0
+        self.room_left, self.charged = room, 0
+
+    def room(self) -> int:
+        return self.room_left
 
     def charge_leading(self, ok: np.ndarray) -> int:
-        n = min(len(ok), self.room)
-        self.room -= n
+        n = min(len(ok), self.room_left)
+        self.room_left -= n
         self.charged += n
         return n
 

@@ -77,6 +77,11 @@ class Budget:
         self.regions.charged += n
         return True
 
+    def room(self) -> int:
+        """How many pages the budget would admit now (policy.admit's rule;
+        while draining, more than any window)."""
+        return policy.admit(self.regions.charged, self.max_pages, 1 << 62, self.regions.draining)
+
     def charge_leading(self, ok: np.ndarray) -> int:
         """Charge the pages of the leading True run of `ok` (the pages after
         one already charged), as far as the budget allows: charge's rule for

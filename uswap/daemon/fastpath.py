@@ -110,11 +110,12 @@ class FastPath:
         r.shares = self._shares_of(region)   # a reused slot must not keep its last occupant's
         for name in ReadAhead.FIELDS:
             setattr(r, name, getattr(region.ra, name))
+        r.ra = ffi.cast("int64_t *", region.ra_streams.ctypes.data)  # shared, not copied: lives as the region
         if lib.fp_region_open(self.e, idx) < 0:
             self.free_slots.append(idx)
             return False
         region.fp_slot = idx
-        region.ra = r   # read-ahead state now shared with the C threads
+        region.ra = r   # zero-fill state now shared with the C threads
         return True
 
     @staticmethod

@@ -2,10 +2,14 @@
 sequential stream's windows queued ahead of it. The loads themselves (the
 reads, their completions, retries and poison) are swapin.py's.
 
-A fault away from the last window reads just its page or the aligned
-`readahead` window around it (the locality rule is native/policy.h
-us_ra_locality); a fault where the last window ended, or inside the
-windows ahead of the stream's latest fault, is a stream, whose windows
+A region has several streams (threads streaming through it at once), the
+latest used first (Region.ra_streams); a fault belongs to the first with
+locality to it (native/policy.h us_ra_find, by the rule us_ra_locality),
+and one random to all starts a new stream in place of the least recently
+used. A fault away from its stream's last window reads just its page or
+the aligned `readahead` window around it; a fault where the last window
+ended, or inside the windows ahead of the stream's latest fault, is a
+stream, whose windows
 double up to `readahead_max`, each one load of every swapped page of its
 range whatever their slots (read as runs of adjacent slots, through pages
 that are not swapped), kept STREAM_DEPTH ahead of the stream's latest
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from uswap.daemon import pagetable as pt
+from uswap._fastpath_cffi import ffi, lib
 from uswap.daemon import policy
 from uswap.daemon.budget import Budget
 from uswap.daemon.region import Region
@@ -30,6 +35,9 @@ from uswap.daemon.swapin import SwapIn
 # per STREAM_DEPTH windows instead of once per window, and a store that
 # serves requests in parallel (an NFS server, an SSD) is kept busy.
 STREAM_DEPTH = 4
+
+# The columns of a row of Region.ra_streams (one stream).
+L, E, W, F = policy.RA_LAST, policy.RA_EXPECT, policy.RA_WINDOW, policy.RA_FLAGS
 
 
 class ReadAhead:
@@ -68,24 +76,29 @@ class ReadAhead:
         write_page); a stream that writes continue has its windows mapped
         writable."""
         table = region.table
-        ra = region.ra
         slot = int(table.slot[page])
-        # Stream, near or random (policy.h us_ra_locality; the fast path
-        # serves the random ones it can before they get here).
-        locality = policy.ra_locality(page, ra.last_fault, ra.ra_expect, ra.ra_window, self.ra_pages)
+        # Stream, near or random, against each of the region's streams (a
+        # few threads stream through it at once: policy.h us_ra_find; the
+        # fast path serves the random ones it can before they get here).
+        # The fault's stream becomes the latest used (row 0); a random one
+        # starts a new stream there, the least recently used dropped.
+        streams = region.ra_streams
+        which, locality = policy.ra_find(page, streams, self.ra_pages)
+        policy.ra_use(streams, which)
+        ra = streams[0]
         sequential = locality == policy.STREAM
         skip = runs = None
         if sequential:
-            ra.ra_window = self._grown(ra.ra_window)
+            ra[W] = self._grown(int(ra[W]))
             first = page
-            last, skip, runs = self._window(table, page, slot, page + ra.ra_window)
+            last, skip, runs = self._window(table, page, slot, page + int(ra[W]))
         elif locality == policy.RANDOM:
-            # No locality with the previous fault: read just this page (random
+            # No locality with any stream: read just this page (random
             # access gains nothing from neighbours and pays for their transfer).
-            ra.ra_window = 1
+            ra[W] = 1
             first = last = page
         else:
-            ra.ra_window = self.ra_pages
+            ra[W] = self.ra_pages
             lo = page - page % self.ra_pages
             first = page
             while (first > lo and table.state[first - 1] == pt.SWAPPED
@@ -93,16 +106,16 @@ class ReadAhead:
                    and self.budget.charge(1)):
                 first -= 1
             last = self._extend_forward(table, page, slot, lo + self.ra_pages)
-        ra.last_fault = page
-        region.streaming = sequential
-        region.write_stream = self._writes_stream(region, page, write, sequential)
+        writes = self._writes_stream(region, page, write, sequential)
+        ra[L] = page
+        ra[F] = (policy.RA_F_STREAMING if sequential else 0) | (policy.RA_F_WRITING if writes else 0)
         loaded = self.swapin.queue_load(region, first, last - first + 1, slot - (page - first),
                                         page if write else NO_WRITE, skip, runs)
         self.regions.stats["readahead_pages"] += loaded - 1
         # A stream's fault inside its windows (on a page they did not load)
         # leaves the windows ahead of it where they are: they still end at
         # ra_expect.
-        ra.ra_expect = max(ra.ra_expect, last + 1) if sequential else last + 1
+        ra[E] = max(int(ra[E]), last + 1) if sequential else last + 1
         if sequential:
             self._read_ahead(region, page)
         self.swapin.pump_loads()
@@ -115,10 +128,14 @@ class ReadAhead:
         it -- the trigger kernel swap's asynchronous read-ahead gets from its
         marked page, which a userfaultfd client cannot give (a mapped page
         raises no event)."""
-        ra = region.ra
-        if region.streaming and ra.last_fault < page < ra.ra_expect:
-            ra.last_fault = page
-            ra.ra_window = self._grown(ra.ra_window)
+        streams = region.ra_streams
+        mine = np.flatnonzero((streams[:, F] & policy.RA_F_STREAMING != 0)
+                              & (streams[:, L] < page) & (page < streams[:, E]))
+        if len(mine):
+            policy.ra_use(streams, int(mine[0]))  # the stream's windows are topped up: row 0
+            ra = streams[0]
+            ra[L] = page
+            ra[W] = self._grown(int(ra[W]))
             self._read_ahead(region, page)
             self.swapin.pump_loads()
 
@@ -141,7 +158,7 @@ class ReadAhead:
         way."""
         if not sequential:
             return False
-        return write if page >= region.ra.ra_expect else region.write_stream
+        return write if page >= region.ra_streams[0, E] else region.write_stream
 
     def _grown(self, window: int) -> int:
         """A stream's next window: double the last, at least the `readahead`
@@ -157,22 +174,24 @@ class ReadAhead:
         of the budget: on a small budget, pages read much further ahead
         would be reclaimed before the stream reaches them, and the windows
         in flight would keep other faults waiting for room."""
-        table, ra = region.table, region.ra
-        depth = min(STREAM_DEPTH * ra.ra_window, max(ra.ra_window, self.budget.max_pages // 8))
+        table, ra = region.table, region.ra_streams[0]
+        window = int(ra[W])
+        depth = min(STREAM_DEPTH * window, max(window, self.budget.max_pages // 8))
         horizon = min(region.npages, page + depth)
-        while ra.ra_expect < horizon:
-            ahead = np.flatnonzero(table.state[ra.ra_expect:horizon] == pt.SWAPPED)
+        while ra[E] < horizon:
+            expect = int(ra[E])
+            ahead = np.flatnonzero(table.state[expect:horizon] == pt.SWAPPED)
             if not len(ahead):
-                ra.ra_expect = horizon  # nothing swapped up to there: the stream's next fault is past it
+                ra[E] = horizon  # nothing swapped up to there: the stream's next fault is past it
                 return
-            nxt = ra.ra_expect + int(ahead[0])
+            nxt = expect + int(ahead[0])
             if not self.budget.charge(1):
                 return
             nslot = int(table.slot[nxt])
-            end, skip, runs = self._window(table, nxt, nslot, nxt + ra.ra_window)
+            end, skip, runs = self._window(table, nxt, nslot, nxt + window)
             self.regions.stats["readahead_pages"] += self.swapin.queue_load(region, nxt, end - nxt + 1, nslot,
                                                                             NO_WRITE, skip, runs)
-            ra.ra_expect = end + 1
+            ra[E] = end + 1
 
     def _window(self, table: pt.PageTable, page: int, slot: int,
                 limit: int) -> tuple[int, np.ndarray | None, np.ndarray | None]:
@@ -202,43 +221,26 @@ class ReadAhead:
         end = min(limit, table.npages)
         if end <= page + 1:
             return page, None, None
-        seg = slice(page, end)
-        own = table.state[seg] == pt.SWAPPED
-        own[0] = True  # `page` itself: SWAPPED, charged by the caller
-        slots = table.slot[seg].astype(np.int64)
-        writing = self.slots.writing_at
-        busy = np.flatnonzero(own & writing(np.where(own, slots, 0)))
-        if len(busy):
-            own = own[:max(1, int(busy[0]))]
-        want = np.flatnonzero(own[1:])
-        # As many of them as the budget admits, in order (charge_leading on
-        # an all-True run: the budget's rule for a window).
-        admitted = self.budget.charge_leading(np.ones(len(want), bool))
-        if admitted == 0:
+        firsts, ends = self.slots.write_bounds()
+        m = end - page
+        skip = np.empty(m, np.uint8)
+        runs = np.empty((m, 3), np.int64)
+        out = np.zeros(4, np.int64)
+        # native/window.h: a dozen numpy calls here were 40-120 us a window,
+        # a fifth of the engine's time on the scale row (py-spy).
+        buf = ffi.from_buffer  # not ctypes.data: 0.3 us a pointer, not 1.6
+        n = lib.us_ra_window(buf("uint8_t[]", table.state), buf("int32_t[]", table.slot), page, end,
+                             buf("int64_t[]", firsts), buf("int64_t[]", ends), len(firsts), self.budget.room(),
+                             buf("uint8_t[]", skip), buf("int64_t[]", runs), buf("int64_t[]", out))
+        if n == 0:
             return page, None, None
-        n = int(want[admitted - 1]) + 2
-        own = own[:n]
-        slots = slots[:n]
-        idx = np.flatnonzero(own)
-        # Runs: consecutive own pages whose slots differ by their distance,
-        # and the slots in between (read through) free of writes.
-        at = np.arange(n)
-        last_own = np.maximum.accumulate(np.where(own, at, 0))
-        through = slots[last_own] + (at - last_own)  # the slot a run from the last own page reads here
-        blocked = ~own & writing(through)
-        blocked_before = np.concatenate(([0], np.cumsum(blocked)))
-        base = slots[idx] - idx
-        new_run = np.concatenate(([True], (base[1:] != base[:-1])
-                                  | (blocked_before[idx[1:]] != blocked_before[idx[:-1] + 1])))
-        firsts = idx[new_run]
-        lasts = idx[np.concatenate((new_run[1:], [True]))]
-        skip = None if own.all() else (~own).astype(np.uint8)
-        if len(firsts) == 1:
-            return page + n - 1, skip, None
-        # Pages between runs (never own: runs begin and end on own pages) are
-        # not read at all.
-        runs = np.stack((firsts, slots[firsts], lasts - firsts + 1), axis=1).astype(np.int64)
-        return page + n - 1, skip, runs
+        admitted, nruns, any_skip = int(out[1]), int(out[2]), bool(out[3])
+        # The budget's rule for a window, on the pages window.h found (it
+        # was given the room the budget has: all of them are admitted).
+        charged = self.budget.charge_leading(np.ones(admitted, bool))
+        assert charged == admitted, (charged, admitted)
+        return (page + n - 1, skip[:n].copy() if any_skip else None,
+                runs[:nruns].copy() if nruns > 1 else None)
 
     def _extend_forward(self, table: pt.PageTable, page: int, slot: int, limit: int) -> int:
         """Last page of the run from `page` (charged) onwards, below `limit`,

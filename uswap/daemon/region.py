@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from uswap import native, uffd
-from uswap.daemon import clientmaps
+from uswap.daemon import clientmaps, policy
 from uswap.daemon.pagetable import PageTable, runs
 
 PAGE = 4096
@@ -26,17 +26,25 @@ class RegionRefused(Exception):
 
 
 class ReadAhead:
-    """A region's read-ahead and zero-fill stream state (the fast path keeps
-    the same fields in C)."""
-    FIELDS = ("last_fault", "ra_expect", "ra_window", "fill_expect", "fill_window")
+    """A region's zero-fill stream state (the fast path keeps the same
+    fields in C). Its read-ahead streams are Region.ra_streams."""
+    FIELDS = ("fill_expect", "fill_window")
     __slots__ = FIELDS
 
     def __init__(self) -> None:
-        self.last_fault = -1      # page of the last swap-in fault, for locality
-        self.ra_expect = -1       # page where a sequential stream's next fault would land
-        self.ra_window = 1        # current read-ahead window, pages
         self.fill_expect = -1     # page where a first-touch stream's next fault would land
         self.fill_window = 1      # current zero-fill window, pages
+
+
+def new_ra_streams() -> np.ndarray:
+    """A region's read-ahead streams (native/policy.h us_ra_find): rows of
+    (latest fault, where its windows end, window, flags), the latest used
+    first; none yet (ra_expect -1)."""
+    streams = np.zeros((policy.RA_STREAMS, policy.RA_COLS), np.int64)
+    streams[:, policy.RA_LAST] = -1
+    streams[:, policy.RA_EXPECT] = -1
+    streams[:, policy.RA_WINDOW] = 1
+    return streams
 
 
 class Region:
@@ -54,20 +62,33 @@ class Region:
         self.closing = False
         self.inflight = 0         # I/O jobs of this region not yet completed
         self.read_failures = 0
-        # Read-ahead and zero-fill stream state; held in the fast path's C
-        # memory while its threads watch the region.
+        # Zero-fill stream state; held in the fast path's C memory while its
+        # threads watch the region.
         self.ra = ReadAhead()
+        # Read-ahead streams (several: threads streaming through the region
+        # at once); the fast path's threads read and write this array too
+        # (fp_region.ra), under the page lock.
+        self.ra_streams = new_ra_streams()
         self.fp_slot = -1         # the fast path's slot for this region, or -1
         # Forked children AT_PARENT at each page while some child reads pages
         # from this region (cow.py's Share.counts), else None; the fast
         # path's threads read it too (fp_region.shares).
         self.share_counts: np.ndarray | None = None
-        self.write_stream = False # the last sequential swap-in stream was continued by a write
-        self.streaming = False    # the last swap-in fault continued a sequential stream (swapin.py)
         self.faults = 0           # page faults of this region the engine served (the fast path counts its own)
         # page -> when the engine took a fault now waiting for the page's
         # store read (faults.py); swapin.py times the fault when it maps the page.
         self.fault_started: dict[int, float] = {}
+
+    @property
+    def streaming(self) -> bool:
+        """The latest used stream's last swap-in fault continued it (a sequential stream)."""
+        return bool(self.ra_streams[0, policy.RA_FLAGS] & policy.RA_F_STREAMING)
+
+    @property
+    def write_stream(self) -> bool:
+        """The latest used stream was continued by a write: its windows are
+        mapped writable (swapin.py)."""
+        return bool(self.ra_streams[0, policy.RA_FLAGS] & policy.RA_F_WRITING)
 
     @property
     def id(self) -> int:

@@ -301,6 +301,15 @@ class SlotAllocator:
         del self.inflight[first]
         self._bounds = None
 
+    def write_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """The store writes in flight as two int64 arrays, (firsts, ends):
+        runs [first, end) of slots, sorted and disjoint (native/window.h
+        reads them; writing_at answers from them too)."""
+        if self._bounds is None:
+            firsts = np.fromiter(sorted(self.inflight), np.int64, len(self.inflight))
+            self._bounds = firsts, firsts + np.array([self.inflight[f] for f in firsts.tolist()], np.int64)
+        return self._bounds
+
     def writing_at(self, slots: np.ndarray) -> np.ndarray:
         """Per entry of `slots` (any integers; those outside the store are
         never written): whether a store write to that slot is in flight
@@ -308,10 +317,7 @@ class SlotAllocator:
         slots = np.asarray(slots)
         if not self.inflight:
             return np.zeros(slots.shape, bool)
-        if self._bounds is None:
-            firsts = np.fromiter(sorted(self.inflight), np.int64, len(self.inflight))
-            self._bounds = firsts, firsts + np.array([self.inflight[f] for f in firsts.tolist()], np.int64)
-        firsts, ends = self._bounds
+        firsts, ends = self.write_bounds()
         at = np.searchsorted(firsts, slots, side="right") - 1
         return (at >= 0) & (slots < ends[np.maximum(at, 0)])
 
