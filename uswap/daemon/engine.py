@@ -378,6 +378,7 @@ class Engine:
             # dirty page's store write (Reclaim._count_dirty_waits).
             "budget_waits_total": self.region_set.stats["budget_waits"],
             "dirty_waits_total": self.region_set.stats["dirty_waits"],
+            "ioctl_retries_total": self.region_set.stats["ioctl_retries"],
             "faults_total": self.region_set.stats["faults"] + self.region_set.shared.faults,
             "fast_path_faults_total": self.region_set.shared.faults,
             # Faults the fault threads passed to the engine, by reason

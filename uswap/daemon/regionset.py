@@ -197,6 +197,7 @@ class RegionSet:
             return GONE_
         if -ret != errno.EAGAIN:
             self.errlog.error("%s on region %d failed: %s; retrying", what, region.id, os.strerror(-ret))
+        self.stats["ioctl_retries"] += 1
         return AGAIN
 
     def _client_gone(self, region: Region) -> bool:
