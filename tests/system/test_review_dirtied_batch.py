@@ -32,6 +32,7 @@ import textwrap
 import pytest
 
 from tests.daemon.test_fastpath_wakeups import _scattered
+from tests.daemon.test_review_dirty_minor_fork import STRESS as MINOR_FORK
 from tests.daemon.test_swapin_write_fault import wait_swapped
 from tests.harness import Workload, assert_audit, ctl, finish_clean, status, wait_for
 
@@ -184,6 +185,18 @@ def _verify_and_end(d, w: Workload) -> None:
     finish_clean(d)
 
 
+def _successor(d, end: str) -> None:
+    """End daemon d while its client lives -- "sigkill", or "handover"
+    (SIGUSR2: exits 0 undrained) -- and start its successor on the same
+    store and state directory."""
+    if end == "sigkill":
+        assert d.kill() == -signal.SIGKILL
+    else:
+        d.proc.send_signal(signal.SIGUSR2)
+        assert d.proc.wait(60) == 0
+    d.restart()
+
+
 def _settled_audit(d, want_used: int | None = None) -> dict:
     """Status once no store I/O is in flight, audit exact (and slots_used as
     wanted): every stale slot freed exactly once."""
@@ -274,12 +287,7 @@ def test_daemon_ends_right_after_pending_dirtied_records(backing, start_daemon, 
             assert w.wait_line(lambda x: "verified" in x, 60)["verified"] == 0
             w.kill()  # no daemon to free its region with
             return
-        if end == "sigkill":
-            assert d.kill() == -signal.SIGKILL
-        else:
-            d.proc.send_signal(signal.SIGUSR2)
-            assert d.proc.wait(60) == 0
-        d.restart()
+        _successor(d, end)
         w.send("verify\n")
         res = w.wait_line(lambda x: "verified" in x, 120)
         assert res["verified"] == 0, res
@@ -291,3 +299,184 @@ def test_daemon_ends_right_after_pending_dirtied_records(backing, start_daemon, 
     # Every slot in use is named by a table, each once (audit): no stale
     # slot leaked or freed twice.
     _verify_and_end(d, w)
+
+
+# ------------------------------------------------------------------ stress
+
+# Writer threads (each owns the pages p % writers == k) write random pages
+# of a region mostly swapped out -- fast-path write swap-ins and first
+# writes of clean pages, each an FP_DIRTIED record -- in bursts of 1..40, so
+# that fewer than a batch are often outstanding; drop runs from their page
+# tables (MADV_DONTNEED: data kept) and discard runs of their own pages
+# (the `discard` op: zeros); each write an (gen << 32 | page) tag in a page's
+# first and last word through ctypes (the GIL let go while it faults). The
+# main thread forks again and again with every writer's lock held (the
+# child's snapshot exact: it checks the pages just written first, then all,
+# again after dropping them from its page tables, writes its own, checks),
+# and once asks the test to end the daemon (SIGKILL or SIGUSR2) and start a
+# successor, the writers going on meanwhile (their faults wait for the
+# successor; their discards wait for the restart to end).
+# The opening is test_review_dirty_minor_fork's client's (connect, region,
+# tags, dontneed, put, got), up to its bad_of; tags of generation 0 (a page
+# discarded: zeros) are this client's own, so put is made again over `tag`.
+STRESS = MINOR_FORK[:MINOR_FORK.index("def bad_of(want):")] + textwrap.dedent("""
+    import contextlib
+
+    def tag(g, p):
+        return 0 if g == 0 else (g << 32) | p
+
+    def put(p, g):
+        t = ctypes.c_uint64(tag(g, p))
+        for off in (0, 4088):
+            ctypes.memmove(base + p * 4096 + off, ctypes.addressof(t), 8)
+
+    def bad_of(want, pages=None):
+        g = np.array(want, np.uint64)
+        t = np.where(g == 0, np.uint64(0), (g << np.uint64(32)) | ids)
+        sel = slice(None) if pages is None else np.array(sorted(pages), np.int64)
+        return int(np.count_nonzero((a[sel, 0] != t[sel]) | (a[sel, 511] != t[sel])))
+
+    out(filled=npages)
+    sys.stdin.readline()
+
+    locks = [threading.Lock() for _ in range(writers)]
+    stop = threading.Event()
+    restarting = threading.Event()
+    wbad = [0] * writers
+    wrote = [0] * writers
+    discarded = [0] * writers
+    recent = [[] for _ in range(writers)]      # each writer's last burst
+
+    def writer(k):
+        rng = random.Random(k)
+        mine = list(range(k, npages, writers))
+        while not stop.is_set():
+            with locks[k]:
+                burst = rng.sample(mine, rng.randrange(1, 41))
+                for p in burst:
+                    gen[p] += 1
+                    put(p, gen[p])
+                    wrote[k] += 1
+                recent[k] = burst
+                if rng.random() < 0.1 and not restarting.is_set():
+                    run = [p for p in burst[:4]]
+                    for p in run:
+                        r.discard(p * 4096, 4096)
+                        gen[p] = 0
+                    discarded[k] += len(run)
+            if rng.random() < 0.3:
+                first = rng.randrange(npages)
+                dontneed(first, min(rng.randrange(1, 64), npages - first))
+            for p in rng.sample(mine, 4):
+                if got(p) != (tag(gen[p], p),) * 2:
+                    wbad[k] += 1
+
+    def child(snap, last):
+        bad = bad_of(snap, last) + bad_of(snap)
+        dontneed(0, npages)
+        bad += bad_of(snap)
+        for p in random.Random(os.getpid()).sample(range(npages), npages // 16):
+            snap[p] += 1000              # the child's own writes stay its own
+            put(p, snap[p])
+        dontneed(0, npages)
+        os._exit(min(bad + bad_of(snap), 100))
+
+    def reap(pid):
+        # A child's exit status is its count of pages not as in its snapshot.
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code:
+            kid_bad.append(code)
+
+    @contextlib.contextmanager
+    def writers_held():
+        for l in locks:
+            l.acquire()
+        try:
+            yield
+        finally:
+            for l in locks:
+                l.release()
+
+    threads = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(writers)]
+    list(map(threading.Thread.start, threads))
+    kids, kid_bad, forks = [], [], 0
+    rng = random.Random(7)
+    start = time.monotonic()
+    end = start + seconds
+    restarted = False
+    while time.monotonic() < end:
+        if not restarted and time.monotonic() > start + seconds / 2:
+            # No discard in flight (each is made under its writer's lock)
+            # and none started until the successor is up.
+            with writers_held():
+                restarting.set()
+            out(restart=forks)
+            sys.stdin.readline()
+            restarting.clear()
+            restarted = True
+        with writers_held():             # the snapshot: exactly `gen` now
+            snap, last = list(gen), sorted({p for b in recent for p in b})
+            pid = os.fork()
+            if pid == 0:
+                child(snap, last)
+        forks += 1
+        kids.append(pid)
+        if len(kids) >= max_kids:
+            reap(kids.pop(0))
+        if rng.random() < 0.5:
+            first = rng.randrange(npages)
+            dontneed(first, npages - first)
+    stop.set()
+    list(map(threading.Thread.join, threads))
+    list(map(reap, kids))
+    dontneed(0, npages)
+    end_bad = bad_of(gen)
+    out(bad={"writers": sum(wbad), "end": end_bad, "children": kid_bad}, forks=forks, wrote=sum(wrote),
+        discarded=sum(discarded), reconnects=c.reconnects)
+    del a
+    finish(c, r, sum(wbad) + end_bad + len(kid_bad))
+""")
+
+
+@pytest.mark.deadline(300)
+@pytest.mark.parametrize("end", ["sigkill", "handover"])
+def test_stress_batched_dirtied_window(backing, start_daemon, end):
+    """STRESS under a budget the test moves between tight (2 MiB: pages
+    written back, evicted, swapped in) and roomy (16 MiB: write faults wake
+    nothing, records wait) every status round; a SIGKILL or a handover and
+    a successor half way. Every child sees exactly its snapshot, the parent
+    its writes (zeros where it discarded); audit exact, no illegal
+    transition; then a SIGTERM drain."""
+    npages, writers, seconds, max_kids = 2048, 3, 16, 3
+    d = start_daemon(backing, store_size="128M", max_resident="2M", config={"fault_threads": 2})
+    w = Workload.script(STRESS, d.socket, npages, writers, seconds, max_kids)
+    try:
+        w.next(60)
+        wait_for("most pages swapped out", lambda: status(d)["swapped_bytes"] >= 4 << 20, timeout=60)
+        w.send()
+        tight, rounds, res = True, 0, None
+        while res is None:
+            ctl(d, {"op": "budget", "max_resident": (2 << 20) if tight else (16 << 20)})
+            tight = not tight
+            rounds += 1
+            try:
+                line = w.next(0.4)  # the pace of the budget's moves, not a wait for an event
+            except AssertionError as e:
+                if "no output within" not in str(e):
+                    raise
+                continue
+            if "restart" in line:
+                _successor(d, end)
+                w.send()
+            elif "bad" in line:
+                res = line
+        ctl(d, {"op": "budget", "max_resident": 16 << 20})
+        w.finish_done(timeout=120, daemon=d)
+    finally:
+        w.kill()
+    assert res["bad"] == {"writers": 0, "end": 0, "children": []}, res
+    assert res["forks"] >= 5 and res["reconnects"] >= 1, res
+    st = _settled_audit(d, 0)
+    print("forks", res["forks"], "writes", res["wrote"], "discarded", res["discarded"], "budget rounds", rounds,
+          "wake-ups", st["fast_path_wakeups_total"], "fast swap-ins", st["fast_path_swapins_total"])
+    finish_clean(d)
