@@ -267,6 +267,28 @@ def test_free_right_after_pending_dirtied_records(file_backing, start_daemon, ho
     finish_clean(d)
 
 
+@pytest.mark.deadline(180)
+@pytest.mark.parametrize("how", ["swapin", "wp"])
+def test_status_right_after_pending_dirtied_records(file_backing, start_daemon, how):
+    """A status request is answered before its turn takes the records: its
+    audit counts the stale slots still named and is exact, and so is every
+    one after (each freed once)."""
+    d, w, pages, st0 = _written_soon(start_daemon, file_backing, how, 40)
+    try:
+        w.send("write " + " ".join(map(str, pages)) + "\n")
+        assert w.wait_line(lambda x: "written" in x, 60)["written"] == len(pages)
+        st = status(d)
+        assert_audit(st)
+        # Informative (a timer's turn may come first): the stale slots still
+        # counted when this status was the first turn since the writes.
+        print("slots used before the writes, at the status after them:", st0["audit"]["slots_used"],
+              st["audit"]["slots_used"], "wake-ups:", _pending_proof(d, st0))
+        _settled_audit(d)
+    finally:
+        w.kill()
+    finish_clean(d)
+
+
 @pytest.mark.deadline(240)
 @pytest.mark.parametrize("how", ["swapin", "wp"])
 @pytest.mark.parametrize("end", ["sigterm", "sigkill", "handover"])
