@@ -287,8 +287,15 @@ class Engine:
                 # settle, under the lock), so the page still holds that slot.
                 # These records wake the engine only once per FP_DIRTIED_BATCH
                 # (fp_push in native/fastpath.c): the slot may have waited
-                # for a turn started by something else, which changes
-                # nothing here -- no step of the engine ran in between.
+                # for a turn started by something else. Client requests and
+                # the turn's I/O completions may run before the records are
+                # taken (they did before the batching too, for microseconds):
+                # each of them treats a dirty page still naming a stale slot
+                # correctly (fork: AT_PARENT, never the slot; discard/forget:
+                # freed once, by this record's check or the punch; close: the
+                # record skips a closing region), and no step that writes to
+                # the store or hands out a slot (reclaim, background
+                # writeback: settle) runs before them.
                 table = region.table
                 if not region.closing and table.slot[page] == slot:
                     stale.append(slot)
