@@ -17,45 +17,13 @@ page's slot is freed; written back, it gets another). Real daemon, real O_DIRECT
 nfs:// server."""
 from __future__ import annotations
 
-import textwrap
-
 import numpy as np
 
+from tests.daemon.test_readahead import CLIENT   # its "mix" command: r:P and w:P in the order given
 from tests.daemon.test_review_ra_inside import _table
 from tests.harness import status
-from tests.stream_client import OPENING, assert_daemon_sound, cmd, fill_swapped, running, settled
+from tests.stream_client import assert_daemon_sound, cmd, fill_swapped, running, settled
 from uswap.daemon import pagetable as pt
-
-CLIENT = OPENING + textwrap.dedent("""
-    word1 = np.zeros(npages, np.uint64)
-
-    def check(p):
-        got0, got1 = int(a[p, 0]), int(a[p, 1])
-        if got0 != MAGIC ^ p or got1 != int(word1[p]):
-            out(wrong={"page": p, "word0": got0, "word1": got1, "want1": int(word1[p])})
-            os._exit(3)
-
-    for cmd in commands():
-        if cmd[0] == "fill":
-            fill()
-            out(filled=npages)
-        elif cmd[0] == "mix":
-            # r:P reads page P (checked); w:P writes its word 1 (a write
-            # fault: the stream's write continues it), then checks it.
-            for op in cmd[1:]:
-                kind, p = op[0], int(op[2:])
-                if kind == "w":
-                    word1[p] = 0xD1D1_0000 + p
-                    a[p, 1] = word1[p]
-                check(p)
-            out(mixed=len(cmd) - 1)
-        elif cmd[0] == "seq":
-            for p in range(int(cmd[1]), int(cmd[2])):
-                check(p)
-            out(seq=cmd[1:])
-    del a
-    finish(c, r, 0)
-""")
 
 NPAGES = 16384         # 64 MiB region
 BUDGET = "32M"         # 8192 pages: the fill leaves pages 0..8191 swapped; depth 4 windows of 128
