@@ -45,6 +45,16 @@ CLIENT = OPENING + textwrap.dedent("""
         elif cmd[0] == "seq":
             check(range(int(cmd[1]), int(cmd[2])))
             out(seq=cmd[1:])
+        elif cmd[0] == "mix":
+            # r:P reads page P (checked); w:P writes its word 1 first (a
+            # write fault: a write stream continues), then checks it.
+            for op in cmd[1:]:
+                p = int(op[2:])
+                if op[0] == "w":
+                    word1[p] = 0xD1D1_0000 + p
+                    a[p, 1] = word1[p]
+                check([p])
+            out(mixed=len(cmd) - 1)
     del a
     finish(c, r, 0)
 """)

@@ -163,7 +163,7 @@ class RegionSet:
         # Queued reads that never started: their pages were charged and counted
         # in region.inflight when queued; undo both here (the pages a window
         # reads through, marked in its skip, are not its own: not charged).
-        for rid, first, n, _, _, _, skip, _ in [j for j in self.load_queue if j[0] == region.id]:
+        for rid, first, n, _, _, _, skip, *_ in [j for j in self.load_queue if j[0] == region.id]:
             self.charged -= n if skip is None else n - int(np.count_nonzero(skip))
             region.inflight -= 1
         self.load_queue = collections.deque(j for j in self.load_queue if j[0] != region.id)

@@ -77,7 +77,12 @@ class SwapIn:
         None: none); runs: a stream's window over scattered slots, read as
         one store read per run of adjacent slots, rows (page index, slot,
         pages) (readahead.py _window; None: one read from `slot`). Returns
-        how many pages it loads.
+        how many pages it loads. The load is mapped writable or not as the
+        region's latest used stream asks now (region.write_stream: the
+        stream queuing it, readahead.py), not when it gets a buffer: by
+        then another stream of the region may have faulted (a read
+        stream's windows came home dirty beside a write stream's,
+        tests/daemon/test_review_ra_stream_modes.py).
 
         Invariant (read-through): a page marked in skip is never moved,
         charged or mapped by this load -- it may be resident, dirty and newer
@@ -92,14 +97,15 @@ class SwapIn:
             for page in range(first, first + n) if skip is None else own.tolist():
                 region.fault_started.pop(page, None)
         region.table.move(own, pt.LOADING)
-        self.regions.load_queue.append((region.id, first, n, slot, time.monotonic(), write_page, skip, runs))
+        self.regions.load_queue.append((region.id, first, n, slot, time.monotonic(), write_page, skip, runs,
+                                        region.write_stream))
         region.inflight += 1
         return n if skip is None else len(own)
 
     def pump_loads(self) -> None:
         while self.regions.load_queue and self.free_buffers:
             load = self.regions.load_queue.popleft()
-            rid, first, n, slot, started, write_page, skip, runs = load
+            rid, first, n, slot, started, write_page, skip, runs, writable = load
             region = self.regions.by_id.get(rid)
             if region is None:
                 continue
@@ -108,7 +114,7 @@ class SwapIn:
             # nfs:// context busy) waits for one of them to finish (its
             # _finish_load pumps again) rather than go to the slower Python
             # pool: a stream keeps several windows queued.
-            if not self._submit_read(region, first, n, slot, buf, started, write_page, skip, runs,
+            if not self._submit_read(region, first, n, slot, buf, started, write_page, skip, runs, writable,
                                      may_wait=self.regions.loads_inflight > 0):
                 self.free_buffers.append(buf)
                 self.regions.load_queue.appendleft(load)
@@ -125,7 +131,8 @@ class SwapIn:
             stats["swapin_reads_peak"] = max(stats["swapin_reads_peak"], self.regions.loads_inflight)
 
     def _submit_read(self, region: Region, first: int, n: int, slot: int, buf, started: float,
-                     write_page: int, skip: np.ndarray | None, runs: np.ndarray | None, may_wait: bool) -> bool:
+                     write_page: int, skip: np.ndarray | None, runs: np.ndarray | None, writable: bool,
+                     may_wait: bool) -> bool:
         """Queue a swap-in read: on the C pool, else (the C pool cannot take
         it) on the Python pool -- or, with `may_wait`, not at all (False).
         The I/O thread reads, verifies each page's
@@ -150,9 +157,10 @@ class SwapIn:
         # Swap cache: mapped write-protected so the pages stay clean copies of
         # their slots; during drain they come home for good, writable, and so
         # do the windows of a stream being rewritten and the page of a write
-        # fault (readahead.py start_load), in the same read as its neighbours. _load_done
+        # fault (readahead.py start_load), in the same read as its neighbours
+        # (`writable`: the stream's mode when it queued the load). _load_done
         # goes by the mode used: writable pages are dirty, their slots freed.
-        mode = 0 if self.regions.draining or region.write_stream else uffd.COPY_MODE_WP
+        mode = 0 if self.regions.draining or writable else uffd.COPY_MODE_WP
         wp = write_page - first if first <= write_page < first + n else uffd.NO_WRITE_PAGE
 
         def on_done(res, err):
@@ -349,7 +357,9 @@ class SwapIn:
                 self._settle_discarded_load(region, first, n, uffd.COPY_MODE_WP, write_page, np.zeros(n, bool))
                 return
             region.inflight += 1
-            self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None, None))
+            # Pages read again on their own: no stream's window, write-protected
+            # (the write fault's page, if any, still mapped writable).
+            self.regions.load_queue.append((region.id, first, n, slot, started, write_page, None, None, False))
             self.pump_loads()
         self.regions.after(delay, retry)
 
