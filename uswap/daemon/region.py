@@ -80,11 +80,6 @@ class Region:
         self.fault_started: dict[int, float] = {}
 
     @property
-    def streaming(self) -> bool:
-        """The latest used stream's last swap-in fault continued it (a sequential stream)."""
-        return bool(self.ra_streams[0, policy.RA_FLAGS] & policy.RA_F_STREAMING)
-
-    @property
     def write_stream(self) -> bool:
         """The latest used stream was continued by a write: its windows are
         mapped writable (swapin.py)."""
