@@ -150,12 +150,12 @@ STRESS = textwrap.dedent("""
 
 @pytest.mark.deadline(240)
 @pytest.mark.parametrize("budget", ["roomy", "tight"])
-def test_forks_under_dirty_minor_faults_keep_every_snapshot(backing, start_daemon, budget):
+def test_forks_under_dirty_minor_faults_keep_every_snapshot(engine_backing, start_daemon, budget):
     """Parent threads write and drop pages while the parent forks again and
     again; every child reads exactly its snapshot, the parent its own
     writes; audit exact."""
     npages, writers, seconds, max_kids = 1024, 3, 15, 3
-    d = start_daemon(backing, store_size="128M", max_resident="64M" if budget == "roomy" else "2M")
+    d = start_daemon(engine_backing, store_size="128M", max_resident="64M" if budget == "roomy" else "2M")
     w = Workload.script(STRESS, d.socket, npages, writers, seconds, max_kids)
     try:
         w.next(60)

@@ -326,13 +326,13 @@ def test_status_right_after_pending_dirtied_records(file_backing, start_daemon, 
 @pytest.mark.deadline(240)
 @pytest.mark.parametrize("how", ["swapin", "wp"])
 @pytest.mark.parametrize("end", ["sigterm", "sigkill", "handover"])
-def test_daemon_ends_right_after_pending_dirtied_records(backing, start_daemon, how, end):
+def test_daemon_ends_right_after_pending_dirtied_records(engine_backing, start_daemon, how, end):
     """The daemon ends while the records wait: drained (SIGTERM: every page
     home, handed back), killed (the successor adopts a table whose dirty
     pages name stale slots: dropped, never read, never leaked), or handed
     over (the records taken in the last turn). Every page reads its last
     bytes; the successor's audit is exact."""
-    d, w, pages, st0 = _written_soon(start_daemon, backing, how, 48)
+    d, w, pages, st0 = _written_soon(start_daemon, engine_backing, how, 48)
     try:
         w.send("write " + " ".join(map(str, pages)) + "\n")
         assert w.wait_line(lambda x: "written" in x, 60)["written"] == len(pages)
@@ -496,7 +496,7 @@ STRESS = MINOR_FORK[:MINOR_FORK.index("def bad_of(want):")] + textwrap.dedent(""
 
 @pytest.mark.deadline(300)
 @pytest.mark.parametrize("end", ["sigkill", "handover"])
-def test_stress_batched_dirtied_window(backing, start_daemon, end):
+def test_stress_batched_dirtied_window(engine_backing, start_daemon, end):
     """STRESS under a budget the test moves between tight (2 MiB: pages
     written back, evicted, swapped in) and roomy (16 MiB: write faults wake
     nothing, records wait) every status round; a SIGKILL or a handover and
@@ -504,7 +504,7 @@ def test_stress_batched_dirtied_window(backing, start_daemon, end):
     its writes (zeros where it discarded); audit exact, no illegal
     transition; then a SIGTERM drain."""
     npages, writers, seconds, max_kids = 2048, 3, 16, 3
-    d = start_daemon(backing, store_size="128M", max_resident="2M", config={"fault_threads": 2})
+    d = start_daemon(engine_backing, store_size="128M", max_resident="2M", config={"fault_threads": 2})
     w = Workload.script(STRESS, d.socket, npages, writers, seconds, max_kids)
     try:
         w.next(60)

@@ -28,13 +28,13 @@ from tests.daemon.test_review_inread_stress import run_churned
 
 @pytest.mark.deadline(360)
 @pytest.mark.parametrize("fault_threads", [1, 2])
-def test_streams_through_one_region_under_churn(backing, start_daemon, fault_threads):
+def test_streams_through_one_region_under_churn(engine_backing, start_daemon, fault_threads):
     """Six streams (three forward, three backward) and two random faulters
     through one region 4x the budget for 15 s, under MADV_DONTNEED, tail
     munmap/mremap and forks whose children stream; every value checked,
     audit exact, no illegal transition, fast-path jobs back to 0, windows
     read ahead."""
-    d = start_daemon(backing, store_size="64M", max_resident="3M",
+    d = start_daemon(engine_backing, store_size="64M", max_resident="3M",
                      config={"fault_threads": fault_threads, "nfs_timeout": "30s"})
     st0, st = run_churned(d, 8, 15, 31 + fault_threads, streams=6, tail=256)
     assert st["readahead_pages_total"] - st0["readahead_pages_total"] > 1000, st

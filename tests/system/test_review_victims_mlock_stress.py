@@ -32,7 +32,7 @@ CLIENT = textwrap.dedent("""
     expected = np.zeros((WRITERS, npages), np.uint64)
     stats = {"writes": 0, "locks": 0, "samples": 0, "first_misses": 0, "evicted_locked": 0,
              "partial_unlocks": 0}
-    want = {"writes": 30000, "locks": 60, "samples": 1200}
+    want = {"writes": 15000, "locks": 30, "samples": 600}  # ~20 s in CI (60 locks: ~40)
     deadline = time.monotonic() + cap
     print(json.dumps({"ready": True}), flush=True)
 
@@ -114,7 +114,7 @@ def test_mlocked_ranges_flipping_under_reclaim_are_never_evicted(file_backing, s
         assert c.next(30) == {"ready": True}
         stats = c.next(120)
     print(stats)
-    assert stats["writes"] > 10000 and stats["locks"] > 30 and stats["samples"] > 500, stats
+    assert stats["writes"] > 7500 and stats["locks"] > 15 and stats["samples"] > 250, stats
     st = status(d)
     assert st["swapouts_total"] > 4 * npages, st          # reclaim was busy all along
     assert stats["evicted_locked"] == 0, stats
